@@ -1,0 +1,147 @@
+"""Selective scan (the S6 recurrence of Mamba): one function, several backends.
+
+    selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None,
+                   delta_softplus=False, return_last_state=False)
+
+Shapes and semantics are those of mamba-ssm's ``selective_scan_ref``:
+u, delta, z: (b, d, L); A: (d, N); B, C: (b, N, L) or grouped (b, G, N, L);
+D, delta_bias: (d,). Computed in fp32 (fp64 inputs stay fp64), returned in the
+input dtype.
+
+Backends:
+  ref    the sequential loop (``ref.py``), the reference for tests.
+  torch  chunked scan of plain torch ops: vmap-safe (Opacus), any device.
+  cpu    numba kernel keeping the state in cache, with its own backward and a
+         vmap rule; the CPU default when numba is installed.
+  cuda   mamba-ssm's fused kernel, for CUDA tensors when the `cuda` extra is
+         installed. Never imported otherwise.
+
+Choice: ``backend=`` argument > ``set_backend()`` > env ``CMVIM_SCAN_BACKEND``
+> automatic (cuda on CUDA if available, else cpu on CPU if available, else torch).
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+
+import torch
+import torch.nn.functional as F
+
+from .ref import compute_dtype, selective_scan_ref
+
+BACKENDS = ("ref", "torch", "cpu", "cuda")
+ENV_VAR = "CMVIM_SCAN_BACKEND"
+_forced: str | None = None
+
+__all__ = ["selective_scan", "selective_scan_ref", "available_backends", "set_backend",
+           "get_backend", "resolve_backend", "BACKENDS"]
+
+
+@functools.cache
+def _probe(name: str) -> str | None:
+    """None when the backend can run here, else why it cannot."""
+    if name in ("ref", "torch"):
+        return None
+    if name == "cpu":
+        try:
+            importlib.import_module("cmvim.ssm.cpu_kernel")
+        except ImportError as exc:
+            return f"numba kernel unavailable ({exc})"
+        return None
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            return "no CUDA device"
+        try:
+            importlib.import_module("mamba_ssm.ops.selective_scan_interface")
+        except Exception as exc:  # mamba-ssm raises more than ImportError without its extension
+            return f"mamba-ssm not importable ({type(exc).__name__}: {exc}); install the `cuda` extra"
+        return None
+    raise ValueError(f"unknown scan backend {name!r}; choose one of {', '.join(BACKENDS)}")
+
+
+def available_backends() -> list[str]:
+    return [name for name in BACKENDS if _probe(name) is None]
+
+
+def set_backend(name: str | None) -> None:
+    """Force a backend for this process (None: back to env var / automatic)."""
+    global _forced
+    if name is not None:
+        _require(name)
+    _forced = name
+
+
+def get_backend() -> str | None:
+    return _forced or os.environ.get(ENV_VAR) or None
+
+
+def _require(name: str) -> None:
+    reason = _probe(name)
+    if reason is not None:
+        raise RuntimeError(f"scan backend {name!r} cannot run here: {reason}")
+
+
+def resolve_backend(device: torch.device, backend: str | None = None) -> str:
+    """The backend a call on `device` would use."""
+    name = backend or get_backend()
+    if name and name != "auto":
+        _require(name)
+        if name == "cuda" and device.type != "cuda":
+            raise RuntimeError("scan backend 'cuda' needs CUDA tensors")
+        if name == "cpu" and device.type != "cpu":
+            raise RuntimeError("scan backend 'cpu' needs CPU tensors")
+        return name
+    if device.type == "cuda" and _probe("cuda") is None:
+        return "cuda"
+    if device.type == "cpu" and _probe("cpu") is None:
+        return "cpu"
+    return "torch"
+
+
+def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                   return_last_state=False, backend: str | None = None):
+    if A.is_complex():
+        raise NotImplementedError("complex A is not supported")
+    if B.dim() not in (3, 4) or C.dim() not in (3, 4):
+        raise ValueError("B and C must be (b, N, L) or grouped (b, G, N, L)")
+    name = resolve_backend(u.device, backend)
+    if name == "ref":
+        return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                                  return_last_state)
+    if name == "cuda":
+        from .cuda import selective_scan_cuda
+        return selective_scan_cuda(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                                   return_last_state)
+    core = _core(name)
+    dtype_in = u.dtype
+    cdt = compute_dtype(dtype_in)
+    u, delta, A = u.to(cdt), delta.to(cdt), A.to(cdt)
+    if delta_bias is not None:
+        delta = delta + delta_bias.to(cdt)[:, None]
+    if delta_softplus:
+        delta = F.softplus(delta)
+    B = (B if B.dim() == 4 else B.unsqueeze(1)).to(cdt)
+    C = (C if C.dim() == 4 else C.unsqueeze(1)).to(cdt)
+    if u.shape[1] % B.shape[1] or u.shape[1] % C.shape[1]:
+        raise ValueError(f"d_inner={u.shape[1]} is not divisible by the number of B/C groups")
+    if B.shape[1] != C.shape[1]:
+        # the kernels index one group count; share the finer grouping
+        groups = max(B.shape[1], C.shape[1])
+        B = B.repeat_interleave(groups // B.shape[1], dim=1)
+        C = C.repeat_interleave(groups // C.shape[1], dim=1)
+    result = core(u, delta, A, B, C, return_last_state)
+    y, last_state = result if return_last_state else (result, None)
+    out = y if D is None else y + u * D.to(cdt)[:, None]
+    if z is not None:
+        out = out * F.silu(z.to(cdt))
+    out = out.to(dtype_in)
+    return (out, last_state) if return_last_state else out
+
+
+def _core(name: str):
+    if name == "torch":
+        from .torch_scan import scan_core
+        return scan_core
+    from .cpu_kernel import scan_core
+    return scan_core
