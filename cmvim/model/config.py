@@ -1,0 +1,118 @@
+"""Model configs: `tiny` (CPU tests), `small` (CPU simulation), `base` (the paper)."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Mapping
+
+from ..config import ConfigError, from_dict, load_yaml
+
+MODALITIES = ("mri", "pet")
+
+
+@dataclass
+class LossConfig:
+    recon: float = 1.0                 # per modality: recon_mri + recon_pet
+    intra: float = 0.05                # two maskings, online vs momentum encoder
+    inter: float = 0.05                # MRI vs PET of the same subject
+    report: float = 0.05               # image vs report, where reports exist
+    temperature: float = 0.07
+    norm_pix_loss: bool = False        # per-patch normalised reconstruction targets
+
+
+@dataclass
+class ReportConfig:
+    enabled: bool = True
+    encoder: Literal["bytes-vim"] = "bytes-vim"
+    max_bytes: int = 256               # UTF-8 bytes kept per report
+    dim: int = 64
+    depth: int = 2
+
+
+@dataclass
+class ModelConfig:
+    img_size: int = 32                 # cubic input volumes, img_size^3 voxels
+    patch_size: int = 8
+    modalities: tuple[str, ...] = MODALITIES
+    embed_dim: int = 64
+    depth: int = 2
+    d_state: int = 16
+    d_conv: int = 4
+    expand: int = 2
+    merge: Literal["mean", "sum"] = "mean"   # how forward and backward scans combine
+    drop_path: float = 0.0
+    pos_embed: Literal["sincos", "learned"] = "sincos"
+    decoder_dim: int = 48
+    decoder_depth: int = 1
+    mask_ratio: float = 0.75
+    proj_dim: int = 64                 # contrastive projection width
+    momentum: float = 0.999            # EMA of the momentum encoder
+    num_classes: int = 2               # 2: CN vs AD; 3: CN / MCI / AD
+    loss: LossConfig = field(default_factory=LossConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
+
+    def __post_init__(self):
+        if self.img_size % self.patch_size:
+            raise ValueError(f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}")
+        unknown = set(self.modalities) - set(MODALITIES)
+        if unknown or not self.modalities:
+            raise ValueError(f"modalities must be a non-empty subset of {MODALITIES}, got {self.modalities}")
+        if not 0.0 < self.mask_ratio < 1.0:
+            raise ValueError(f"mask_ratio must be in (0, 1), got {self.mask_ratio}")
+        if self.num_classes not in (2, 3):
+            raise ValueError(f"num_classes must be 2 (CN/AD) or 3 (CN/MCI/AD), got {self.num_classes}")
+        self.modalities = tuple(self.modalities)
+
+    @property
+    def grid(self) -> int:
+        return self.img_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid ** 3
+
+    @property
+    def patch_voxels(self) -> int:
+        return self.patch_size ** 3
+
+
+PRESETS: dict[str, dict] = {
+    "tiny": dict(img_size=32, patch_size=8, embed_dim=64, depth=2, decoder_dim=48, decoder_depth=1,
+                 proj_dim=64, report=dict(dim=48, depth=1, max_bytes=192)),
+    "small": dict(img_size=64, patch_size=8, embed_dim=128, depth=4, decoder_dim=96, decoder_depth=1,
+                  proj_dim=128, report=dict(dim=64, depth=2, max_bytes=256)),
+    "base": dict(img_size=128, patch_size=16, embed_dim=768, depth=12, decoder_dim=384, decoder_depth=4,
+                 proj_dim=256, drop_path=0.1, report=dict(dim=256, depth=4, max_bytes=512)),
+}
+
+
+def model_config(spec: str | Path | Mapping | ModelConfig | None = None, **overrides) -> ModelConfig:
+    """A ModelConfig from a preset name, a YAML file, or a mapping.
+
+    A mapping (or YAML) may name a preset under `preset:` and override any key
+    on top of it, e.g. ``{"preset": "tiny", "depth": 4}``.
+    """
+    if isinstance(spec, ModelConfig):
+        return dataclasses.replace(spec, **overrides) if overrides else spec
+    if spec is None:
+        data: dict = {"preset": "tiny"}
+    elif isinstance(spec, Mapping):
+        data = dict(spec)
+    elif isinstance(spec, Path) or str(spec).endswith((".yaml", ".yml")):
+        data = load_yaml(spec)
+    else:
+        data = {"preset": str(spec)}
+    data.update(overrides)
+    preset = data.pop("preset", None)
+    merged: dict = {}
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ConfigError(f"model.preset: unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+        merged = {k: (dict(v) if isinstance(v, dict) else v) for k, v in PRESETS[preset].items()}
+    for key, value in data.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
+            merged[key] = {**merged[key], **value}
+        else:
+            merged[key] = value
+    return from_dict(ModelConfig, merged, "model")
