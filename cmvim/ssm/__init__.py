@@ -82,8 +82,12 @@ def _require(name: str) -> None:
         raise RuntimeError(f"scan backend {name!r} cannot run here: {reason}")
 
 
-def resolve_backend(device: torch.device, backend: str | None = None) -> str:
-    """The backend a call on `device` would use."""
+def _under_vmap(tensor: torch.Tensor) -> bool:
+    return torch._C._functorch.is_batchedtensor(tensor) or torch._C._functorch.is_gradtrackingtensor(tensor)
+
+
+def resolve_backend(device: torch.device, backend: str | None = None, vmapped: bool = False) -> str:
+    """The backend a call on `device` would use (`vmapped`: inside torch.func transforms)."""
     name = backend or get_backend()
     if name and name != "auto":
         _require(name)
@@ -92,8 +96,8 @@ def resolve_backend(device: torch.device, backend: str | None = None) -> str:
         if name == "cpu" and device.type != "cpu":
             raise RuntimeError("scan backend 'cpu' needs CPU tensors")
         return name
-    if device.type == "cuda" and _probe("cuda") is None:
-        return "cuda"
+    if device.type == "cuda" and _probe("cuda") is None and not vmapped:
+        return "cuda"    # mamba-ssm's Function has no vmap rule
     if device.type == "cpu" and _probe("cpu") is None:
         return "cpu"
     return "torch"
@@ -105,7 +109,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         raise NotImplementedError("complex A is not supported")
     if B.dim() not in (3, 4) or C.dim() not in (3, 4):
         raise ValueError("B and C must be (b, N, L) or grouped (b, G, N, L)")
-    name = resolve_backend(u.device, backend)
+    name = resolve_backend(u.device, backend, vmapped=_under_vmap(u))
     if name == "ref":
         return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
                                   return_last_state)
@@ -126,6 +130,8 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     if u.shape[1] % B.shape[1] or u.shape[1] % C.shape[1]:
         raise ValueError(f"d_inner={u.shape[1]} is not divisible by the number of B/C groups")
     if B.shape[1] != C.shape[1]:
+        if max(B.shape[1], C.shape[1]) % min(B.shape[1], C.shape[1]):
+            raise ValueError(f"B has {B.shape[1]} groups and C {C.shape[1]}: one must divide the other")
         # the kernels index one group count; share the finer grouping
         groups = max(B.shape[1], C.shape[1])
         B = B.repeat_interleave(groups // B.shape[1], dim=1)
