@@ -1,0 +1,63 @@
+"""Pretraining augmentations, applied consistently to the MRI and PET of one subject.
+
+One random flip and one small affine move both volumes together (they are
+voxel-aligned after preprocessing and must stay so); intensity jitter and
+noise are drawn per modality. A missing modality stays missing (zeros).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class AugmentConfig:
+    flip: float = 0.5             # probability of a left-right flip
+    rotate_deg: float = 8.0       # max rotation about each axis
+    scale: float = 0.08           # max relative zoom
+    translate: float = 0.04       # max shift, as a fraction of the field of view
+    intensity: float = 0.1        # max relative scale / shift of intensities
+    noise: float = 0.02           # Gaussian noise std, relative to the volume's std
+
+
+def _rotation(angles: torch.Tensor) -> torch.Tensor:
+    cx, cy, cz = torch.cos(angles)
+    sx, sy, sz = torch.sin(angles)
+    rx = torch.tensor([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
+    ry = torch.tensor([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
+    rz = torch.tensor([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
+    return rz @ ry @ rx
+
+
+class PretrainAugment:
+    def __init__(self, cfg: AugmentConfig | None = None):
+        self.cfg = cfg or AugmentConfig()
+
+    def __call__(self, item: dict, generator: torch.Generator) -> dict:
+        cfg = self.cfg
+
+        def uniform(n: int, bound: float) -> torch.Tensor:
+            return (torch.rand(n, generator=generator) * 2 - 1) * bound
+
+        present = {"mri": bool(item["mri_present"]), "pet": bool(item["pet_present"])}
+        volumes = torch.cat([item["mri"], item["pet"]], dim=0)[None]          # (1, 2, S, S, S)
+        if torch.rand(1, generator=generator).item() < cfg.flip:
+            volumes = volumes.flip(2)                                          # axis 0 is left-right (RAS)
+        theta = torch.zeros(1, 3, 4)
+        theta[0, :, :3] = _rotation(uniform(3, math.radians(cfg.rotate_deg))) * (1 + uniform(1, cfg.scale))
+        theta[0, :, 3] = uniform(3, 2 * cfg.translate)
+        grid = F.affine_grid(theta, list(volumes.shape), align_corners=False)
+        volumes = F.grid_sample(volumes, grid, mode="bilinear", padding_mode="zeros", align_corners=False)[0]
+        out = dict(item)
+        for channel, modality in enumerate(("mri", "pet")):
+            vol = volumes[channel:channel + 1]
+            if not present[modality]:
+                out[modality] = torch.zeros_like(vol)
+                continue
+            std = vol.std().clamp(min=1e-6)
+            vol = vol * (1 + uniform(1, cfg.intensity)) + uniform(1, cfg.intensity) * std
+            out[modality] = vol + torch.randn(vol.shape, generator=generator) * cfg.noise * std
+        return out

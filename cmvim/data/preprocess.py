@@ -1,0 +1,235 @@
+"""Preprocessing: small composable steps on a subject's volumes, driven by config.
+
+A *subject sample* is a dict ``{"mri": Volume, "pet": Volume | None, "warnings": [...]}``.
+Each step takes one and returns one, checks what it needs, and touches only
+what it is about (MONAI's dictionary transforms are the model). The default
+pipeline, `build_pipeline(cfg)`:
+
+    Reorient -> CheckOverlap -> Resample -> CropPad -> Normalize
+
+Co-registration is out of scope: MRI and PET are assumed to be in the same
+world space (e.g. template space); `CheckOverlap` warns when they are not.
+Resampling puts every modality on the reference modality's grid, so after
+CropPad the MRI and PET voxels of a subject line up.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Callable, Literal, Sequence
+
+import nibabel as nib
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .errors import DataError
+
+MODALITIES = ("mri", "pet")
+
+
+@dataclass
+class Volume:
+    data: np.ndarray          # float32, 3D
+    affine: np.ndarray        # 4x4 voxel -> world (RAS+ mm)
+
+    @property
+    def voxel_size(self) -> np.ndarray:
+        return np.sqrt((self.affine[:3, :3] ** 2).sum(axis=0))
+
+
+@dataclass
+class PreprocessConfig:
+    shape: int = 64                                   # cubic model input, shape^3 voxels
+    voxel_size: float | None = 3.0                    # mm; None keeps the reference's own grid
+    reference: Literal["mri", "pet"] = "mri"          # whose grid the others are resampled onto
+    normalize: dict[str, str] = field(default_factory=lambda: {"mri": "zscore", "pet": "percentile"})
+    percentiles: tuple[float, float] = (0.5, 99.5)    # for "percentile": clip and scale to [0, 1]
+    foreground: float = 0.1                           # for "zscore": mask = voxels > foreground * p99
+    min_overlap: float = 0.5                          # warn when MRI/PET boxes overlap less than this
+
+    def __post_init__(self):
+        for modality, method in self.normalize.items():
+            if modality not in MODALITIES:
+                raise ValueError(f"normalize: unknown modality {modality!r}")
+            if method not in NORMALIZERS:
+                raise ValueError(f"normalize.{modality}: unknown method {method!r}; "
+                                 f"choose one of {', '.join(NORMALIZERS)}")
+        if self.shape < 8:
+            raise ValueError(f"shape must be at least 8 voxels, got {self.shape}")
+        lo, hi = self.percentiles
+        if not 0 <= lo < hi <= 100:
+            raise ValueError(f"percentiles must satisfy 0 <= low < high <= 100, got {self.percentiles}")
+
+    def fingerprint(self) -> str:
+        """Changes whenever any setting changes: part of every cache key."""
+        text = json.dumps(dataclasses.asdict(self), sort_keys=True, default=list)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+Sample = dict
+Step = Callable[[Sample], Sample]
+
+
+def _volumes(sample: Sample):
+    return [(m, sample[m]) for m in MODALITIES if sample.get(m) is not None]
+
+
+class Reorient:
+    """To the closest canonical orientation, RAS+ (a permutation/flip of axes, no interpolation)."""
+
+    def __call__(self, sample: Sample) -> Sample:
+        for modality, vol in _volumes(sample):
+            image = nib.as_closest_canonical(nib.Nifti1Image(vol.data, vol.affine))
+            sample[modality] = Volume(np.ascontiguousarray(np.asanyarray(image.dataobj), dtype=np.float32),
+                                      image.affine)
+        return sample
+
+
+def world_bounds(vol: Volume) -> tuple[np.ndarray, np.ndarray]:
+    """Axis-aligned world bounding box (min corner, max corner) of a volume's voxel centres."""
+    shape = np.array(vol.data.shape) - 1
+    corners = np.array([[i, j, k] for i in (0, shape[0]) for j in (0, shape[1]) for k in (0, shape[2])], float)
+    world = nib.affines.apply_affine(vol.affine, corners)
+    return world.min(axis=0), world.max(axis=0)
+
+
+class CheckOverlap:
+    """Warn (in sample["warnings"]) when PET and MRI world boxes overlap too little."""
+
+    def __init__(self, min_overlap: float = 0.5):
+        self.min_overlap = min_overlap
+
+    def __call__(self, sample: Sample) -> Sample:
+        if sample.get("mri") is None or sample.get("pet") is None:
+            return sample
+        (lo_a, hi_a), (lo_b, hi_b) = world_bounds(sample["mri"]), world_bounds(sample["pet"])
+        inter = np.clip(np.minimum(hi_a, hi_b) - np.maximum(lo_a, lo_b), 0, None).prod()
+        smaller = min(np.prod(hi_a - lo_a), np.prod(hi_b - lo_b))
+        overlap = inter / smaller if smaller > 0 else 0.0
+        if overlap < self.min_overlap:
+            sample.setdefault("warnings", []).append(
+                f"MRI and PET overlap {overlap:.0%} in world space: are they in the same space (co-registered)?")
+        return sample
+
+
+def resample(vol: Volume, target_affine: np.ndarray, target_shape: Sequence[int]) -> Volume:
+    """Trilinear resampling of `vol` onto a target grid (zeros outside the source)."""
+    to_source = np.linalg.inv(vol.affine) @ target_affine               # target voxel -> source voxel
+    axes = [torch.arange(n, dtype=torch.float64) for n in target_shape]
+    grid = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1)    # (X, Y, Z, 3) target indices
+    src = grid @ torch.from_numpy(to_source[:3, :3]).T + torch.from_numpy(to_source[:3, 3])
+    size = torch.tensor(vol.data.shape, dtype=torch.float64)
+    normalised = (2 * src / (size - 1).clamp(min=1) - 1).flip(-1)       # grid_sample wants (z, y, x) order
+    data = torch.from_numpy(np.ascontiguousarray(vol.data, dtype=np.float32))[None, None]
+    out = F.grid_sample(data, normalised[None].float(), mode="bilinear", padding_mode="zeros", align_corners=True)
+    return Volume(out[0, 0].numpy(), np.asarray(target_affine, dtype=np.float64))
+
+
+class Resample:
+    """Every modality onto one axis-aligned RAS grid covering the reference modality.
+
+    voxel_size None keeps the reference's own grid (the others are still resampled onto it).
+    """
+
+    def __init__(self, voxel_size: float | None, reference: str = "mri"):
+        self.voxel_size = voxel_size
+        self.reference = reference
+
+    def target_grid(self, ref: Volume) -> tuple[np.ndarray, tuple[int, int, int]]:
+        if self.voxel_size is None:
+            return ref.affine, ref.data.shape
+        lo, hi = world_bounds(ref)
+        shape = tuple(int(np.floor((h - l) / self.voxel_size)) + 1 for l, h in zip(lo, hi))
+        affine = np.diag([self.voxel_size] * 3 + [1.0])
+        affine[:3, 3] = (lo + hi) / 2 - self.voxel_size * (np.array(shape) - 1) / 2   # centred on the box
+        return affine, shape
+
+    def __call__(self, sample: Sample) -> Sample:
+        ref = sample.get(self.reference) or sample.get("mri")
+        if ref is None:
+            raise DataError(f"no {self.reference} volume to define the resampling grid", kind="missing modality")
+        affine, shape = self.target_grid(ref)
+        for modality, vol in _volumes(sample):
+            if vol is ref and self.voxel_size is None:
+                continue
+            sample[modality] = resample(vol, affine, shape)
+        return sample
+
+
+class CropPad:
+    """Centre crop / zero pad each volume to shape^3, shifting the affine to match."""
+
+    def __init__(self, shape: int):
+        self.shape = shape
+
+    def __call__(self, sample: Sample) -> Sample:
+        for modality, vol in _volumes(sample):
+            data, offset = vol.data, np.zeros(3)
+            out = np.zeros((self.shape,) * 3, dtype=np.float32)
+            src, dst = [], []
+            for axis, n in enumerate(data.shape):
+                start = (n - self.shape) // 2                         # >0: crop, <0: pad
+                offset[axis] = start
+                s0, d0 = max(start, 0), max(-start, 0)
+                length = min(n - s0, self.shape - d0)
+                src.append(slice(s0, s0 + length))
+                dst.append(slice(d0, d0 + length))
+            out[tuple(dst)] = data[tuple(src)]
+            affine = vol.affine.copy()
+            affine[:3, 3] = vol.affine[:3, :3] @ offset + vol.affine[:3, 3]
+            sample[modality] = Volume(out, affine)
+        return sample
+
+
+def normalize_percentile(data: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
+    lo, hi = np.percentile(data, cfg.percentiles)
+    if hi <= lo:
+        raise DataError("no intensity range left after percentile clipping", kind="empty volume")
+    return ((np.clip(data, lo, hi) - lo) / (hi - lo)).astype(np.float32)
+
+
+def normalize_zscore(data: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
+    """z-score within a foreground mask; background set to 0 (MONAI's nonzero normalisation)."""
+    mask = data > cfg.foreground * np.percentile(data, 99)
+    if mask.sum() < 10:
+        raise DataError("no foreground to normalise (fewer than 10 voxels above threshold)", kind="empty volume")
+    values = data[mask]
+    std = values.std()
+    out = np.zeros_like(data, dtype=np.float32)
+    out[mask] = (values - values.mean()) / (std if std > 0 else 1.0)
+    return out
+
+
+NORMALIZERS = {"percentile": normalize_percentile, "zscore": normalize_zscore,
+               "none": lambda data, cfg: data.astype(np.float32)}
+
+
+class Normalize:
+    """Per-modality intensity normalisation (method per modality from the config)."""
+
+    def __init__(self, cfg: PreprocessConfig):
+        self.cfg = cfg
+
+    def __call__(self, sample: Sample) -> Sample:
+        for modality, vol in _volumes(sample):
+            method = NORMALIZERS[self.cfg.normalize.get(modality, "none")]
+            sample[modality] = Volume(method(vol.data, self.cfg), vol.affine)
+        return sample
+
+
+class Compose:
+    def __init__(self, steps: Sequence[Step]):
+        self.steps = list(steps)
+
+    def __call__(self, sample: Sample) -> Sample:
+        for step in self.steps:
+            sample = step(sample)
+        return sample
+
+
+def build_pipeline(cfg: PreprocessConfig) -> Compose:
+    return Compose([Reorient(), CheckOverlap(cfg.min_overlap), Resample(cfg.voxel_size, cfg.reference),
+                    CropPad(cfg.shape), Normalize(cfg)])

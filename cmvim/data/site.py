@@ -1,0 +1,249 @@
+"""A hospital's site folder as training data: validate, preprocess (cached), split, serve.
+
+`SiteData.load(site_dir, cfg)` reads the manifest, then loads and preprocesses
+every subject once, up front, into the cache. A subject whose files are bad is
+skipped and its error kept in `summary.skipped`, so training never meets a bad
+file mid-run and no subject disappears without a line saying why. Subject ids
+stay in here: datasets hand out opaque integer indices.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch.utils.data import Dataset
+
+from .cache import VolumeCache, cache_key, default_cache_dir
+from .errors import DataError
+from .manifest import LABELS, SPLITS, ManifestEntry, read_manifest
+from .preprocess import MODALITIES, PreprocessConfig, Volume, build_pipeline
+from .reports import read_report
+from .volumes import load_volume
+
+log = logging.getLogger("cmvim.data")
+
+SPLIT_FRACTIONS = (0.7, 0.1, 0.2)          # train / val / test for the seeded rule
+
+
+def label_index(label: str | None, num_classes: int = 2) -> int | None:
+    """CN/AD -> 0/1 for the binary task (MCI has no class); CN/MCI/AD -> 0/1/2 for three classes."""
+    if label is None:
+        return None
+    if num_classes == 3:
+        return LABELS.index(label)
+    return {"CN": 0, "AD": 1}.get(label)
+
+
+@dataclass
+class Record:
+    """One usable subject-visit. `entry` (with the subject id) never leaves this module's objects."""
+    index: int
+    entry: ManifestEntry
+    key: str
+    has_pet: bool
+    report: str | None
+    split: str
+
+
+@dataclass
+class SiteSummary:
+    rows: int = 0
+    loaded: int = 0
+    skipped: list[DataError] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    cache_hits: int = 0
+    seconds: float = 0.0
+
+    def counts(self, records: list[Record]) -> dict:
+        """Aggregates only: safe to send off-site."""
+        return {
+            "subjects": len({r.entry.subject_id for r in records}),
+            "visits": len(records),
+            "with_pet": sum(r.has_pet for r in records),
+            "with_report": sum(r.report is not None for r in records),
+            "labels": dict(Counter(r.entry.label or "unlabeled" for r in records)),
+            "splits": dict(Counter(r.split for r in records)),
+            "skipped": len(self.skipped),
+        }
+
+
+def assign_splits(entries: list[ManifestEntry], seed: int, fractions=SPLIT_FRACTIONS) -> dict[str, str]:
+    """subject_id -> split. Manifest splits win; the rest by a seeded rule stratified by label.
+
+    Visits of one subject always share a split; a subject whose visits disagree is an error.
+    """
+    given: dict[str, str] = {}
+    for e in entries:
+        if e.split is None:
+            continue
+        if given.setdefault(e.subject_id, e.split) != e.split:
+            raise DataError(f"visits of one subject are in different splits ({given[e.subject_id]}, {e.split})",
+                            row=e.row, column="split", subject=e.subject_id, kind="split conflict")
+    by_subject: dict[str, list[str | None]] = {}
+    for e in entries:
+        by_subject.setdefault(e.subject_id, []).append(e.label)
+    strata: dict[str, list[str]] = {}
+    for subject, labels in by_subject.items():
+        if subject in given:
+            continue
+        known = [lab for lab in labels if lab]
+        stratum = Counter(known).most_common(1)[0][0] if known else "unlabeled"
+        strata.setdefault(stratum, []).append(subject)
+    splits = dict(given)
+    for subjects in strata.values():
+        # order by a seeded hash: independent of row order, stable when other sites change
+        ordered = sorted(subjects, key=lambda s: hashlib.sha256(f"{seed}:{s}".encode()).hexdigest())
+        n = len(ordered)
+        n_test = int(round(n * fractions[2]))
+        n_val = int(round(n * fractions[1]))
+        for i, subject in enumerate(ordered):
+            splits[subject] = "test" if i < n_test else "val" if i < n_test + n_val else "train"
+    return splits
+
+
+class SiteData:
+    def __init__(self, site_dir: Path, cfg: PreprocessConfig, records: list[Record], summary: SiteSummary,
+                 cache: VolumeCache):
+        self.site_dir, self.cfg, self.records, self.summary, self.cache = site_dir, cfg, records, summary, cache
+
+    @classmethod
+    def load(cls, site_dir: str | Path, cfg: PreprocessConfig | None = None, cache_dir: str | Path | None = None,
+             seed: int = 0, use_reports: bool = True,
+             progress: Callable[[int, int], None] | None = None) -> "SiteData":
+        site_dir = Path(site_dir)
+        cfg = cfg or PreprocessConfig()
+        start = time.perf_counter()
+        manifest = read_manifest(site_dir)           # header problems raise: nothing to train on
+        summary = SiteSummary(rows=len(manifest.entries) + len(manifest.problems),
+                              skipped=list(manifest.problems), warnings=list(manifest.warnings))
+        cache = VolumeCache(Path(cache_dir) if cache_dir else default_cache_dir(site_dir))
+        pipeline = build_pipeline(cfg)
+        fingerprint = cfg.fingerprint()
+        splits = assign_splits(manifest.entries, seed)
+        records: list[Record] = []
+        for n, entry in enumerate(manifest.entries, start=1):
+            try:
+                records.append(cls._prepare(entry, len(records), cache, pipeline, fingerprint, site_dir,
+                                            splits[entry.subject_id], use_reports, summary))
+            except DataError as err:
+                summary.skipped.append(err.with_context(subject=entry.subject_id, row=entry.row))
+            if progress:
+                progress(n, len(manifest.entries))
+        summary.loaded = len(records)
+        summary.seconds = time.perf_counter() - start
+        for err in summary.skipped:
+            log.warning("skipped: %s", err)            # local log: the hospital's own eyes
+        return cls(site_dir, cfg, records, summary, cache)
+
+    @staticmethod
+    def _prepare(entry: ManifestEntry, index: int, cache: VolumeCache, pipeline, fingerprint: str, site_dir: Path,
+                 split: str, use_reports: bool, summary: SiteSummary) -> Record:
+        report = None
+        if use_reports and entry.report is not None:
+            report = read_report(entry.report)
+        key = cache_key([entry.mri, entry.pet], site_dir, fingerprint)
+        if cache.load(key) is not None:
+            summary.cache_hits += 1
+        else:
+            sample = {}
+            for modality in MODALITIES:
+                path = getattr(entry, modality)
+                if path is not None:
+                    try:
+                        sample[modality] = Volume(*load_volume(path, modality))
+                    except DataError as err:
+                        raise err.with_context(column=modality) from None
+            sample = pipeline(sample)
+            for warning in sample.get("warnings", []):
+                summary.warnings.append(f"manifest row {entry.row}: {warning}")
+            cache.save(key, {m: sample[m].data for m in MODALITIES if sample.get(m) is not None})
+        return Record(index=index, entry=entry, key=key, has_pet=entry.pet is not None, report=report, split=split)
+
+    # -- views -------------------------------------------------------------------------------
+    def subset(self, split: str | None = None, labeled: bool | None = None, num_classes: int = 2) -> list[Record]:
+        """Records of a split; labeled=True keeps those with a class for the task, False the rest."""
+        if split is not None and split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}")
+        out = []
+        for r in self.records:
+            if split is not None and r.split != split:
+                continue
+            has_class = label_index(r.entry.label, num_classes) is not None
+            if labeled is not None and has_class != labeled:
+                continue
+            out.append(r)
+        return out
+
+    def dataset(self, split: str | None = None, labeled: bool | None = None, num_classes: int = 2,
+                transform: Callable[[dict, torch.Generator], dict] | None = None) -> "SiteDataset":
+        return SiteDataset(self, self.subset(split, labeled, num_classes), num_classes, transform)
+
+    def counts(self) -> dict:
+        return self.summary.counts(self.records)
+
+
+class SiteDataset(Dataset):
+    """Items: {"mri", "pet": (1, S, S, S) float32, "mri_present", "pet_present", "report", "label", "index"}."""
+
+    def __init__(self, site: SiteData, records: list[Record], num_classes: int = 2,
+                 transform: Callable[[dict, torch.Generator], dict] | None = None):
+        self.site, self.records, self.num_classes, self.transform = site, records, num_classes, transform
+        self.epoch = 0          # set by the training loop so augmentations differ per epoch, reproducibly
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> dict:
+        record = self.records[i]
+        arrays = self.site.cache.load(record.key)
+        if arrays is None:       # the cache was cleared under us: rebuild this one entry
+            SiteData._prepare(record.entry, record.index, self.site.cache, build_pipeline(self.site.cfg),
+                              self.site.cfg.fingerprint(), self.site.site_dir, record.split, False,
+                              self.site.summary)
+            arrays = self.site.cache.load(record.key)
+        shape = (1,) + (self.site.cfg.shape,) * 3
+        label = label_index(record.entry.label, self.num_classes)
+        item = {
+            "mri": torch.from_numpy(arrays["mri"]).reshape(shape),
+            "pet": torch.from_numpy(arrays["pet"]).reshape(shape) if "pet" in arrays else torch.zeros(shape),
+            "mri_present": True,
+            "pet_present": "pet" in arrays,
+            "report": record.report,
+            "label": -1 if label is None else label,
+            "index": record.index,
+        }
+        if self.transform is not None:
+            generator = torch.Generator().manual_seed(hash((self.epoch, record.index)) & 0x7FFFFFFF)
+            item = self.transform(item, generator)
+        return item
+
+
+def collate(items: list[dict], max_report_bytes: int = 256) -> dict:
+    """Stack items into the batch dict the model takes (reports tokenised byte-level)."""
+    from ..model.report import tokenize_reports
+    batch = {
+        "mri": torch.stack([it["mri"] for it in items]),
+        "pet": torch.stack([it["pet"] for it in items]),
+        "mri_present": torch.tensor([it["mri_present"] for it in items]),
+        "pet_present": torch.tensor([it["pet_present"] for it in items]),
+        "label": torch.tensor([it["label"] for it in items], dtype=torch.long),
+        "index": torch.tensor([it["index"] for it in items], dtype=torch.long),
+    }
+    batch["report_ids"], batch["report_present"] = tokenize_reports([it["report"] for it in items],
+                                                                    max_report_bytes)
+    return batch
+
+
+def make_loader(dataset: SiteDataset, batch_size: int, shuffle: bool, seed: int = 0, max_report_bytes: int = 256,
+                drop_last: bool = False) -> torch.utils.data.DataLoader:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator,
+                                       drop_last=drop_last, num_workers=0,
+                                       collate_fn=lambda items: collate(items, max_report_bytes))
+

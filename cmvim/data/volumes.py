@@ -1,0 +1,93 @@
+"""Reading one scan: `load_volume(path) -> (volume, affine)`.
+
+`path` is a .nii / .nii.gz file or a folder holding one DICOM series. The
+volume is a float32 3D array, the affine the 4x4 voxel-to-world matrix in RAS+
+millimetres (nibabel's convention). Every problem is a `DataError` naming the
+file and saying what is wrong; nothing is repaired silently.
+"""
+from __future__ import annotations
+
+import gzip
+import logging
+import zlib
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from .errors import DataError
+
+log = logging.getLogger("cmvim.data")
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+
+def is_nifti(path: Path) -> bool:
+    return path.name.lower().endswith(NIFTI_SUFFIXES)
+
+
+def load_volume(path: str | Path, modality: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Read and check one scan. `modality` ("mri"/"pet") decides whether 4D frames may be averaged."""
+    path = Path(path)
+    if path.is_dir():
+        from .dicom import read_dicom_series
+        volume, affine = read_dicom_series(path)
+    elif is_nifti(path):
+        volume, affine = _read_nifti(path, modality)
+    elif not path.exists():
+        raise DataError("file not found", file=path, kind="missing file")
+    else:
+        raise DataError("not a NIfTI file (.nii/.nii.gz) or a folder with a DICOM series",
+                        file=path, kind="unsupported format")
+    check_volume(volume, path)
+    return volume, affine
+
+
+def _read_nifti(path: Path, modality: str | None) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        image = nib.load(str(path))
+        data = np.asanyarray(image.dataobj)
+    except FileNotFoundError:
+        raise DataError("file not found", file=path, kind="missing file") from None
+    except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
+        raise DataError(f"truncated or corrupt compressed file ({type(exc).__name__}: {exc})",
+                        file=path, kind="corrupt file") from None
+    except nib.filebasedimages.ImageFileError as exc:
+        raise DataError(f"not a readable NIfTI image ({exc})", file=path, kind="not an image") from None
+    except (OSError, ValueError) as exc:
+        # nibabel reports short reads of .nii data as ValueError/OSError
+        raise DataError(f"cannot read the image data ({type(exc).__name__}: {exc})",
+                        file=path, kind="unreadable file") from None
+    data = np.asarray(data, dtype=np.float32)
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    elif data.ndim == 4:
+        if modality == "mri":
+            raise DataError(f"4D image with {data.shape[3]} volumes where one T1 volume is expected",
+                            file=path, kind="not 3D")
+        log.info("%s: averaged %d frames of a 4D series into one volume", path.name, data.shape[3])
+        data = data.mean(axis=3)
+    if data.ndim != 3:
+        raise DataError(f"expected a 3D volume, got shape {data.shape}", file=path, kind="not 3D")
+    if min(data.shape) < 2:
+        raise DataError(f"volume of shape {data.shape} has a flat axis: not a 3D scan", file=path, kind="not 3D")
+    affine = image.affine
+    if affine is None or not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
+        raise DataError("no usable voxel-to-world affine in the header", file=path, kind="no geometry")
+    return data, np.asarray(affine, dtype=np.float64)
+
+
+def check_volume(volume: np.ndarray, path: Path) -> None:
+    """Values a model cannot learn from are errors, not something to paper over."""
+    finite = np.isfinite(volume)
+    if not finite.all():
+        bad = int((~finite).sum())
+        raise DataError(f"{bad} NaN/inf voxels of {volume.size}", file=path, kind="non-finite voxels")
+    if not np.any(volume):
+        raise DataError("all voxels are zero", file=path, kind="empty volume")
+    if float(volume.max()) == float(volume.min()):
+        raise DataError(f"constant volume (every voxel {float(volume.max())})", file=path, kind="empty volume")
+
+
+def voxel_sizes(affine: np.ndarray) -> tuple[float, float, float]:
+    return tuple(float(v) for v in np.sqrt((affine[:3, :3] ** 2).sum(axis=0)))

@@ -1,0 +1,320 @@
+"""Site data layer on real files: readers, bad input, manifest, preprocessing, cache, datasets."""
+import gzip
+import os
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from cmvim.data import (DataError, PreprocessConfig, PretrainAugment, SiteData, Volume, assign_splits, load_volume,
+                        make_loader, read_manifest, read_report)
+from cmvim.data import site as site_module
+from cmvim.data.augment import AugmentConfig
+from cmvim.data.preprocess import CheckOverlap, CropPad, Reorient, resample, world_bounds
+
+NIBABEL_DATA = Path(nib.__file__).parent / "tests" / "data"
+
+
+def brain_like(shape=(40, 48, 40), seed=0):
+    """A blob of 'tissue' with texture on a zero background."""
+    rng = np.random.default_rng(seed)
+    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij"))
+    inside = (grid ** 2).sum(0) < 0.6
+    return (inside * (100 + 20 * rng.standard_normal(shape))).astype(np.float32)
+
+
+def save_nifti(path, data, affine=None):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(data, np.diag([2.0, 2.0, 2.0, 1.0]) if affine is None else affine), str(path))
+    return path
+
+
+def write_site(root: Path, n=6, with_pet=True, extra_rows=()):
+    rows = ["subject_id,mri,pet,report,label"]
+    for i in range(n):
+        save_nifti(root / f"scans/sub{i}_t1.nii.gz", brain_like(seed=i))
+        pet = ""
+        if with_pet and i % 2 == 0:
+            save_nifti(root / f"scans/sub{i}_pet.nii.gz", brain_like((20, 24, 20), seed=100 + i),
+                       np.diag([4.0, 4.0, 4.0, 1.0]))
+            pet = f"scans/sub{i}_pet.nii.gz"
+        (root / f"scans/sub{i}.txt").write_text(f"Report {i}: mild   changes.\n")
+        rows.append(f"SUBJ-{i:03d},scans/sub{i}_t1.nii.gz,{pet},scans/sub{i}.txt,{['CN', 'AD', 'MCI'][i % 3]}")
+    rows += list(extra_rows)
+    (root / "manifest.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+# -- reading -------------------------------------------------------------------------------------
+
+def test_load_real_nifti_from_nibabel_test_data():
+    volume, affine = load_volume(NIBABEL_DATA / "anatomical.nii")
+    assert volume.shape == (33, 41, 25) and volume.dtype == np.float32
+    np.testing.assert_allclose(affine, nib.load(str(NIBABEL_DATA / "anatomical.nii")).affine)
+
+
+def test_4d_single_volume_squeezed_and_pet_frames_averaged(tmp_path, caplog):
+    one = save_nifti(tmp_path / "one.nii.gz", brain_like()[..., None])
+    assert load_volume(one)[0].shape == (40, 48, 40)
+    frames = np.stack([brain_like(seed=s) for s in range(3)], axis=-1)
+    path = save_nifti(tmp_path / "frames.nii.gz", frames)
+    with caplog.at_level("INFO", logger="cmvim.data"):
+        volume, _ = load_volume(path, "pet")
+    np.testing.assert_allclose(volume, frames.mean(-1), rtol=1e-5)
+    assert "averaged 3 frames" in caplog.text
+    with pytest.raises(DataError, match="4D image with 3 volumes"):
+        load_volume(path, "mri")
+
+
+@pytest.mark.parametrize("case", ["truncated", "not_image", "two_d", "nan", "inf", "all_zero", "unreadable",
+                                  "wrong_suffix"])
+def test_bad_volumes_are_data_errors_naming_the_file(tmp_path, case):
+    good = save_nifti(tmp_path / "good.nii.gz", brain_like())
+    path = tmp_path / "bad.nii.gz"
+    if case == "truncated":
+        data = good.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+        expected = "truncated or corrupt"
+    elif case == "not_image":
+        path.write_bytes(gzip.compress(b"this is a radiology report, not an image" * 20))
+        expected = "not a readable NIfTI"
+    elif case == "two_d":
+        save_nifti(path, brain_like()[:, :, 0])
+        expected = "expected a 3D volume"
+    elif case in ("nan", "inf"):
+        data = brain_like()
+        data[3, 4, 5] = np.nan if case == "nan" else np.inf
+        save_nifti(path, data)
+        expected = "1 NaN/inf voxels"
+    elif case == "all_zero":
+        save_nifti(path, np.zeros((10, 10, 10), np.float32))
+        expected = "all voxels are zero"
+    elif case == "unreadable":
+        path.symlink_to(tmp_path / "gone.nii.gz")       # a dangling link: there and not readable, even for root
+        expected = "file not found"
+    else:
+        path = tmp_path / "scan.mgz"
+        path.write_bytes(b"x")
+        expected = "not a NIfTI file"
+    with pytest.raises(DataError, match=expected) as info:
+        load_volume(path)
+    assert str(path) in str(info.value)
+
+
+def test_reports_normalised_latin1_tolerated_empty_rejected(tmp_path):
+    (tmp_path / "a.txt").write_bytes("\ufeffMild  atrophy,\r\n\r\n hippocampi  ".encode("utf-8"))
+    assert read_report(tmp_path / "a.txt") == "Mild atrophy, hippocampi"
+    (tmp_path / "b.txt").write_bytes("Befund: Atrophie gering, Ödem.".encode("latin-1"))
+    assert read_report(tmp_path / "b.txt") == "Befund: Atrophie gering, Ödem."
+    (tmp_path / "c.txt").write_text("   \n\t ")
+    with pytest.raises(DataError, match="report is empty"):
+        read_report(tmp_path / "c.txt")
+
+
+# -- manifest ------------------------------------------------------------------------------------
+
+def test_manifest_accepts_bom_crlf_extra_columns_and_flags_typos(tmp_path):
+    save_nifti(tmp_path / "a.nii.gz", brain_like())
+    text = "\ufeffSubject_ID,MRI,age,labl\r\nA1,a.nii.gz,71,CN\r\n\r\n"
+    (tmp_path / "manifest.csv").write_bytes(text.encode("utf-8"))
+    manifest = read_manifest(tmp_path)
+    assert [e.subject_id for e in manifest.entries] == ["A1"] and not manifest.problems
+    assert manifest.entries[0].label is None
+    assert manifest.warnings == ["column 'labl' is not used; did you mean 'label'?"]
+
+
+def test_manifest_row_problems_name_row_and_column(tmp_path):
+    save_nifti(tmp_path / "a.nii.gz", brain_like())
+    outside = tmp_path.parent / f"{tmp_path.name}_outside.nii.gz"
+    save_nifti(outside, brain_like())
+    (tmp_path / "manifest.csv").write_text(
+        "subject_id,mri,pet,label,split\n"
+        "A1,a.nii.gz,,CN,\n"
+        "A1,a.nii.gz,,AD,\n"                             # duplicate subject
+        "A2,a.nii.gz,,Alzheimers,\n"                     # unknown label
+        "A3,missing.nii.gz,,CN,\n"                       # missing file
+        f"A4,../{outside.name},,CN,\n"                   # escapes the site folder
+        "A5,a.nii.gz,,CN,training\n"                     # unknown split
+        "A6,,,CN,\n")                                    # no MRI
+    manifest = read_manifest(tmp_path)
+    assert [e.subject_id for e in manifest.entries] == ["A1"]
+    found = {(p.row, p.column, p.kind) for p in manifest.problems}
+    assert found == {(3, "subject_id", "duplicate subject"), (4, "label", "unknown label"),
+                     (5, "mri", "missing file"), (6, "mri", "path outside site"), (7, "split", "unknown split"),
+                     (8, "mri", "bad manifest")}
+    duplicate = next(p for p in manifest.problems if p.row == 3)
+    assert "already on row 2" in str(duplicate) and "'A1'" in str(duplicate)
+    assert "A1" not in duplicate.public_message()
+
+
+def test_manifest_missing_required_column_is_fatal(tmp_path):
+    (tmp_path / "manifest.csv").write_text("subject,mri\nA1,a.nii.gz\n")
+    with pytest.raises(DataError, match=r"required column\(s\) missing: 'subject_id' \(found 'subject'"):
+        read_manifest(tmp_path)
+    (tmp_path / "manifest.csv").unlink()
+    with pytest.raises(DataError, match="no manifest.csv"):
+        read_manifest(tmp_path)
+
+
+def test_visits_of_one_subject_need_a_visit_column_and_share_a_split(tmp_path):
+    save_nifti(tmp_path / "a.nii.gz", brain_like())
+    (tmp_path / "manifest.csv").write_text(
+        "subject_id,visit,mri,label\n" + "".join(f"S{i},{v},a.nii.gz,{'CN' if i % 2 else 'AD'}\n"
+                                                 for i in range(20) for v in ("bl", "m12")))
+    manifest = read_manifest(tmp_path)
+    assert len(manifest.entries) == 40 and not manifest.problems
+    splits = assign_splits(manifest.entries, seed=3)
+    assert set(splits.values()) == {"train", "val", "test"}
+    assert assign_splits(manifest.entries, seed=3) == splits           # deterministic
+    assert assign_splits(list(reversed(manifest.entries)), seed=3) == splits   # row order does not matter
+    (tmp_path / "manifest.csv").write_text("subject_id,mri,split\nS1,a.nii.gz,train\n")
+    one = read_manifest(tmp_path).entries[0]
+    with pytest.raises(DataError, match="different splits"):
+        assign_splits([one, type(one)(**{**one.__dict__, "visit": "m12", "split": "test"})], seed=0)
+
+
+# -- preprocessing -------------------------------------------------------------------------------
+
+def test_reorient_keeps_world_positions():
+    data = brain_like((10, 12, 14))
+    affine = np.array([[0, 0, -2.0, 30], [-2.0, 0, 0, 40], [0, 2.0, 0, -20], [0, 0, 0, 1]])   # PIL-ish
+    sample = Reorient()({"mri": Volume(data, affine)})
+    vol = sample["mri"]
+    assert nib.aff2axcodes(vol.affine) == ("R", "A", "S")
+    ijk = np.array([3, 5, 7])
+    world = nib.affines.apply_affine(affine, ijk)
+    new_ijk = np.round(nib.affines.apply_affine(np.linalg.inv(vol.affine), world)).astype(int)
+    assert vol.data[tuple(new_ijk)] == data[tuple(ijk)]
+
+
+def test_resample_matches_world_coordinates():
+    data = np.arange(8 * 8 * 8, dtype=np.float32).reshape(8, 8, 8)     # linear in each axis
+    src = Volume(data, np.diag([2.0, 2.0, 2.0, 1.0]))
+    same = resample(src, src.affine, data.shape)
+    np.testing.assert_allclose(same.data, data, atol=1e-3)
+    target = np.diag([1.0, 1.0, 1.0, 1.0])                                # 1 mm grid over the same box
+    fine = resample(src, target, (15, 15, 15))
+    # voxel (3, 5, 7) of the 1 mm grid is world (3, 5, 7) = source voxel (1.5, 2.5, 3.5): linear interpolation
+    expected = 1.5 * 64 + 2.5 * 8 + 3.5
+    assert fine.data[3, 5, 7] == pytest.approx(expected, rel=1e-4)
+    assert fine.data.shape == (15, 15, 15)
+
+
+def test_crop_pad_shifts_affine_consistently():
+    data = brain_like((20, 30, 10))
+    vol = Volume(data, np.diag([2.0, 2.0, 2.0, 1.0]))
+    out = CropPad(16)({"mri": vol})["mri"]
+    assert out.data.shape == (16, 16, 16)
+    ijk = np.array([8, 8, 8])                                            # a voxel inside both
+    world = nib.affines.apply_affine(out.affine, ijk)
+    src = np.round(nib.affines.apply_affine(np.linalg.inv(vol.affine), world)).astype(int)
+    assert out.data[tuple(ijk)] == data[tuple(src)]
+
+
+def test_check_overlap_warns_when_pet_is_elsewhere():
+    mri = Volume(brain_like(), np.diag([2.0, 2.0, 2.0, 1.0]))
+    far = np.diag([2.0, 2.0, 2.0, 1.0])
+    far[:3, 3] = 500
+    sample = CheckOverlap(0.5)({"mri": mri, "pet": Volume(brain_like(), far)})
+    assert "overlap 0%" in sample["warnings"][0]
+    assert "warnings" not in CheckOverlap(0.5)({"mri": mri, "pet": Volume(brain_like(), mri.affine)})
+    assert world_bounds(mri)[1].tolist() == [78.0, 94.0, 78.0]
+
+
+# -- site loading, cache, datasets ---------------------------------------------------------------
+
+CFG = PreprocessConfig(shape=24, voxel_size=4.0)
+
+
+def test_site_loads_skips_bad_subjects_and_reports_every_skip(tmp_path):
+    site = write_site(tmp_path / "site", n=6, extra_rows=[
+        "BAD-1,scans/broken.nii.gz,,,CN", "BAD-2,scans/sub0_t1.nii.gz,,scans/empty.txt,CN",
+        "BAD-3,scans/nan.nii.gz,,,AD"])
+    (site / "scans/broken.nii.gz").write_bytes((site / "scans/sub1_t1.nii.gz").read_bytes()[:300])
+    (site / "scans/empty.txt").write_text("")
+    nan = brain_like()
+    nan[0, 0, 0] = np.nan
+    save_nifti(site / "scans/nan.nii.gz", nan)
+    data = SiteData.load(site, CFG, cache_dir=tmp_path / "cache")
+    assert data.summary.loaded == 6 and data.summary.rows == 9
+    skipped = {e.subject: (e.row, e.column, e.kind) for e in data.summary.skipped}
+    assert skipped == {"BAD-1": (8, "mri", "corrupt file"), "BAD-2": (9, None, "empty report"),
+                       "BAD-3": (10, "mri", "non-finite voxels")}
+    for err in data.summary.skipped:
+        assert err.file and err.subject in str(err)
+    counts = data.counts()
+    assert counts["visits"] == 6 and counts["with_pet"] == 3 and counts["skipped"] == 3
+    assert counts["labels"] == {"CN": 2, "AD": 2, "MCI": 2}
+    assert not any("SUBJ" in str(v) for v in counts.values())
+
+
+def test_cache_serves_later_loads_and_invalidates_on_change(tmp_path, monkeypatch):
+    site = write_site(tmp_path / "site", n=3)
+    first = SiteData.load(site, CFG)
+    assert first.summary.cache_hits == 0 and (site / ".cmvim_cache").is_dir()
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("decoded a scan although it was cached")
+    monkeypatch.setattr(site_module, "load_volume", no_decoding)
+    second = SiteData.load(site, CFG)
+    assert second.summary.cache_hits == 3
+    torch.testing.assert_close(second.dataset()[0]["mri"], first.dataset()[0]["mri"])
+    monkeypatch.undo()
+
+    changed = SiteData.load(site, PreprocessConfig(shape=24, voxel_size=3.0))     # config change
+    assert changed.summary.cache_hits == 0
+    scan = site / "scans/sub1_t1.nii.gz"
+    save_nifti(scan, brain_like(seed=42))                                           # file change
+    os.utime(scan, ns=(1, 1))
+    again = SiteData.load(site, CFG)
+    assert again.summary.cache_hits == 2
+
+
+def test_datasets_splits_subsets_and_missing_modality(tmp_path):
+    site = write_site(tmp_path / "site", n=9)
+    data = SiteData.load(site, CFG, seed=1)
+    all_items = data.dataset()
+    assert len(all_items) == 9
+    labeled = data.subset(labeled=True)
+    assert {r.entry.label for r in labeled} == {"CN", "AD"}                         # MCI has no binary class
+    assert len(data.subset(labeled=True, num_classes=3)) == 9
+    item = all_items[1]
+    assert item["pet_present"] is False and torch.count_nonzero(item["pet"]) == 0
+    assert item["mri"].shape == (1, 24, 24, 24)
+    assert set(item) == {"mri", "pet", "mri_present", "pet_present", "report", "label", "index"}
+    assert "SUBJ" not in repr({k: v for k, v in item.items() if k != "report"})
+    batch = next(iter(make_loader(data.dataset(split="train"), batch_size=4, shuffle=True)))
+    assert batch["mri"].shape[1:] == (1, 24, 24, 24) and batch["report_ids"].dtype == torch.long
+    assert sum(len(data.subset(split=s)) for s in ("train", "val", "test")) == 9
+
+
+def test_augmentation_moves_mri_and_pet_together(tmp_path):
+    shape = (1, 24, 24, 24)
+    volume = torch.from_numpy(brain_like((24, 24, 24)))[None]
+    item = {"mri": volume, "pet": volume.clone(), "mri_present": True, "pet_present": True}
+    augment = PretrainAugment(AugmentConfig(flip=0.5, rotate_deg=10, scale=0.1, translate=0.05, intensity=0.0,
+                                            noise=0.0))
+    out = augment(item, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(out["mri"], out["pet"])                              # same spatial transform
+    assert not torch.allclose(out["mri"], volume)
+    missing = augment(dict(item, pet=torch.zeros(shape), pet_present=False), torch.Generator().manual_seed(0))
+    assert torch.count_nonzero(missing["pet"]) == 0
+    again = augment(item, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(again["mri"], out["mri"])                            # reproducible from the seed
+
+
+def test_check_command_prints_table_and_exit_codes(tmp_path, capsys):
+    from client.cli import main
+    site = write_site(tmp_path / "site", n=4, extra_rows=["BAD-1,scans/none.nii.gz,,,CN"])
+    assert main(["check", "--data", str(site)]) == 0
+    out = capsys.readouterr().out
+    assert "manifest.csv: 5 rows, 4 usable, 1 with problems" in out
+    assert "| mri      | 40x48x40" in out and "file not found: 'scans/none.nii.gz'" in out
+    assert main(["check", "--data", str(site), "--strict"]) == 1
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["check", "--data", str(empty)]) == 1
+    assert "FATAL" in capsys.readouterr().out
