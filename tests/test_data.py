@@ -318,3 +318,22 @@ def test_check_command_prints_table_and_exit_codes(tmp_path, capsys):
     empty.mkdir()
     assert main(["check", "--data", str(empty)]) == 1
     assert "FATAL" in capsys.readouterr().out
+
+
+def test_site_with_dicom_series_loads_and_a_gapped_series_is_skipped(tmp_path):
+    """A PACS export: real CT slices from pydicom's test data as a site's 'MRI' series."""
+    pydicom_data = pytest.importorskip("pydicom.data")
+    ct5n = Path(pydicom_data.__file__).parent / "test_files" / "dicomdirtests" / "98892001" / "CT5N"
+    site = tmp_path / "site"
+    shutil.copytree(ct5n, site / "A" / "ct")
+    shutil.copytree(ct5n, site / "B" / "ct")
+    middle = sorted((site / "B" / "ct").iterdir())[2]
+    middle.unlink()                                          # one slice missing from B's series
+    (site / "manifest.csv").write_text("subject_id,mri,label\nA,A/ct,CN\nB,B/ct,AD\n")
+    volume, affine = load_volume(site / "A" / "ct")
+    assert volume.shape == (16, 16, 5) and abs(abs(affine[2, 2]) - 2.5) < 1e-6
+    data = SiteData.load(site, PreprocessConfig(shape=16, voxel_size=None, normalize={"mri": "percentile"}))
+    assert data.summary.loaded == 1
+    (err,) = data.summary.skipped
+    assert (err.subject, err.row, err.column, err.kind) == ("B", 3, "mri", "missing slice")
+    assert "B/ct" in str(err)
