@@ -1,0 +1,409 @@
+"""Realistic synthetic multi-site AD cohorts, written as real site folders.
+
+Real cohorts (ADNI and the like) cannot be shipped or downloaded here, so
+simulations, tests and benchmarks use the next best thing: subjects built on
+the MNI152 templates (`simulations.anatomy`) with
+
+  * inter-subject variability: smooth random deformations, head size by sex,
+    age, and age-related atrophy as a confounder;
+  * CN / MCI / AD effects from the literature (docs/cohort.md): hippocampal and
+    entorhinal volume loss, ventricular enlargement, temporoparietal cortical
+    thinning; FDG hypometabolism in posterior cingulate / precuneus and
+    temporoparietal cortex; individual severity so the classes overlap;
+  * T1 from tissue classes with scanner-like contrast; PET as uptake
+    (GM > WM > CSF) x disease pattern, blurred to PET resolution with
+    count-like noise; PET missing for some subjects;
+  * radiology-style reports (`simulations.reports`);
+  * sites that differ (why federated learning is hard): intensity scale, bias
+    field, noise, slice thickness, PET resolution, class prevalence, size,
+    unlabeled fraction; some sites export DICOM series instead of NIfTI.
+
+Everything is deterministic from the seed. Output: DIR/<site>/manifest.csv and
+files (the site data contract), DIR/cohort.json and a printed summary with the
+effect sizes measured on the written files.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import multiprocessing
+import os
+import shutil
+import string
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from cmvim.tables import format_table
+
+from .anatomy import Anatomy, load_anatomy
+from .dicom_export import write_dicom_series
+from .reports import write_report
+
+CLASSES = ("CN", "MCI", "AD")
+
+# Effect sizes at severity 1 (a typical AD subject); MCI subjects sit around 0.45.
+# Sources in docs/cohort.md.
+EFFECTS = {
+    "hippocampus": 0.24,        # fractional GM loss; AD vs CN hippocampal volume -20..-25 %
+    "entorhinal": 0.26,
+    "temporoparietal": 0.10,    # cortical thinning
+    "pcc_precuneus": 0.07,
+    "ventricles": 1.0,          # growth of the template ventricle map (measured ROI change is smaller: docs)
+    "pet_pcc_precuneus": 0.20,  # FDG hypometabolism, AD vs CN -15..-20 %
+    "pet_temporoparietal": 0.17,
+    "pet_hippocampus": 0.10,
+}
+AGE_GM_LOSS_PER_YEAR = 0.0025    # ~0.25 %/year cortical GM loss in ageing
+AGE_VENTRICLE_PER_YEAR = 0.03    # ~3 %/year ventricular growth in ageing
+
+
+@dataclass
+class SiteProfile:
+    """How one site's scanners and population differ."""
+    name: str
+    prevalence: tuple[float, float, float]     # CN, MCI, AD
+    unlabeled: float
+    pet_missing: float
+    intensity_scale: float
+    bias_strength: float
+    noise: float
+    slice_blur_mm: float                       # extra blur along the slice axis (thick slices)
+    pet_fwhm_mm: float
+    pet_scale: float
+    dicom: bool
+
+
+@dataclass
+class CohortConfig:
+    sites: int = 3
+    subjects: int = 40                  # per site
+    shape: int = 64
+    seed: int = 0
+    pet_missing: float = 0.15           # mean fraction of subjects without PET
+    unlabeled: float = 0.2              # mean fraction without a label (pretraining only)
+    report_informativeness: float = 0.6
+    name_diagnosis: bool = False        # reports never name the diagnosis unless asked
+    effect_scale: float = 1.0           # >1: an easier cohort (tests), <1: harder
+    dicom_sites: tuple[str, ...] | None = None   # None: every third site from the second (B, E, ...)
+
+    def __post_init__(self):
+        if self.sites < 1 or self.sites > 26:
+            raise ValueError("sites must be between 1 and 26")
+        if self.subjects < 2:
+            raise ValueError("subjects per site must be at least 2")
+        if self.shape < 16 or self.shape > 256:
+            raise ValueError("shape must be between 16 and 256")
+
+
+def site_profiles(cfg: CohortConfig, rng: np.random.Generator) -> list[SiteProfile]:
+    names = list(string.ascii_uppercase[:cfg.sites])
+    dicom = set(cfg.dicom_sites) if cfg.dicom_sites is not None else set(names[1::3])
+    profiles = []
+    for i, name in enumerate(names):
+        # non-IID labels: a memory clinic (AD-rich), a population study (CN-rich), ...
+        base = [(0.5, 0.25, 0.25), (0.3, 0.3, 0.4), (0.6, 0.25, 0.15), (0.35, 0.4, 0.25)][i % 4]
+        prevalence = tuple(rng.dirichlet(np.array(base) * 40))
+        profiles.append(SiteProfile(
+            name=name, prevalence=prevalence,
+            unlabeled=float(np.clip(rng.normal(cfg.unlabeled, 0.08), 0, 0.6)),
+            pet_missing=float(np.clip(rng.normal(cfg.pet_missing, 0.08), 0, 0.8)),
+            intensity_scale=float(rng.uniform(400, 1500)),
+            bias_strength=float(rng.uniform(0.03, 0.15)),
+            noise=float(rng.uniform(0.01, 0.05)),
+            slice_blur_mm=float(rng.choice([0.0, 0.0, 2.0, 4.0])),
+            pet_fwhm_mm=float(rng.uniform(6.0, 8.0)),
+            pet_scale=float(rng.uniform(0.7, 1.4)),
+            dicom=name in dicom))
+    return profiles
+
+
+@dataclass
+class Subject:
+    subject_id: str
+    label: str
+    age: float
+    sex: str
+    severity: float
+    has_pet: bool
+    labeled: bool
+
+
+# -- image synthesis ---------------------------------------------------------------------------
+
+def _torch(a: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
+
+
+def smooth_field(rng: np.random.Generator, shape: int, coarse: int, channels: int) -> torch.Tensor:
+    """A smooth random field (channels, S, S, S) ~ N(0, 1) at low spatial frequency."""
+    noise = torch.from_numpy(rng.standard_normal((1, channels, coarse, coarse, coarse)).astype(np.float32))
+    return F.interpolate(noise, size=(shape,) * 3, mode="trilinear", align_corners=True)[0]
+
+
+def gaussian_blur(volume: torch.Tensor, sigmas_vox: tuple[float, float, float]) -> torch.Tensor:
+    """Separable Gaussian blur of a (S, S, S) volume, sigma per axis in voxels."""
+    out = volume[None, None]
+    for axis, sigma in enumerate(sigmas_vox):
+        if sigma < 0.3:
+            continue
+        radius = int(math.ceil(3 * sigma))
+        x = torch.arange(-radius, radius + 1, dtype=torch.float32)
+        kernel = torch.exp(-x ** 2 / (2 * sigma ** 2))
+        kernel = (kernel / kernel.sum()).reshape([1, 1] + [len(x) if a == axis else 1 for a in range(3)])
+        pad = [0, 0] * 3
+        pad[2 * (2 - axis)] = pad[2 * (2 - axis) + 1] = radius
+        out = F.conv3d(F.pad(out, pad, mode="replicate"), kernel)
+    return out[0, 0]
+
+
+def warp(maps: torch.Tensor, rng: np.random.Generator, scale: float, deform_mm: float, anatomy: Anatomy) -> torch.Tensor:
+    """Apply one smooth random deformation + head-size scaling + small pose change to (C, S, S, S) maps."""
+    shape = anatomy.shape
+    angles = np.deg2rad(rng.uniform(-2, 2, 3))          # residual registration error: volumes are in MNI space
+    cx, cy, cz = np.cos(angles)
+    sx, sy, sz = np.sin(angles)
+    rot = (np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]]) @ np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
+           @ np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]]))
+    theta = torch.zeros(1, 3, 4)
+    theta[0, :, :3] = torch.from_numpy(rot / scale).float()
+    theta[0, :, 3] = torch.from_numpy(rng.uniform(-2, 2, 3) / (anatomy.voxel_mm * shape / 2)).float()
+    grid = F.affine_grid(theta, [1, maps.shape[0], shape, shape, shape], align_corners=True)
+    displacement = smooth_field(rng, shape, 5, 3).permute(1, 2, 3, 0) * (deform_mm / (anatomy.voxel_mm * shape / 2))
+    grid = grid + displacement[None]
+    return F.grid_sample(maps[None], grid, mode="bilinear", padding_mode="zeros", align_corners=True)[0]
+
+
+def scale_about_centroid(volume: torch.Tensor, factor: float, anatomy: Anatomy) -> torch.Tensor:
+    """Grow each hemisphere's part of a structure (the lateral ventricles) by `factor` in volume,
+    about that part's own centroid."""
+    shape = anatomy.shape
+    coords = torch.stack(torch.meshgrid(*[torch.linspace(-1, 1, shape)] * 3, indexing="ij"), dim=-1)
+    out = torch.zeros_like(volume)
+    for side in (coords[..., 0] < 0, coords[..., 0] >= 0):          # axis 0 is left-right (RAS)
+        part = volume * side
+        if float(part.sum()) == 0:
+            continue
+        centroid = (coords * part[..., None]).sum((0, 1, 2)) / part.sum()
+        grid = (centroid + (coords - centroid) / factor ** (1 / 3)).flip(-1)   # (x, y, z) for grid_sample
+        out = torch.maximum(out, F.grid_sample(part[None, None], grid[None], mode="bilinear",
+                                               align_corners=True)[0, 0])
+    return out
+
+
+def synthesize(subject: Subject, site: SiteProfile, anatomy: Anatomy, rng: np.random.Generator,
+               effect_scale: float) -> tuple[np.ndarray, np.ndarray | None]:
+    """(T1, PET or None) on the anatomy grid, in scanner-like units."""
+    s = subject.severity * effect_scale
+    age = subject.age - 70.0
+    regions = {k: _torch(v) for k, v in anatomy.regions.items()}
+    gm, wm = _torch(anatomy.gm), _torch(anatomy.wm)
+    head = _torch(anatomy.brain)
+
+    # atrophy: lost grey matter becomes CSF
+    loss = AGE_GM_LOSS_PER_YEAR * max(age, -10) + 0.02 * rng.standard_normal()
+    loss = torch.full_like(gm, loss) + 0.03 * smooth_field(rng, anatomy.shape, 4, 1)[0]
+    for region in ("hippocampus", "entorhinal", "temporoparietal", "pcc_precuneus"):
+        individual = 1 + 0.25 * rng.standard_normal()           # regions vary within a subject
+        loss = loss + regions[region] * EFFECTS[region] * s * individual
+    natural_hippocampus = 0.08 * rng.standard_normal()           # ~8 % inter-subject SD, unrelated to disease
+    loss = loss + regions["hippocampus"] * natural_hippocampus
+    gm = gm * (1 - loss.clamp(-0.2, 0.8))
+    # ventricles grow with age and disease
+    factor = max(0.5, 1 + EFFECTS["ventricles"] * s + AGE_VENTRICLE_PER_YEAR * age + 0.15 * rng.standard_normal())
+    template_ventricles = _torch(anatomy.ventricles)
+    grown = scale_about_centroid(template_ventricles, factor, anatomy).clamp(0, 1)
+    # the CSF gained (or lost, when they shrink) where the grown ventricles differ from the template's,
+    # taken from the surrounding tissue in proportion
+    tissue = (gm + wm).clamp(min=1e-6)
+    gained = torch.minimum((grown - template_ventricles), tissue)
+    gm, wm = gm - gained * gm / tissue, wm - gained * wm / tissue
+    gm, wm = gm.clamp(0, 1) * head, wm.clamp(0, 1) * head
+    csf = (head - gm - wm).clamp(0, 1)
+
+    # one deformation for every map of this subject
+    # after affine registration to MNI, head size differences are mostly normalised away
+    head_scale = (1.02 if subject.sex == "M" else 0.99) * (1 + 0.02 * rng.standard_normal())
+    outside = _torch(anatomy.t1) * (1 - head)
+    pet_regions = ("pcc_precuneus", "temporoparietal", "hippocampus")
+    maps = warp(torch.stack([gm, wm, csf, outside, head] + [regions[r] for r in pet_regions]), rng, head_scale,
+                1.5, anatomy)
+    gm, wm, csf, outside, head = maps[:5]
+    warped_regions = dict(zip(pet_regions, maps[5:]))
+
+    # T1: tissue contrast (WM bright, GM grey, CSF dark) and a subject's own contrast
+    contrast = np.array([1.0, 0.62, 0.2]) * (1 + 0.03 * rng.standard_normal(3))
+    t1 = contrast[0] * wm + contrast[1] * gm + contrast[2] * csf + 0.8 * outside
+    sigma_vox = site.slice_blur_mm / 2.355 / anatomy.voxel_mm
+    t1 = gaussian_blur(t1, (0.0, 0.0, sigma_vox))
+    bias = torch.exp(site.bias_strength * smooth_field(rng, anatomy.shape, 3, 1)[0])
+    t1 = t1 * bias * site.intensity_scale
+    noise = site.noise * site.intensity_scale
+    t1 = torch.sqrt((t1 + noise * torch.from_numpy(rng.standard_normal(t1.shape).astype(np.float32))) ** 2
+                    + (noise * torch.from_numpy(rng.standard_normal(t1.shape).astype(np.float32))) ** 2)  # Rician
+
+    if not subject.has_pet:
+        return t1.numpy(), None
+    # FDG PET: uptake GM > WM > CSF, times the hypometabolism pattern
+    uptake = 1.0 * gm + 0.3 * wm + 0.05 * csf
+    hypo = torch.zeros_like(uptake) + 0.003 * max(age, 0)
+    for region, effect in (("pcc_precuneus", "pet_pcc_precuneus"), ("temporoparietal", "pet_temporoparietal"),
+                           ("hippocampus", "pet_hippocampus")):
+        hypo = hypo + warped_regions[region] * EFFECTS[effect] * s * (1 + 0.2 * rng.standard_normal())
+    uptake = uptake * (1 - hypo.clamp(0, 0.6))
+    pet = gaussian_blur(uptake, (site.pet_fwhm_mm / 2.355 / anatomy.voxel_mm,) * 3)
+    counts = 200.0                                                        # count-like (Poisson) noise
+    pet = torch.poisson(pet.clamp(min=0) * counts, generator=torch.Generator().manual_seed(int(rng.integers(2**31))))
+    pet = pet / counts * site.pet_scale * (1 + 0.1 * rng.standard_normal()) * 5000
+    return t1.numpy(), pet.numpy()
+
+
+# -- subjects, sites, writing ------------------------------------------------------------------
+
+def draw_subjects(site: SiteProfile, n: int, rng: np.random.Generator) -> list[Subject]:
+    labels = rng.choice(CLASSES, size=n, p=np.array(site.prevalence) / sum(site.prevalence))
+    subjects = []
+    for i, label in enumerate(labels):
+        mean_age = {"CN": 71.0, "MCI": 73.0, "AD": 75.0}[label]
+        severity = {"CN": abs(rng.normal(0, 0.12)), "MCI": rng.normal(0.45, 0.2), "AD": rng.normal(1.0, 0.3)}[label]
+        subjects.append(Subject(
+            subject_id=f"{site.name}{rng.integers(100000, 999999)}-{i:03d}", label=str(label),
+            age=float(np.clip(rng.normal(mean_age, 6.5), 55, 92)), sex=str(rng.choice(["F", "M"])),
+            severity=float(max(severity, 0.0)), has_pet=bool(rng.random() >= site.pet_missing),
+            labeled=bool(rng.random() >= site.unlabeled)))
+    return subjects
+
+
+def write_site(site_dir: Path, site: SiteProfile, subjects: list[Subject], anatomy: Anatomy,
+               rng: np.random.Generator, cfg: CohortConfig) -> list[dict]:
+    site_dir.mkdir(parents=True, exist_ok=True)
+    rows = ["subject_id,mri,pet,report,label,age,sex"]
+    truth = []
+    for subject in subjects:
+        t1, pet = synthesize(subject, site, anatomy, rng, cfg.effect_scale)
+        folder = site_dir / "subjects" / subject.subject_id
+        folder.mkdir(parents=True, exist_ok=True)
+        if site.dicom:
+            write_dicom_series(folder / "t1_dicom", t1, anatomy.affine, "MR", subject.subject_id)
+            mri = f"subjects/{subject.subject_id}/t1_dicom"
+        else:
+            nib.save(nib.Nifti1Image(t1.astype(np.float32), anatomy.affine), str(folder / "t1.nii.gz"))
+            mri = f"subjects/{subject.subject_id}/t1.nii.gz"
+        pet_path = ""
+        if pet is not None:
+            if site.dicom:
+                write_dicom_series(folder / "pet_dicom", pet, anatomy.affine, "PT", subject.subject_id)
+                pet_path = f"subjects/{subject.subject_id}/pet_dicom"
+            else:
+                nib.save(nib.Nifti1Image(pet.astype(np.float32), anatomy.affine), str(folder / "fdg_pet.nii.gz"))
+                pet_path = f"subjects/{subject.subject_id}/fdg_pet.nii.gz"
+        report = write_report(rng, subject.severity * cfg.effect_scale, pet is not None, subject.label,
+                              cfg.report_informativeness, cfg.name_diagnosis)
+        (folder / "report.txt").write_text(report + "\n", encoding="utf-8")
+        label = subject.label if subject.labeled else ""
+        rows.append(f"{subject.subject_id},{mri},{pet_path},subjects/{subject.subject_id}/report.txt,{label},"
+                    f"{subject.age:.0f},{subject.sex}")
+        truth.append({**asdict(subject), "mri": mri, "pet": pet_path})
+    (site_dir / "manifest.csv").write_text("\n".join(rows) + "\n")
+    return truth
+
+
+@dataclass
+class CohortSummary:
+    out_dir: Path
+    config: CohortConfig
+    sites: list[SiteProfile]
+    counts: dict[str, dict]
+    effects: dict[str, dict] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def table(self) -> str:
+        rows = []
+        for site in self.sites:
+            c = self.counts[site.name]
+            rows.append([site.name, c["subjects"], c["CN"], c["MCI"], c["AD"], c["unlabeled"], c["with_pet"],
+                         "DICOM" if site.dicom else "NIfTI", f"{site.intensity_scale:.0f}",
+                         f"{site.bias_strength:.2f}", f"{site.noise:.3f}", f"{site.slice_blur_mm:.0f}",
+                         f"{site.pet_fwhm_mm:.1f}"])
+        return format_table(["site", "n", "CN", "MCI", "AD", "unlabeled", "PET", "format", "T1 scale",
+                             "bias", "noise", "slice blur mm", "PET FWHM mm"], rows)
+
+
+def _build_site(job) -> tuple[str, dict, list[dict]]:
+    """One site, in a worker process: draw, synthesise and write its subjects, then measure the files."""
+    cfg, site, out_dir, measure = job
+    torch.set_num_threads(1)                     # one site per core
+    anatomy = load_anatomy(cfg.shape)
+    site_rng = np.random.default_rng([cfg.seed, ord(site.name)])
+    subjects = draw_subjects(site, cfg.subjects, site_rng)
+    truth = write_site(out_dir / site.name, site, subjects, anatomy, site_rng, cfg)
+    counts = {"subjects": len(subjects), "with_pet": sum(s.has_pet for s in subjects),
+              "unlabeled": sum(not s.labeled for s in subjects),
+              **{c: sum(s.label == c and s.labeled for s in subjects) for c in CLASSES}}
+    features = []
+    if measure:
+        from .measure import subject_features
+        features = [{"site": site.name, "label": r["label"], **subject_features(out_dir / site.name, r, anatomy)}
+                    for r in truth]
+    return site.name, counts, features
+
+
+def generate_cohort(out_dir: str | Path, cfg: CohortConfig | None = None, measure: bool = True,
+                    workers: int | None = None) -> CohortSummary:
+    """Write the cohort under out_dir; sites are built in parallel worker processes."""
+    cfg = cfg or CohortConfig()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    load_anatomy(cfg.shape)                      # once, before forking: workers inherit it
+    profiles = site_profiles(cfg, np.random.default_rng(cfg.seed))
+    jobs = [(cfg, site, out_dir, measure) for site in profiles]
+    workers = workers or min(len(jobs), os.cpu_count() or 1)
+    if workers > 1:
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+            results = list(pool.map(_build_site, jobs))
+    else:
+        results = [_build_site(job) for job in jobs]
+    counts = {name: c for name, c, _ in results}
+    summary = CohortSummary(out_dir, cfg, profiles, counts)
+    if measure:
+        from .measure import summarize_effects
+        summary.effects = summarize_effects([row for _, _, rows in results for row in rows])
+    summary.seconds = time.perf_counter() - start
+    (out_dir / "cohort.json").write_text(json.dumps({
+        "config": asdict(cfg), "sites": [asdict(p) for p in profiles], "counts": counts,
+        "effects": summary.effects, "seconds": summary.seconds}, indent=2, default=list))
+    return summary
+
+
+def cohort_cache_root() -> Path:
+    return Path(os.environ.get("CMVIM_CACHE", Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "cmvim"))
+
+
+def cached_cohort(cfg: CohortConfig, root: Path | None = None) -> Path:
+    """The cohort for `cfg`, generated on first use and reused after (keyed by the config)."""
+    key = hashlib.sha256(json.dumps(asdict(cfg), sort_keys=True, default=list).encode()).hexdigest()[:12]
+    target = (root or cohort_cache_root()) / "cohorts" / f"cohort-{key}"
+    if (target / "cohort.json").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        generate_cohort(staging, cfg)
+        try:
+            staging.rename(target)
+        except OSError:                     # another process finished first: use theirs
+            if not (target / "cohort.json").exists():
+                raise
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return target
