@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Iterable, Mapping
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -52,3 +53,91 @@ def pretrain_losses(model: CMViM, batches: Iterable[Mapping[str, torch.Tensor]],
             totals[key] = totals.get(key, 0.0) + value
         count += 1
     return {k: v / max(count, 1) for k, v in totals.items()}
+
+
+class ProximalTerm:
+    """FedProx's mu/2 * ||w - w_global||^2 over the parameters the server shares."""
+
+    def __init__(self, model: nn.Module, names: Iterable[str], mu: float):
+        params = dict(model.named_parameters())
+        self.pairs = [(params[n], params[n].detach().clone()) for n in names if n in params and params[n].requires_grad]
+        self.mu = mu
+
+    def __call__(self) -> torch.Tensor:
+        return self.mu / 2 * sum(((p - g) ** 2).sum() for p, g in self.pairs)
+
+
+def _batches(loader, epochs: int, max_steps: int | None):
+    step = 0
+    for epoch in range(epochs):
+        if hasattr(loader.dataset, "epoch"):
+            loader.dataset.epoch = epoch
+        for batch in loader:
+            if max_steps is not None and step >= max_steps:
+                return
+            yield batch
+            step += 1
+
+
+def pretrain(model: CMViM, loader, optimizer: torch.optim.Optimizer, epochs: int = 1, max_steps: int | None = None,
+             prox: ProximalTerm | None = None, grad_clip: float | None = 1.0) -> dict[str, float]:
+    """Local self-supervised training; returns the mean of each loss term and the number of samples."""
+    model.train()
+    totals: dict[str, float] = {}
+    samples = 0
+    for batch in _batches(loader, epochs, max_steps):
+        if len(batch["mri"]) < 2:
+            continue                                    # InfoNCE needs negatives: skip a lone last sample
+        optimizer.zero_grad(set_to_none=True)
+        out = model(batch)
+        loss = out.loss + (prox() if prox is not None else 0.0)
+        loss.backward()
+        if grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        optimizer.step()
+        model.update_momentum()
+        n = len(batch["mri"])
+        for key, value in {"loss": float(out.loss.detach()), **out.terms}.items():
+            totals[key] = totals.get(key, 0.0) + value * n
+        samples += n
+    return {**{k: v / max(samples, 1) for k, v in totals.items()}, "num-examples": samples}
+
+
+def class_weights(labels: Iterable[int], num_classes: int) -> torch.Tensor:
+    """Inverse-frequency weights (sites have very different class balances)."""
+    counts = torch.bincount(torch.as_tensor(list(labels), dtype=torch.long), minlength=num_classes).float()
+    return counts.sum() / (num_classes * counts.clamp(min=1))
+
+
+def finetune(model: nn.Module, loader, optimizer: torch.optim.Optimizer, epochs: int = 1,
+             max_steps: int | None = None, prox: ProximalTerm | None = None, weights: torch.Tensor | None = None,
+             grad_clip: float | None = 1.0) -> dict[str, float]:
+    """Supervised local training of the classifier; returns mean loss, accuracy and sample count."""
+    model.train()
+    loss_sum, correct, samples = 0.0, 0, 0
+    for batch in _batches(loader, epochs, max_steps):
+        optimizer.zero_grad(set_to_none=True)
+        logits = model(batch)
+        loss = nn.functional.cross_entropy(logits, batch["label"], weight=weights)
+        (loss + (prox() if prox is not None else 0.0)).backward()
+        if grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        optimizer.step()
+        n = len(batch["label"])
+        loss_sum += float(loss.detach()) * n
+        correct += int((logits.argmax(-1) == batch["label"]).sum())
+        samples += n
+    return {"loss": loss_sum / max(samples, 1), "acc": correct / max(samples, 1), "num-examples": samples}
+
+
+@torch.no_grad()
+def predict(model: nn.Module, loader) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, probabilities (n, classes)) over a loader, in eval mode."""
+    model.eval()
+    labels, probs = [], []
+    for batch in loader:
+        labels.append(batch["label"].numpy())
+        probs.append(torch.softmax(model(batch), dim=-1).numpy())
+    if not labels:
+        return np.zeros(0, dtype=int), np.zeros((0, 0))
+    return np.concatenate(labels), np.concatenate(probs)

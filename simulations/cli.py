@@ -1,73 +1,132 @@
-"""`cmvim-sim`: the whole federated run on one machine.
+"""`cmvim-sim`: a whole federated CMViM run on one machine, on Flower's simulation engine.
 
-Until the federated runner lands (issue #5), this runs what exists honestly:
-a short LOCAL CMViM pretraining on synthetic tensors (no Flower, no sites),
-showing progress and the loss terms falling.
+    cmvim-sim                                  the default: built-in synthetic cohort, quick.yaml
+    cmvim-sim --config simulations/configs/baselines.yaml --out runs/baselines
+    cmvim-sim --resume runs/sim                continue a stopped run from its last checkpoint
+
+Steps: build (or reuse) the cohort; load and preprocess every site once (cached); run
+pretrain -> finetune -> evaluate with one simulated SuperNode per site; run the baselines the
+config asks for; write metrics.json, ROC plots and summary.md to --out.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import sys
 import time
 from pathlib import Path
 
-import torch
+from cmvim.config import ConfigError, load_yaml
+from cmvim.data import SiteData
+from cmvim.federation import RunConfig, run_config
+from cmvim.results import site_table, write_metrics, write_summary
 
-from cmvim.engine import make_optimizer, pretrain_losses, pretrain_step
-from cmvim.model import CMViM, model_config
-from cmvim.ssm import resolve_backend
+CONFIGS = Path(__file__).parent / "configs"
+DEFAULT_CONFIG = CONFIGS / "quick.yaml"
 
-from .toy import synthetic_batch
+
+def _say(text: str) -> None:
+    print(text, flush=True)
+
+
+def prepare_sites(cfg: RunConfig) -> dict[str, SiteData]:
+    """Every site loaded once in this process, so clients only read the cache; problems show now."""
+    root = Path(cfg.cohort.path)
+    names = cfg.cohort.site_names or sorted(p.name for p in root.iterdir() if (p / "manifest.csv").exists())
+    if not names:
+        raise SystemExit(f"no site folders (with manifest.csv) in {root}")
+    sites = {}
+    for name in names:
+        start = time.perf_counter()
+        site = SiteData.load(root / name, cfg.preprocess, seed=cfg.seed, use_reports=cfg.use_reports,
+                           split_fractions=cfg.split_fractions)
+        counts = site.counts()
+        _say(f"  site {name}: {counts['visits']} subject-visits ({counts['labels']}), PET {counts['with_pet']}, "
+             f"splits {counts['splits']}, {len(site.summary.skipped)} skipped "
+             f"[{time.perf_counter() - start:.1f}s, {site.summary.cache_hits} from cache]")
+        for err in site.summary.skipped:
+            _say(f"    skipped: {err}")
+        sites[name] = site
+    return sites
+
+
+def run_federated(cfg: RunConfig, out_dir: Path, n_sites: int, resume: bool, verbose: bool) -> None:
+    from flwr.app import Context
+    from flwr.serverapp import Grid, ServerApp
+    from flwr.simulation import run_simulation
+
+    from client.app import app as client_app
+    from server.runner import FederatedRun
+
+    flwr_logger = logging.getLogger("flwr")
+    flwr_logger.propagate = False
+    if not verbose:
+        flwr_logger.setLevel(logging.WARNING)
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        FederatedRun(cfg, out_dir, grid, resume=resume).run()
+
+    cores = os.cpu_count() or 1
+    backend = {"client_resources": {"num_cpus": max(1, cfg.threads_per_site), "num_gpus": 0.0},
+               "init_args": {"num_cpus": cores, "include_dashboard": False, "logging_level": "error"}}
+    run_simulation(server_app=server_app, client_app=client_app, num_supernodes=n_sites, backend_config=backend,
+                   verbose_logging=verbose)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="cmvim-sim", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="model config: a preset name (tiny/small/base) or a YAML file")
-    parser.add_argument("--out", type=Path, default=Path("runs/sim"), help="results folder")
-    parser.add_argument("--resume", type=Path, help="not available yet: resuming arrives with the federated run")
-    parser.add_argument("--steps", type=int, default=60, help="local pretraining steps")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--config", type=Path, help=f"run config YAML (default {DEFAULT_CONFIG.name})")
+    parser.add_argument("--out", type=Path, help="results folder (default runs/sim)")
+    parser.add_argument("--resume", type=Path, help="a stopped run's results folder: continue it")
+    parser.add_argument("--verbose", action="store_true", help="Flower's own logs too")
     args = parser.parse_args(argv)
+    os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
+
     if args.resume:
-        parser.error("--resume needs the federated runner, which is not there yet (issue #5)")
-
-    print("cmvim-sim: the federated simulation is not built yet (issue #5).\n"
-          "Running a short LOCAL CMViM pretraining on synthetic tensors instead.", flush=True)
-    torch.manual_seed(args.seed)
-    cfg = model_config(args.config or "tiny")
-    model = CMViM(cfg)
-    batches = [synthetic_batch(cfg, args.batch_size, seed=args.seed * 1000 + i, pet_missing=0.1) for i in range(4)]
-    held_out = [synthetic_batch(cfg, args.batch_size, seed=args.seed * 1000 + 999, pet_missing=0.1)]
-    optimizer = make_optimizer(model, lr=1e-3)
-    backend = resolve_backend(torch.device("cpu"))
-    params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print(f"model {cfg.img_size}^3, patch {cfg.patch_size}, width {cfg.embed_dim}, depth {cfg.depth}, "
-          f"{params / 1e6:.2f}M trainable parameters; scan backend: {backend}", flush=True)
-
-    before = pretrain_losses(model, held_out)
+        out_dir = args.resume
+        config_path = args.config or out_dir / "config.yaml"
+        if not config_path.exists():
+            parser.error(f"--resume {out_dir}: no config.yaml there (is it a cmvim-sim results folder?)")
+    else:
+        out_dir = args.out or Path("runs/sim")
+        config_path = args.config or DEFAULT_CONFIG
+    try:
+        cfg = run_config(load_yaml(config_path))
+    except ConfigError as exc:
+        parser.error(f"{config_path}: {exc}")
     start = time.perf_counter()
-    for step in range(1, args.steps + 1):
-        terms = pretrain_step(model, batches[step % len(batches)], optimizer)
-        if step % 10 == 0 or step == args.steps:
-            elapsed = time.perf_counter() - start
-            eta = elapsed / step * (args.steps - step)
-            print(f"step {step:4d}/{args.steps}  loss {terms['loss']:.4f}  "
-                  f"recon_mri {terms['recon_mri']:.4f}  recon_pet {terms['recon_pet']:.4f}  "
-                  f"elapsed {elapsed:5.1f}s  ETA {eta:5.1f}s", flush=True)
-    after = pretrain_losses(model, held_out)
-
-    print("\nheld-out synthetic batch, fixed maskings:")
-    print(f"{'term':<10} {'before':>9} {'after':>9}")
-    for key in before:
-        print(f"{key:<10} {before[key]:9.4f} {after[key]:9.4f}")
-    args.out.mkdir(parents=True, exist_ok=True)
-    summary = {"kind": "local-pretraining-on-synthetic-tensors", "steps": args.steps,
-               "losses_before": before, "losses_after": after, "scan_backend": backend}
-    (args.out / "pretrain_summary.json").write_text(json.dumps(summary, indent=2))
-    print(f"\nwrote {args.out / 'pretrain_summary.json'}")
+    _say(f"cmvim-sim: config {config_path}, results in {out_dir}")
+    if not cfg.cohort.path:
+        from .cohort import CohortConfig, cached_cohort
+        spec = cfg.cohort
+        _say(f"cohort: synthetic, {spec.sites} sites x {spec.subjects} subjects at {spec.shape}^3 (seed {spec.seed}); "
+             "built once, then reused")
+        cfg.cohort.path = str(cached_cohort(CohortConfig(sites=spec.sites, subjects=spec.subjects, shape=spec.shape,
+                                                         seed=spec.seed, effect_scale=spec.effect_scale)))
+    _say(f"cohort at {cfg.cohort.path}")
+    sites = prepare_sites(cfg)
+    run_federated(cfg, out_dir, len(sites), resume=bool(args.resume), verbose=args.verbose)
+    metrics_path = out_dir / "metrics.json"
+    if not metrics_path.exists():
+        _say("the federated run did not finish: no metrics.json (see the messages above)")
+        return 1
+    results = json.loads(metrics_path.read_text())
+    if cfg.baselines:
+        from .baselines import run_baselines
+        results["baselines"] = run_baselines(cfg, sites, cfg.baselines, say=_say)
+        write_metrics(out_dir, results["sites"], results["pooled"], results["rounds"], results["config"],
+                      results["baselines"], results.get("failures"))
+        table = site_table(results["sites"], results["pooled"], results["baselines"])
+        _say("\nfederated vs " + " vs ".join(cfg.baselines) + " (test AUC per site):\n" + table)
+        write_summary(out_dir, "cmvim federated run with baselines", table,
+                      [f"- baselines: {', '.join(cfg.baselines)} (same data, splits, engine and schedule)"])
+    _say(f"\ncmvim-sim finished in {(time.perf_counter() - start) / 60:.1f} min; results in {out_dir}")
     return 0
 
 

@@ -151,9 +151,9 @@ def test_config_presets_yaml_and_typos(tmp_path):
     assert model_config("base").embed_dim == 768 and model_config("base").depth == 12
     assert model_config({"preset": "tiny", "depth": 3, "loss": {"inter": 0.1}}).loss.inter == 0.1
     path = tmp_path / "model.yaml"
-    path.write_text("preset: small\nembed_dim: 96\nreport:\n  depth: 1\n")
+    path.write_text("preset: small\nembed_dim: 80\nreport:\n  depth: 1\n")
     cfg = model_config(path)
-    assert (cfg.embed_dim, cfg.report.depth, cfg.img_size) == (96, 1, 64)
+    assert (cfg.embed_dim, cfg.report.depth, cfg.img_size) == (80, 1, 48)
     with pytest.raises(ConfigError, match=r"unknown key 'embed_dmi'.*did you mean 'embed_dim'"):
         model_config({"embed_dmi": 3})
     with pytest.raises(ConfigError, match=r"model.loss: unknown key 'intre'"):

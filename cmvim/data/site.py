@@ -114,7 +114,7 @@ class SiteData:
 
     @classmethod
     def load(cls, site_dir: str | Path, cfg: PreprocessConfig | None = None, cache_dir: str | Path | None = None,
-             seed: int = 0, use_reports: bool = True,
+             seed: int = 0, use_reports: bool = True, split_fractions=SPLIT_FRACTIONS,
              progress: Callable[[int, int], None] | None = None) -> "SiteData":
         site_dir = Path(site_dir)
         cfg = cfg or PreprocessConfig()
@@ -125,7 +125,7 @@ class SiteData:
         cache = VolumeCache(Path(cache_dir) if cache_dir else default_cache_dir(site_dir))
         pipeline = build_pipeline(cfg)
         fingerprint = cfg.fingerprint()
-        splits = assign_splits(manifest.entries, seed)
+        splits = assign_splits(manifest.entries, seed, tuple(split_fractions))
         records: list[Record] = []
         for n, entry in enumerate(manifest.entries, start=1):
             try:

@@ -1,0 +1,116 @@
+"""Flower ClientApp (Message API): a site's train and evaluate handlers, thin over cmvim.site_task.
+
+Which site this node is:
+  deployment  node config `site` and `data-dir` (set by `cmvim-client --site A --data DIR`)
+  simulation  node config `partition-id`: the N-th site folder of the run's cohort
+
+Every reply carries only the shared parameters, aggregate metrics and the site's name. A
+failure is caught here, logged in full locally, and answered with a public message (the kind
+of problem, never a subject id, path or report text) so the server can name the site and go on.
+"""
+from __future__ import annotations
+
+import logging
+import traceback
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from cmvim.data import DataError, SiteData
+from cmvim.federation import ARRAYS, CONFIG, METRICS, PHASE, ROUND, RUN_CONFIG, SITE, SPLIT, RunConfig
+from cmvim.site_task import SiteTask, SiteTaskError, flatten_metrics
+
+log = logging.getLogger("cmvim.client")
+LOCAL_STATE = "cmvim-local-params"
+
+app = ClientApp()
+
+
+class SiteRefusal(Exception):
+    """The site will not do what was asked (site policy, bad config); the message is public."""
+
+
+def site_of(context: Context, cfg: RunConfig) -> tuple[str, Path]:
+    node = context.node_config
+    if "data-dir" in node:
+        return str(node.get("site", Path(str(node["data-dir"])).name)), Path(str(node["data-dir"]))
+    if "partition-id" in node:
+        if not cfg.cohort.path:
+            raise SiteRefusal("simulation without a cohort path: the server must set cohort.path")
+        root = Path(cfg.cohort.path)
+        names = cfg.cohort.site_names or sorted(p.name for p in root.iterdir() if (p / "manifest.csv").exists())
+        index = int(node["partition-id"])
+        if index >= len(names):
+            raise SiteRefusal(f"partition {index} has no site: the cohort has {len(names)} sites")
+        return names[index], root / names[index]
+    raise SiteRefusal("node config names no site: start the SuperNode with cmvim-client --site NAME --data DIR")
+
+
+def load_task(cfg: RunConfig, name: str, site_dir: Path) -> SiteTask:
+    torch.set_num_threads(max(1, cfg.threads_per_site))
+    site = SiteData.load(site_dir, cfg.preprocess, seed=cfg.seed, use_reports=cfg.use_reports,
+                           split_fractions=cfg.split_fractions)
+    if site.summary.skipped:
+        log.warning("site %s: %d subject-visits skipped (see `cmvim-client check --data %s`)",
+                    name, len(site.summary.skipped), site_dir)
+    if not site.records:
+        raise DataError("no usable subject in the site folder", kind="no usable subjects")
+    return SiteTask(cfg, [site], name)
+
+
+def _handle(msg: Message, context: Context, training: bool) -> Message:
+    name = str(context.node_config.get("site", f"node-{context.node_id}"))
+    try:
+        config = msg.content[CONFIG]
+        cfg = RunConfig.from_json(str(config[RUN_CONFIG]))
+        name, site_dir = site_of(context, cfg)
+        phase = str(config[PHASE])
+        round_ = int(config.get("server-round", 0)) + int(config[ROUND])      # absolute round in the phase
+        task = load_task(cfg, name, site_dir)
+        shared = msg.content[ARRAYS].to_torch_state_dict() if ARRAYS in msg.content else {}
+        local = context.state[LOCAL_STATE].to_torch_state_dict() if LOCAL_STATE in context.state else {}
+        if training:
+            result = task.train(phase, round_, shared, local, float(config.get("proximal-mu", 0.0)))
+            if result.local:
+                context.state[LOCAL_STATE] = ArrayRecord(result.local)
+            content = RecordDict({ARRAYS: ArrayRecord(result.shared),
+                                  METRICS: MetricRecord(flatten_metrics(result.metrics)),
+                                  SITE: ConfigRecord({"name": name})})
+        else:
+            result = task.evaluate(phase, shared, local, str(config.get(SPLIT, "val")))
+            metrics = flatten_metrics(result.metrics)
+            if result.histograms is not None:
+                metrics["hist_pos"], metrics["hist_neg"] = result.histograms
+            content = RecordDict({METRICS: MetricRecord(metrics), SITE: ConfigRecord({"name": name})})
+        return Message(content, reply_to=msg)
+    except Exception as exc:  # noqa: BLE001 - every failure becomes a public reply, details stay here
+        log.error("site %s failed:\n%s", name, traceback.format_exc())
+        return Message(RecordDict({SITE: ConfigRecord({"name": name, "error": public_error(exc)}),
+                                   METRICS: MetricRecord({"num-examples": 0})}), reply_to=msg)
+
+
+def public_error(exc: Exception) -> str:
+    """What may cross the network about a failure: its kind, never data from the site."""
+    if isinstance(exc, DataError):
+        return f"data problem at the site: {exc.public_message()}"
+    if isinstance(exc, SiteRefusal):
+        return f"refused: {exc}"
+    if isinstance(exc, SiteTaskError):
+        return str(exc)
+    if isinstance(exc, (ValueError, KeyError)) and "config" in str(exc).lower():
+        return f"configuration problem: {type(exc).__name__}"
+    if isinstance(exc, MemoryError) or "out of memory" in str(exc).lower():
+        return "out of memory at the site"
+    return f"{type(exc).__name__} at the site (details in the site's log)"
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    return _handle(msg, context, training=True)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    return _handle(msg, context, training=False)

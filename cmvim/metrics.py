@@ -1,0 +1,89 @@
+"""Classification metrics: per-site AUC with bootstrap CI, accuracy, sensitivity, specificity,
+and a pooled AUC computed from per-site score histograms (no subject-level predictions leave a site).
+
+AUCs and ROC curves come from scikit-learn; the pooled AUC is scikit-learn's AUC of the
+histogram bins weighted by their counts.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from sklearn.metrics import roc_auc_score, roc_curve
+
+
+def _safe_auc(labels: np.ndarray, scores: np.ndarray, weights: np.ndarray | None = None) -> float:
+    if len(np.unique(labels)) < 2:
+        return float("nan")
+    return float(roc_auc_score(labels, scores, sample_weight=weights))
+
+
+def binary_metrics(labels, scores, threshold: float = 0.5, bootstrap: int = 1000, seed: int = 0) -> dict:
+    """labels 0/1, scores = P(positive). NaN where undefined (e.g. a test split with one class)."""
+    labels = np.asarray(labels, dtype=int)
+    scores = np.asarray(scores, dtype=float)
+    predicted = scores >= threshold
+    positives, negatives = labels == 1, labels == 0
+    out = {
+        "n": int(len(labels)), "n_pos": int(positives.sum()), "n_neg": int(negatives.sum()),
+        "auc": _safe_auc(labels, scores),
+        "acc": float((predicted == positives).mean()) if len(labels) else float("nan"),
+        "sensitivity": float(predicted[positives].mean()) if positives.any() else float("nan"),
+        "specificity": float((~predicted[negatives]).mean()) if negatives.any() else float("nan"),
+    }
+    out["auc_ci"] = bootstrap_auc_ci(labels, scores, bootstrap, seed) if not math.isnan(out["auc"]) else [
+        float("nan"), float("nan")]
+    return out
+
+
+def bootstrap_auc_ci(labels: np.ndarray, scores: np.ndarray, resamples: int = 1000, seed: int = 0,
+                     level: float = 0.95) -> list[float]:
+    """Percentile bootstrap CI of the AUC, resampling subjects; resamples with one class are redrawn."""
+    rng = np.random.default_rng(seed)
+    n = len(labels)
+    aucs = []
+    attempts = 0
+    while len(aucs) < resamples and attempts < resamples * 10:
+        attempts += 1
+        idx = rng.integers(0, n, n)
+        if labels[idx].min() == labels[idx].max():
+            continue
+        aucs.append(roc_auc_score(labels[idx], scores[idx]))
+    if not aucs:
+        return [float("nan"), float("nan")]
+    alpha = (1 - level) / 2
+    return [float(np.quantile(aucs, alpha)), float(np.quantile(aucs, 1 - alpha))]
+
+
+def score_histograms(labels, scores, bins: int = 50) -> tuple[list[int], list[int]]:
+    """Counts of positive and negative subjects per score bin on [0, 1]: what a site may share."""
+    labels = np.asarray(labels, dtype=int)
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    pos, _ = np.histogram(np.asarray(scores)[labels == 1], bins=edges)
+    neg, _ = np.histogram(np.asarray(scores)[labels == 0], bins=edges)
+    return pos.astype(int).tolist(), neg.astype(int).tolist()
+
+
+def _histogram_samples(pos, neg) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    pos, neg = np.asarray(pos, dtype=float), np.asarray(neg, dtype=float)
+    centres = (np.arange(len(pos)) + 0.5) / len(pos)
+    labels = np.r_[np.ones(len(pos)), np.zeros(len(neg))]
+    scores = np.r_[centres, centres]
+    weights = np.r_[pos, neg]
+    keep = weights > 0
+    return labels[keep], scores[keep], weights[keep]
+
+
+def auc_from_histograms(pos, neg) -> float:
+    """AUC of binned scores (ties inside a bin count one half), e.g. the sum of every site's histograms."""
+    labels, scores, weights = _histogram_samples(pos, neg)
+    return _safe_auc(labels, scores, weights)
+
+
+def roc_from_histograms(pos, neg) -> tuple[np.ndarray, np.ndarray]:
+    """(fpr, tpr) of the binned scores, for plots."""
+    labels, scores, weights = _histogram_samples(pos, neg)
+    if len(np.unique(labels)) < 2:
+        return np.array([0.0, 1.0]), np.array([0.0, 1.0])
+    fpr, tpr, _ = roc_curve(labels, scores, sample_weight=weights)
+    return fpr, tpr

@@ -1,0 +1,132 @@
+"""A run's results folder (the contract in docs/architecture.md):
+
+    metrics.json      {"sites": {site: {"auc", "auc_ci", "acc", "sensitivity", "specificity", "n_test", ...}},
+                       "pooled": {"auc", ...}, "rounds": [...], "config": {...}, "baselines": {...}}
+    roc_<site>.png    ROC curve per site (and roc_pooled.png), from the shared score histograms
+    summary.md        the per-site table and what the run was, for a person
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from .metrics import auc_from_histograms, roc_from_histograms
+from .tables import format_table
+
+SITE_KEYS = ("auc", "auc_ci", "acc", "sensitivity", "specificity", "n", "n_pos", "n_neg")
+
+
+def site_entry(metrics: dict) -> dict:
+    """A site's evaluation MetricRecord -> its metrics.json entry (no histograms, n as n_test)."""
+    entry = {k: metrics[k] for k in SITE_KEYS if k in metrics}
+    entry["n_test"] = int(entry.pop("n", 0))
+    return entry
+
+
+def pooled_entry(histograms: dict[str, tuple[list, list]]) -> dict:
+    """Pooled AUC over sites from the sum of their score histograms."""
+    if not histograms:
+        return {"auc": float("nan"), "n_test": 0}
+    pos = np.sum([np.asarray(h[0]) for h in histograms.values()], axis=0)
+    neg = np.sum([np.asarray(h[1]) for h in histograms.values()], axis=0)
+    return {"auc": auc_from_histograms(pos, neg), "n_test": int(pos.sum() + neg.sum()),
+            "sites": sorted(histograms), "method": "AUC of the summed per-site score histograms"}
+
+
+def _clean(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if isinstance(value, (np.floating, np.integer)):
+        return _clean(value.item())
+    return value
+
+
+def write_metrics(out_dir: Path, sites: dict, pooled: dict, rounds: list, config: dict,
+                  baselines: dict | None = None, failures: list | None = None) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    payload = {"sites": sites, "pooled": pooled, "rounds": rounds, "config": config}
+    if baselines:
+        payload["baselines"] = baselines
+    if failures:
+        payload["failures"] = failures
+    path = out_dir / "metrics.json"
+    path.write_text(json.dumps(_clean(payload), indent=2))
+    return path
+
+
+def plot_rocs(out_dir: Path, histograms: dict[str, tuple[list, list]], sites: dict) -> list[Path]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    curves = dict(histograms)
+    if len(histograms) > 1:
+        pos = np.sum([np.asarray(h[0]) for h in histograms.values()], axis=0)
+        neg = np.sum([np.asarray(h[1]) for h in histograms.values()], axis=0)
+        curves["pooled"] = (pos.tolist(), neg.tolist())
+    for name, (pos, neg) in curves.items():
+        fpr, tpr = roc_from_histograms(pos, neg)
+        auc = auc_from_histograms(pos, neg)
+        fig, ax = plt.subplots(figsize=(4.2, 4.2))
+        ax.plot([0, 1], [0, 1], ls="--", color="0.7", lw=1)
+        label = f"AUC {auc:.3f}" if math.isfinite(auc) else "AUC undefined"
+        ci = sites.get(name, {}).get("auc_ci")
+        if ci and all(c is not None and math.isfinite(c) for c in ci):
+            label += f" (95% CI {ci[0]:.2f}-{ci[1]:.2f})"
+        ax.step(fpr, tpr, where="post", lw=2, color="#c0392b", label=label)
+        n = int(np.sum(pos) + np.sum(neg))
+        ax.set(xlabel="1 - specificity", ylabel="sensitivity", xlim=(0, 1), ylim=(0, 1.01),
+               title=f"{'pooled' if name == 'pooled' else 'site ' + name}: AD vs CN (n={n})")
+        ax.legend(loc="lower right", fontsize=8)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        path = out_dir / f"roc_{name}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def _fmt(value, digits=3):
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "n/a"
+    return f"{value:.{digits}f}"
+
+
+def site_table(sites: dict, pooled: dict, baselines: dict | None = None) -> str:
+    """Per site: federated AUC [CI], accuracy, sensitivity, specificity, n; baselines' AUC beside it."""
+    baselines = baselines or {}
+    headers = ["site", "AUC", "95% CI", "acc", "sens", "spec", "n test"] + [f"AUC {b}" for b in baselines]
+    rows = []
+    for name, m in sorted(sites.items()):
+        ci = m.get("auc_ci") or [None, None]
+        rows.append([name, _fmt(m.get("auc")), f"{_fmt(ci[0], 2)}-{_fmt(ci[1], 2)}", _fmt(m.get("acc")),
+                     _fmt(m.get("sensitivity")), _fmt(m.get("specificity")), m.get("n_test", 0)]
+                    + [_fmt(b.get("sites", {}).get(name, {}).get("auc")) for b in baselines.values()])
+    aucs = [m.get("auc") for m in sites.values() if m.get("auc") is not None and math.isfinite(m.get("auc"))]
+    rows.append(["mean", _fmt(float(np.mean(aucs)) if aucs else None), "", "", "", "", ""]
+                + [_fmt(b.get("mean_auc")) for b in baselines.values()])
+    rows.append(["pooled", _fmt(pooled.get("auc")), "", "", "", "", pooled.get("n_test", 0)]
+                + [_fmt(b.get("pooled", {}).get("auc")) for b in baselines.values()])
+    return format_table(headers, rows)
+
+
+def mean_auc(sites: dict) -> float:
+    aucs = [m["auc"] for m in sites.values() if m.get("auc") is not None and math.isfinite(m["auc"])]
+    return float(np.mean(aucs)) if aucs else float("nan")
+
+
+def write_summary(out_dir: Path, title: str, table: str, lines: list[str]) -> Path:
+    path = out_dir / "summary.md"
+    body = [f"# {title}", "", *lines, "", "## Per-site test metrics (AD vs CN)", "", table, "",
+            "ROC curves: " + ", ".join(f"`{p.name}`" for p in sorted(out_dir.glob("roc_*.png"))), ""]
+    path.write_text("\n".join(body))
+    return path

@@ -1,0 +1,197 @@
+"""One site's work in a round, for any phase: what the federated client, the local-only and the
+centralized baselines all run (the centralized baseline passes every site's data at once).
+
+Input: the run config, the shared parameters from the server (a state dict), and the
+site's own (personalised) parameters. Output: the updated shared parameters, the updated
+local ones, and aggregate metrics. Subject-level data stays in here.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Mapping
+
+import numpy as np
+import torch
+from torch.utils.data import ConcatDataset
+
+from . import engine
+from .data import PretrainAugment, SiteData, make_loader
+from .data.site import SiteDataset, label_index
+from .federation import RunConfig, shared_parameter_names
+from .metrics import binary_metrics, score_histograms
+from .model import CMViM, CMViMClassifier
+
+log = logging.getLogger("cmvim.site")
+
+State = Mapping[str, torch.Tensor]
+
+
+class SiteTaskError(ValueError):
+    """A site cannot do the round; the message holds counts and names of parameters only, so it
+    may cross the network."""
+
+
+def build_model(cfg: RunConfig, phase: str) -> torch.nn.Module:
+    mc = cfg.model_config()
+    return CMViM(mc) if phase == "pretrain" else CMViMClassifier(mc)
+
+
+def initial_state(cfg: RunConfig, phase: str, pretrained: State | None = None) -> dict[str, torch.Tensor]:
+    """The global model a phase starts from (fine-tuning loads the pretrained image encoder)."""
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg, phase)
+    if phase != "pretrain" and pretrained is not None:
+        model.load_pretrained(pretrained)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@dataclass
+class RoundResult:
+    shared: dict[str, torch.Tensor]
+    local: dict[str, torch.Tensor]
+    metrics: dict[str, float]
+    histograms: tuple[list[int], list[int]] | None = None
+
+
+class _Pooled(torch.utils.data.Dataset):
+    """Several sites' datasets as one (the centralized baseline)."""
+
+    def __init__(self, parts: list[SiteDataset]):
+        self.parts, self.concat = parts, ConcatDataset(parts)
+
+    def __len__(self):
+        return len(self.concat)
+
+    def __getitem__(self, i):
+        return self.concat[i]
+
+    @property
+    def epoch(self):
+        return self.parts[0].epoch if self.parts else 0
+
+    @epoch.setter
+    def epoch(self, value):
+        for part in self.parts:
+            part.epoch = value
+
+
+class SiteTask:
+    def __init__(self, cfg: RunConfig, sites: list[SiteData], name: str):
+        self.cfg, self.sites, self.name = cfg, sites, name
+        self.num_classes = cfg.model_config().num_classes
+
+    # -- data views ---------------------------------------------------------------------
+    def _dataset(self, split: list[str], labeled: bool | None, augment: bool):
+        transform = PretrainAugment(self.cfg.augment) if augment and self.cfg.augment is not None else None
+        parts = []
+        for site in self.sites:
+            records = [r for s in split for r in site.subset(s, labeled, self.num_classes)]
+            parts.append(SiteDataset(site, records, self.num_classes, transform))
+        return parts[0] if len(parts) == 1 else _Pooled(parts)
+
+    def _loader(self, dataset, batch_size: int, shuffle: bool, seed: int, drop_last: bool = False):
+        max_bytes = self.cfg.model_config().report.max_bytes
+        loader = make_loader(dataset, batch_size, shuffle, seed=seed, max_report_bytes=max_bytes, drop_last=drop_last)
+        if not self.cfg.use_reports:
+            collate = loader.collate_fn
+
+            def without_reports(items):
+                batch = collate(items)
+                batch.pop("report_ids"), batch.pop("report_present")
+                return batch
+            loader.collate_fn = without_reports
+        return loader
+
+    def counts(self) -> dict[str, int]:
+        return {
+            "pretrain": len(self._dataset(["train", "val"], None, False)),
+            "train": len(self._dataset(["train"], True, False)),
+            "val": len(self._dataset(["val"], True, False)),
+            "test": len(self._dataset(["test"], True, False)),
+        }
+
+    # -- phases ------------------------------------------------------------------------
+    def _model(self, phase: str, shared: State, local: State) -> torch.nn.Module:
+        model = build_model(self.cfg, phase)
+        state = model.state_dict()
+        missing = [k for k in shared_parameter_names(model, phase, self.cfg.personalize) if k not in shared]
+        if missing:
+            raise SiteTaskError(f"the server sent no values for {len(missing)} shared parameters "
+                             f"(first: {missing[0]}): is the site running the same model config?")
+        for key, value in {**shared, **local}.items():
+            if key not in state:
+                raise SiteTaskError(f"unexpected parameter {key!r} for the {phase} model")
+            if tuple(state[key].shape) != tuple(value.shape):
+                raise SiteTaskError(f"parameter {key!r} has shape {tuple(value.shape)}, the {phase} model expects "
+                                 f"{tuple(state[key].shape)}: is the site running the same model config?")
+        model.load_state_dict({**state, **local, **shared}, strict=True)
+        return model
+
+    def _split(self, model: torch.nn.Module, phase: str) -> tuple[dict, dict]:
+        names = set(shared_parameter_names(model, phase, self.cfg.personalize))
+        state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        return {k: v for k, v in state.items() if k in names}, {k: v for k, v in state.items() if k not in names}
+
+    def train(self, phase: str, round_: int, shared: State, local: State | None = None,
+              proximal_mu: float = 0.0) -> RoundResult:
+        torch.manual_seed(hash((self.cfg.seed, self.name, phase, round_)) & 0x7FFFFFFF)
+        pc = self.cfg.phase(phase)
+        model = self._model(phase, shared, local or {})
+        prox = None
+        if proximal_mu > 0:
+            prox = engine.ProximalTerm(model, shared_parameter_names(model, phase, self.cfg.personalize), proximal_mu)
+        optimizer = engine.make_optimizer(model, pc.lr, pc.weight_decay)
+        seed = hash((self.cfg.seed, self.name, round_)) & 0x7FFFFFFF
+        if phase == "pretrain":
+            dataset = self._dataset(["train", "val"], None, augment=True)
+            if len(dataset) < 2:
+                raise SiteTaskError(f"{len(dataset)} subject(s) for pretraining: at least 2 are needed")
+            loader = self._loader(dataset, pc.batch_size, True, seed, drop_last=len(dataset) > pc.batch_size)
+            metrics = engine.pretrain(model, loader, optimizer, pc.local_epochs, pc.max_steps, prox)
+        else:
+            dataset = self._dataset(["train"], True, augment=False)
+            labels = self._labels(dataset)
+            if len(set(labels)) < 2:
+                raise SiteTaskError(f"the training split has {len(labels)} labeled subject(s) of "
+                                 f"{len(set(labels))} class(es): fine-tuning needs both classes")
+            loader = self._loader(dataset, pc.batch_size, True, seed)
+            weights = engine.class_weights(labels, self.num_classes)
+            metrics = engine.finetune(model, loader, optimizer, pc.local_epochs, pc.max_steps, prox, weights)
+        shared_out, local_out = self._split(model, phase)
+        return RoundResult(shared_out, local_out, metrics)
+
+    def _labels(self, dataset) -> list[int]:
+        parts = dataset.parts if isinstance(dataset, _Pooled) else [dataset]
+        return [label_index(r.entry.label, self.num_classes) for part in parts for r in part.records]
+
+    def evaluate(self, phase: str, shared: State, local: State | None = None, split: str = "test") -> RoundResult:
+        """Pretrain: masked-reconstruction losses on `split`. Finetune: classification metrics."""
+        model = self._model(phase, shared, local or {})
+        if phase == "pretrain":
+            dataset = self._dataset([split], None, augment=False)
+            loader = self._loader(dataset, self.cfg.pretrain.batch_size, False, 0)
+            batches = [b for b in loader if len(b["mri"]) >= 2]
+            metrics = engine.pretrain_losses(model, batches) if batches else {}
+            return RoundResult({}, {}, {**metrics, "num-examples": len(dataset)})
+        dataset = self._dataset([split], True, augment=False)
+        labels, probs = engine.predict(model, self._loader(dataset, self.cfg.finetune.batch_size, False, 0))
+        if len(labels) == 0:
+            return RoundResult({}, {}, {"num-examples": 0, "n": 0})
+        positive = probs[:, -1]                  # P(AD): the last class in both tasks
+        binary = (labels == self.num_classes - 1).astype(int)
+        metrics = binary_metrics(binary, positive, bootstrap=self.cfg.evaluation.bootstrap, seed=self.cfg.seed)
+        metrics["num-examples"] = len(labels)
+        hist = score_histograms(binary, positive, self.cfg.evaluation.histogram_bins)
+        return RoundResult({}, {}, metrics, hist)
+
+
+def flatten_metrics(metrics: Mapping) -> dict[str, float]:
+    """Numbers only, lists flattened to key_0, key_1 (what a Flower MetricRecord carries as scalars)."""
+    out = {}
+    for key, value in metrics.items():
+        if isinstance(value, (list, tuple)):
+            out[key] = [float(v) for v in value]
+        elif isinstance(value, (int, float, np.floating, np.integer)) and not isinstance(value, bool):
+            out[key] = float(value) if not isinstance(value, (int, np.integer)) else int(value)
+    return out

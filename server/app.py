@@ -1,0 +1,58 @@
+"""Flower ServerApp: reads the run config and drives `server.runner.FederatedRun`.
+
+`flwr run .` passes pyproject's [tool.flwr.app.config] (overridable with --run-config):
+  config-file   a RunConfig YAML (default simulations/configs/quick.yaml)
+  out-dir       where results and checkpoints go
+  resume        "true" to continue from out-dir's last checkpoint
+  any dotted key of the RunConfig, e.g. "pretrain.rounds" = 2, overriding the file.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from cmvim.config import load_yaml
+from cmvim.federation import RunConfig, run_config
+
+from .runner import FederatedRun
+
+app = ServerApp()
+
+RESERVED = ("config-file", "out-dir", "resume")
+
+
+def config_from_context(run_cfg: dict) -> RunConfig:
+    path = str(run_cfg.get("config-file", "")) or None
+    data = load_yaml(path) if path else {}
+    for key, value in run_cfg.items():
+        if key in RESERVED:
+            continue
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return run_config(data)
+
+
+def ensure_cohort(cfg: RunConfig) -> RunConfig:
+    """A run without a cohort path is a simulation on a synthetic cohort: build (or reuse) it."""
+    if cfg.cohort.path:
+        return cfg
+    from simulations.cohort import CohortConfig, cached_cohort    # simulation only: hospitals bring data
+    spec = cfg.cohort
+    path = cached_cohort(CohortConfig(sites=spec.sites, subjects=spec.subjects, shape=spec.shape, seed=spec.seed,
+                                      effect_scale=spec.effect_scale))
+    cfg.cohort.path = str(path)
+    return cfg
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    run_cfg = dict(context.run_config)
+    cfg = ensure_cohort(config_from_context(run_cfg))
+    out_dir = Path(str(run_cfg.get("out-dir", "runs/flwr")))
+    resume = str(run_cfg.get("resume", "false")).lower() in ("1", "true", "yes")
+    FederatedRun(cfg, out_dir, grid, resume=resume).run()

@@ -1,0 +1,209 @@
+"""The federated run, driven from the ServerApp: pretrain -> finetune -> evaluate.
+
+Each training phase is one call of a Flower strategy's `start` (FedAvg, FedProx or FedAdam,
+guarded: see `server.strategy`). After every round the global model, the strategy's state,
+the phase and the round go to `out/checkpoints/`, so `--resume out/` continues where a
+stopped run left off. The evaluate phase sends the final model to every site, which scores
+its own test split and returns aggregate metrics and score histograms (never predictions).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+
+from cmvim.config import to_dict
+from cmvim.federation import ARRAYS, CONFIG, METRICS, PHASE, ROUND, RUN_CONFIG, SPLIT, RunConfig
+from cmvim.results import (mean_auc, plot_rocs, pooled_entry, site_entry, site_table, write_metrics,
+                           write_summary)
+from cmvim.site_task import initial_state
+
+from .strategy import make_strategy, restore_strategy_state, site_name, strategy_state
+
+log = logging.getLogger("cmvim.server")
+
+
+def _say(text: str) -> None:
+    print(text, flush=True)
+
+
+@dataclass
+class Checkpoint:
+    phase: str
+    round: int
+    arrays: dict[str, torch.Tensor]
+    strategy: dict = field(default_factory=dict)
+    history: list = field(default_factory=list)
+    rejected: list = field(default_factory=list)
+
+    def save(self, folder: Path) -> Path:
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{self.phase}_round{self.round:03d}.pt"
+        tmp = path.with_suffix(".tmp")
+        torch.save({"phase": self.phase, "round": self.round, "arrays": self.arrays, "strategy": self.strategy,
+                    "history": self.history, "rejected": self.rejected}, tmp)
+        tmp.replace(path)
+        (folder / "latest.json").write_text(json.dumps({"file": path.name, "phase": self.phase, "round": self.round}))
+        return path
+
+    @classmethod
+    def latest(cls, folder: Path) -> "Checkpoint | None":
+        pointer = folder / "latest.json"
+        if not pointer.exists():
+            return None
+        data = torch.load(folder / json.loads(pointer.read_text())["file"], weights_only=False)
+        return cls(data["phase"], data["round"], data["arrays"], data["strategy"], data["history"],
+                   data["rejected"])
+
+
+def _fmt_duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+class FederatedRun:
+    def __init__(self, cfg: RunConfig, out_dir: Path, grid: Grid, resume: bool = False):
+        self.cfg, self.out_dir, self.grid = cfg, Path(out_dir), grid
+        self.ckpt_dir = self.out_dir / "checkpoints"
+        self.resume = resume
+        self.history: list[dict] = []
+        self.rejected: list[dict] = []
+        self.started = time.perf_counter()
+        self.round_seconds: list[float] = []
+
+    # -- phases -----------------------------------------------------------------------------
+    def run(self) -> dict:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        (self.out_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
+        ckpt = Checkpoint.latest(self.ckpt_dir) if self.resume else None
+        if self.resume and ckpt is None:
+            _say(f"resume: no checkpoint in {self.ckpt_dir}; starting from the beginning")
+        if ckpt is not None:
+            self.history, self.rejected = ckpt.history, ckpt.rejected
+            _say(f"resuming from {ckpt.phase} round {ckpt.round}")
+
+        if ckpt is None or ckpt.phase == "pretrain":
+            arrays = ckpt.arrays if ckpt else initial_state(self.cfg, "pretrain")
+            pretrained = self.run_phase("pretrain", arrays, ckpt.round if ckpt else 0, ckpt.strategy if ckpt else {})
+            ckpt = None
+            arrays = initial_state(self.cfg, "finetune", pretrained)
+            done, state = 0, {}
+        elif ckpt.phase == "evaluate":          # the run had finished: evaluate again
+            arrays, done, state = ckpt.arrays, self.cfg.finetune.rounds, {}
+        else:
+            arrays, done, state = ckpt.arrays, ckpt.round, ckpt.strategy
+        final = self.run_phase("finetune", arrays, done, state)
+        return self.evaluate(final)
+
+    def _config(self, phase: str, offset: int, split: str | None = None) -> ConfigRecord:
+        record = ConfigRecord({RUN_CONFIG: self.cfg.to_json(), PHASE: phase, ROUND: offset})   # + the strategy's server-round = the absolute round
+        if split:
+            record[SPLIT] = split
+        return record
+
+    def run_phase(self, phase: str, arrays: dict, done: int, state: dict) -> dict:
+        pc = self.cfg.phase(phase)
+        remaining = pc.rounds - done
+        if remaining <= 0:
+            return arrays
+        evaluate_rounds = phase == "finetune" and self.cfg.evaluation.every_round
+        strategy = make_strategy(self.cfg.strategy, evaluate=evaluate_rounds)
+        strategy.round_offset = done
+        restore_strategy_state(strategy, state)
+        _say(f"\n== {phase}: rounds {done + 1}-{pc.rounds}, strategy {self.cfg.strategy.name}, "
+             f"{len(list(self.grid.get_node_ids()))} sites connected ==")
+        round_start = [time.perf_counter()]
+
+        def after_round(server_round: int, round_arrays: ArrayRecord):
+            if server_round == 0:
+                return None
+            absolute = done + server_round
+            seconds = time.perf_counter() - round_start[0]
+            round_start[0] = time.perf_counter()
+            self.round_seconds.append(seconds)
+            rlog = strategy.round_log
+            new_rejections = [r for r in rlog.rejected if r not in self.rejected]
+            self.rejected.extend(new_rejections)
+            entry = {"phase": phase, "round": absolute, "seconds": round(seconds, 2),
+                     "train": rlog.train, "evaluate": rlog.evaluate if evaluate_rounds else {},
+                     "rejected": new_rejections}
+            self.history.append(entry)
+            state_dict = round_arrays.to_torch_state_dict()
+            Checkpoint(phase, absolute, state_dict, strategy_state(strategy), self.history, self.rejected).save(
+                self.ckpt_dir)
+            self._progress(phase, absolute, pc.rounds, entry)
+            return None
+
+        result = strategy.start(grid=self.grid, initial_arrays=ArrayRecord(arrays), num_rounds=remaining,
+                                timeout=self.cfg.strategy.round_timeout,
+                                train_config=self._config(phase, done), evaluate_config=self._config(phase, done, "val"),
+                                evaluate_fn=after_round)
+        return result.arrays.to_torch_state_dict() if result.arrays is not None else arrays
+
+    def _progress(self, phase: str, round_: int, total: int, entry: dict) -> None:
+        train = entry["train"]
+        losses = {site: m.get("loss") for site, m in train.items() if m.get("loss") is not None}
+        weights = {site: m.get("num-examples", 0) for site, m in train.items()}
+        mean = (sum(losses[s] * weights[s] for s in losses) / max(sum(weights[s] for s in losses), 1)) if losses else None
+        remaining = (self.cfg.pretrain.rounds + self.cfg.finetune.rounds) - (
+            round_ + (self.cfg.pretrain.rounds if phase == "finetune" else 0))
+        per_round = sum(self.round_seconds[-3:]) / len(self.round_seconds[-3:])
+        line = (f"[{phase}] round {round_}/{total} | sites {len(train)}/{len(list(self.grid.get_node_ids()))} | "
+                f"loss {mean:.4f} " if mean is not None else f"[{phase}] round {round_}/{total} | no updates ")
+        line += "(" + ", ".join(f"{s} {v:.3f}" for s, v in sorted(losses.items())) + ")"
+        if entry["evaluate"]:
+            aucs = [m["auc"] for m in entry["evaluate"].values()
+                    if isinstance(m.get("auc"), float) and math.isfinite(m["auc"])]
+            if aucs:
+                line += f" | val AUC {sum(aucs) / len(aucs):.3f}"
+        line += f" | {entry['seconds']:.0f}s/round | ETA {_fmt_duration(per_round * remaining)}"
+        _say(line)
+        for rejection in entry["rejected"]:
+            _say(f"    ! site {rejection['site']} left out ({rejection['stage']}): {rejection['reason']}")
+
+    # -- evaluate --------------------------------------------------------------------------
+    def evaluate(self, arrays: dict) -> dict:
+        _say("\n== evaluate: every site scores its own test split with the final model ==")
+        node_ids = list(self.grid.get_node_ids())
+        content = RecordDict({ARRAYS: ArrayRecord(arrays), CONFIG: self._config("finetune", 0, "test")})
+        content[CONFIG]["server-round"] = 0
+        messages = [Message(content=content, message_type=MessageType.EVALUATE, dst_node_id=node) for node in node_ids]
+        replies = list(self.grid.send_and_receive(messages, timeout=self.cfg.strategy.round_timeout))
+        sites, histograms, failures = {}, {}, []
+        for reply in replies:
+            name = site_name(reply)
+            error = None if reply.has_error() else reply.content.get("site", {}).get("error")
+            if reply.has_error() or error:
+                reason = str(error) if error else reply.error.reason.splitlines()[0][:200]
+                failures.append({"site": name, "stage": "evaluate", "reason": reason})
+                _say(f"    ! site {name} could not evaluate: {reason}")
+                continue
+            metrics = dict(reply.content[METRICS].items())
+            histograms[name] = (metrics.pop("hist_pos", []), metrics.pop("hist_neg", []))
+            sites[name] = site_entry(metrics)
+        pooled = pooled_entry(histograms)
+        config = to_dict(self.cfg)
+        rounds = self.history
+        path = write_metrics(self.out_dir, sites, pooled, rounds, config, failures=self.rejected + failures)
+        plot_rocs(self.out_dir, histograms, sites)
+        table = site_table(sites, pooled)
+        _say("\n" + table)
+        elapsed = time.perf_counter() - self.started
+        lines = [f"- strategy: {self.cfg.strategy.name}; rounds: pretrain {self.cfg.pretrain.rounds}, "
+                 f"finetune {self.cfg.finetune.rounds}; model: {self.cfg.model}",
+                 f"- sites: {', '.join(sorted(sites))}; mean per-site AUC {mean_auc(sites):.3f}; pooled AUC "
+                 f"{pooled['auc']:.3f}", f"- wall time of the federated part: {_fmt_duration(elapsed)}"]
+        if self.rejected or failures:
+            lines.append(f"- left out: {len(self.rejected + failures)} site-round(s); see metrics.json 'failures'")
+        write_summary(self.out_dir, "cmvim federated run", table, lines)
+        _say(f"\nresults: {path}, {self.out_dir / 'summary.md'}, ROC plots roc_*.png")
+        Checkpoint("evaluate", 0, arrays, {}, self.history, self.rejected).save(self.ckpt_dir)
+        return {"sites": sites, "pooled": pooled, "rounds": rounds, "failures": self.rejected + failures}
