@@ -82,7 +82,8 @@ class RunConfig:
     cohort: CohortSpec = field(default_factory=CohortSpec)
     model: dict[str, Any] = field(default_factory=lambda: {"preset": "tiny"})
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
-    augment: AugmentConfig | None = field(default_factory=AugmentConfig)
+    augment: AugmentConfig | None = field(default_factory=AugmentConfig)     # pretraining augmentations
+    modality_dropout: float = 0.3          # fine-tuning: hide a present PET this often (see ModalityDropout)
     pretrain: PhaseConfig = field(default_factory=lambda: PhaseConfig(rounds=3))
     finetune: PhaseConfig = field(default_factory=lambda: PhaseConfig(rounds=3, lr=5e-4))
     strategy: StrategyConfig = field(default_factory=StrategyConfig)

@@ -17,6 +17,7 @@ from torch.utils.data import ConcatDataset
 
 from . import engine
 from .data import PretrainAugment, SiteData, make_loader
+from .data.augment import ModalityDropout
 from .data.site import SiteDataset, label_index
 from .federation import RunConfig, shared_parameter_names
 from .metrics import binary_metrics, score_histograms
@@ -82,8 +83,10 @@ class SiteTask:
         self.num_classes = cfg.model_config().num_classes
 
     # -- data views ---------------------------------------------------------------------
-    def _dataset(self, split: list[str], labeled: bool | None, augment: bool):
+    def _dataset(self, split: list[str], labeled: bool | None, augment: bool, modality_dropout: float = 0.0):
         transform = PretrainAugment(self.cfg.augment) if augment and self.cfg.augment is not None else None
+        if modality_dropout > 0:
+            transform = ModalityDropout(modality_dropout)
         parts = []
         for site in self.sites:
             records = [r for s in split for r in site.subset(s, labeled, self.num_classes)]
@@ -150,7 +153,7 @@ class SiteTask:
             loader = self._loader(dataset, pc.batch_size, True, seed, drop_last=len(dataset) > pc.batch_size)
             metrics = engine.pretrain(model, loader, optimizer, pc.local_epochs, pc.max_steps, prox)
         else:
-            dataset = self._dataset(["train"], True, augment=False)
+            dataset = self._dataset(["train"], True, augment=False, modality_dropout=self.cfg.modality_dropout)
             labels = self._labels(dataset)
             if len(set(labels)) < 2:
                 raise SiteTaskError(f"the training split has {len(labels)} labeled subject(s) of "

@@ -23,9 +23,18 @@ app = ServerApp()
 RESERVED = ("config-file", "out-dir", "resume")
 
 
+def config_path(name: str) -> Path:
+    """A path as given, or a name in simulations/configs/ (where `flwr run .` finds quick.yaml)."""
+    path = Path(name).expanduser()
+    if path.exists():
+        return path
+    bundled = Path(__file__).resolve().parent.parent / "simulations" / "configs" / name
+    return bundled if bundled.exists() else path
+
+
 def config_from_context(run_cfg: dict) -> RunConfig:
-    path = str(run_cfg.get("config-file", "")) or None
-    data = load_yaml(path) if path else {}
+    name = str(run_cfg.get("config-file", ""))
+    data = load_yaml(config_path(name)) if name else {}
     for key, value in run_cfg.items():
         if key in RESERVED:
             continue
@@ -53,6 +62,7 @@ def ensure_cohort(cfg: RunConfig) -> RunConfig:
 def main(grid: Grid, context: Context) -> None:
     run_cfg = dict(context.run_config)
     cfg = ensure_cohort(config_from_context(run_cfg))
-    out_dir = Path(str(run_cfg.get("out-dir", "runs/flwr")))
+    out_dir = Path(str(run_cfg.get("out-dir", "runs/flwr"))).expanduser().resolve()
+    print(f"cmvim: results of this run go to {out_dir}", flush=True)
     resume = str(run_cfg.get("resume", "false")).lower() in ("1", "true", "yes")
     FederatedRun(cfg, out_dir, grid, resume=resume).run()

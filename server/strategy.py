@@ -118,7 +118,7 @@ def make_strategy(cfg: StrategyConfig, evaluate: bool = True):
     cls = guarded(STRATEGIES[cfg.name])
     common = dict(fraction_train=cfg.fraction_train, fraction_evaluate=cfg.fraction_evaluate if evaluate else 0.0,
                   min_train_nodes=cfg.min_nodes, min_evaluate_nodes=cfg.min_nodes if evaluate else 0,
-                  min_available_nodes=cfg.min_nodes, min_replies=1)
+                  min_available_nodes=cfg.min_nodes, min_replies=cfg.min_nodes)
     if cfg.name == "fedprox":
         return cls(proximal_mu=cfg.proximal_mu, **common)
     if cfg.name == "fedadam":

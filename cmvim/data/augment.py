@@ -61,3 +61,20 @@ class PretrainAugment:
             vol = vol * (1 + uniform(1, cfg.intensity)) + uniform(1, cfg.intensity) * std
             out[modality] = vol + torch.randn(vol.shape, generator=generator) * cfg.noise * std
         return out
+
+
+class ModalityDropout:
+    """Hide a subject's PET (or MRI) now and then while fine-tuning, so that a modality being
+    missing carries no information about the class: in a small cohort, who lacks a PET can
+    correlate with the label by chance, and a model would learn that instead of the anatomy."""
+
+    def __init__(self, p: float = 0.3, modalities: tuple[str, ...] = ("pet",)):
+        self.p, self.modalities = p, modalities
+
+    def __call__(self, item: dict, generator: torch.Generator) -> dict:
+        out = dict(item)
+        for modality in self.modalities:
+            if out[f"{modality}_present"] and torch.rand(1, generator=generator).item() < self.p:
+                out[modality] = torch.zeros_like(out[modality])
+                out[f"{modality}_present"] = False
+        return out

@@ -1,0 +1,175 @@
+"""The federated run end to end on Flower's simulation engine (real Ray workers, real site folders),
+its resume path, the baselines, and the server's handling of failed sites and NaN updates."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+pytest.importorskip("flwr")
+pytest.importorskip("nilearn")
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, Metadata, MetricRecord, RecordDict  # noqa: E402
+
+from cmvim.federation import ARRAYS, METRICS, SITE, StrategyConfig  # noqa: E402
+from server.strategy import make_strategy  # noqa: E402
+from simulations.cohort import CohortConfig, cached_cohort  # noqa: E402
+
+EASY = {"sites": 3, "subjects": 24, "shape": 32, "seed": 1, "effect_scale": 3.0}
+
+
+def tiny_config(cohort_path: Path, **overrides) -> dict:
+    cfg = {
+        "seed": 0,
+        "cohort": {"path": str(cohort_path)},
+        "model": {"preset": "tiny"},
+        "preprocess": {"shape": 32, "voxel_size": 6.25},
+        "split_fractions": [0.6, 0.0, 0.4],
+        "pretrain": {"rounds": 2, "local_epochs": 1, "batch_size": 6, "lr": 0.001},
+        "finetune": {"rounds": 4, "local_epochs": 3, "batch_size": 6, "lr": 0.001},
+        "strategy": {"name": "fedavg", "min_nodes": 2},
+        "evaluation": {"bootstrap": 200, "every_round": False},
+    }
+    for key, value in overrides.items():
+        cfg[key] = value if not isinstance(value, dict) else {**cfg.get(key, {}), **value}
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def easy_cohort(tmp_path_factory):
+    return cached_cohort(CohortConfig(**EASY), root=tmp_path_factory.mktemp("cache"))
+
+
+def run_sim(tmp_path: Path, cfg: dict, out: Path, *extra: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    config = tmp_path / f"{out.name}.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    env = dict(os.environ, FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1", PYTHONUNBUFFERED="1")
+    return subprocess.run([sys.executable, "-m", "simulations.cli", "--config", str(config), "--out", str(out), *extra],
+                          capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def test_three_site_run_pretrain_finetune_evaluate(easy_cohort, tmp_path):
+    out = tmp_path / "run"
+    proc = run_sim(tmp_path, tiny_config(easy_cohort), out)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "[pretrain] round 2/2 | sites 3/3" in proc.stdout and "[finetune] round 4/4" in proc.stdout
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics) >= {"sites", "pooled", "rounds", "config"}
+    assert set(metrics["sites"]) == {"A", "B", "C"}
+    for site, m in metrics["sites"].items():
+        assert set(m) >= {"auc", "acc", "n_test", "auc_ci", "sensitivity", "specificity"}
+        assert m["n_test"] >= 4
+    assert [(r["phase"], r["round"]) for r in metrics["rounds"]] == [
+        ("pretrain", 1), ("pretrain", 2), ("finetune", 1), ("finetune", 2), ("finetune", 3), ("finetune", 4)]
+    assert all(set(r["train"]) == {"A", "B", "C"} for r in metrics["rounds"])
+    pretrain_losses = [np.mean([m["loss"] for m in r["train"].values()]) for r in metrics["rounds"][:2]]
+    assert pretrain_losses[1] < pretrain_losses[0]
+    aucs = [m["auc"] for m in metrics["sites"].values() if m["auc"] is not None]
+    assert len(aucs) >= 2 and np.mean(aucs) > 0.65, metrics["sites"]
+    assert metrics["pooled"]["auc"] > 0.65
+    assert metrics["pooled"]["n_test"] == sum(m["n_test"] for m in metrics["sites"].values())
+    for name in ("roc_A.png", "roc_B.png", "roc_C.png", "roc_pooled.png", "summary.md"):
+        assert (out / name).stat().st_size > 1000
+    assert sorted(p.name for p in (out / "checkpoints").glob("*.pt"))[:2] == ["evaluate_round000.pt",
+                                                                             "finetune_round001.pt"]
+    # what left the sites: aggregate numbers only, no subject ids in the run's record
+    subject_ids = [line.split(",")[0] for site in "ABC" for line in
+                   (Path(easy_cohort) / site / "manifest.csv").read_text().splitlines()[1:]]
+    text = (out / "metrics.json").read_text() + proc.stdout
+    assert not [s for s in subject_ids if s in text]
+
+
+def test_stopped_run_resumes_from_its_last_checkpoint(easy_cohort, tmp_path):
+    out = tmp_path / "stopped"
+    cfg = tiny_config(easy_cohort, pretrain={"rounds": 3}, finetune={"rounds": 2, "local_epochs": 1})
+    config = tmp_path / "stopped.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "-m", "simulations.cli", "--config", str(config), "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while not (out / "checkpoints" / "pretrain_round002.pt").exists():
+            assert proc.poll() is None and time.time() < deadline, "the run ended before round 2"
+            time.sleep(0.5)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)              # the whole process group: driver and Ray workers
+        proc.wait()
+    assert not (out / "metrics.json").exists()
+    resumed = run_sim(tmp_path, cfg, out, "--resume", str(out))
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "resuming from pretrain round" in resumed.stdout
+    assert "[pretrain] round 1/3" not in resumed.stdout
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [(r["phase"], r["round"]) for r in metrics["rounds"]] == [
+        ("pretrain", 1), ("pretrain", 2), ("pretrain", 3), ("finetune", 1), ("finetune", 2)]
+
+
+def test_baselines_run_beside_the_federated_model(easy_cohort, tmp_path):
+    out = tmp_path / "baselines"
+    cfg = tiny_config(easy_cohort, pretrain={"rounds": 1}, finetune={"rounds": 2, "local_epochs": 2},
+                      baselines=["local", "centralized"])
+    proc = run_sim(tmp_path, cfg, out)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    for name in ("local", "centralized"):
+        baseline = metrics["baselines"][name]
+        assert set(baseline["sites"]) == {"A", "B", "C"}
+        assert baseline["pooled"]["n_test"] == metrics["pooled"]["n_test"]      # same test splits
+    assert "AUC local" in proc.stdout and "AUC centralized" in proc.stdout
+
+
+def test_a_failing_site_is_named_and_the_run_goes_on(easy_cohort, tmp_path):
+    cohort = tmp_path / "cohort"
+    shutil.copytree(easy_cohort, cohort, ignore=shutil.ignore_patterns(".cmvim_cache"))
+    (cohort / "C" / "manifest.csv").write_text("subject_id,mri\nC-1,missing.nii.gz\n")   # nothing usable at C
+    out = tmp_path / "faulty"
+    cfg = tiny_config(cohort, pretrain={"rounds": 1}, finetune={"rounds": 1, "local_epochs": 1},
+                      cohort={"path": str(cohort), "site_names": ["A", "B", "C"]})
+    config = tmp_path / "faulty.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    code = ("import sys, yaml; from pathlib import Path; from cmvim.federation import run_config; "
+            "from simulations.cli import run_federated; "
+            f"cfg = run_config(yaml.safe_load(open({str(config)!r}))); "
+            f"run_federated(cfg, Path({str(out)!r}), 3, resume=False, verbose=False)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "site C left out (train): data problem at the site: no usable subjects" in proc.stdout
+    assert "C-1" not in proc.stdout                                    # the subject id stayed at the site
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["sites"]) == {"A", "B"}
+    assert {f["site"] for f in metrics["failures"]} == {"C"}
+    assert set(metrics["rounds"][0]["train"]) == {"A", "B"}
+
+
+def _reply(site: str, arrays: dict, node: int) -> Message:
+    content = RecordDict({ARRAYS: ArrayRecord(arrays), METRICS: MetricRecord({"num-examples": 10, "loss": 1.0}),
+                          SITE: ConfigRecord({"name": site})})
+    metadata = Metadata(run_id=1, message_id=f"m{node}", src_node_id=node, dst_node_id=0, reply_to_message_id="x",
+                        group_id="1", created_at=time.time(), ttl=60.0, message_type=MessageType.TRAIN)
+    return Message(content=content, metadata=metadata)
+
+
+def test_server_rejects_a_nan_update_naming_the_site():
+    strategy = make_strategy(StrategyConfig(name="fedavg", min_nodes=2))
+    good = {"w": torch.ones(3, 2)}
+    strategy.expected_shapes = {"w": (3, 2)}
+    bad = {"w": torch.tensor([[1.0, float("nan")], [1.0, 1.0], [1.0, 1.0]])}
+    replies = [_reply("A", good, 1), _reply("B", {"w": good["w"] * 3}, 2), _reply("C", bad, 3)]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    torch.testing.assert_close(arrays.to_torch_state_dict()["w"], torch.full((3, 2), 2.0))
+    (rejected,) = strategy.round_log.rejected
+    assert rejected["site"] == "C" and "1 NaN/inf values in 'w'" in rejected["reason"]
+    assert set(strategy.round_log.train) == {"A", "B"}
+    # below min_nodes valid updates the global model is kept
+    arrays, _ = strategy.aggregate_train(2, [replies[0], replies[2]])
+    assert arrays is None
