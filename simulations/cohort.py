@@ -282,6 +282,18 @@ def draw_subjects(site: SiteProfile, n: int, rng: np.random.Generator) -> list[S
     return subjects
 
 
+def _write_scan(folder: Path, stem: str, volume: np.ndarray, affine: np.ndarray, modality: str, dicom: bool,
+                subject_id: str) -> str:
+    """One scan as a DICOM series folder (a PACS export) or a NIfTI file; returns its manifest path."""
+    if dicom:
+        name = "t1_dicom" if modality == "MR" else "pet_dicom"
+        write_dicom_series(folder / name, volume, affine, modality, subject_id)
+    else:
+        name = f"{stem}.nii.gz"
+        nib.save(nib.Nifti1Image(volume.astype(np.float32), affine), str(folder / name))
+    return f"subjects/{subject_id}/{name}"
+
+
 def write_site(site_dir: Path, site: SiteProfile, subjects: list[Subject], anatomy: Anatomy,
                rng: np.random.Generator, cfg: CohortConfig) -> list[dict]:
     site_dir.mkdir(parents=True, exist_ok=True)
@@ -291,20 +303,9 @@ def write_site(site_dir: Path, site: SiteProfile, subjects: list[Subject], anato
         t1, pet = synthesize(subject, site, anatomy, rng, cfg.effect_scale)
         folder = site_dir / "subjects" / subject.subject_id
         folder.mkdir(parents=True, exist_ok=True)
-        if site.dicom:
-            write_dicom_series(folder / "t1_dicom", t1, anatomy.affine, "MR", subject.subject_id)
-            mri = f"subjects/{subject.subject_id}/t1_dicom"
-        else:
-            nib.save(nib.Nifti1Image(t1.astype(np.float32), anatomy.affine), str(folder / "t1.nii.gz"))
-            mri = f"subjects/{subject.subject_id}/t1.nii.gz"
-        pet_path = ""
-        if pet is not None:
-            if site.dicom:
-                write_dicom_series(folder / "pet_dicom", pet, anatomy.affine, "PT", subject.subject_id)
-                pet_path = f"subjects/{subject.subject_id}/pet_dicom"
-            else:
-                nib.save(nib.Nifti1Image(pet.astype(np.float32), anatomy.affine), str(folder / "fdg_pet.nii.gz"))
-                pet_path = f"subjects/{subject.subject_id}/fdg_pet.nii.gz"
+        mri = _write_scan(folder, "t1", t1, anatomy.affine, "MR", site.dicom, subject.subject_id)
+        pet_path = "" if pet is None else _write_scan(folder, "fdg_pet", pet, anatomy.affine, "PT", site.dicom,
+                                                      subject.subject_id)
         report = write_report(rng, subject.severity * cfg.effect_scale, pet is not None, subject.label,
                               cfg.report_informativeness, cfg.name_diagnosis)
         (folder / "report.txt").write_text(report + "\n", encoding="utf-8")

@@ -26,9 +26,8 @@ import importlib
 import os
 
 import torch
-import torch.nn.functional as F
 
-from .ref import compute_dtype, selective_scan_ref
+from .ref import finish_output, prepare_inputs, selective_scan_ref
 
 BACKENDS = ("ref", "torch", "cpu", "cuda")
 ENV_VAR = "CMVIM_SCAN_BACKEND"
@@ -119,12 +118,8 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
                                    return_last_state)
     core = _core(name)
     dtype_in = u.dtype
-    cdt = compute_dtype(dtype_in)
-    u, delta, A = u.to(cdt), delta.to(cdt), A.to(cdt)
-    if delta_bias is not None:
-        delta = delta + delta_bias.to(cdt)[:, None]
-    if delta_softplus:
-        delta = F.softplus(delta)
+    u, delta, A = prepare_inputs(u, delta, A, delta_bias, delta_softplus)
+    cdt = u.dtype
     B = (B if B.dim() == 4 else B.unsqueeze(1)).to(cdt)
     C = (C if C.dim() == 4 else C.unsqueeze(1)).to(cdt)
     if u.shape[1] % B.shape[1] or u.shape[1] % C.shape[1]:
@@ -138,10 +133,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         C = C.repeat_interleave(groups // C.shape[1], dim=1)
     result = core(u, delta, A, B, C, return_last_state)
     y, last_state = result if return_last_state else (result, None)
-    out = y if D is None else y + u * D.to(cdt)[:, None]
-    if z is not None:
-        out = out * F.silu(z.to(cdt))
-    out = out.to(dtype_in)
+    out = finish_output(y, u, D, z, dtype_in)
     return (out, last_state) if return_last_state else out
 
 

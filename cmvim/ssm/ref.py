@@ -25,6 +25,25 @@ def expand_groups(M: torch.Tensor, dim: int) -> torch.Tensor:
     return M.repeat_interleave(dim // groups, dim=1)
 
 
+def prepare_inputs(u, delta, A, delta_bias=None, delta_softplus=False):
+    """u, delta, A in the compute dtype, with delta's bias and softplus applied."""
+    cdt = compute_dtype(u.dtype)
+    u, delta, A = u.to(cdt), delta.to(cdt), A.to(cdt)
+    if delta_bias is not None:
+        delta = delta + delta_bias.to(cdt)[:, None]
+    if delta_softplus:
+        delta = F.softplus(delta)
+    return u, delta, A
+
+
+def finish_output(y, u, D=None, z=None, dtype=None):
+    """out = (y + D * u) * silu(z), cast back to the input dtype."""
+    out = y if D is None else y + u * D.to(y.dtype)[:, None]
+    if z is not None:
+        out = out * F.silu(z.to(y.dtype))
+    return out.to(dtype)
+
+
 def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None,
                        delta_softplus=False, return_last_state=False):
     """
@@ -33,12 +52,8 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None,
     out = y * silu(z) if z is given.  Returns out (b, d, L) [, last_state (b, d, N)].
     """
     dtype_in = u.dtype
-    cdt = compute_dtype(dtype_in)
-    u, delta, A = u.to(cdt), delta.to(cdt), A.to(cdt)
-    if delta_bias is not None:
-        delta = delta + delta_bias.to(cdt)[:, None]
-    if delta_softplus:
-        delta = F.softplus(delta)
+    u, delta, A = prepare_inputs(u, delta, A, delta_bias, delta_softplus)
+    cdt = u.dtype
     batch, dim, _ = u.shape
     B = expand_groups(B.to(cdt), dim)                                    # (b, d, N, L)
     C = expand_groups(C.to(cdt), dim)                                    # (b, d, N, L)
@@ -52,8 +67,5 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None,
         h = dA_t * h + dBu_t
         ys.append(torch.einsum("bdn,bdn->bd", h, C_t))
     y = torch.stack(ys, dim=2)                                           # (b, d, L)
-    out = y if D is None else y + u * D.to(cdt)[:, None]
-    if z is not None:
-        out = out * F.silu(z.to(cdt))
-    out = out.to(dtype_in)
+    out = finish_output(y, u, D, z, dtype_in)
     return (out, h) if return_last_state else out

@@ -1,0 +1,61 @@
+"""Run config schema and what is shared in each phase."""
+import pytest
+import torch
+
+from cmvim.config import ConfigError
+from cmvim.federation import RunConfig, run_config, shared_parameter_names
+from cmvim.model import CMViM, CMViMClassifier, model_config
+from server.app import config_from_context, config_path
+
+
+def test_quick_config_loads_and_typos_are_named():
+    cfg = run_config(config_path("quick.yaml"))
+    assert cfg.model_config().img_size == cfg.preprocess.shape == 48
+    assert RunConfig.from_json(cfg.to_json()) == cfg
+    with pytest.raises(ConfigError, match=r"run.pretrain: unknown key 'round'.*did you mean 'rounds'"):
+        run_config({"pretrain": {"round": 3}})
+    with pytest.raises(ConfigError, match="'fedsgd' is not one of"):
+        run_config({"strategy": {"name": "fedsgd"}})
+    with pytest.raises(ConfigError, match="must equal the model's img_size"):
+        run_config({"preprocess": {"shape": 64}})
+
+
+def test_flwr_run_config_keys_override_the_file():
+    cfg = config_from_context({"config-file": "quick.yaml", "out-dir": "x", "pretrain.rounds": 2,
+                               "strategy.name": "fedprox"})
+    assert cfg.pretrain.rounds == 2 and cfg.strategy.name == "fedprox" and cfg.finetune.rounds == 10
+
+
+def test_shared_parameters_per_phase_and_personalisation():
+    mc = model_config("tiny")
+    pretrain = CMViM(mc)
+    assert set(shared_parameter_names(pretrain, "pretrain")) == set(pretrain.state_dict())
+    assert any(n.startswith("momentum.") for n in shared_parameter_names(pretrain, "pretrain"))
+    assert any(n.startswith("decoders.") for n in shared_parameter_names(pretrain, "pretrain"))
+    clf = CMViMClassifier(mc)
+    everything = set(clf.state_dict())
+    assert set(shared_parameter_names(clf, "finetune")) == everything
+    local_head = everything - set(shared_parameter_names(clf, "finetune", "head"))
+    assert local_head == {"head.weight", "head.bias"}
+    local_norm = everything - set(shared_parameter_names(clf, "finetune", "norm"))
+    assert local_norm and all("norm" in n for n in local_norm)
+    assert "image.encoder.norm_f.weight" in local_norm and "image.encoder.layers.0.norm.weight" in local_norm
+    both = everything - set(shared_parameter_names(clf, "finetune", "head+norm"))
+    assert both == local_head | local_norm
+
+
+def test_fedadam_state_survives_a_checkpoint(tmp_path):
+    from server.runner import Checkpoint
+    from server.strategy import make_strategy, restore_strategy_state, strategy_state
+    from cmvim.federation import StrategyConfig
+    strategy = make_strategy(StrategyConfig(name="fedadam"))
+    import numpy as np
+    strategy.m_t, strategy.v_t = {"w": np.ones(3)}, {"w": np.full(3, 2.0)}
+    strategy.current_arrays = {"w": np.zeros(3)}
+    Checkpoint("finetune", 4, {"w": torch.zeros(3)}, strategy_state(strategy)).save(tmp_path)
+    loaded = Checkpoint.latest(tmp_path)
+    fresh = make_strategy(StrategyConfig(name="fedadam"))
+    restore_strategy_state(fresh, loaded.strategy)
+    assert (loaded.phase, loaded.round) == ("finetune", 4)
+    np.testing.assert_array_equal(fresh.v_t["w"], np.full(3, 2.0))
+    np.testing.assert_array_equal(fresh.m_t["w"], np.ones(3))
