@@ -77,7 +77,6 @@ class FederatedRun:
         self.history: list[dict] = []
         self.rejected: list[dict] = []
         self.started = time.perf_counter()
-        self.round_seconds: list[float] = []
 
     # -- phases -----------------------------------------------------------------------------
     def run(self) -> dict:
@@ -121,6 +120,7 @@ class FederatedRun:
         _say(f"\n== {phase}: rounds {done + 1}-{pc.rounds}, strategy {self.cfg.strategy.name}, "
              f"{len(list(self.grid.get_node_ids()))} sites connected ==")
         round_start = [time.perf_counter()]
+        phase_seconds: list[float] = []
 
         def after_round(server_round: int, round_arrays: ArrayRecord):
             if server_round == 0:
@@ -128,7 +128,7 @@ class FederatedRun:
             absolute = done + server_round
             seconds = time.perf_counter() - round_start[0]
             round_start[0] = time.perf_counter()
-            self.round_seconds.append(seconds)
+            phase_seconds.append(seconds)
             rlog = strategy.round_log
             new_rejections = [r for r in rlog.rejected if r not in self.rejected]
             self.rejected.extend(new_rejections)
@@ -139,7 +139,7 @@ class FederatedRun:
             state_dict = round_arrays.to_torch_state_dict()
             Checkpoint(phase, absolute, state_dict, strategy_state(strategy), self.history, self.rejected).save(
                 self.ckpt_dir)
-            self._progress(phase, absolute, pc.rounds, entry)
+            self._progress(phase, absolute, pc.rounds, entry, phase_seconds)
             return None
 
         result = strategy.start(grid=self.grid, initial_arrays=ArrayRecord(arrays), num_rounds=remaining,
@@ -148,14 +148,15 @@ class FederatedRun:
                                 evaluate_fn=after_round)
         return result.arrays.to_torch_state_dict() if result.arrays is not None else arrays
 
-    def _progress(self, phase: str, round_: int, total: int, entry: dict) -> None:
+    def _progress(self, phase: str, round_: int, total: int, entry: dict, seconds: list[float]) -> None:
         train = entry["train"]
         losses = {site: m.get("loss") for site, m in train.items() if m.get("loss") is not None}
         weights = {site: m.get("num-examples", 0) for site, m in train.items()}
         mean = (sum(losses[s] * weights[s] for s in losses) / max(sum(weights[s] for s in losses), 1)) if losses else None
-        remaining = (self.cfg.pretrain.rounds + self.cfg.finetune.rounds) - (
-            round_ + (self.cfg.pretrain.rounds if phase == "finetune" else 0))
-        per_round = sum(self.round_seconds[-3:]) / len(self.round_seconds[-3:])
+        # this phase's recent rounds predict its rest; a later phase is guessed from them too
+        remaining = total - round_ + (self.cfg.finetune.rounds if phase == "pretrain" else 0)
+        recent = seconds[1:][-3:] or seconds       # a phase's first round includes starting the workers
+        per_round = sum(recent) / len(recent)
         line = (f"[{phase}] round {round_}/{total} | sites {len(train)}/{len(list(self.grid.get_node_ids()))} | "
                 f"loss {mean:.4f} " if mean is not None else f"[{phase}] round {round_}/{total} | no updates ")
         line += "(" + ", ".join(f"{s} {v:.3f}" for s, v in sorted(losses.items())) + ")"
