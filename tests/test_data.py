@@ -337,3 +337,14 @@ def test_site_with_dicom_series_loads_and_a_gapped_series_is_skipped(tmp_path):
     (err,) = data.summary.skipped
     assert (err.subject, err.row, err.column, err.kind) == ("B", 3, "mri", "missing slice")
     assert "B/ct" in str(err)
+
+
+def test_modality_dropout_hides_pet_as_if_missing():
+    from cmvim.data.augment import ModalityDropout
+    volume = torch.ones(1, 8, 8, 8)
+    item = {"mri": volume, "pet": volume.clone(), "mri_present": True, "pet_present": True}
+    hidden = [not ModalityDropout(0.3)(item, torch.Generator().manual_seed(s))["pet_present"] for s in range(400)]
+    assert 0.22 < np.mean(hidden) < 0.38
+    out = ModalityDropout(1.0)(item, torch.Generator().manual_seed(0))
+    assert out["pet_present"] is False and torch.count_nonzero(out["pet"]) == 0 and out["mri_present"]
+    assert item["pet_present"] is True                                       # the input is not modified
