@@ -45,8 +45,8 @@ def _probe(name: str) -> str | None:
     if name == "cpu":
         try:
             importlib.import_module("cmvim.ssm.cpu_kernel")
-        except ImportError as exc:
-            return f"numba kernel unavailable ({exc})"
+        except Exception as exc:  # llvmlite failing to load its library raises OSError, not ImportError
+            return f"numba kernel unavailable ({type(exc).__name__}: {exc})"
         return None
     if name == "cuda":
         if not torch.cuda.is_available():
