@@ -11,26 +11,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
 
-
-def _peak_rss_mb() -> float:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def _rss_mb() -> float:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+from scan import _cpu_model, _reset_peak, _status_kib   # benchmarks/scan.py: the same measuring
 
 
 def measure(kind: str, tokens: int, width: int, depth: int, repeats: int, threads: int, backend: str | None) -> dict:
@@ -69,13 +54,14 @@ def measure(kind: str, tokens: int, width: int, depth: int, repeats: int, thread
         model(x).pow(2).mean().backward()
 
     step()                                  # warm-up (JIT, allocator)
-    baseline = _rss_mb()
+    baseline = _status_kib("VmRSS")
+    _reset_peak()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
-    return {"seconds": min(times), "peak_mb": max(0.0, _peak_rss_mb() - baseline), "params": params}
+    return {"seconds": min(times), "peak_mb": max(0.0, (_status_kib("VmHWM") - baseline) / 1024), "params": params}
 
 
 def run_point(kind, tokens, args) -> dict:
@@ -88,17 +74,6 @@ def run_point(kind, tokens, args) -> dict:
     if out.returncode != 0:
         raise RuntimeError(f"{kind} at {tokens} tokens failed:\n{out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def main() -> None:
@@ -120,7 +95,7 @@ def main() -> None:
     import torch
     from cmvim.ssm import resolve_backend
     backend = args.backend or resolve_backend(torch.device("cpu"))
-    print(f"machine: {cpu_name()}, {args.threads} threads; torch {torch.__version__}; "
+    print(f"machine: {_cpu_model()}, {args.threads} threads; torch {torch.__version__}; "
           f"Vim scan backend: {backend}")
     print(f"encoders: width {args.width}, depth {args.depth}, batch 1, fwd+bwd, best of {args.repeats}\n")
     rows = []
