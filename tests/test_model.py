@@ -76,6 +76,10 @@ def test_random_masking_keeps_a_quarter_and_restores_order():
     assert visible.shape == (2, 16, 1) and mask.sum(1).tolist() == [48, 48]
     assert torch.equal(mask.gather(1, keep), torch.zeros(2, 16))
     assert torch.equal(visible[..., 0], tokens[..., 0].gather(1, keep))
+    assert torch.all(keep[:, 1:] > keep[:, :-1]), "a Vim encoder must see the visible tokens in raster order"
+    # the decoder's unshuffle puts every visible token back at its own position
+    restored = torch.cat([visible, torch.full((2, 48, 1), -1.0)], dim=1).gather(1, restore[..., None])
+    assert torch.equal(restored[mask == 0], tokens[mask == 0])
 
 
 @pytest.fixture(scope="module")

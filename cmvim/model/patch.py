@@ -110,7 +110,7 @@ class MaskToken(nn.Module):
 
 
 def random_masking(tokens: torch.Tensor, mask_ratio: float, generator: torch.Generator | None = None):
-    """MAE's per-sample random masking by shuffling noise.
+    """MAE's per-sample random masking by shuffling noise, visible tokens kept in raster order.
 
     tokens: (b, n, dim) -> visible (b, n_keep, dim), mask (b, n) with 1 = masked,
     ids_restore (b, n) that undoes the shuffle, ids_keep (b, n_keep).
@@ -119,8 +119,12 @@ def random_masking(tokens: torch.Tensor, mask_ratio: float, generator: torch.Gen
     n_keep = max(1, int(round(n * (1 - mask_ratio))))
     noise = torch.rand(b, n, generator=generator, device="cpu").to(tokens.device)
     ids_shuffle = torch.argsort(noise, dim=1)
+    # Unlike MAE's ViT, a Vim encoder reads tokens in sequence: keep the visible ones in raster
+    # order, the order it sees them in when fine-tuning on all tokens (random order here made
+    # pretrained features transfer worse than none at all)
+    ids_keep = torch.sort(ids_shuffle[:, :n_keep], dim=1).values
+    ids_shuffle = torch.cat([ids_keep, ids_shuffle[:, n_keep:]], dim=1)
     ids_restore = torch.argsort(ids_shuffle, dim=1)
-    ids_keep = ids_shuffle[:, :n_keep]
     visible = torch.gather(tokens, 1, ids_keep[..., None].expand(-1, -1, dim))
     mask = torch.ones(b, n, device=tokens.device)
     mask[:, :n_keep] = 0
