@@ -83,6 +83,9 @@ class RunConfig:
     model: dict[str, Any] = field(default_factory=lambda: {"preset": "tiny"})
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     augment: AugmentConfig | None = field(default_factory=AugmentConfig)     # pretraining augmentations
+    # where fine-tuning starts: the pretrained global encoder (the method) or a fresh one (the
+    # control; on small CPU schedules short pretraining has measured worse, see README)
+    finetune_init: Literal["pretrained", "fresh"] = "pretrained"
     modality_dropout: float = 0.3          # fine-tuning: hide a present PET this often (see ModalityDropout)
     pretrain: PhaseConfig = field(default_factory=lambda: PhaseConfig(rounds=3))
     finetune: PhaseConfig = field(default_factory=lambda: PhaseConfig(rounds=3, lr=5e-4))

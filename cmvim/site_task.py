@@ -39,10 +39,11 @@ def build_model(cfg: RunConfig, phase: str) -> torch.nn.Module:
 
 
 def initial_state(cfg: RunConfig, phase: str, pretrained: State | None = None) -> dict[str, torch.Tensor]:
-    """The global model a phase starts from (fine-tuning loads the pretrained image encoder)."""
+    """The global model a phase starts from: fine-tuning loads the pretrained image encoder unless
+    the config asks for a fresh one."""
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, phase)
-    if phase != "pretrain" and pretrained is not None:
+    if phase != "pretrain" and pretrained is not None and cfg.finetune_init == "pretrained":
         model.load_pretrained(pretrained)
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
