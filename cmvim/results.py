@@ -74,14 +74,17 @@ def plot_rocs(out_dir: Path, histograms: dict[str, tuple[list, list]], sites: di
         curves["pooled"] = (pos.tolist(), neg.tolist())
     for name, (pos, neg) in curves.items():
         fpr, tpr = roc_from_histograms(pos, neg)
-        auc = auc_from_histograms(pos, neg)
+        # the site's own AUC (exact scores) where it sent one; the curve is drawn from binned scores
+        auc = sites.get(name, {}).get("auc")
+        if auc is None or not math.isfinite(auc):
+            auc = auc_from_histograms(pos, neg)
         fig, ax = plt.subplots(figsize=(4.2, 4.2))
         ax.plot([0, 1], [0, 1], ls="--", color="0.7", lw=1)
         label = f"AUC {auc:.3f}" if math.isfinite(auc) else "AUC undefined"
         ci = sites.get(name, {}).get("auc_ci")
         if ci and all(c is not None and math.isfinite(c) for c in ci):
             label += f" (95% CI {ci[0]:.2f}-{ci[1]:.2f})"
-        ax.step(fpr, tpr, where="post", lw=2, color="#c0392b", label=label)
+        ax.plot(fpr, tpr, lw=2, color="#c0392b", marker="o", ms=3, label=label)
         n = int(np.sum(pos) + np.sum(neg))
         ax.set(xlabel="1 - specificity", ylabel="sensitivity", xlim=(0, 1), ylim=(0, 1.01),
                title=f"{'pooled' if name == 'pooled' else 'site ' + name}: AD vs CN (n={n})")
