@@ -7,6 +7,7 @@ local ones, and aggregate metrics. Subject-level data stays in here.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass
 from typing import Mapping
@@ -26,6 +27,11 @@ from .model import CMViM, CMViMClassifier
 log = logging.getLogger("cmvim.site")
 
 State = Mapping[str, torch.Tensor]
+
+
+def stable_seed(*parts) -> int:
+    """A seed from strings and numbers that is the same in every process (hash() of a str is not)."""
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:4], "little") & 0x7FFFFFFF
 
 
 class SiteTaskError(ValueError):
@@ -68,14 +74,11 @@ class _Pooled(torch.utils.data.Dataset):
     def __getitem__(self, i):
         return self.concat[i]
 
-    @property
-    def epoch(self):
-        return self.parts[0].epoch if self.parts else 0
-
-    @epoch.setter
-    def epoch(self, value):
-        for part in self.parts:
-            part.epoch = value
+    def __setattr__(self, key, value):
+        if key in ("epoch", "seed"):            # augmentation counters live in each part
+            for part in self.parts:
+                setattr(part, key, value)
+        super().__setattr__(key, value)
 
 
 class SiteTask:
@@ -139,22 +142,24 @@ class SiteTask:
 
     def train(self, phase: str, round_: int, shared: State, local: State | None = None,
               proximal_mu: float = 0.0) -> RoundResult:
-        torch.manual_seed(hash((self.cfg.seed, self.name, phase, round_)) & 0x7FFFFFFF)
+        torch.manual_seed(stable_seed(self.cfg.seed, self.name, phase, round_))
         pc = self.cfg.phase(phase)
         model = self._model(phase, shared, local or {})
         prox = None
         if proximal_mu > 0:
             prox = engine.ProximalTerm(model, shared_parameter_names(model, phase, self.cfg.personalize), proximal_mu)
         optimizer = engine.make_optimizer(model, pc.lr, pc.weight_decay)
-        seed = hash((self.cfg.seed, self.name, round_)) & 0x7FFFFFFF
+        seed = stable_seed(self.cfg.seed, self.name, phase, round_, "loader")
         if phase == "pretrain":
             dataset = self._dataset(["train", "val"], None, augment=True)
+            dataset.seed = round_
             if len(dataset) < 2:
                 raise SiteTaskError(f"{len(dataset)} subject(s) for pretraining: at least 2 are needed")
             loader = self._loader(dataset, pc.batch_size, True, seed, drop_last=len(dataset) > pc.batch_size)
             metrics = engine.pretrain(model, loader, optimizer, pc.local_epochs, pc.max_steps, prox)
         else:
             dataset = self._dataset(["train"], True, augment=False, modality_dropout=self.cfg.modality_dropout)
+            dataset.seed = round_
             labels = self._labels(dataset)
             if len(set(labels)) < 2:
                 raise SiteTaskError(f"the training split has {len(labels)} labeled subject(s) of "

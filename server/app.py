@@ -1,10 +1,11 @@
 """Flower ServerApp: reads the run config and drives `server.runner.FederatedRun`.
 
 `flwr run .` passes pyproject's [tool.flwr.app.config] (overridable with --run-config):
-  config-file   a RunConfig YAML (default simulations/configs/quick.yaml)
+  config-file   a RunConfig YAML: a path, or a name in simulations/configs/ (default quick.yaml)
   out-dir       where results and checkpoints go
   resume        "true" to continue from out-dir's last checkpoint
-  any dotted key of the RunConfig, e.g. "pretrain.rounds" = 2, overriding the file.
+Flower only accepts --run-config keys declared in pyproject, so other settings go in the YAML;
+a dotted key that is declared there (e.g. "pretrain.rounds") overrides the file.
 """
 from __future__ import annotations
 

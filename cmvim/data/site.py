@@ -195,6 +195,7 @@ class SiteDataset(Dataset):
                  transform: Callable[[dict, torch.Generator], dict] | None = None):
         self.site, self.records, self.num_classes, self.transform = site, records, num_classes, transform
         self.epoch = 0          # set by the training loop so augmentations differ per epoch, reproducibly
+        self.seed = 0           # set per round by the caller, so rounds differ too
 
     def __len__(self) -> int:
         return len(self.records)
@@ -219,7 +220,8 @@ class SiteDataset(Dataset):
             "index": record.index,
         }
         if self.transform is not None:
-            generator = torch.Generator().manual_seed(hash((self.epoch, record.index)) & 0x7FFFFFFF)
+            generator = torch.Generator().manual_seed(
+                (self.seed * 1_000_003 + self.epoch) * 100_003 + record.index & 0x7FFFFFFF)
             item = self.transform(item, generator)
         return item
 
