@@ -18,6 +18,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from cmvim.config import ConfigError
 from cmvim.data import DataError, SiteData
 from cmvim.federation import ARRAYS, CONFIG, METRICS, PHASE, ROUND, RUN_CONFIG, SITE, SPLIT, RunConfig
 from cmvim.site_task import SiteTask, SiteTaskError, flatten_metrics
@@ -99,8 +100,10 @@ def public_error(exc: Exception) -> str:
         return f"refused: {exc}"
     if isinstance(exc, SiteTaskError):
         return str(exc)
-    if isinstance(exc, (ValueError, KeyError)) and "config" in str(exc).lower():
-        return f"configuration problem: {type(exc).__name__}"
+    if isinstance(exc, ConfigError):
+        return f"configuration problem: {exc}"          # names config keys, never site data
+    if isinstance(exc, KeyError):
+        return f"malformed message from the server: missing {exc}"
     if isinstance(exc, MemoryError) or "out of memory" in str(exc).lower():
         return "out of memory at the site"
     return f"{type(exc).__name__} at the site (details in the site's log)"

@@ -21,7 +21,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from cmvim.config import to_dict
-from cmvim.federation import ARRAYS, CONFIG, METRICS, PHASE, ROUND, RUN_CONFIG, SPLIT, RunConfig
+from cmvim.federation import ARRAYS, CONFIG, METRICS, PHASE, ROUND, RUN_CONFIG, SITE, SPLIT, RunConfig
 from cmvim.results import (mean_auc, plot_rocs, pooled_entry, site_entry, site_table, write_metrics,
                            write_summary)
 from cmvim.site_task import initial_state
@@ -181,7 +181,7 @@ class FederatedRun:
         sites, histograms, failures = {}, {}, []
         for reply in replies:
             name = site_name(reply)
-            error = None if reply.has_error() else reply.content.get("site", {}).get("error")
+            error = None if reply.has_error() else reply.content.get(SITE, {}).get("error")
             if reply.has_error() or error:
                 reason = str(error) if error else reply.error.reason.splitlines()[0][:200]
                 failures.append({"site": name, "stage": "evaluate", "reason": reason})
