@@ -168,3 +168,11 @@ def test_config_presets_yaml_and_typos(tmp_path):
         model_config({"depth": "four"})
     with pytest.raises(ConfigError, match="not a multiple of patch_size"):
         model_config({"img_size": 30})
+
+
+def test_scan_backend_comes_from_the_config():
+    model = CMViM(model_config({"preset": "tiny", "scan_backend": "torch"}))
+    mixers = [m for m in model.modules() if isinstance(m, BiMamba)]
+    assert mixers and all(m.scan_backend == "torch" for m in mixers)
+    with pytest.raises(ConfigError, match="'gpu' is not one of"):
+        model_config({"scan_backend": "gpu"})

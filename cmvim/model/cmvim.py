@@ -35,8 +35,9 @@ from .vim import VimEncoder
 
 
 def _vim(cfg: ModelConfig, dim: int, depth: int, drop_path: float, scan_backend: str | None) -> VimEncoder:
+    """A Vim stack; the scan backend is the argument, else the config's, else chosen automatically."""
     return VimEncoder(dim, depth, d_state=cfg.d_state, d_conv=cfg.d_conv, expand=cfg.expand,
-                      merge=cfg.merge, drop_path=drop_path, scan_backend=scan_backend)
+                      merge=cfg.merge, drop_path=drop_path, scan_backend=scan_backend or cfg.scan_backend)
 
 
 class ImageEncoder(nn.Module):
@@ -95,7 +96,7 @@ class CMViM(nn.Module):
         self.image = ImageEncoder(cfg, scan_backend)
         self.projector = nn.Linear(cfg.embed_dim, cfg.proj_dim)
         self.decoders = nn.ModuleDict({m: Decoder(cfg, scan_backend) for m in cfg.modalities})
-        self.report_encoder = (build_report_encoder(cfg.report, cfg.proj_dim, scan_backend)
+        self.report_encoder = (build_report_encoder(cfg.report, cfg.proj_dim, scan_backend or cfg.scan_backend)
                                if cfg.report.enabled else None)
         # The momentum (EMA) copy of the image encoder and projector. Parameters with
         # requires_grad=False rather than buffers: Opacus rejects buffers, and the

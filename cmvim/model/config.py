@@ -41,6 +41,7 @@ class ModelConfig:
     d_conv: int = 4
     expand: int = 2
     merge: Literal["mean", "sum"] = "mean"   # how forward and backward scans combine
+    scan_backend: Literal["ref", "torch", "cpu", "cuda"] | None = None   # None: automatic (cmvim.ssm)
     drop_path: float = 0.0
     pos_embed: Literal["sincos", "learned"] = "sincos"
     decoder_dim: int = 48
@@ -80,7 +81,7 @@ class ModelConfig:
 PRESETS: dict[str, dict] = {
     "tiny": dict(img_size=32, patch_size=8, embed_dim=64, depth=2, decoder_dim=48, decoder_depth=1,
                  proj_dim=64, report=dict(dim=48, depth=1, max_bytes=192)),
-    "small": dict(img_size=48, patch_size=8, embed_dim=96, depth=4, decoder_dim=64, decoder_depth=1,
+    "small": dict(img_size=48, patch_size=12, embed_dim=96, depth=4, decoder_dim=64, decoder_depth=1,
                   proj_dim=96, report=dict(dim=64, depth=2, max_bytes=256)),
     "base": dict(img_size=128, patch_size=16, embed_dim=768, depth=12, decoder_dim=384, decoder_depth=4,
                  proj_dim=256, drop_path=0.1, report=dict(dim=256, depth=4, max_bytes=512)),
