@@ -49,9 +49,12 @@ def _clean(value):
 
 
 def write_metrics(out_dir: Path, sites: dict, pooled: dict, rounds: list, config: dict,
-                  baselines: dict | None = None, failures: list | None = None) -> Path:
+                  baselines: dict | None = None, failures: list | None = None,
+                  summary: list[str] | None = None) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     payload = {"sites": sites, "pooled": pooled, "rounds": rounds, "config": config}
+    if summary:
+        payload["summary"] = summary
     if baselines:
         payload["baselines"] = baselines
     if failures:

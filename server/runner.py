@@ -191,20 +191,20 @@ class FederatedRun:
             histograms[name] = (metrics.pop("hist_pos", []), metrics.pop("hist_neg", []))
             sites[name] = site_entry(metrics)
         pooled = pooled_entry(histograms)
-        config = to_dict(self.cfg)
-        rounds = self.history
-        path = write_metrics(self.out_dir, sites, pooled, rounds, config, failures=self.rejected + failures)
-        plot_rocs(self.out_dir, histograms, sites)
-        table = site_table(sites, pooled)
-        _say("\n" + table)
         elapsed = time.perf_counter() - self.started
         lines = [f"- strategy: {self.cfg.strategy.name}; rounds: pretrain {self.cfg.pretrain.rounds}, "
-                 f"finetune {self.cfg.finetune.rounds}; model: {self.cfg.model}",
+                 f"finetune {self.cfg.finetune.rounds} (from a {self.cfg.finetune_init} encoder); "
+                 f"model: {self.cfg.model}",
                  f"- sites: {', '.join(sorted(sites))}; mean per-site AUC {mean_auc(sites):.3f}; pooled AUC "
                  f"{pooled['auc']:.3f}", f"- wall time of the federated part: {_fmt_duration(elapsed)}"]
         if self.rejected or failures:
             lines.append(f"- left out: {len(self.rejected + failures)} site-round(s); see metrics.json 'failures'")
+        path = write_metrics(self.out_dir, sites, pooled, self.history, to_dict(self.cfg),
+                             failures=self.rejected + failures, summary=lines)
+        plot_rocs(self.out_dir, histograms, sites)
+        table = site_table(sites, pooled)
+        _say("\n" + table)
         write_summary(self.out_dir, "cmvim federated run", table, lines)
         _say(f"\nresults: {path}, {self.out_dir / 'summary.md'}, ROC plots roc_*.png")
         Checkpoint("evaluate", 0, arrays, {}, self.history, self.rejected).save(self.ckpt_dir)
-        return {"sites": sites, "pooled": pooled, "rounds": rounds, "failures": self.rejected + failures}
+        return {"sites": sites, "pooled": pooled, "rounds": self.history, "failures": self.rejected + failures}

@@ -120,12 +120,14 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.baselines:
         from .baselines import run_baselines
         results["baselines"] = run_baselines(cfg, sites, cfg.baselines, say=_say)
+        lines = results.get("summary", []) + [
+            f"- baselines: {', '.join(cfg.baselines)} (same data, splits, engine and schedule): mean per-site AUC "
+            + ", ".join(f"{name} {b['mean_auc']:.3f}" for name, b in results["baselines"].items())]
         write_metrics(out_dir, results["sites"], results["pooled"], results["rounds"], results["config"],
-                      results["baselines"], results.get("failures"))
+                      results["baselines"], results.get("failures"), lines)
         table = site_table(results["sites"], results["pooled"], results["baselines"])
         _say("\nfederated vs " + " vs ".join(cfg.baselines) + " (test AUC per site):\n" + table)
-        write_summary(out_dir, "cmvim federated run with baselines", table,
-                      [f"- baselines: {', '.join(cfg.baselines)} (same data, splits, engine and schedule)"])
+        write_summary(out_dir, "cmvim federated run with baselines", table, lines)
     _say(f"\ncmvim-sim finished in {(time.perf_counter() - start) / 60:.1f} min; results in {out_dir}")
     return 0
 
