@@ -158,6 +158,61 @@ def test_a_failing_site_is_named_and_the_run_goes_on(easy_cohort, tmp_path):
     assert set(metrics["rounds"][0]["train"]) == {"A", "B"}
 
 
+def _pids_with_env(key: str, value: str) -> list[int]:
+    """Processes whose environment holds key=value: how the test finds what `flwr run` detached."""
+    pids, needle = [], f"{key}={value}".encode()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                if needle in (entry / "environ").read_bytes().split(b"\0"):
+                    pids.append(int(entry.name))
+            except OSError:
+                continue
+    return pids
+
+
+# the connection docs/federated.md tells users to add to $FLWR_HOME/config.toml
+FLWR_LOCAL_CONNECTION = """[superlink]
+default = "cmvim-local"
+
+[superlink.cmvim-local]
+address = ":local:"
+options.num-supernodes = 3
+options.backend.client-resources.num-cpus = 1
+"""
+
+
+def test_flwr_run_runs_the_same_app(easy_cohort, tmp_path):
+    """`flwr run .` packages the app from pyproject's [tool.flwr.app] and runs it on a local
+    simulation SuperLink; its results are the same files cmvim-sim writes."""
+    config, out, home = tmp_path / "flwr.yaml", tmp_path / "flwr-out", tmp_path / "flwr-home"
+    config.write_text(yaml.safe_dump(tiny_config(easy_cohort, pretrain={"rounds": 1},
+                                                 finetune={"rounds": 1, "local_epochs": 1})))
+    home.mkdir()
+    (home / "config.toml").write_text(FLWR_LOCAL_CONNECTION)
+    env = dict(os.environ, FLWR_HOME=str(home), FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1", PYTHONUNBUFFERED="1")
+    flwr = Path(sys.executable).with_name("flwr")
+    repo = Path(__file__).resolve().parent.parent
+    pyproject = (repo / "pyproject.toml").read_text()
+    try:
+        proc = subprocess.run([str(flwr), "run", ".", "cmvim-local", "--stream", "--run-config",
+                               f'config-file="{config}" out-dir="{out}"'], capture_output=True, text=True,
+                              timeout=600, env=env, cwd=repo)
+    finally:
+        for pid in _pids_with_env("FLWR_HOME", str(home)):     # the detached local SuperLink and its children
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (repo / "pyproject.toml").read_text() == pyproject          # Flower left our file alone
+    assert "== pretrain: rounds 1-1, strategy fedavg, 3 sites connected ==" in proc.stdout
+    metrics = json.loads((out / "metrics.json").read_text())      # `flwr run` exits 0 on failure: check results
+    assert set(metrics["sites"]) == {"A", "B", "C"}
+    assert [(r["phase"], r["round"]) for r in metrics["rounds"]] == [("pretrain", 1), ("finetune", 1)]
+    assert "| pooled |" in proc.stdout
+
+
 def _reply(site: str, arrays: dict, node: int) -> Message:
     content = RecordDict({ARRAYS: ArrayRecord(arrays), METRICS: MetricRecord({"num-examples": 10, "loss": 1.0}),
                           SITE: ConfigRecord({"name": site})})
