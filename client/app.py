@@ -1,7 +1,8 @@
 """Flower ClientApp (Message API): a site's train and evaluate handlers, thin over cmvim.site_task.
 
 Which site this node is:
-  deployment  node config `site` and `data-dir` (set by `cmvim-client --site A --data DIR`)
+  deployment  node config `site`, `data-dir` and `policy` (set by `cmvim-client --site A --data DIR
+              --policy FILE`); every request is checked against the site policy before any data is read
   simulation  node config `partition-id`: the N-th site folder of the run's cohort
 
 Every reply carries only the shared parameters, aggregate metrics and the site's name. A
@@ -11,6 +12,7 @@ of problem, never a subject id, path or report text) so the server can name the 
 from __future__ import annotations
 
 import logging
+import time
 import traceback
 from pathlib import Path
 
@@ -22,6 +24,8 @@ from cmvim.config import ConfigError
 from cmvim.data import DataError, SiteData
 from cmvim.federation import ARRAYS, CONFIG, METRICS, PHASE, ROUND, RUN_CONFIG, SITE, SPLIT, RunConfig
 from cmvim.site_task import SiteTask, SiteTaskError, flatten_metrics
+
+from .policy import PolicyRefusal, load_policy
 
 log = logging.getLogger("cmvim.client")
 LOCAL_STATE = "cmvim-local-params"
@@ -63,12 +67,20 @@ def load_task(cfg: RunConfig, name: str, site_dir: Path) -> SiteTask:
 
 def _handle(msg: Message, context: Context, training: bool) -> Message:
     name = str(context.node_config.get("site", f"node-{context.node_id}"))
+    started = time.perf_counter()
     try:
         config = msg.content[CONFIG]
         cfg = RunConfig.from_json(str(config[RUN_CONFIG]))
         name, site_dir = site_of(context, cfg)
         phase = str(config[PHASE])
         round_ = int(config.get("server-round", 0)) + int(config[ROUND])      # absolute round in the phase
+        split = None if training else str(config.get(SPLIT, "val"))
+        policy = context.node_config.get("policy")
+        try:
+            load_policy(str(policy) if policy else None).check(cfg, phase, training, split)
+        except PolicyRefusal:
+            log.warning("site %s refused a %s request (site policy)", name, phase)
+            raise
         task = load_task(cfg, name, site_dir)
         shared = msg.content[ARRAYS].to_torch_state_dict() if ARRAYS in msg.content else {}
         local = context.state[LOCAL_STATE].to_torch_state_dict() if LOCAL_STATE in context.state else {}
@@ -80,11 +92,14 @@ def _handle(msg: Message, context: Context, training: bool) -> Message:
                                   METRICS: MetricRecord(flatten_metrics(result.metrics)),
                                   SITE: ConfigRecord({"name": name})})
         else:
-            result = task.evaluate(phase, shared, local, str(config.get(SPLIT, "val")))
+            result = task.evaluate(phase, shared, local, split)
             metrics = flatten_metrics(result.metrics)
             if result.histograms is not None:
                 metrics["hist_pos"], metrics["hist_neg"] = result.histograms
             content = RecordDict({METRICS: MetricRecord(metrics), SITE: ConfigRecord({"name": name})})
+        if "data-dir" in context.node_config:          # deployment: the hospital's console shows progress
+            print(f"cmvim: site {name}: {phase} {'train' if training else 'evaluate'} round {round_} done in "
+                  f"{time.perf_counter() - started:.1f} s", flush=True)
         return Message(content, reply_to=msg)
     except Exception as exc:  # noqa: BLE001 - every failure becomes a public reply, details stay here
         log.error("site %s failed:\n%s", name, traceback.format_exc())
@@ -96,7 +111,7 @@ def public_error(exc: Exception) -> str:
     """What may cross the network about a failure: its kind, never data from the site."""
     if isinstance(exc, DataError):
         return f"data problem at the site: {exc.public_message()}"
-    if isinstance(exc, SiteRefusal):
+    if isinstance(exc, (SiteRefusal, PolicyRefusal)):
         return f"refused: {exc}"
     if isinstance(exc, SiteTaskError):
         return str(exc)

@@ -1,16 +1,15 @@
 """`cmvim-client`: a hospital's side of cmvim.
 
     cmvim-client check --data DIR       is this site folder ready? (runs locally, sends nothing)
-    cmvim-client --site A --data DIR    join a federated run as a Flower SuperNode (issue #6)
+    cmvim-client --site A --data DIR --server HOST:PORT --root-cert ca.crt --auth-key A.key [--policy FILE]
+                                        join a federation as a Flower SuperNode (see docs/deploy.md)
 """
 from __future__ import annotations
 
 import argparse
 import sys
 
-from cmvim.cli_util import not_yet
-
-from . import check
+from . import check, join
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,7 +20,11 @@ def main(argv: list[str] | None = None) -> int:
         check.add_arguments(parser)
         args = parser.parse_args(argv[1:])
         return check.check_site(args.data, strict=args.strict)
-    return not_yet("cmvim-client", 6, "the hospital SuperNode")
+    parser = argparse.ArgumentParser(prog="cmvim-client", description=join.__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="Check a site folder without joining: cmvim-client check --data DIR")
+    join.add_arguments(parser)
+    return join.join(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@
   config-file   a RunConfig YAML: a path, or a name in simulations/configs/ (default quick.yaml)
   out-dir       where results and checkpoints go
   resume        "true" to continue from out-dir's last checkpoint
+  deployment    "true" (set by cmvim-server): sites bring their own data; no synthetic cohort
 Flower only accepts --run-config keys declared in pyproject, so other settings go in the YAML;
 a dotted key that is declared there (e.g. "pretrain.rounds") overrides the file.
 """
@@ -21,7 +22,7 @@ from .runner import FederatedRun
 
 app = ServerApp()
 
-RESERVED = ("config-file", "out-dir", "resume")
+RESERVED = ("config-file", "out-dir", "resume", "deployment")
 
 
 def config_path(name: str) -> Path:
@@ -62,7 +63,9 @@ def ensure_cohort(cfg: RunConfig) -> RunConfig:
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     run_cfg = dict(context.run_config)
-    cfg = ensure_cohort(config_from_context(run_cfg))
+    cfg = config_from_context(run_cfg)
+    if str(run_cfg.get("deployment", "false")).lower() != "true":
+        cfg = ensure_cohort(cfg)             # simulation: the synthetic cohort; deployment: sites bring data
     out_dir = Path(str(run_cfg.get("out-dir", "runs/flwr"))).expanduser().resolve()
     print(f"cmvim: results of this run go to {out_dir}", flush=True)
     resume = str(run_cfg.get("resume", "false")).lower() in ("1", "true", "yes")

@@ -1,11 +1,16 @@
-"""`cmvim-server`: the coordinator (Flower SuperLink + the cmvim run) (issue #6)."""
+"""`cmvim-server`: the coordinator: a Flower SuperLink (TLS and SuperNode authentication on by
+default) and the cmvim run submitted to it. See server/deploy.py and docs/deploy.md."""
+import argparse
 import sys
 
-from cmvim.cli_util import not_yet
+from . import deploy
 
 
 def main(argv=None) -> int:
-    return not_yet("cmvim-server", 6, "the coordinator on Flower's deployment engine")
+    parser = argparse.ArgumentParser(prog="cmvim-server", description=deploy.__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    deploy.add_arguments(parser)
+    return deploy.serve(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

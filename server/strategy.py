@@ -30,8 +30,13 @@ class RoundLog:
     rejected: list[dict] = field(default_factory=list)          # {"round", "site", "stage", "reason"}
 
 
+SUPERLINK_NODE_ID = 1      # the sender of the error replies Flower's SuperLink makes for lost nodes
+
+
 def site_name(msg: Message) -> str:
     if msg.has_error():
+        if msg.metadata.src_node_id == SUPERLINK_NODE_ID:     # the SuperLink answered for a node it lost
+            return "(unreachable)"
         return f"node {msg.metadata.src_node_id}"
     record = msg.content.get(SITE) if hasattr(msg.content, "get") else None
     return str(record["name"]) if record is not None and "name" in record else f"node {msg.metadata.src_node_id}"

@@ -1,0 +1,192 @@
+"""`cmvim-client --site A --data DIR --server HOST:PORT ...`: join a federation as a Flower SuperNode.
+
+Before anything connects: the site check runs on DIR (fatal problems: refuse to start), the
+site policy is read (a mistyped key is an error that names it), and the CA certificate and the
+SuperNode key are parsed, so a wrong file is named here rather than as a TLS error later.
+
+Then a Flower SuperNode runs with node config `site`, `data-dir` and `policy` (the ClientApp
+checks every request against the policy before reading data). Flower's SuperNode retries with
+backoff while the server is away; if it exits for any other transient reason it is started again
+with backoff (2 s doubling to 60 s). A certificate the CA does not vouch for, or a key the
+server has not registered (after --auth-retries tries: the coordinator may be registering it
+right now), stops it with a message saying what to fix.
+"""
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import time
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import load_ssh_private_key
+
+from cmvim.cli_util import Child, flower_env, free_port
+from cmvim.config import ConfigError
+
+from .check import check_site
+from .policy import load_policy
+
+UNREGISTERED = 4
+# (text in the SuperNode's output, what it means for a hospital, exit status)
+FATAL = [
+    ("CERTIFICATE_VERIFY_FAILED", "the server's TLS certificate is not signed by the CA in --root-cert "
+                                  "(wrong CA file, or the wrong server)", 3),
+    ("Hostname mismatch", "the server's TLS certificate does not name the host in --server "
+                          "(connect with the name the certificate was made for)", 3),
+    ("IP address mismatch", "the server's TLS certificate does not name the address in --server "
+                            "(connect with the name the certificate was made for)", 3),
+    ("[code: 2004]", "the server does not know this site's key: send the public key (<site>.pub) to the "
+                     "coordinator to register, or check --auth-key is this site's key", UNREGISTERED),
+    ("Unable to parse the private key", "the SuperNode key file cannot be read (--auth-key)", 4),
+]
+
+
+class JoinError(Exception):
+    """A problem a hospital fixes before joining; the message says what and where."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--site", required=True, help="this site's name, as the coordinator knows it (e.g. A)")
+    parser.add_argument("--data", required=True, type=Path, help="the site folder (manifest.csv and scans)")
+    parser.add_argument("--server", required=True, help="the SuperLink's address, HOST:PORT")
+    parser.add_argument("--root-cert", type=Path, help="the federation's CA certificate (ca.crt)")
+    parser.add_argument("--auth-key", type=Path, help="this site's SuperNode private key (<site>.key)")
+    parser.add_argument("--policy", type=Path, help="the site policy YAML (default: every phase allowed, "
+                                                    "at most 10 local epochs, batch size 64)")
+    parser.add_argument("--state-dir", type=Path, help="Flower's working folder for this node "
+                                                       "(default ~/.cmvim/supernode-<site>)")
+    parser.add_argument("--runtime-port", type=int, help="local port of the SuperNode's runtime API "
+                                                         "(default: a free one)")
+    parser.add_argument("--insecure", action="store_true",
+                        help="no TLS and no node authentication (testing on one machine only)")
+    parser.add_argument("--max-restarts", type=int, default=None, help="give up after this many restarts")
+    parser.add_argument("--auth-retries", type=int, default=6,
+                        help="retries while the server does not (yet) know this site's key (default 6, "
+                             "about two minutes: the coordinator may still be registering it)")
+
+
+def _read_certificate(path: Path) -> None:
+    try:
+        x509.load_pem_x509_certificates(path.read_bytes())
+    except OSError as err:
+        raise JoinError(f"--root-cert {path}: cannot read it ({err.strerror})") from None
+    except ValueError:
+        raise JoinError(f"--root-cert {path}: not a PEM certificate (expected the federation's ca.crt)") from None
+
+
+def _read_key(path: Path) -> None:
+    try:
+        key = load_ssh_private_key(path.read_bytes(), None)
+    except OSError as err:
+        raise JoinError(f"--auth-key {path}: cannot read it ({err.strerror})") from None
+    except (ValueError, TypeError) as err:
+        raise JoinError(f"--auth-key {path}: not an unencrypted OpenSSH private key ({err}); "
+                        f"make one with deploy/certs.py --keys-only --sites NAME") from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise JoinError(f"--auth-key {path}: a {type(key).__name__}; Flower needs an EC (NIST P-384) key")
+
+
+def preflight(args: argparse.Namespace) -> None:
+    """Everything that can be checked before connecting; raises JoinError naming the problem."""
+    if not args.insecure:
+        if args.root_cert is None or args.auth_key is None:
+            raise JoinError("TLS and node authentication are on: give --root-cert ca.crt and --auth-key "
+                            f"{args.site}.key (or --insecure for a local test)")
+        _read_certificate(args.root_cert)
+        _read_key(args.auth_key)
+    if args.policy is not None:
+        try:
+            load_policy(args.policy)
+        except (ConfigError, ValueError, OSError) as err:
+            raise JoinError(f"--policy {args.policy}: {err}") from None
+    host, _, port = args.server.rpartition(":")
+    if not host or not port.isdigit():
+        raise JoinError(f"--server {args.server!r}: expected HOST:PORT")
+    if not all(c.isalnum() or c in "-_" for c in args.site):
+        raise JoinError(f"--site {args.site!r}: use letters, digits, '-' and '_'")
+
+
+def supernode_command(args: argparse.Namespace, runtime_port: int) -> list[str]:
+    node_config = f'site="{args.site}" data-dir="{args.data.resolve()}"'
+    if args.policy is not None:
+        node_config += f' policy="{args.policy.resolve()}"'
+    cmd = [str(Path(sys.executable).with_name("flower-supernode")), "--superlink", args.server,
+           "--node-config", node_config, "--port", str(runtime_port)]
+    if args.insecure:
+        cmd.append("--insecure")
+    else:
+        cmd += ["--root-certificates", str(args.root_cert.resolve()),
+                "--auth-supernode-private-key", str(args.auth_key.resolve())]
+    return cmd
+
+
+def join(args: argparse.Namespace) -> int:
+    try:
+        preflight(args)
+    except JoinError as err:
+        print(f"cmvim-client: {err}", file=sys.stderr)
+        return 2
+    print(f"cmvim-client: checking site {args.site} before joining")
+    if check_site(args.data) != 0:
+        print(f"cmvim-client: site {args.site} has fatal data problems (above): not joining", file=sys.stderr)
+        return 2
+    policy = load_policy(args.policy)
+    print(f"cmvim-client: site policy: {policy}")
+    if args.insecure:
+        print("cmvim-client: WARNING --insecure: no TLS, no node authentication; for tests on one machine only")
+
+    state = (args.state_dir or Path.home() / ".cmvim" / f"supernode-{args.site}").expanduser()
+    state.mkdir(parents=True, exist_ok=True)
+    env = flower_env(state)
+    runtime_port = args.runtime_port or free_port()
+    fatal: list[tuple[str, int]] = []
+
+    def watch(line: str) -> None:
+        for needle, meaning, code in FATAL:
+            if needle in line and not fatal:
+                fatal.append((meaning, code))
+
+    child: Child | None = None
+    stopping = []
+
+    def stop(signum, frame):
+        stopping.append(signum)
+        if child is not None:
+            child.stop()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    restarts, backoff, auth_failures = 0, 2.0, 0
+    while True:
+        print(f"cmvim-client: site {args.site} connecting to {args.server} (log: {state / 'supernode.log'})",
+              flush=True)
+        child = Child(supernode_command(args, runtime_port), env=env, prefix=f"[{args.site}] ",
+                      log_path=state / "supernode.log", on_line=watch)
+        started = time.monotonic()
+        code = child.wait()
+        child.stop()                         # the SuperExec and ClientApp processes it started
+        if stopping:
+            print(f"cmvim-client: site {args.site} stopped")
+            return 0
+        if fatal:
+            meaning, status = fatal.pop()
+            if status != UNREGISTERED or auth_failures >= args.auth_retries:
+                print(f"cmvim-client: site {args.site} cannot join: {meaning}", file=sys.stderr)
+                return status
+            auth_failures += 1
+            print(f"cmvim-client: {meaning} (attempt {auth_failures}/{args.auth_retries + 1})", flush=True)
+        restarts += 1
+        if args.max_restarts is not None and restarts > args.max_restarts:
+            print(f"cmvim-client: the SuperNode exited {restarts} times (last status {code}); giving up",
+                  file=sys.stderr)
+            return 1
+        if time.monotonic() - started > 300:
+            backoff = 2.0                    # it ran a while: start the backoff afresh
+        print(f"cmvim-client: the SuperNode exited (status {code}); reconnecting in {backoff:.0f} s", flush=True)
+        time.sleep(backoff)
+        backoff = min(backoff * 2, 60.0)
+        if stopping:
+            return 0

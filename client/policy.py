@@ -1,0 +1,75 @@
+"""Site policy: what a hospital allows a federated run to do with its data.
+
+A YAML file the hospital controls (passed as `cmvim-client --policy FILE`), e.g.
+
+    allowed_phases: [pretrain, finetune, evaluate]
+    max_local_epochs: 5
+    max_batch_size: 16
+    use_reports: false          # free-text reports stay out of training
+    dp_required: false          # true: refuse any training without differential privacy
+    max_epsilon: 8.0            # with dp_required: the most privacy budget a run may spend
+
+Every request from the server is checked before any data is read; one outside the policy is
+refused with a message naming the rule and the requested value (config values only: nothing
+from the site's data), and the server reports the site as having refused.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from cmvim.config import from_dict, load_yaml
+from cmvim.federation import RunConfig
+
+Phase = Literal["pretrain", "finetune", "evaluate"]
+
+
+class PolicyRefusal(Exception):
+    """A request outside the site policy; the message is public (it names rules and config values)."""
+
+
+@dataclass
+class SitePolicy:
+    allowed_phases: list[Phase] = field(default_factory=lambda: ["pretrain", "finetune", "evaluate"])
+    max_local_epochs: int = 10
+    max_batch_size: int = 64
+    use_reports: bool = True
+    dp_required: bool = False
+    max_epsilon: float | None = None
+
+    def check(self, cfg: RunConfig, phase: str, training: bool, split: str | None = None) -> None:
+        """Raise PolicyRefusal if the server's request is outside this policy. Scoring the test
+        split is the `evaluate` phase; validation during a phase belongs to that phase."""
+        wanted = "evaluate" if not training and split == "test" else phase
+        if wanted not in self.allowed_phases:
+            raise PolicyRefusal(f"site policy does not allow the {wanted} phase "
+                                f"(allowed_phases: {', '.join(self.allowed_phases) or 'none'})")
+        if cfg.use_reports and not self.use_reports:
+            raise PolicyRefusal("site policy does not allow the use of reports (use_reports: false); "
+                                "the run asks for them (use_reports: true)")
+        if not training:
+            return
+        pc = cfg.phase(phase)
+        if pc.local_epochs > self.max_local_epochs:
+            raise PolicyRefusal(f"site policy allows at most {self.max_local_epochs} local epochs; "
+                                f"the run asks for {pc.local_epochs} ({phase}.local_epochs)")
+        if pc.batch_size > self.max_batch_size:
+            raise PolicyRefusal(f"site policy allows batch size at most {self.max_batch_size}; "
+                                f"the run asks for {pc.batch_size} ({phase}.batch_size)")
+        if self.dp_required:
+            raise PolicyRefusal("site policy requires differential privacy (dp_required: true); "
+                                "this run trains without it")
+
+
+def load_policy(path: str | Path | None) -> SitePolicy:
+    """The site's policy from YAML (unknown keys are errors that name them); None: the defaults."""
+    if path is None or str(path) == "":
+        return SitePolicy()
+    data = load_yaml(Path(path)) or {}
+    policy = from_dict(SitePolicy, data, "site policy")
+    if policy.max_local_epochs < 1 or policy.max_batch_size < 1:
+        raise ValueError("site policy: max_local_epochs and max_batch_size must be at least 1")
+    if policy.max_epsilon is not None and policy.max_epsilon <= 0:
+        raise ValueError("site policy: max_epsilon must be positive")
+    return policy

@@ -1,0 +1,238 @@
+"""`cmvim-server`: the coordinator's side of a deployment on Flower's SuperLink.
+
+    cmvim-server --config run.yaml --out results/ --certs certs/ --site-keys certs/sites/ --wait-sites 3
+
+1. Starts a Flower SuperLink with TLS (certs/ca.crt, server.crt, server.key) and SuperNode
+   authentication on, runtime dependency installation off, its state in a SQLite file under
+   --state-dir (so registrations survive a restart). `--superlink HOST:PORT` uses a running
+   SuperLink instead.
+2. Registers every site public key in --site-keys (<site>.pub); a key already known is fine.
+3. Waits until --wait-sites SuperNodes are online (default: the strategy's min_nodes).
+4. Submits the cmvim run (`flwr run`) with the config file and the results folder, streams its
+   log, and waits for it to finish.
+5. Exits 0 only when Flower reports the run `finished:completed` and metrics.json was written
+   (`flwr run --stream` exits 0 even on a failed run); otherwise non-zero, saying why.
+The SuperLink it started is stopped by its PID on the way out (unless --keep-running).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from cmvim.cli_util import Child, flower_env
+from cmvim.config import ConfigError
+from cmvim.federation import run_config
+
+CONNECTION = "cmvim"
+APP_DIR = Path(__file__).resolve().parent.parent         # pyproject.toml with [tool.flwr.app]
+
+
+class DeployError(Exception):
+    """A problem the coordinator fixes; the message says what and where."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, type=Path, help="the run config YAML (cohort.path is "
+                        "ignored in deployment: each site brings its own data)")
+    parser.add_argument("--out", required=True, type=Path, help="where results and checkpoints go")
+    parser.add_argument("--certs", type=Path, help="folder with ca.crt, server.crt, server.key (deploy/certs.py)")
+    parser.add_argument("--site-keys", type=Path, help="folder of site public keys (<site>.pub) to register")
+    parser.add_argument("--address", default="0.0.0.0:9092",
+                        help="where the SuperLink listens, HOST:PORT (default 0.0.0.0:9092)")
+    parser.add_argument("--superlink", help="use a running SuperLink at HOST:PORT instead of starting one")
+    parser.add_argument("--wait-sites", type=int, help="SuperNodes that must be online before the run starts "
+                        "(default: the strategy's min_nodes)")
+    parser.add_argument("--wait-timeout", type=float, default=3600.0, help="give up waiting for sites after S s")
+    parser.add_argument("--state-dir", type=Path, help="SuperLink database, logs and Flower's home "
+                        "(default: OUT/.superlink)")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    parser.add_argument("--insecure", action="store_true", help="no TLS, no node authentication (local tests only)")
+    parser.add_argument("--keep-running", action="store_true", help="leave the SuperLink running after the run")
+
+
+class Coordinator:
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.state = (args.state_dir or args.out / ".superlink").expanduser().resolve()
+        self.env = flower_env(self.state / "flwr-home")
+        self.superlink: Child | None = None
+        self.address = args.superlink or self._connect_address(args.address)
+
+    @staticmethod
+    def _connect_address(listen: str) -> str:
+        host, _, port = listen.rpartition(":")
+        if not host or not port.isdigit():
+            raise DeployError(f"--address {listen!r}: expected HOST:PORT")
+        return f"127.0.0.1:{port}" if host in ("0.0.0.0", "::", "[::]") else listen
+
+    # -- the SuperLink ------------------------------------------------------------------------
+    def _certs(self) -> dict[str, Path]:
+        if self.args.certs is None:
+            raise DeployError("TLS is on: give --certs DIR (ca.crt, server.crt, server.key from deploy/certs.py), "
+                              "or --insecure for a local test")
+        files = {name: (self.args.certs / name).resolve() for name in ("ca.crt", "server.crt", "server.key")}
+        missing = [str(p) for p in files.values() if not p.is_file()]
+        if missing:
+            raise DeployError(f"missing certificate files: {', '.join(missing)} (make them with deploy/certs.py)")
+        return files
+
+    def write_connection(self) -> None:
+        home = self.state / "flwr-home"
+        home.mkdir(parents=True, exist_ok=True)
+        lines = ["[superlink]", f'default = "{CONNECTION}"', "", f"[superlink.{CONNECTION}]",
+                 f'address = "{self.address}"']
+        lines.append("insecure = true" if self.args.insecure else f'root-certificates = "{self._certs()["ca.crt"]}"')
+        (home / "config.toml").write_text("\n".join(lines) + "\n")
+
+    def start_superlink(self) -> None:
+        host, _, port = self.args.address.rpartition(":")
+        cmd = [str(Path(sys.executable).with_name("flower-superlink")), "--host", host, "--port", port,
+               "--database", str(self.state / "superlink.db"), "--disable-runtime-dependency-installation"]
+        if self.args.insecure:
+            cmd.append("--insecure")
+        else:
+            certs = self._certs()
+            cmd += ["--ssl-ca-certfile", str(certs["ca.crt"]), "--ssl-certfile", str(certs["server.crt"]),
+                    "--ssl-keyfile", str(certs["server.key"]), "--enable-supernode-auth"]
+        say(f"starting the SuperLink on {self.args.address} ({'INSECURE' if self.args.insecure else 'TLS'}"
+            f"{'' if self.args.insecure else ', SuperNode authentication on'}); log: {self.state / 'superlink.log'}")
+        self.superlink = Child(cmd, env=self.env, log_path=self.state / "superlink.log", echo=False)
+        deadline = time.monotonic() + 60
+        while True:
+            if self.superlink.poll() is not None:
+                raise DeployError("the SuperLink exited at start:\n  " + "\n  ".join(self.superlink.lines[-15:]))
+            if self.flwr("supernode", "list", check=False) is not None:
+                return
+            if time.monotonic() > deadline:
+                raise DeployError(f"the SuperLink did not answer on {self.address} within 60 s")
+            time.sleep(1)
+
+    def flwr(self, *args: str, check: bool = True) -> dict | None:
+        """Run a `flwr` CLI command against our connection; its JSON answer (None when it failed
+        and check is False)."""
+        cmd = [str(Path(sys.executable).with_name("flwr")), *args, "--format", "json"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=self.env, cwd=APP_DIR, timeout=300)
+        answer = _last_json(proc.stdout)
+        if proc.returncode == 0 and answer is not None and answer.get("success", True):
+            return answer
+        if check:
+            reason = (answer or {}).get("error-message") or (proc.stderr or proc.stdout).strip()[-800:]
+            raise DeployError(f"`flwr {' '.join(args)}` failed: {reason}")
+        return None
+
+    # -- sites --------------------------------------------------------------------------------
+    def register_sites(self) -> None:
+        if self.args.site_keys is None:
+            return
+        keys = sorted(self.args.site_keys.glob("*.pub"))
+        if not keys:
+            raise DeployError(f"--site-keys {self.args.site_keys}: no <site>.pub files")
+        known = {n.get("node-id") for n in self.nodes()}
+        for key in keys:
+            answer = self.flwr("supernode", "register", str(key.resolve()), CONNECTION, "--name", key.stem,
+                               check=False)
+            if answer is not None:
+                say(f"registered site {key.stem} (node {answer.get('node-id')})")
+            elif len(self.nodes()) > len(known):
+                say(f"registered site {key.stem}")
+            else:
+                say(f"site {key.stem}: key already registered")
+
+    def nodes(self) -> list[dict]:
+        return (self.flwr("supernode", "list", CONNECTION, check=False) or {}).get("nodes", [])
+
+    def wait_for_sites(self, wanted: int) -> None:
+        deadline, last = time.monotonic() + self.args.wait_timeout, -1
+        while True:
+            online = sum(1 for n in self.nodes() if n.get("status") == "online")
+            if online != last:
+                say(f"sites online: {online}/{wanted}")
+                last = online
+            if online >= wanted:
+                return
+            if time.monotonic() > deadline:
+                raise DeployError(f"only {online} of {wanted} sites came online within {self.args.wait_timeout:.0f} s")
+            time.sleep(2)
+
+    # -- the run ------------------------------------------------------------------------------
+    def submit(self) -> str:
+        out = self.args.out.expanduser().resolve()
+        run_cfg = (f'config-file="{self.args.config.resolve()}" out-dir="{out}" '
+                   f'resume="{"true" if self.args.resume else "false"}" deployment="true"')
+        answer = self.flwr("run", str(APP_DIR), CONNECTION, "--run-config", run_cfg)
+        run_id = answer.get("run-id")
+        if not run_id:
+            raise DeployError(f"the SuperLink did not start the run: {answer}")
+        say(f"run {run_id} submitted; results will be in {out}")
+        return str(run_id)
+
+    def wait_for_run(self, run_id: str) -> str:
+        log = Child([str(Path(sys.executable).with_name("flwr")), "log", run_id, CONNECTION, "--stream"],
+                    env=self.env, prefix="  ")
+        try:
+            while True:
+                runs = (self.flwr("list", CONNECTION, "--run-id", run_id, check=False) or {}).get("runs", [])
+                status = runs[0].get("status", "") if runs else ""
+                if status.startswith("finished"):
+                    time.sleep(2)            # let the log stream print the end
+                    return status
+                time.sleep(3)
+        finally:
+            log.stop(grace=3)
+
+    def stop(self) -> None:
+        if self.superlink is not None and not self.args.keep_running:
+            self.superlink.stop()
+            say("SuperLink stopped")
+
+
+def _last_json(text: str) -> dict | None:
+    start = text.find("{")
+    while start != -1:
+        try:
+            return json.loads(text[start:])
+        except json.JSONDecodeError:
+            start = text.find("{", start + 1)
+    return None
+
+
+def say(text: str) -> None:
+    print(f"cmvim-server: {text}", flush=True)
+
+
+def serve(args: argparse.Namespace) -> int:
+    try:
+        cfg = run_config(args.config)
+    except (ConfigError, ValueError, OSError) as err:
+        print(f"cmvim-server: --config {args.config}: {err}", file=sys.stderr)
+        return 2
+    coordinator = None
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        coordinator = Coordinator(args)
+        coordinator.write_connection()
+        if not args.superlink:
+            coordinator.start_superlink()
+        coordinator.register_sites()
+        coordinator.wait_for_sites(args.wait_sites or cfg.strategy.min_nodes)
+        run_id = coordinator.submit()
+        status = coordinator.wait_for_run(run_id)
+    except DeployError as err:
+        print(f"cmvim-server: {err}", file=sys.stderr)
+        return 2
+    finally:
+        if coordinator is not None:
+            coordinator.stop()
+    metrics = args.out / "metrics.json"
+    if status != "finished:completed" or not metrics.exists():
+        why = status if status != "finished:completed" else "no metrics.json was written"
+        print(f"cmvim-server: run {run_id} did not complete ({why}); the SuperLink log is in "
+              f"{coordinator.state / 'superlink.log'}", file=sys.stderr)
+        return 1
+    say(f"run {run_id} completed; results: {metrics}, {args.out / 'summary.md'}, ROC plots roc_*.png")
+    return 0

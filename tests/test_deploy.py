@@ -1,0 +1,141 @@
+"""Deployment with real processes on 127.0.0.1: certificates from deploy/certs.py, a SuperLink
+with TLS and SuperNode authentication started by `cmvim-server`, three hospitals joining with
+`cmvim-client` (before the server is up: they wait and reconnect), a tiny pretrain -> finetune ->
+evaluate. Also: an unregistered key is turned away, a client killed mid-run rejoins, and a
+request outside a site's policy is refused with the reason sent back. Every process is stopped
+by its PID. These are the commands of docs/deploy.md."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytest.importorskip("flwr")
+pytest.importorskip("nilearn")
+
+from cmvim.cli_util import free_port  # noqa: E402
+from simulations.cohort import CohortConfig, cached_cohort  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def start(cmd: list[str], log: Path) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONUNBUFFERED="1", PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+    return subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, cwd=REPO)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def wait_for(predicate, timeout: float, what: str, procs=()) -> None:
+    deadline = time.time() + timeout
+    while not predicate():
+        for p in procs:
+            assert p.poll() is None, f"{what}: a process ended early (status {p.returncode})"
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.5)
+
+
+def client_cmd(site: str, data: Path, port: int, certs: Path, key: Path, state: Path, *extra: str) -> list[str]:
+    return [str(BIN / "cmvim-client"), "--site", site, "--data", str(data), "--server", f"127.0.0.1:{port}",
+            "--root-cert", str(certs / "ca.crt"), "--auth-key", str(key), "--state-dir", str(state), *extra]
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    spec = CohortConfig(sites=3, subjects=30, shape=32, seed=3, effect_scale=5.0, pet_missing=0.0)
+    return cached_cohort(spec, root=tmp_path_factory.mktemp("deploy-cache"))
+
+
+def test_deployment_with_tls_node_auth_policy_and_a_restarted_site(cohort, tmp_path):
+    certs, other = tmp_path / "certs", tmp_path / "other-keys"
+    made = subprocess.run([sys.executable, "deploy/certs.py", "--out", str(certs), "--server-name", "localhost",
+                           "--sites", "A", "B", "C"], cwd=REPO, capture_output=True, text=True)
+    assert made.returncode == 0, made.stderr
+    subprocess.run([sys.executable, "deploy/certs.py", "--out", str(other), "--keys-only", "--sites", "D"],
+                   cwd=REPO, check=True, capture_output=True)
+    assert oct((certs / "sites" / "A.key").stat().st_mode & 0o777) == "0o600"
+
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({
+        "seed": 0, "model": {"preset": "tiny"}, "preprocess": {"shape": 32, "voxel_size": 6.25},
+        "split_fractions": [0.6, 0.0, 0.4], "modality_dropout": 0.0,
+        "pretrain": {"rounds": 2, "local_epochs": 1, "batch_size": 6},
+        "finetune": {"rounds": 1, "local_epochs": 2, "batch_size": 4, "lr": 0.002},
+        "strategy": {"min_nodes": 2, "round_timeout": 180},
+        "evaluation": {"bootstrap": 100, "every_round": False},
+    }))
+    policy_c = tmp_path / "policy-C.yaml"             # site C allows one local epoch: fine-tuning asks for 2
+    policy_c.write_text("allowed_phases: [pretrain, finetune, evaluate]\nmax_local_epochs: 1\n")
+    port, out = free_port(), tmp_path / "results"
+    logs = {name: tmp_path / f"{name}.log" for name in ("A", "B", "B2", "C", "D", "server")}
+    procs: list[subprocess.Popen] = []
+    try:
+        # hospitals first: the server is not up yet, so their SuperNodes retry with backoff
+        for site in "ABC":
+            extra = ("--policy", str(policy_c)) if site == "C" else ()
+            procs.append(start(client_cmd(site, cohort / site, port, certs, certs / "sites" / f"{site}.key",
+                                          tmp_path / f"node-{site}", *extra), logs[site]))
+        clients = dict(zip("ABC", procs))
+        time.sleep(3)
+        server = start([str(BIN / "cmvim-server"), "--config", str(config), "--out", str(out),
+                        "--certs", str(certs), "--site-keys", str(certs / "sites"),
+                        "--address", f"127.0.0.1:{port}", "--wait-sites", "3"], logs["server"])
+        procs.append(server)
+        wait_for(lambda: "sites online: 3/3" in logs["server"].read_text(), 180, "three sites online",
+                 [server, *clients.values()])
+
+        # a site whose key the coordinator never registered is turned away, with the reason
+        intruder = subprocess.run(client_cmd("D", cohort / "A", port, certs, other / "sites" / "D.key",
+                                             tmp_path / "node-D", "--auth-retries", "0"),
+                                  capture_output=True, text=True, timeout=120)
+        assert intruder.returncode == 4, intruder.stdout[-2000:] + intruder.stderr[-2000:]
+        assert "the server does not know this site's key" in intruder.stderr
+
+        # site B dies mid-run (SIGKILL: no clean-up of its own) and is started again
+        wait_for(lambda: (out / "checkpoints" / "pretrain_round001.pt").exists(), 300, "pretrain round 1",
+                 [server])
+        clients["B"].kill()
+        clients["B"].wait()
+        time.sleep(2)
+        procs.append(start(client_cmd("B", cohort / "B", port, certs, certs / "sites" / "B.key",
+                                      tmp_path / "node-B"), logs["B2"]))
+        server.wait(900)
+        server_log = logs["server"].read_text()
+        assert server.returncode == 0, server_log[-4000:]
+    finally:
+        for proc in procs:
+            stop(proc)
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["sites"]) == {"A", "B", "C"}
+    assert all(m["n_test"] > 0 for m in metrics["sites"].values())
+    rounds = metrics["rounds"]
+    assert [(r["phase"], r["round"]) for r in rounds] == [("pretrain", 1), ("pretrain", 2), ("finetune", 1)]
+    assert set(rounds[0]["train"]) == {"A", "B", "C"}
+    assert "B" in rounds[2]["train"], "the restarted site B did not rejoin"
+    # C trained in pretraining, and refused fine-tuning with its policy's reason sent back
+    assert "C" in rounds[0]["train"] and "C" not in rounds[2]["train"]
+    refusals = [f for f in metrics["failures"] if f["site"] == "C"]
+    assert refusals and all("site policy allows at most 1 local epochs; the run asks for 2" in f["reason"]
+                            for f in refusals)
+    assert "run" in server_log and "completed; results:" in server_log
+    assert "site policy" in logs["C"].read_text()
+    # every process we started is gone, and so are their SuperNodes / SuperLink
+    for proc in procs:
+        assert proc.poll() is not None
