@@ -30,6 +30,7 @@ from .check import check_site
 from .policy import load_policy
 
 UNREGISTERED = 4
+AUTH_RETRY_SECONDS = 10.0
 # (text in the SuperNode's output, what it means for a hospital, exit status)
 FATAL = [
     ("CERTIFICATE_VERIFY_FAILED", "the server's TLS certificate is not signed by the CA in --root-cert "
@@ -38,8 +39,10 @@ FATAL = [
                           "(connect with the name the certificate was made for)", 3),
     ("IP address mismatch", "the server's TLS certificate does not name the address in --server "
                             "(connect with the name the certificate was made for)", 3),
-    ("[code: 2004]", "the server does not know this site's key: send the public key (<site>.pub) to the "
-                     "coordinator to register, or check --auth-key is this site's key", UNREGISTERED),
+    ("[code: 2004]", "the server refused this site's key: either it is not registered (send <site>.pub to "
+                     "the coordinator; check --auth-key is this site's key) or a SuperNode with this key is "
+                     "still connected (a restarted site is let in once the server notices the old one is "
+                     "gone, about a minute)", UNREGISTERED),
     ("Unable to parse the private key", "the SuperNode key file cannot be read (--auth-key)", 4),
 ]
 
@@ -63,9 +66,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--insecure", action="store_true",
                         help="no TLS and no node authentication (testing on one machine only)")
     parser.add_argument("--max-restarts", type=int, default=None, help="give up after this many restarts")
-    parser.add_argument("--auth-retries", type=int, default=6,
-                        help="retries while the server does not (yet) know this site's key (default 6, "
-                             "about two minutes: the coordinator may still be registering it)")
+    parser.add_argument("--auth-retries", type=int, default=12,
+                        help="retries, 10 s apart, while the server refuses this site's key (default 12: the "
+                             "coordinator may be registering it, or still sees this site's previous SuperNode)")
 
 
 def _read_certificate(path: Path) -> None:
@@ -177,7 +180,12 @@ def join(args: argparse.Namespace) -> int:
                 print(f"cmvim-client: site {args.site} cannot join: {meaning}", file=sys.stderr)
                 return status
             auth_failures += 1
-            print(f"cmvim-client: {meaning} (attempt {auth_failures}/{args.auth_retries + 1})", flush=True)
+            print(f"cmvim-client: {meaning} (attempt {auth_failures}/{args.auth_retries + 1}); "
+                  f"trying again in {AUTH_RETRY_SECONDS:.0f} s", flush=True)
+            time.sleep(AUTH_RETRY_SECONDS)
+            if stopping:
+                return 0
+            continue
         restarts += 1
         if args.max_restarts is not None and restarts > args.max_restarts:
             print(f"cmvim-client: the SuperNode exited {restarts} times (last status {code}); giving up",

