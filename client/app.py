@@ -22,7 +22,8 @@ from flwr.clientapp import ClientApp
 
 from cmvim.config import ConfigError
 from cmvim.data import DataError, SiteData
-from cmvim.federation import ARRAYS, CONFIG, METRICS, PHASE, ROUND, RUN_CONFIG, SITE, SPLIT, RunConfig
+from cmvim.federation import ARRAYS, CONFIG, METRICS, PHASE, ROUND, RUN_CONFIG, RUN_KEY, SITE, SPLIT, RunConfig
+from cmvim.privacy import PrivacyBudgetExceeded
 from cmvim.site_task import SiteTask, SiteTaskError, flatten_metrics
 
 from .policy import PolicyRefusal, load_policy
@@ -53,6 +54,13 @@ def site_of(context: Context, cfg: RunConfig) -> tuple[str, Path]:
     raise SiteRefusal("node config names no site: start the SuperNode with cmvim-client --site NAME --data DIR")
 
 
+def ledger_path(context: Context, site_dir: Path) -> Path:
+    """The site's privacy ledger: in the node's state folder (cmvim-client --state-dir), else in
+    the site folder (simulation)."""
+    state = context.node_config.get("state-dir")
+    return (Path(str(state)) if state else site_dir / ".cmvim_privacy") / "ledger.json"
+
+
 def load_task(cfg: RunConfig, name: str, site_dir: Path) -> SiteTask:
     torch.set_num_threads(max(1, cfg.threads_per_site))
     site = SiteData.load(site_dir, cfg.preprocess, seed=cfg.seed, use_reports=cfg.use_reports,
@@ -75,13 +83,16 @@ def _handle(msg: Message, context: Context, training: bool) -> Message:
         phase = str(config[PHASE])
         round_ = int(config.get("server-round", 0)) + int(config[ROUND])      # absolute round in the phase
         split = None if training else str(config.get(SPLIT, "val"))
-        policy = context.node_config.get("policy")
+        policy_file = context.node_config.get("policy")
+        policy = load_policy(str(policy_file) if policy_file else None)
         try:
-            load_policy(str(policy) if policy else None).check(cfg, phase, training, split)
+            policy.check(cfg, phase, training, split)
         except PolicyRefusal:
             log.warning("site %s refused a %s request (site policy)", name, phase)
             raise
         task = load_task(cfg, name, site_dir)
+        task.ledger_path, task.epsilon_cap = ledger_path(context, site_dir), policy.max_epsilon
+        task.run_key = str(config.get(RUN_KEY, "unnamed-run"))
         shared = msg.content[ARRAYS].to_torch_state_dict() if ARRAYS in msg.content else {}
         local = context.state[LOCAL_STATE].to_torch_state_dict() if LOCAL_STATE in context.state else {}
         if training:
@@ -113,6 +124,8 @@ def public_error(exc: Exception) -> str:
         return f"data problem at the site: {exc.public_message()}"
     if isinstance(exc, (SiteRefusal, PolicyRefusal)):
         return f"refused: {exc}"
+    if isinstance(exc, PrivacyBudgetExceeded):
+        return str(exc)                                  # privacy accounting numbers only
     if isinstance(exc, SiteTaskError):
         return str(exc)
     if isinstance(exc, ConfigError):

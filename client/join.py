@@ -112,8 +112,8 @@ def preflight(args: argparse.Namespace) -> None:
         raise JoinError(f"--site {args.site!r}: use letters, digits, '-' and '_'")
 
 
-def supernode_command(args: argparse.Namespace, runtime_port: int) -> list[str]:
-    node_config = f'site="{args.site}" data-dir="{args.data.resolve()}"'
+def supernode_command(args: argparse.Namespace, runtime_port: int, state: Path) -> list[str]:
+    node_config = f'site="{args.site}" data-dir="{args.data.resolve()}" state-dir="{state}"'
     if args.policy is not None:
         node_config += f' policy="{args.policy.resolve()}"'
     cmd = [str(Path(sys.executable).with_name("flower-supernode")), "--superlink", args.server,
@@ -166,7 +166,7 @@ def join(args: argparse.Namespace) -> int:
     while True:
         print(f"cmvim-client: site {args.site} connecting to {args.server} (log: {state / 'supernode.log'})",
               flush=True)
-        child = Child(supernode_command(args, runtime_port), env=env, prefix=f"[{args.site}] ",
+        child = Child(supernode_command(args, runtime_port, state), env=env, prefix=f"[{args.site}] ",
                       log_path=state / "supernode.log", on_line=watch)
         started = time.monotonic()
         code = child.wait()

@@ -7,7 +7,8 @@ A YAML file the hospital controls (passed as `cmvim-client --policy FILE`), e.g.
     max_batch_size: 16
     use_reports: false          # free-text reports stay out of training
     dp_required: false          # true: refuse any training without differential privacy
-    max_epsilon: 8.0            # with dp_required: the most privacy budget a run may spend
+    max_epsilon: 8.0            # the most privacy budget (epsilon) a run may spend here: a run asking
+                                # for more is refused; a run without a budget stops training here at it
 
 Every request from the server is checked before any data is read; one outside the policy is
 refused with a message naming the rule and the requested value (config values only: nothing
@@ -57,9 +58,14 @@ class SitePolicy:
         if pc.batch_size > self.max_batch_size:
             raise PolicyRefusal(f"site policy allows batch size at most {self.max_batch_size}; "
                                 f"the run asks for {pc.batch_size} ({phase}.batch_size)")
-        if self.dp_required:
+        privacy = cfg.privacy
+        if self.dp_required and not privacy.enabled:
             raise PolicyRefusal("site policy requires differential privacy (dp_required: true); "
-                                "this run trains without it")
+                                "this run trains without it (privacy.enabled: false)")
+        budget = privacy.budget()
+        if privacy.enabled and self.max_epsilon is not None and budget is not None and budget > self.max_epsilon:
+            raise PolicyRefusal(f"site policy allows a privacy budget of at most epsilon {self.max_epsilon:g}; "
+                                f"the run asks for {budget:g}")
 
 
 def load_policy(path: str | Path | None) -> SitePolicy:

@@ -18,6 +18,7 @@ from .config import from_dict, load_yaml, to_dict
 from .data.augment import AugmentConfig
 from .data.preprocess import PreprocessConfig
 from .model.config import ModelConfig, model_config
+from .privacy import PrivacyConfig
 
 PHASES = ("pretrain", "finetune", "evaluate")
 
@@ -30,6 +31,7 @@ RUN_CONFIG = "run-config"    # key in CONFIG holding the RunConfig as JSON
 PHASE = "phase"
 ROUND = "round"              # the absolute round within the phase (resume-safe)
 SPLIT = "split"
+RUN_KEY = "run-key"          # a stable name for the run (same after --resume): the sites' privacy ledgers use it
 
 
 @dataclass
@@ -96,6 +98,7 @@ class RunConfig:
     use_reports: bool = True
     threads_per_site: int = 1
     baselines: list[str] = field(default_factory=list)     # "local", "centralized"
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)   # sample-level DP-SGD at every site
 
     def __post_init__(self):
         if len(self.split_fractions) != 3 or abs(sum(self.split_fractions) - 1) > 1e-6 or min(self.split_fractions) < 0:

@@ -23,6 +23,8 @@ from .data.site import SiteDataset, label_index
 from .federation import RunConfig, shared_parameter_names
 from .metrics import binary_metrics, score_histograms
 from .model import CMViM, CMViMClassifier
+from .privacy import (PrivacyBudgetExceeded, PrivacyLedger, Spend, default_delta, dp_train, noise_for_target,
+                      steps_per_epoch)
 
 log = logging.getLogger("cmvim.site")
 
@@ -82,9 +84,15 @@ class _Pooled(torch.utils.data.Dataset):
 
 
 class SiteTask:
-    def __init__(self, cfg: RunConfig, sites: list[SiteData], name: str):
+    """`ledger_path`: where this site's privacy ledger lives (default: in the site folder);
+    `run_key`: which run the spends belong to; `epsilon_cap`: the site policy's max epsilon."""
+
+    def __init__(self, cfg: RunConfig, sites: list[SiteData], name: str, ledger_path=None, run_key: str = "local",
+                 epsilon_cap: float | None = None):
         self.cfg, self.sites, self.name = cfg, sites, name
         self.num_classes = cfg.model_config().num_classes
+        self.ledger_path = ledger_path or sites[0].site_dir / ".cmvim_privacy" / "ledger.json"
+        self.run_key, self.epsilon_cap = run_key, epsilon_cap
 
     # -- data views ---------------------------------------------------------------------
     def _dataset(self, split: list[str], labeled: bool | None, augment: bool, modality_dropout: float = 0.0):
@@ -148,6 +156,10 @@ class SiteTask:
         prox = None
         if proximal_mu > 0:
             prox = engine.ProximalTerm(model, shared_parameter_names(model, phase, self.cfg.personalize), proximal_mu)
+        if self.cfg.privacy.enabled:
+            if prox is not None:
+                raise SiteTaskError("FedProx's proximal term is not available with DP-SGD: use fedavg or fedadam")
+            return self._train_private(phase, round_, model)
         optimizer = engine.make_optimizer(model, pc.lr, pc.weight_decay)
         seed = stable_seed(self.cfg.seed, self.name, phase, round_, "loader")
         if phase == "pretrain":
@@ -167,6 +179,86 @@ class SiteTask:
             loader = self._loader(dataset, pc.batch_size, True, seed)
             weights = engine.class_weights(labels, self.num_classes)
             metrics = engine.finetune(model, loader, optimizer, pc.local_epochs, pc.max_steps, prox, weights)
+        shared_out, local_out = self._split(model, phase)
+        return RoundResult(shared_out, local_out, metrics)
+
+    # -- differential privacy ------------------------------------------------------------
+    def _private_dataset(self, phase: str):
+        if phase == "pretrain":
+            return self._dataset(["train", "val"], None, augment=True)
+        return self._dataset(["train"], True, augment=False, modality_dropout=self.cfg.modality_dropout)
+
+    def privacy_plan(self) -> tuple[float, dict[str, tuple[float, int]]]:
+        """(delta, {phase: (sample_rate, steps per round)}) at this site."""
+        plan = {}
+        for phase in ("pretrain", "finetune"):
+            pc, n = self.cfg.phase(phase), len(self._private_dataset(phase))
+            q = min(1.0, pc.batch_size / max(n, 1))
+            steps = pc.local_epochs * steps_per_epoch(q)
+            plan[phase] = (q, min(steps, pc.max_steps) if pc.max_steps else steps)
+        delta = self.cfg.privacy.delta or default_delta(len(self._private_dataset("pretrain")))
+        return delta, plan
+
+    def noise_multiplier(self) -> float:
+        pv = self.cfg.privacy
+        if pv.noise_multiplier is not None:
+            return pv.noise_multiplier
+        delta, plan = self.privacy_plan()
+        planned = [(q, steps * self.cfg.phase(ph).rounds) for ph, (q, steps) in plan.items()]
+        return noise_for_target(pv.target_epsilon, delta, planned)
+
+    def privacy_budget(self) -> float | None:
+        caps = [c for c in (self.cfg.privacy.budget(), self.epsilon_cap) if c is not None]
+        return min(caps) if caps else None
+
+    def _train_private(self, phase: str, round_: int, model: torch.nn.Module) -> RoundResult:
+        pv, pc = self.cfg.privacy, self.cfg.phase(phase)
+        delta, plan = self.privacy_plan()
+        q, steps = plan[phase]
+        sigma = self.noise_multiplier()
+        ledger = PrivacyLedger(self.ledger_path)
+        projected = ledger.epsilon(delta, self.run_key, extra=[(sigma, q, steps)])
+        budget = self.privacy_budget()
+        if budget is not None and projected > budget + 1e-9:
+            spent = ledger.epsilon(delta, self.run_key)
+            raise PrivacyBudgetExceeded(
+                f"privacy budget: this {phase} round would take the run to epsilon {projected:.2f} > budget "
+                f"{budget:.2f} (spent {spent:.2f}, delta {delta:.1e}); the site stops training for this run "
+                f"and still evaluates")
+        dataset = self._private_dataset(phase)
+        dataset.seed = round_
+        labels = None
+        if phase == "pretrain":
+            model.contrastive = False               # per-sample losses only; their modules sit out
+            for module in (model.projector, model.report_encoder):
+                if module is not None:
+                    module.requires_grad_(False)
+        else:
+            labels = self._labels(dataset)
+            if len(set(labels)) < 2:
+                raise SiteTaskError(f"the training split has {len(labels)} labeled subject(s) of "
+                                    f"{len(set(labels))} class(es): fine-tuning needs both classes")
+        optimizer = engine.make_optimizer(model, pc.lr, pc.weight_decay)
+        collate = self._loader(dataset, pc.batch_size, False, 0).collate_fn
+        weights = engine.class_weights(labels, self.num_classes) if labels is not None else None
+
+        def loss_fn(module, batch):
+            if phase == "pretrain":
+                out = module(batch)
+                return out.loss, {"loss": float(out.loss.detach()), **out.terms}
+            logits = module(batch)
+            loss = torch.nn.functional.cross_entropy(logits, batch["label"], weight=weights)
+            acc = float((logits.argmax(-1) == batch["label"]).float().mean())
+            return loss, {"loss": float(loss.detach()), "acc": acc}
+
+        metrics = dp_train(model, dataset, collate, loss_fn, optimizer, sigma, pv.max_grad_norm, q, steps,
+                           seed=stable_seed(self.cfg.seed, self.name, phase, round_, "dp"),
+                           after_step=model.update_momentum if phase == "pretrain" else None)
+        ledger.record(Spend(self.run_key, phase, round_, sigma, q, steps))      # before any weight leaves
+        if phase == "pretrain":
+            model.contrastive = True
+        metrics.update({"epsilon": ledger.epsilon(delta, self.run_key), "delta": delta, "noise_multiplier": sigma,
+                        "epsilon_site_total": ledger.epsilon(delta)})
         shared_out, local_out = self._split(model, phase)
         return RoundResult(shared_out, local_out, metrics)
 

@@ -8,6 +8,7 @@ its own test split and returns aggregate metrics and score histograms (never pre
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -21,7 +22,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from cmvim.config import to_dict
-from cmvim.federation import ARRAYS, CONFIG, METRICS, PHASE, ROUND, RUN_CONFIG, SITE, SPLIT, RunConfig
+from cmvim.federation import ARRAYS, CONFIG, METRICS, PHASE, ROUND, RUN_CONFIG, RUN_KEY, SITE, SPLIT, RunConfig
 from cmvim.results import (mean_auc, plot_rocs, pooled_entry, site_entry, site_table, write_metrics,
                            write_summary)
 from cmvim.site_task import initial_state
@@ -77,6 +78,7 @@ class FederatedRun:
         self.history: list[dict] = []
         self.rejected: list[dict] = []
         self.started = time.perf_counter()
+        self.run_key = hashlib.sha256(f"{self.out_dir.resolve()}|{cfg.to_json()}".encode()).hexdigest()[:16]
 
     # -- phases -----------------------------------------------------------------------------
     def run(self) -> dict:
@@ -103,7 +105,7 @@ class FederatedRun:
         return self.evaluate(final)
 
     def _config(self, phase: str, offset: int, split: str | None = None) -> ConfigRecord:
-        record = ConfigRecord({RUN_CONFIG: self.cfg.to_json(), PHASE: phase, ROUND: offset})   # + the strategy's server-round = the absolute round
+        record = ConfigRecord({RUN_CONFIG: self.cfg.to_json(), PHASE: phase, ROUND: offset, RUN_KEY: self.run_key})   # + the strategy's server-round = the absolute round
         if split:
             record[SPLIT] = split
         return record
@@ -151,6 +153,15 @@ class FederatedRun:
         final = result.arrays.to_torch_state_dict() if result.arrays is not None else {}
         return final if final else arrays
 
+    def privacy_spent(self) -> dict[str, dict]:
+        """Per site, the epsilon (and delta) its last DP round reported: the run's spend there."""
+        spent: dict[str, dict] = {}
+        for entry in self.history:
+            for name, metrics in entry["train"].items():
+                if "epsilon" in metrics:
+                    spent[name] = {"epsilon": metrics["epsilon"], "delta": metrics["delta"]}
+        return spent
+
     def _progress(self, phase: str, round_: int, total: int, entry: dict, seconds: list[float]) -> None:
         train = entry["train"]
         losses = {site: m.get("loss") for site, m in train.items() if m.get("loss") is not None}
@@ -168,6 +179,9 @@ class FederatedRun:
                     if isinstance(m.get("auc"), float) and math.isfinite(m["auc"])]
             if aucs:
                 line += f" | val AUC {sum(aucs) / len(aucs):.3f}"
+        eps = {site: m["epsilon"] for site, m in train.items() if "epsilon" in m}
+        if eps:
+            line += " | epsilon " + ", ".join(f"{s} {v:.2f}" for s, v in sorted(eps.items()))
         line += f" | {entry['seconds']:.0f}s/round | ETA {_fmt_duration(per_round * remaining)}"
         _say(line)
         for rejection in entry["rejected"]:
@@ -202,6 +216,16 @@ class FederatedRun:
                  f"{pooled['auc']:.3f}", f"- wall time of the federated part: {_fmt_duration(elapsed)}"]
         if self.rejected or failures:
             lines.append(f"- left out: {len(self.rejected + failures)} site-round(s); see metrics.json 'failures'")
+        if self.cfg.privacy.enabled:
+            spent = self.privacy_spent()
+            for name, entry in sites.items():
+                entry.update({k: v for k, v in spent.get(name, {}).items()})
+            pv = self.cfg.privacy
+            setting = (f"noise multiplier {pv.noise_multiplier}" if pv.noise_multiplier is not None
+                       else f"target epsilon {pv.target_epsilon}")
+            lines.append(f"- differential privacy (DP-SGD at each site, {setting}, clip {pv.max_grad_norm}): epsilon "
+                         "spent " + ", ".join(f"{n} {e['epsilon']:.2f} (delta {e['delta']:.0e})"
+                                              for n, e in sorted(spent.items())))
         path = write_metrics(self.out_dir, sites, pooled, self.history, to_dict(self.cfg),
                              failures=self.rejected + failures, summary=lines)
         plot_rocs(self.out_dir, histograms, sites)

@@ -241,3 +241,43 @@ def test_server_rejects_a_nan_update_naming_the_site():
     # below min_nodes valid updates the global model is kept
     arrays, _ = strategy.aggregate_train(2, [replies[0], replies[2]])
     assert arrays is None
+
+
+def test_dp_sgd_run_reports_epsilon_and_a_spent_budget_stops_sites(easy_cohort, tmp_path):
+    """DP-SGD at every site: epsilon per round and per site in the results; a budget that
+    covers one pretraining round stops every site's training after it, and the run still
+    fine-tunes nothing, keeps the global model and evaluates it."""
+    from cmvim.data import SiteData
+    from cmvim.federation import run_config
+    from cmvim.privacy import epsilon
+    from cmvim.site_task import SiteTask
+
+    cohort = tmp_path / "cohort"
+    shutil.copytree(easy_cohort, cohort, ignore=shutil.ignore_patterns(".cmvim_privacy"))
+    base = tiny_config(cohort, pretrain={"rounds": 2}, finetune={"rounds": 1, "local_epochs": 1},
+                       privacy={"enabled": True, "noise_multiplier": 1.0, "max_grad_norm": 1.0})
+    cfg = run_config(base)
+    one, two = [], []
+    for site in "ABC":
+        data = SiteData.load(cohort / site, cfg.preprocess, seed=cfg.seed, split_fractions=cfg.split_fractions)
+        delta, plan = SiteTask(cfg, [data], site).privacy_plan()
+        q, steps = plan["pretrain"]
+        one.append(epsilon([(1.0, q, steps)], delta))
+        two.append(epsilon([(1.0, q, 2 * steps)], delta))
+    budget = max(one) * 1.01
+    assert budget < min(two)
+    base["privacy"]["epsilon_budget"] = budget
+    out = tmp_path / "dp"
+    proc = run_sim(tmp_path, base, out)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    first = metrics["rounds"][0]["train"]
+    assert set(first) == {"A", "B", "C"} and all(0 < first[s]["epsilon"] <= budget for s in first)
+    assert "epsilon A" in proc.stdout                              # in the round's progress line
+    stopped = [f for f in metrics["failures"] if "privacy budget" in f["reason"]]
+    assert {f["site"] for f in stopped} == {"A", "B", "C"}
+    assert all("stops training for this run and still evaluates" in f["reason"] for f in stopped)
+    assert set(metrics["sites"]) == {"A", "B", "C"}                # they still evaluated
+    for site, m in metrics["sites"].items():
+        assert m["epsilon"] == pytest.approx(first[site]["epsilon"])
+    assert "differential privacy (DP-SGD at each site" in (out / "summary.md").read_text()

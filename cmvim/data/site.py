@@ -138,7 +138,9 @@ class SiteData:
         summary.loaded = len(records)
         summary.seconds = time.perf_counter() - start
         for err in summary.skipped:
-            log.warning("skipped: %s", err)            # local log: the hospital's own eyes
+            # row, column and kind only: this runs inside the ClientApp too, whose output a
+            # coordinator may see; `cmvim-client check` shows the hospital ids and files
+            log.warning("skipped: %s (details: cmvim-client check --data <site folder>)", err.public_message())
         return cls(site_dir, cfg, records, summary, cache)
 
     @staticmethod

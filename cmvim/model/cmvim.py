@@ -104,6 +104,7 @@ class CMViM(nn.Module):
         self.momentum = nn.ModuleDict({"image": copy.deepcopy(self.image),
                                        "projector": copy.deepcopy(self.projector)})
         self.momentum.requires_grad_(False)
+        self.contrastive = True        # False: reconstruction only (DP-SGD needs per-sample losses)
 
     # -- steps -----------------------------------------------------------------------------
     def encode_masked(self, image: ImageEncoder, batch, generator=None):
@@ -131,6 +132,9 @@ class CMViM(nn.Module):
             target = patchify(batch[m], cfg.patch_size)
             terms[f"recon_{m}"] = masked_mse(predictions[m], target, masks[m], present[m], weights.norm_pix_loss)
 
+        if not self.contrastive:        # DP-SGD: per-sample losses only (see cmvim.privacy)
+            loss = sum(weights.recon * terms[f"recon_{m}"] for m in cfg.modalities)
+            return PretrainOutput(loss, {k: float(v.detach()) for k, v in terms.items()}, predictions, masks)
         online = {m: self.projector(latents[m].mean(dim=1)) for m in cfg.modalities}
         with torch.no_grad():
             mom_latents, _, _ = self.encode_masked(self.momentum["image"], batch, generator)

@@ -1,0 +1,173 @@
+"""Sample-level differential privacy at a site: DP-SGD with Opacus, and a privacy ledger on disk.
+
+DP-SGD (Abadi et al. 2016) as Opacus implements it: Poisson sampling (each subject joins each
+step with probability q = batch_size / n), per-sample gradients (Opacus' GradSampleModule),
+each clipped to `max_grad_norm`, Gaussian noise of std `noise_multiplier * max_grad_norm` added
+to their sum. Opacus' RDP accountant turns the steps into (epsilon, delta).
+
+The ledger is a JSON file at the site listing every DP round it trained (run, phase, round,
+noise multiplier, sample rate, steps), written before the round's weights leave the site. So
+the budget is cumulative across rounds and phases and survives a restart of the site's
+process; a round that would take a run past its budget is refused before it starts.
+
+What DP-SGD needs from the model, handled explicitly:
+- per-sample losses: pretraining under DP uses the reconstruction loss only (the contrastive
+  terms compare subjects within a batch, so one subject's gradient would depend on others);
+  the projector and report encoder, used only by those terms, are frozen for the round;
+- the momentum encoder takes no gradients (requires_grad False); its EMA update is
+  post-processing of the private weights;
+- no BatchNorm anywhere, and the scan backend must be vmap-safe (`torch` or `cpu`).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from opacus import GradSampleModule
+from opacus.accountants import RDPAccountant
+from opacus.optimizers import DPOptimizer
+from torch import nn
+
+
+@dataclass
+class PrivacyConfig:
+    enabled: bool = False
+    noise_multiplier: float | None = None   # sigma; or leave None and give target_epsilon
+    target_epsilon: float | None = None     # sigma chosen so the planned run spends this at each site
+    max_grad_norm: float = 1.0              # per-sample clipping bound C
+    delta: float | None = None              # default 1 / (10 n), n the site's training subjects
+    epsilon_budget: float | None = None     # stop training at a site past this (default: target_epsilon)
+
+    def __post_init__(self):
+        if self.enabled and (self.noise_multiplier is None) == (self.target_epsilon is None):
+            raise ValueError("privacy: give exactly one of noise_multiplier and target_epsilon")
+        for name in ("noise_multiplier", "target_epsilon", "delta", "epsilon_budget"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"privacy.{name} must be positive, got {value}")
+        if self.max_grad_norm <= 0:
+            raise ValueError("privacy.max_grad_norm must be positive")
+
+    def budget(self) -> float | None:
+        return self.epsilon_budget if self.epsilon_budget is not None else self.target_epsilon
+
+
+class PrivacyBudgetExceeded(Exception):
+    """The next round would take the run past the site's privacy budget; the message is public
+    (numbers of the privacy accounting only)."""
+
+
+def default_delta(n: int) -> float:
+    return 1.0 / (10 * max(n, 1))
+
+
+def epsilon(history: Sequence[tuple[float, float, int]], delta: float) -> float:
+    """Opacus' RDP accountant over (noise_multiplier, sample_rate, steps) entries."""
+    if not history:
+        return 0.0
+    accountant = RDPAccountant()
+    accountant.history = [(float(s), float(q), int(n)) for s, q, n in history]
+    return float(accountant.get_epsilon(delta))
+
+
+def noise_for_target(target: float, delta: float, plan: Sequence[tuple[float, int]]) -> float:
+    """The smallest noise multiplier (to 1e-3) that keeps the planned (sample_rate, steps)
+    entries within `target` epsilon."""
+    def spent(sigma: float) -> float:
+        return epsilon([(sigma, q, n) for q, n in plan], delta)
+    low, high = 0.3, 2.0
+    while spent(high) > target:
+        high *= 2
+        if high > 1e4:
+            raise ValueError(f"privacy.target_epsilon {target} is out of reach for this schedule")
+    while high - low > 1e-3:
+        mid = (low + high) / 2
+        low, high = (low, mid) if spent(mid) <= target else (mid, high)
+    return high
+
+
+@dataclass
+class Spend:
+    run: str
+    phase: str
+    round: int
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+
+
+class PrivacyLedger:
+    """Every DP round this site trained, on disk (atomic writes)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.entries: list[Spend] = []
+        if self.path.exists():
+            self.entries = [Spend(**e) for e in json.loads(self.path.read_text())["spends"]]
+
+    def history(self, run: str | None = None) -> list[tuple[float, float, int]]:
+        return [(e.noise_multiplier, e.sample_rate, e.steps) for e in self.entries if run is None or e.run == run]
+
+    def epsilon(self, delta: float, run: str | None = None, extra: Sequence[tuple[float, float, int]] = ()) -> float:
+        return epsilon(self.history(run) + list(extra), delta)
+
+    def record(self, spend: Spend) -> None:
+        self.entries.append(spend)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".ledger-")
+        with os.fdopen(fd, "w") as f:
+            json.dump({"spends": [asdict(e) for e in self.entries]}, f, indent=1)
+        os.replace(tmp, self.path)
+
+
+def dp_train(model: nn.Module, dataset, collate: Callable, loss_fn: Callable, optimizer: torch.optim.Optimizer,
+             noise_multiplier: float, max_grad_norm: float, sample_rate: float, steps: int, seed: int,
+             after_step: Callable[[], None] | None = None) -> dict[str, float]:
+    """`steps` DP-SGD steps with Poisson sampling. `loss_fn(module, batch) -> (loss, stats)`
+    where loss is the batch mean of per-sample losses. Returns the mean stats and num-examples."""
+    generator = torch.Generator().manual_seed(seed)
+    n = len(dataset)
+    expected = max(1, round(sample_rate * n))
+    private = GradSampleModule(model, batch_first=True, loss_reduction="mean", strict=False)
+    dp_optimizer = DPOptimizer(optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+                               expected_batch_size=expected, loss_reduction="mean", generator=generator)
+    params = [p for p in model.parameters() if p.requires_grad]
+    totals: dict[str, float] = {}
+    samples = 0
+    model.train()
+    try:
+        for _ in range(steps):
+            chosen = (torch.rand(n, generator=generator) < sample_rate).nonzero().flatten().tolist()
+            dp_optimizer.zero_grad(set_to_none=True)
+            if not chosen:          # Poisson sampling drew nobody: a noise-only step, as Opacus takes it
+                for p in params:
+                    p.grad = torch.normal(0.0, noise_multiplier * max_grad_norm, p.shape,
+                                          generator=generator) / expected
+                optimizer.step()
+            else:
+                batch = collate([dataset[i] for i in chosen])
+                loss, stats = loss_fn(private, batch)
+                loss.backward()
+                dp_optimizer.step()
+                for key, value in stats.items():
+                    totals[key] = totals.get(key, 0.0) + value * len(chosen)
+                samples += len(chosen)
+            if after_step is not None:
+                after_step()
+    finally:
+        private._close()            # remove Opacus' hooks: the model goes back to being plain
+        for p in model.parameters():
+            for attr in ("grad_sample", "summed_grad"):
+                if hasattr(p, attr):
+                    delattr(p, attr)
+    return {**{k: v / max(samples, 1) for k, v in totals.items()}, "num-examples": samples}
+
+
+def steps_per_epoch(sample_rate: float) -> int:
+    return max(1, math.ceil(1.0 / sample_rate))

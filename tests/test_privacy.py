@@ -1,0 +1,122 @@
+"""DP-SGD at a site: per-sample gradients of the whole classifier, the epsilon the project
+reports against Opacus' own accountant, the ledger across a restart, and budget exhaustion."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from opacus import GradSampleModule
+from opacus.accountants import RDPAccountant
+from torch import nn
+
+from cmvim.data import SiteData
+from cmvim.federation import run_config
+from cmvim.model import CMViMClassifier
+from cmvim.model.config import model_config
+from cmvim.privacy import PrivacyBudgetExceeded, noise_for_target, epsilon
+from cmvim.site_task import SiteTask, initial_state
+from simulations.cohort import CohortConfig, cached_cohort
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    root = cached_cohort(CohortConfig(sites=1, subjects=16, shape=32, seed=5, effect_scale=3.0, pet_missing=0.2),
+                         root=tmp_path_factory.mktemp("dp-cohort"))
+    return root / "A"
+
+
+def dp_config(**privacy):
+    return run_config({"model": {"preset": "tiny"}, "preprocess": {"shape": 32, "voxel_size": 6.25},
+                       "split_fractions": [0.75, 0.0, 0.25], "modality_dropout": 0.0,
+                       "pretrain": {"rounds": 2, "local_epochs": 1, "batch_size": 4},
+                       "finetune": {"rounds": 2, "local_epochs": 1, "batch_size": 4},
+                       "privacy": {"enabled": True, "max_grad_norm": 1.0, **privacy}})
+
+
+def task_for(site_dir, cfg, ledger, **kw) -> SiteTask:
+    data = SiteData.load(site_dir, cfg.preprocess, seed=cfg.seed, use_reports=cfg.use_reports,
+                         split_fractions=cfg.split_fractions)
+    return SiteTask(cfg, [data], "A", ledger_path=ledger, run_key="run-1", **kw)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_per_sample_gradients_of_the_whole_classifier_equal_per_example_backward(backend):
+    torch.manual_seed(0)
+    mc = model_config({"preset": "tiny", "scan_backend": backend})
+    model, reference = CMViMClassifier(mc), CMViMClassifier(mc)
+    reference.load_state_dict(model.state_dict())
+    b = 3
+    batch = {"mri": torch.randn(b, 1, 32, 32, 32), "pet": torch.randn(b, 1, 32, 32, 32),
+             "mri_present": torch.ones(b, dtype=torch.bool), "pet_present": torch.tensor([True, False, True]),
+             "label": torch.tensor([0, 1, 1])}
+    private = GradSampleModule(model, batch_first=True, loss_reduction="sum", strict=False)
+    nn.functional.cross_entropy(private(batch), batch["label"], reduction="sum").backward()
+    params = dict(reference.named_parameters())
+    for i in range(b):
+        reference.zero_grad()
+        one = {k: v[i:i + 1] for k, v in batch.items()}
+        nn.functional.cross_entropy(reference(one), one["label"], reduction="sum").backward()
+        for name, param in model.named_parameters():
+            if not param.requires_grad:             # the fixed sin-cos position embeddings
+                continue
+            expected = params[name].grad if params[name].grad is not None else torch.zeros_like(param)
+            torch.testing.assert_close(param.grad_sample[i], expected, rtol=1e-3, atol=1e-6,
+                                       msg=lambda m: f"{name}, sample {i}: {m}")
+    private._close()
+
+
+def test_reported_epsilon_is_opacus_accountant_and_survives_a_restart(site, tmp_path):
+    cfg, ledger = dp_config(noise_multiplier=1.1), tmp_path / "ledger.json"
+    task = task_for(site, cfg, ledger)
+    shared = initial_state(cfg, "pretrain")
+    first = task.train("pretrain", 1, shared)
+    delta, plan = task.privacy_plan()
+    q, steps = plan["pretrain"]
+    n = len(task._private_dataset("pretrain"))
+    assert q == pytest.approx(4 / n) and steps == math.ceil(n / 4) and delta == pytest.approx(1 / (10 * n))
+    accountant = RDPAccountant()
+    for _ in range(steps):                          # Opacus' own bookkeeping, one step at a time
+        accountant.step(noise_multiplier=1.1, sample_rate=q)
+    assert first.metrics["epsilon"] == pytest.approx(accountant.get_epsilon(delta), rel=1e-9)
+    assert first.metrics["noise_multiplier"] == 1.1 and first.metrics["num-examples"] > 0
+    assert all(torch.isfinite(v).all() for v in first.shared.values())
+    # the projector and report encoder sat out (their terms compare subjects within a batch)
+    for key in ("projector.weight", "report_encoder.embed.tokens.weight"):
+        assert torch.equal(first.shared[key], shared[key]), key
+    assert not torch.equal(first.shared["image.encoder.layers.0.mixer.in_proj.weight"],
+                           shared["image.encoder.layers.0.mixer.in_proj.weight"])
+
+    restarted = task_for(site, cfg, ledger)        # a new process: only the ledger file remains
+    second = restarted.train("pretrain", 2, first.shared)
+    for _ in range(steps):
+        accountant.step(noise_multiplier=1.1, sample_rate=q)
+    assert second.metrics["epsilon"] == pytest.approx(accountant.get_epsilon(delta), rel=1e-9)
+    assert second.metrics["epsilon"] > first.metrics["epsilon"]
+
+
+def test_target_epsilon_sets_the_noise_and_a_spent_budget_stops_training(site, tmp_path):
+    cfg = dp_config(target_epsilon=20.0)
+    task = task_for(site, cfg, tmp_path / "ledger.json")
+    delta, plan = task.privacy_plan()
+    sigma = task.noise_multiplier()
+    planned = [(q, steps * 2) for q, steps in plan.values()]
+    assert epsilon([(sigma, q, s) for q, s in planned], delta) <= 20.0
+    assert epsilon([(sigma - 0.01, q, s) for q, s in planned], delta) > 20.0 - 1e-6 or sigma < 0.31
+    assert noise_for_target(20.0, delta, planned) == sigma
+
+    # the site policy caps epsilon below what one round costs: refused, nothing spent
+    capped = task_for(site, cfg, tmp_path / "capped.json", epsilon_cap=0.01)
+    with pytest.raises(PrivacyBudgetExceeded, match=r"would take the run to epsilon .* > budget 0.01"):
+        capped.train("pretrain", 1, initial_state(cfg, "pretrain"))
+    assert not (tmp_path / "capped.json").exists()
+    # evaluation still works without spending
+    finetune = initial_state(cfg, "finetune")
+    assert capped.evaluate("finetune", finetune, None, "test").metrics["num-examples"] > 0
+
+    # a budget that covers exactly one round: the second is refused
+    one_round = task_for(site, dp_config(noise_multiplier=1.0), tmp_path / "one.json")
+    result = one_round.train("finetune", 1, finetune)
+    one_round.epsilon_cap = result.metrics["epsilon"] * 1.01
+    with pytest.raises(PrivacyBudgetExceeded, match="stops training for this run"):
+        one_round.train("finetune", 2, result.shared)
