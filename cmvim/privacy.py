@@ -24,6 +24,7 @@ import json
 import math
 import os
 import tempfile
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -142,6 +143,9 @@ def dp_train(model: nn.Module, dataset, collate: Callable, loss_fn: Callable, op
     samples = 0
     model.train()
     try:
+        # the image inputs never require grad, so torch says the full backward hooks fire on
+        # module outputs: that is what Opacus' hooks expect here
+        warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed")
         for _ in range(steps):
             chosen = (torch.rand(n, generator=generator) < sample_rate).nonzero().flatten().tolist()
             dp_optimizer.zero_grad(set_to_none=True)

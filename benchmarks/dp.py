@@ -1,0 +1,117 @@
+"""What differential privacy costs: DP-SGD step time against non-private, and AUC against epsilon.
+
+1. Step cost: one site of the default cohort, the run config's model, one fine-tuning round of
+   the same number of steps with and without DP-SGD (Opacus per-sample gradients, clipping,
+   noise); prints seconds per step and the ratio.
+2. Utility: the federated run (`cmvim-sim`) with privacy.target_epsilon in --epsilons (inf = no
+   DP), each in its own subprocess; prints mean per-site and pooled AUC and the epsilon each
+   site spent.
+
+    PYTHONPATH=. python benchmarks/dp.py [--config quick.yaml] [--epsilons inf 8 3 1] [--set key=value ...]
+
+`--set` overrides config values by dotted key for every run (e.g. pretrain.rounds=2).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from cmvim.config import load_yaml
+from cmvim.federation import run_config
+from cmvim.site_task import SiteTask, initial_state
+from server.app import config_path, ensure_cohort
+from simulations.cli import prepare_sites
+
+
+def _apply(data: dict, sets: list[str]) -> dict:
+    for item in sets:
+        key, _, value = item.partition("=")
+        node = data
+        *parents, last = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = yaml.safe_load(value)
+    return data
+
+
+def step_cost(data: dict, threads: int) -> tuple[float, float, int]:
+    torch.set_num_threads(threads)
+    cfg = ensure_cohort(run_config(data))
+    site_name, site = next(iter(prepare_sites(cfg).items()))
+    plain = SiteTask(cfg, [site], site_name)
+    data_dp = json.loads(cfg.to_json())
+    data_dp["privacy"] = {"enabled": True, "noise_multiplier": 1.0, "max_grad_norm": 1.0}
+    with tempfile.TemporaryDirectory() as tmp:
+        private = SiteTask(run_config(data_dp), [site], site_name, ledger_path=Path(tmp) / "ledger.json",
+                           run_key="bench")
+        _, plan = private.privacy_plan()
+        steps = plan["finetune"][1]
+        shared = initial_state(cfg, "finetune")
+        start = time.perf_counter()
+        plain.train("finetune", 1, shared)
+        plain_s = time.perf_counter() - start
+        plain_steps = cfg.finetune.local_epochs * -(-len(plain._private_dataset("finetune")) // cfg.finetune.batch_size)
+        start = time.perf_counter()
+        private.train("finetune", 1, shared)
+        dp_s = time.perf_counter() - start
+    return plain_s / plain_steps, dp_s / steps, steps
+
+
+def federated_auc(data: dict, eps: float, out: Path) -> dict:
+    run = json.loads(json.dumps(data))
+    if eps != float("inf"):
+        run["privacy"] = {"enabled": True, "target_epsilon": eps, "max_grad_norm": 1.0}
+    config = out / f"eps-{eps}.yaml"
+    config.write_text(yaml.safe_dump(run))
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "simulations.cli", "--config", str(config), "--out",
+                           str(out / f"eps-{eps}")], capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    if proc.returncode != 0:
+        raise RuntimeError(f"run at epsilon {eps} failed:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+    metrics = json.loads((out / f"eps-{eps}" / "metrics.json").read_text())
+    aucs = [m["auc"] for m in metrics["sites"].values() if m.get("auc") is not None]
+    return {"mean_auc": sum(aucs) / len(aucs), "pooled_auc": metrics["pooled"]["auc"],
+            "spent": {s: m.get("epsilon") for s, m in metrics["sites"].items()},
+            "minutes": (time.perf_counter() - start) / 60}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="quick.yaml")
+    parser.add_argument("--epsilons", nargs="+", type=float, default=[float("inf"), 8.0, 3.0, 1.0])
+    parser.add_argument("--set", nargs="*", default=[], dest="sets")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads for the step-cost part")
+    parser.add_argument("--skip-auc", action="store_true")
+    parser.add_argument("--out", type=Path, default=Path("runs/dp-bench"))
+    args = parser.parse_args()
+    data = _apply(load_yaml(config_path(args.config)), args.sets)
+
+    plain, private, steps = step_cost(data, args.threads)
+    print(f"config {args.config} {' '.join(args.sets)}; model {data.get('model')}; {args.threads} thread(s)\n")
+    print("| training | s/step | ratio |\n| --- | ---: | ---: |")
+    print(f"| non-private | {plain:.3f} | 1.0x |")
+    print(f"| DP-SGD (per-sample grads, clip, noise) | {private:.3f} | {private / plain:.1f}x |\n", flush=True)
+    if args.skip_auc:
+        return
+    args.out.mkdir(parents=True, exist_ok=True)
+    print("| target epsilon | mean per-site AUC | pooled AUC | epsilon spent per site | minutes |")
+    print("| ---: | ---: | ---: | --- | ---: |")
+    for eps in args.epsilons:
+        r = federated_auc(data, eps, args.out)
+        spent = ", ".join(f"{s} {v:.2f}" for s, v in sorted(r["spent"].items()) if v is not None) or "-"
+        print(f"| {'inf (no DP)' if eps == float('inf') else f'{eps:g}'} | {r['mean_auc']:.3f} | "
+              f"{r['pooled_auc']:.3f} | {spent} | {r['minutes']:.1f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
