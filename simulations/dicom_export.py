@@ -18,6 +18,18 @@ _LPS = np.diag([-1.0, -1.0, 1.0])
 SOP_CLASSES = {"MR": MRImageStorage, "PT": PositronEmissionTomographyImageStorage}
 
 
+def slice_dataset(sop_class: str) -> Dataset:
+    """An empty single-slice DICOM dataset of `sop_class` with its file meta (explicit VR LE)."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = sop_class, meta.MediaStorageSOPInstanceUID
+    return ds
+
+
 def _ds(values) -> list:
     return [DS(float(v), auto_format=True) for v in values]
 
@@ -36,13 +48,7 @@ def write_dicom_series(folder: Path, volume: np.ndarray, affine: np.ndarray, mod
     study_uid, series_uid = generate_uid(), generate_uid()
     sop_class = SOP_CLASSES[modality]
     for k in range(volume.shape[2]):
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = sop_class
-        meta.MediaStorageSOPInstanceUID = generate_uid()
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = Dataset()
-        ds.file_meta = meta
-        ds.SOPClassUID, ds.SOPInstanceUID = sop_class, meta.MediaStorageSOPInstanceUID
+        ds = slice_dataset(sop_class)
         ds.PatientID, ds.PatientName = patient_id, f"SYNTHETIC^{patient_id}"
         ds.Modality = modality
         ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SeriesNumber = study_uid, series_uid, 3 if modality == "MR" else 5

@@ -27,12 +27,12 @@ with warnings.catch_warnings():  # "The DICOM readers are highly experimental" (
     from nibabel.nicom import dicomwrappers  # noqa: E402
 from pydicom.dataset import Dataset, FileMetaDataset  # noqa: E402
 from pydicom.sequence import Sequence  # noqa: E402
-from pydicom.uid import (EnhancedMRImageStorage, ExplicitVRLittleEndian, JPEGLSLossless,  # noqa: E402
-                         MRImageStorage, generate_uid)
+from pydicom.uid import EnhancedMRImageStorage, JPEGLSLossless, MRImageStorage, generate_uid  # noqa: E402
 from pydicom.valuerep import DS  # noqa: E402
 
 from cmvim.data.dicom import read_dicom_series  # noqa: E402
 from cmvim.data.errors import DataError  # noqa: E402
+from simulations.dicom_export import slice_dataset  # noqa: E402
 
 TEST_FILES = Path(pydicom.data.__file__).parent / "test_files"
 DIRTESTS = TEST_FILES / "dicomdirtests"
@@ -236,13 +236,7 @@ def _ds_values(values):
 
 
 def _base_dataset(sop_class, series_uid) -> Dataset:
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = sop_class
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = sop_class, meta.MediaStorageSOPInstanceUID
+    ds = slice_dataset(sop_class)
     ds.PatientName, ds.PatientID = SECRETS[0], SECRETS[1]
     ds.SeriesDescription, ds.StudyDate = SECRETS[2], SECRETS[3]
     ds.Modality = "MR"
