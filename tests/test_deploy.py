@@ -62,6 +62,7 @@ def cohort(tmp_path_factory):
     return cached_cohort(spec, root=tmp_path_factory.mktemp("deploy-cache"))
 
 
+@pytest.mark.slow          # ~7.5 min on 2 cores: Flower starts a ClientApp process per message; .ci/run runs it
 def test_deployment_with_tls_node_auth_policy_and_a_restarted_site(cohort, tmp_path):
     certs, other = tmp_path / "certs", tmp_path / "other-keys"
     made = subprocess.run([sys.executable, "deploy/certs.py", "--out", str(certs), "--server-name", "localhost",
