@@ -142,34 +142,35 @@ def dp_train(model: nn.Module, dataset, collate: Callable, loss_fn: Callable, op
     totals: dict[str, float] = {}
     samples = 0
     model.train()
-    try:
+    with warnings.catch_warnings():
         # the image inputs never require grad, so torch says the full backward hooks fire on
         # module outputs: that is what Opacus' hooks expect here
         warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed")
-        for _ in range(steps):
-            chosen = (torch.rand(n, generator=generator) < sample_rate).nonzero().flatten().tolist()
-            dp_optimizer.zero_grad(set_to_none=True)
-            if not chosen:          # Poisson sampling drew nobody: a noise-only step, as Opacus takes it
-                for p in params:
-                    p.grad = torch.normal(0.0, noise_multiplier * max_grad_norm, p.shape,
-                                          generator=generator) / expected
-                optimizer.step()
-            else:
-                batch = collate([dataset[i] for i in chosen])
-                loss, stats = loss_fn(private, batch)
-                loss.backward()
-                dp_optimizer.step()
-                for key, value in stats.items():
-                    totals[key] = totals.get(key, 0.0) + value * len(chosen)
-                samples += len(chosen)
-            if after_step is not None:
-                after_step()
-    finally:
-        private._close()            # remove Opacus' hooks: the model goes back to being plain
-        for p in model.parameters():
-            for attr in ("grad_sample", "summed_grad"):
-                if hasattr(p, attr):
-                    delattr(p, attr)
+        try:
+            for _ in range(steps):
+                chosen = (torch.rand(n, generator=generator) < sample_rate).nonzero().flatten().tolist()
+                dp_optimizer.zero_grad(set_to_none=True)
+                if not chosen:      # Poisson sampling drew nobody: a noise-only step, as Opacus takes it
+                    for p in params:
+                        p.grad = torch.normal(0.0, noise_multiplier * max_grad_norm, p.shape,
+                                              generator=generator) / expected
+                    optimizer.step()
+                else:
+                    batch = collate([dataset[i] for i in chosen])
+                    loss, stats = loss_fn(private, batch)
+                    loss.backward()
+                    dp_optimizer.step()
+                    for key, value in stats.items():
+                        totals[key] = totals.get(key, 0.0) + value * len(chosen)
+                    samples += len(chosen)
+                if after_step is not None:
+                    after_step()
+        finally:
+            private._close()        # remove Opacus' hooks: the model goes back to being plain
+            for p in model.parameters():
+                for attr in ("grad_sample", "summed_grad"):
+                    if hasattr(p, attr):
+                        delattr(p, attr)
     return {**{k: v / max(samples, 1) for k, v in totals.items()}, "num-examples": samples}
 
 

@@ -199,11 +199,11 @@ class SiteTask:
         delta = self.cfg.privacy.delta or default_delta(len(self._private_dataset("pretrain")))
         return delta, plan
 
-    def noise_multiplier(self) -> float:
+    def noise_multiplier(self, privacy_plan: tuple[float, dict] | None = None) -> float:
         pv = self.cfg.privacy
         if pv.noise_multiplier is not None:
             return pv.noise_multiplier
-        delta, plan = self.privacy_plan()
+        delta, plan = privacy_plan or self.privacy_plan()
         planned = [(q, steps * self.cfg.phase(ph).rounds) for ph, (q, steps) in plan.items()]
         return noise_for_target(pv.target_epsilon, delta, planned)
 
@@ -215,7 +215,7 @@ class SiteTask:
         pv, pc = self.cfg.privacy, self.cfg.phase(phase)
         delta, plan = self.privacy_plan()
         q, steps = plan[phase]
-        sigma = self.noise_multiplier()
+        sigma = self.noise_multiplier((delta, plan))
         ledger = PrivacyLedger(self.ledger_path)
         projected = ledger.epsilon(delta, self.run_key, extra=[(sigma, q, steps)])
         budget = self.privacy_budget()

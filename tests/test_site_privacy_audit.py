@@ -107,6 +107,7 @@ def test_nothing_identifying_leaves_the_site(dicom_site, tmp_path, caplog, capsy
     train = replies[0].content["metrics"]
     assert train["epsilon"] > 0 and train["num-examples"] > 0
     assert np.isfinite(replies[3].content["metrics"]["auc"]) or replies[3].content["metrics"]["n"] > 0
+    assert replies[3].content["metrics"]["num-examples"] > 0            # the final evaluation scored someone
     assert (tmp_path / "state" / "ledger.json").exists()     # the ledger lives in the node's state folder
 
     text = "\n".join(outgoing_text(r) for r in replies)
