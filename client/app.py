@@ -16,9 +16,12 @@ import time
 import traceback
 from pathlib import Path
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.mod import fixedclipping_mod
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from cmvim.config import ConfigError
 from cmvim.data import DataError, SiteData
@@ -27,11 +30,12 @@ from cmvim.privacy import PrivacyBudgetExceeded
 from cmvim.site_task import SiteTask, SiteTaskError, flatten_metrics
 
 from .policy import PolicyRefusal, load_policy
+from .secagg import secagg_mod
 
 log = logging.getLogger("cmvim.client")
 LOCAL_STATE = "cmvim-local-params"
 
-app = ClientApp()
+app = ClientApp(mods=[secagg_mod])        # SecAgg+ stages, when the run asks for secure aggregation
 
 
 class SiteRefusal(Exception):
@@ -137,7 +141,23 @@ def public_error(exc: Exception) -> str:
     return f"{type(exc).__name__} at the site (details in the site's log)"
 
 
-@app.train()
+def central_clipping_mod(msg: Message, context: Context, call_next) -> Message:
+    """Central DP with client-side clipping: when the server's DP wrapper sends a clipping norm,
+    Flower's `fixedclipping_mod` clips this site's update before it leaves. Replies without
+    weights (a refusal, a failure) pass as they are, so the server still reads why."""
+    config = msg.content.get(CONFIG) if CONFIG in msg.content else None
+    if config is None or KEY_CLIPPING_NORM not in config:
+        return call_next(msg, context)
+    reply = call_next(msg, context)
+    if reply.has_error() or ARRAYS not in reply.content:
+        return reply
+    sent, trained = msg.content[ARRAYS], reply.content[ARRAYS]
+    if all(np.array_equal(trained[k].numpy(), sent[k].numpy()) for k in sent.keys() if k in trained):
+        return reply        # nothing to clip; Flower 1.42's clipping would divide by the zero norm (flower#7631)
+    return fixedclipping_mod(msg, context, lambda _msg, _context: reply)
+
+
+@app.train(mods=[central_clipping_mod])
 def train(msg: Message, context: Context) -> Message:
     return _handle(msg, context, training=True)
 

@@ -72,6 +72,72 @@ class StrategyConfig:
 
 
 @dataclass
+class CentralDPConfig:
+    """User-level (site-level) DP at the server: Flower's fixed-clipping wrappers and accountant.
+
+    Each round every site's whole update (its new weights minus the global ones) is clipped to
+    `clipping_norm` (at the server, or at the site before it leaves), the updates are averaged
+    with equal weights, and Gaussian noise of std noise_multiplier * clipping_norm / n_sites is
+    added to the average. Flower's RDP accountant composes one release per round, without
+    amplification (every site trains every round): epsilon is for a whole site's data.
+    """
+    clipping: Literal["off", "server", "client"] = "off"
+    noise_multiplier: float = 1.0
+    clipping_norm: float = 1.0
+    delta: float = 1e-5
+    max_epsilon: float | None = None      # no further training round once the next would pass it
+
+    @property
+    def enabled(self) -> bool:
+        return self.clipping != "off"
+
+    def __post_init__(self):
+        if self.clipping not in ("off", "server", "client"):
+            raise ValueError(f"central_dp.clipping must be off, server or client, got {self.clipping!r}")
+        for name in ("noise_multiplier", "clipping_norm", "max_epsilon"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"central_dp.{name} must be positive, got {value}")
+        if not 0 < self.delta < 1:
+            raise ValueError(f"central_dp.delta must lie strictly between 0 and 1, got {self.delta}")
+
+
+@dataclass
+class SecureAggregationConfig:
+    """Flower's SecAgg+ for training rounds: the server learns only the (weighted) sum of the
+    sites' models, never one site's. Each site scales its weights by num-examples / max_weight,
+    clips them to +-clipping_range, quantizes them to quantization_range levels and masks them.
+    """
+    enabled: bool = False
+    num_shares: float = 1.0               # > 2: a count of key shares; <= 1: a fraction of the round's sites
+    reconstruction_threshold: float = 0.67   # > 1: a count; <= 1: a fraction of num_shares
+    max_weight: float = 1000.0            # >= any site's num-examples (a larger one overflows, a much larger one loses precision)
+    clipping_range: float = 8.0           # every weight x num-examples / max_weight must lie within +-this
+    quantization_range: int = 4194304     # 2**22 levels over [-clipping_range, clipping_range]
+    timeout: float | None = None          # seconds to wait in each protocol stage (None: the round timeout)
+
+    def __post_init__(self):
+        if self.num_shares <= 0 or 1 < self.num_shares <= 2:
+            raise ValueError("secure_aggregation.num_shares must be a fraction in (0, 1] or a count above 2")
+        if self.reconstruction_threshold <= 0:
+            raise ValueError("secure_aggregation.reconstruction_threshold must be positive")
+        for name in ("max_weight", "clipping_range"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"secure_aggregation.{name} must be positive")
+        if not 1 < self.quantization_range < 2 ** 32:
+            raise ValueError("secure_aggregation.quantization_range must lie between 2 and 2**32")
+
+    def flower_args(self) -> dict:
+        """SecAggPlusWorkflow's arguments: counts as int, fractions as float (Flower reads the type)."""
+        def count_or_fraction(value: float):
+            return int(value) if value > 1 else float(value)
+        return {"num_shares": count_or_fraction(self.num_shares),
+                "reconstruction_threshold": count_or_fraction(self.reconstruction_threshold),
+                "max_weight": self.max_weight, "clipping_range": self.clipping_range,
+                "quantization_range": self.quantization_range}
+
+
+@dataclass
 class EvaluationConfig:
     bootstrap: int = 1000                 # resamples for the AUC's 95 % CI
     histogram_bins: int = 50              # score histograms shared for the pooled AUC
@@ -99,6 +165,8 @@ class RunConfig:
     threads_per_site: int = 1
     baselines: list[str] = field(default_factory=list)     # "local", "centralized"
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)   # sample-level DP-SGD at every site
+    central_dp: CentralDPConfig = field(default_factory=CentralDPConfig)   # site-level DP at the server
+    secure_aggregation: SecureAggregationConfig = field(default_factory=SecureAggregationConfig)   # SecAgg+
 
     def __post_init__(self):
         if len(self.split_fractions) != 3 or abs(sum(self.split_fractions) - 1) > 1e-6 or min(self.split_fractions) < 0:
@@ -106,6 +174,20 @@ class RunConfig:
         unknown = set(self.baselines) - {"local", "centralized"}
         if unknown:
             raise ValueError(f"baselines: unknown {sorted(unknown)}; use 'local' and/or 'centralized'")
+        if self.central_dp.enabled:
+            if self.strategy.name not in ("fedavg", "fedprox"):
+                raise ValueError(f"central_dp needs strategy fedavg or fedprox, not {self.strategy.name}: Flower's "
+                                 "accountant requires FedAvg's aggregation of the clipped updates")
+            if self.strategy.fraction_train != 1.0:
+                raise ValueError("central_dp needs strategy.fraction_train 1.0: the accountant assumes every site "
+                                 "trains every round (no amplification by sampling)")
+        if self.secure_aggregation.enabled:
+            if self.strategy.name != "fedavg":
+                raise ValueError(f"secure_aggregation needs strategy fedavg, not {self.strategy.name}: the server "
+                                 "sees only the sum of the sites' models")
+            if self.central_dp.enabled:
+                raise ValueError("secure_aggregation with central_dp is not supported: Flower 1.42's SecAgg+ runs on "
+                                 "its legacy strategies, its accountant on the new ones (docs/privacy.md)")
         mc = self.model_config()
         if mc.img_size != self.preprocess.shape:
             raise ValueError(f"preprocess.shape ({self.preprocess.shape}) must equal the model's img_size "
@@ -155,4 +237,4 @@ def shared_parameter_names(model: nn.Module, phase: str, personalize: str = "non
 
 
 __all__ = ["PHASES", "ARRAYS", "CONFIG", "METRICS", "SITE", "RUN_CONFIG", "PHASE", "ROUND", "SPLIT", "CohortSpec",
-           "PhaseConfig", "StrategyConfig", "EvaluationConfig", "RunConfig", "run_config", "shared_parameter_names"]
+           "PhaseConfig", "StrategyConfig", "CentralDPConfig", "SecureAggregationConfig", "EvaluationConfig", "RunConfig", "run_config", "shared_parameter_names"]

@@ -50,9 +50,9 @@ def _clean(value):
 
 def write_metrics(out_dir: Path, sites: dict, pooled: dict, rounds: list, config: dict,
                   baselines: dict | None = None, failures: list | None = None,
-                  summary: list[str] | None = None) -> Path:
+                  summary: list[str] | None = None, extra: dict | None = None) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
-    payload = {"sites": sites, "pooled": pooled, "rounds": rounds, "config": config}
+    payload = {"sites": sites, "pooled": pooled, "rounds": rounds, "config": config, **(extra or {})}
     if summary:
         payload["summary"] = summary
     if baselines:

@@ -69,4 +69,4 @@ def main(grid: Grid, context: Context) -> None:
     out_dir = Path(str(run_cfg.get("out-dir", "runs/flwr"))).expanduser().resolve()
     print(f"cmvim: results of this run go to {out_dir}", flush=True)
     resume = str(run_cfg.get("resume", "false")).lower() in ("1", "true", "yes")
-    FederatedRun(cfg, out_dir, grid, resume=resume).run()
+    FederatedRun(cfg, out_dir, grid, resume=resume, context=context).run()

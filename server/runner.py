@@ -8,6 +8,7 @@ its own test split and returns aggregate metrics and score histograms (never pre
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -18,8 +19,8 @@ from pathlib import Path
 
 import torch
 import yaml
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
-from flwr.serverapp import Grid
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.serverapp import GaussianPrivacyEvent, Grid
 
 from cmvim.config import to_dict
 from cmvim.federation import ARRAYS, CONFIG, METRICS, PHASE, ROUND, RUN_CONFIG, RUN_KEY, SITE, SPLIT, RunConfig
@@ -27,7 +28,8 @@ from cmvim.results import (mean_auc, plot_rocs, pooled_entry, site_entry, site_t
                            write_summary)
 from cmvim.site_task import initial_state
 
-from .strategy import make_strategy, restore_strategy_state, site_name, strategy_state
+from .strategy import (CentralBudgetSpent, central_accountant, make_strategy, restore_strategy_state, site_name,
+                       strategy_state)
 
 log = logging.getLogger("cmvim.server")
 
@@ -44,13 +46,14 @@ class Checkpoint:
     strategy: dict = field(default_factory=dict)
     history: list = field(default_factory=list)
     rejected: list = field(default_factory=list)
+    central_dp: dict = field(default_factory=dict)     # Flower's accountant state, the sites it counts
 
     def save(self, folder: Path) -> Path:
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"{self.phase}_round{self.round:03d}.pt"
         tmp = path.with_suffix(".tmp")
         torch.save({"phase": self.phase, "round": self.round, "arrays": self.arrays, "strategy": self.strategy,
-                    "history": self.history, "rejected": self.rejected}, tmp)
+                    "history": self.history, "rejected": self.rejected, "central_dp": self.central_dp}, tmp)
         tmp.replace(path)
         (folder / "latest.json").write_text(json.dumps({"file": path.name, "phase": self.phase, "round": self.round}))
         return path
@@ -62,7 +65,7 @@ class Checkpoint:
             return None
         data = torch.load(folder / json.loads(pointer.read_text())["file"], weights_only=False)
         return cls(data["phase"], data["round"], data["arrays"], data["strategy"], data["history"],
-                   data["rejected"])
+                   data["rejected"], data.get("central_dp", {}))
 
 
 def _fmt_duration(seconds: float) -> str:
@@ -71,14 +74,18 @@ def _fmt_duration(seconds: float) -> str:
 
 
 class FederatedRun:
-    def __init__(self, cfg: RunConfig, out_dir: Path, grid: Grid, resume: bool = False):
+    def __init__(self, cfg: RunConfig, out_dir: Path, grid: Grid, resume: bool = False, context: Context | None = None):
         self.cfg, self.out_dir, self.grid = cfg, Path(out_dir), grid
+        self.context = context          # the ServerApp's Flower context: SecAgg+ runs on Flower's legacy machinery
         self.ckpt_dir = self.out_dir / "checkpoints"
         self.resume = resume
         self.history: list[dict] = []
         self.rejected: list[dict] = []
         self.started = time.perf_counter()
         self.run_key = hashlib.sha256(f"{self.out_dir.resolve()}|{cfg.to_json()}".encode()).hexdigest()[:16]
+        self.accountant = None          # central DP: Flower's RDP accountant, one for the whole run
+        self.central_sites = 0          # central DP: the sites each round's noise is calibrated for
+        self.central_stopped: str | None = None     # why central DP stopped training (budget), if it did
 
     # -- phases -----------------------------------------------------------------------------
     def run(self) -> dict:
@@ -89,6 +96,7 @@ class FederatedRun:
             _say(f"resume: no checkpoint in {self.ckpt_dir}; starting from the beginning")
         if ckpt is not None:
             self.history, self.rejected = ckpt.history, ckpt.rejected
+            self._restore_central(ckpt.central_dp)
             _say(f"resuming from {ckpt.phase} round {ckpt.round}")
 
         if ckpt is None or ckpt.phase == "pretrain":
@@ -115,14 +123,23 @@ class FederatedRun:
         remaining = pc.rounds - done
         if remaining <= 0:
             return arrays
+        if self.central_stopped:
+            _say(f"\n== {phase}: skipped: {self.central_stopped} ==")
+            return arrays
         evaluate_rounds = phase == "finetune" and self.cfg.evaluation.every_round
-        strategy = make_strategy(self.cfg.strategy, evaluate=evaluate_rounds)
+        plan = self._start_central(phase, remaining)
+        strategy = make_strategy(self.cfg.strategy, evaluate=evaluate_rounds, central_dp=self.cfg.central_dp,
+                                 sites=self.central_sites, accountant=self.accountant)
         strategy.round_offset = done
         restore_strategy_state(strategy, state)
-        _say(f"\n== {phase}: rounds {done + 1}-{pc.rounds}, strategy {self.cfg.strategy.name}, "
-             f"{len(list(self.grid.get_node_ids()))} sites connected ==")
+        _say(f"\n== {phase}: rounds {done + 1}-{pc.rounds}, strategy {self.cfg.strategy.name}"
+             f"{self._central_label()}, {len(list(self.grid.get_node_ids()))} sites connected ==")
+        if plan:
+            _say(plan)
         round_start = [time.perf_counter()]
         phase_seconds: list[float] = []
+        latest = [arrays]           # the global model after the last round (kept if central DP stops the phase)
+        seen = [0]                  # rejections already reported
 
         def after_round(server_round: int, round_arrays: ArrayRecord):
             if server_round == 0:
@@ -132,26 +149,112 @@ class FederatedRun:
             round_start[0] = time.perf_counter()
             phase_seconds.append(seconds)
             rlog = strategy.round_log
-            new_rejections = [r for r in rlog.rejected if r not in self.rejected]
+            # this round's: the strategy lives for one phase (round numbers repeat across phases)
+            new_rejections = [{"phase": phase, **r} for r in rlog.rejected[seen[0]:]]
+            seen[0] = len(rlog.rejected)
             self.rejected.extend(new_rejections)
             entry = {"phase": phase, "round": absolute, "seconds": round(seconds, 2),
                      "train": rlog.train, "evaluate": rlog.evaluate if evaluate_rounds else {},
                      "rejected": new_rejections}
+            if self.accountant is not None:
+                entry["central_dp"] = self.central_spent()
             self.history.append(entry)
             state_dict = round_arrays.to_torch_state_dict()
-            Checkpoint(phase, absolute, state_dict, strategy_state(strategy), self.history, self.rejected).save(
-                self.ckpt_dir)
+            latest[0] = state_dict
+            Checkpoint(phase, absolute, state_dict, strategy_state(strategy), self.history, self.rejected,
+                       self._central_state()).save(self.ckpt_dir)
             self._progress(phase, absolute, pc.rounds, entry, phase_seconds)
             return None
 
-        result = strategy.start(grid=self.grid, initial_arrays=ArrayRecord(arrays), num_rounds=remaining,
-                                timeout=self.cfg.strategy.round_timeout,
-                                train_config=self._config(phase, done), evaluate_config=self._config(phase, done, "val"),
-                                evaluate_fn=after_round)
+        if self.cfg.secure_aggregation.enabled:
+            return self._secure_rounds(strategy, arrays, remaining, phase, done, after_round)
+        try:
+            result = strategy.start(grid=self.grid, initial_arrays=ArrayRecord(arrays), num_rounds=remaining,
+                                    timeout=self.cfg.strategy.round_timeout, train_config=self._config(phase, done),
+                                    evaluate_config=self._config(phase, done, "val"), evaluate_fn=after_round)
+        except CentralBudgetSpent as exc:
+            spent = self.central_spent()
+            self.central_stopped = (f"the central DP budget (max_epsilon {self.cfg.central_dp.max_epsilon}) is spent: "
+                                    f"epsilon {spent['epsilon']:.3f} after {spent['releases']} round(s)")
+            _say(f"    ! {self.central_stopped}; no further training, the model of the last round is final")
+            log.info("central DP: %s", exc)
+            return latest[0]
         # Flower's Result.arrays stays an empty record when no round aggregated (every round
         # had too few valid updates): then the phase's starting model is still the global one
         final = result.arrays.to_torch_state_dict() if result.arrays is not None else {}
         return final if final else arrays
+
+    def _secure_rounds(self, strategy, arrays: dict, rounds: int, phase: str, done: int, after_round) -> dict:
+        """The phase's rounds with training through SecAgg+ (server.secagg); validation, progress
+        and checkpoints as in Flower's Strategy.start, which this loop mirrors."""
+        from .secagg import SecureAggregator
+        if self.context is None:
+            raise RuntimeError("secure aggregation needs the ServerApp's context: FederatedRun(..., context=context)")
+        timeout = self.cfg.strategy.round_timeout
+        aggregator = SecureAggregator(self.grid, self.context, self.cfg.secure_aggregation, self.cfg.strategy.min_nodes,
+                                      timeout)
+        record = ArrayRecord(arrays)
+        try:
+            for server_round in range(1, rounds + 1):
+                new, sites, dropouts = aggregator.round(server_round, record, self._config(phase, done))
+                strategy.round_log.train = sites
+                for dropout in dropouts:
+                    strategy.round_log.rejected.append({"round": done + server_round, "stage": "train", **dropout})
+                if new is None:
+                    log.warning("round %d: the secure aggregation round aggregated nothing: the global model is kept",
+                                done + server_round)
+                else:
+                    record = new
+                messages = strategy.configure_evaluate(server_round, record, self._config(phase, done, "val"), self.grid)
+                if messages:
+                    strategy.aggregate_evaluate(server_round, self.grid.send_and_receive(messages, timeout=timeout))
+                after_round(server_round, record)
+        finally:
+            aggregator.close()
+        return record.to_torch_state_dict()
+
+    # -- central DP (Flower's wrappers and accountant) ----------------------------------------
+    def _start_central(self, phase: str, rounds: int) -> str:
+        """Create the run's accountant at the first training phase; say what the plan will spend."""
+        cdp = self.cfg.central_dp
+        if not cdp.enabled:
+            return ""
+        if self.accountant is None:
+            self.central_sites = max(self.cfg.strategy.min_nodes, len(list(self.grid.get_node_ids())))
+            self.accountant = central_accountant(cdp, self.central_sites)
+        planned = rounds + (self.cfg.finetune.rounds if phase == "pretrain" else 0)
+        projection = central_accountant(dataclasses.replace(cdp, max_epsilon=None), self.central_sites)
+        projection.compose(GaussianPrivacyEvent(cdp.noise_multiplier, self.central_sites, self.central_sites),
+                           self.accountant.num_releases + planned)      # every release is the same event
+        budget = f", budget {cdp.max_epsilon}" if cdp.max_epsilon is not None else ""
+        return (f"central DP: clipping to {cdp.clipping_norm}, noise std {cdp.noise_multiplier} x clip / "
+                f"{self.central_sites} sites; epsilon {self.central_spent()['epsilon']:.3f} spent, the {planned} planned "
+                f"round(s) bring it to {projection.get_epsilon(cdp.delta):.3f} (delta {cdp.delta:g}){budget}")
+
+    def _central_label(self) -> str:
+        cdp = self.cfg.central_dp
+        if self.cfg.secure_aggregation.enabled:
+            return " with secure aggregation (SecAgg+)"
+        return (f" under central DP ({cdp.clipping}-side clipping, noise multiplier {cdp.noise_multiplier})"
+                if cdp.enabled else "")
+
+    def central_spent(self) -> dict:
+        spent = self.accountant.get_privacy_spent()
+        return {"epsilon": spent.epsilon, "delta": spent.delta, "releases": spent.num_releases}
+
+    def _central_state(self) -> dict:
+        if self.accountant is None:
+            return {}
+        return {"sites": self.central_sites, "accountant": self.accountant.state_dict(),
+                "stopped": self.central_stopped}
+
+    def _restore_central(self, state: dict) -> None:
+        if not state or not self.cfg.central_dp.enabled:
+            return
+        self.central_sites = int(state["sites"])
+        self.accountant = central_accountant(self.cfg.central_dp, self.central_sites)
+        self.accountant.load_state_dict(state["accountant"])
+        self.central_stopped = state.get("stopped")
 
     def privacy_spent(self) -> dict[str, dict]:
         """Per site, the epsilon (and delta) its last DP round reported: the run's spend there."""
@@ -182,6 +285,8 @@ class FederatedRun:
         eps = {site: m["epsilon"] for site, m in train.items() if "epsilon" in m}
         if eps:
             line += " | epsilon " + ", ".join(f"{s} {v:.2f}" for s, v in sorted(eps.items()))
+        if "central_dp" in entry:
+            line += f" | central epsilon {entry['central_dp']['epsilon']:.2f}"
         line += f" | {entry['seconds']:.0f}s/round | ETA {_fmt_duration(per_round * remaining)}"
         _say(line)
         for rejection in entry["rejected"]:
@@ -226,12 +331,28 @@ class FederatedRun:
             lines.append(f"- differential privacy (DP-SGD at each site, {setting}, clip {pv.max_grad_norm}): epsilon "
                          "spent " + ", ".join(f"{n} {e['epsilon']:.2f} (delta {e['delta']:.0e})"
                                               for n, e in sorted(spent.items())))
+        extra = {}
+        if self.cfg.secure_aggregation.enabled:
+            sa = self.cfg.secure_aggregation
+            lines.append(f"- secure aggregation (Flower SecAgg+): the server saw only the weighted sum of the sites' "
+                         f"models each training round (weights quantized to {sa.quantization_range} levels over "
+                         f"+-{sa.clipping_range:g} x max_weight {sa.max_weight:g} / num-examples)")
+        if self.accountant is not None:
+            cdp = self.cfg.central_dp
+            extra["central_dp"] = {"clipping": cdp.clipping, "noise_multiplier": cdp.noise_multiplier,
+                                   "clipping_norm": cdp.clipping_norm, "sites": self.central_sites,
+                                   **self.central_spent(), "stopped": self.central_stopped}
+            lines.append(f"- central DP (Flower, {cdp.clipping}-side clipping to {cdp.clipping_norm}, noise multiplier "
+                         f"{cdp.noise_multiplier}, {self.central_sites} sites): epsilon "
+                         f"{extra['central_dp']['epsilon']:.3f} at delta {cdp.delta:g} for a whole site's data, "
+                         f"{extra['central_dp']['releases']} noised round(s)"
+                         + (f"; stopped early: {self.central_stopped}" if self.central_stopped else ""))
         path = write_metrics(self.out_dir, sites, pooled, self.history, to_dict(self.cfg),
-                             failures=self.rejected + failures, summary=lines)
+                             failures=self.rejected + failures, summary=lines, extra=extra)
         plot_rocs(self.out_dir, histograms, sites)
         table = site_table(sites, pooled)
         _say("\n" + table)
         write_summary(self.out_dir, "cmvim federated run", table, lines)
         _say(f"\nresults: {path}, {self.out_dir / 'summary.md'}, ROC plots roc_*.png")
-        Checkpoint("evaluate", 0, arrays, {}, self.history, self.rejected).save(self.ckpt_dir)
+        Checkpoint("evaluate", 0, arrays, {}, self.history, self.rejected, self._central_state()).save(self.ckpt_dir)
         return {"sites": sites, "pooled": pooled, "rounds": self.history, "failures": self.rejected + failures}

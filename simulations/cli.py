@@ -68,7 +68,7 @@ def run_federated(cfg: RunConfig, out_dir: Path, n_sites: int, resume: bool, ver
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
-        FederatedRun(cfg, out_dir, grid, resume=resume).run()
+        FederatedRun(cfg, out_dir, grid, resume=resume, context=context).run()
 
     cores = os.cpu_count() or 1
     backend = {"client_resources": {"num_cpus": max(1, cfg.threads_per_site), "num_gpus": 0.0},

@@ -21,13 +21,6 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, Metadata, 
 
 from cmvim.federation import ARRAYS, METRICS, SITE, StrategyConfig  # noqa: E402
 from server.strategy import make_strategy  # noqa: E402
-from simulations.cohort import CohortConfig, cached_cohort  # noqa: E402
-
-# An easy cohort: large effects, PET for everyone, enough labeled subjects that the tiny model's
-# fine-tuning (which sits on a loss plateau for its first ~2 rounds) gets past chance. With 24
-# subjects a site and effect_scale 3 the test split held 4-6 labeled subjects and AUCs were noise.
-EASY = {"sites": 3, "subjects": 60, "shape": 32, "seed": 2, "effect_scale": 5.0, "pet_missing": 0.0}
-
 
 def tiny_config(cohort_path: Path, **overrides) -> dict:
     cfg = {
@@ -45,11 +38,6 @@ def tiny_config(cohort_path: Path, **overrides) -> dict:
     for key, value in overrides.items():
         cfg[key] = value if not isinstance(value, dict) else {**cfg.get(key, {}), **value}
     return cfg
-
-
-@pytest.fixture(scope="module")
-def easy_cohort(tmp_path_factory):
-    return cached_cohort(CohortConfig(**EASY), root=tmp_path_factory.mktemp("cache"))
 
 
 def run_sim(tmp_path: Path, cfg: dict, out: Path, *extra: str, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -159,6 +147,9 @@ def test_a_failing_site_is_named_and_the_run_goes_on(easy_cohort, tmp_path, min_
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["sites"]) == {"A", "B"}
     assert {f["site"] for f in metrics["failures"]} == {"C"}
+    # pretrain round 1 and finetune round 1 are two rejections (they were once merged as equal)
+    assert [(f["phase"], f["round"]) for f in metrics["failures"] if f["stage"] == "train"] == [
+        ("pretrain", 1), ("finetune", 1)]
     assert set(metrics["rounds"][0]["train"]) == {"A", "B"}
     if min_nodes == 3:
         assert "the global model is kept as it was" in proc.stdout + proc.stderr
@@ -219,8 +210,8 @@ def test_flwr_run_runs_the_same_app(easy_cohort, tmp_path):
     assert "| pooled |" in proc.stdout
 
 
-def _reply(site: str, arrays: dict, node: int) -> Message:
-    content = RecordDict({ARRAYS: ArrayRecord(arrays), METRICS: MetricRecord({"num-examples": 10, "loss": 1.0}),
+def _reply(site: str, arrays: dict, node: int, num_examples: int = 10) -> Message:
+    content = RecordDict({ARRAYS: ArrayRecord(arrays), METRICS: MetricRecord({"num-examples": num_examples, "loss": 1.0}),
                           SITE: ConfigRecord({"name": site})})
     metadata = Metadata(run_id=1, message_id=f"m{node}", src_node_id=node, dst_node_id=0, reply_to_message_id="x",
                         group_id="1", created_at=time.time(), ttl=60.0, message_type=MessageType.TRAIN)

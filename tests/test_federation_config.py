@@ -52,12 +52,12 @@ def test_fedadam_state_survives_a_checkpoint(tmp_path):
     from cmvim.federation import StrategyConfig
     strategy = make_strategy(StrategyConfig(name="fedadam"))
     import numpy as np
-    strategy.m_t, strategy.v_t = {"w": np.ones(3)}, {"w": np.full(3, 2.0)}
-    strategy.current_arrays = {"w": np.zeros(3)}
+    strategy.base.m_t, strategy.base.v_t = {"w": np.ones(3)}, {"w": np.full(3, 2.0)}
+    strategy.base.current_arrays = {"w": np.zeros(3)}
     Checkpoint("finetune", 4, {"w": torch.zeros(3)}, strategy_state(strategy)).save(tmp_path)
     loaded = Checkpoint.latest(tmp_path)
     fresh = make_strategy(StrategyConfig(name="fedadam"))
     restore_strategy_state(fresh, loaded.strategy)
     assert (loaded.phase, loaded.round) == ("finetune", 4)
-    np.testing.assert_array_equal(fresh.v_t["w"], np.full(3, 2.0))
-    np.testing.assert_array_equal(fresh.m_t["w"], np.ones(3))
+    np.testing.assert_array_equal(fresh.base.v_t["w"], np.full(3, 2.0))
+    np.testing.assert_array_equal(fresh.base.m_t["w"], np.ones(3))
