@@ -79,7 +79,10 @@ class CentralBudgetSpent(Exception):
     """Central DP: the next release would pass central_dp.max_epsilon; no more training."""
 
 
-UNIFORM_WEIGHT = "central-dp-weight"    # the equal weight every kept reply carries under central DP
+# Under central DP the strategy averages by this key, which the guard sets on every kept reply:
+# 1 for training (equal weights: the noise is calibrated for a 1/n share each), num-examples
+# for validation metrics (as without DP)
+WEIGHT = "aggregation-weight"
 
 
 class Guarded(Strategy):
@@ -146,7 +149,7 @@ class Guarded(Strategy):
             kept = []       # Flower's DP wrapper still closes the round's pending privacy event
         if self.uniform_weights:
             for msg in kept:
-                msg.content[METRICS][UNIFORM_WEIGHT] = 1
+                msg.content[METRICS][WEIGHT] = 1
         if not kept and not isinstance(self.inner, DifferentialPrivacyFixedClippingBase):
             return None, None
         return self.inner.aggregate_train(server_round, kept)
@@ -154,6 +157,9 @@ class Guarded(Strategy):
     def aggregate_evaluate(self, server_round, replies):
         kept = self._screen(server_round, list(replies), "evaluate")
         kept = [m for m in kept if _metrics(m).get("num-examples", 0) > 0]
+        if self.uniform_weights:
+            for msg in kept:
+                msg.content[METRICS][WEIGHT] = msg.content[METRICS]["num-examples"]
         return self.inner.aggregate_evaluate(server_round, kept) if kept else None
 
 
@@ -180,7 +186,7 @@ def make_strategy(cfg: StrategyConfig, evaluate: bool = True, central_dp: Centra
     if dp:
         # exactly `sites` sites a round (FedAvg samples max(int(fraction * connected), min_train_nodes)):
         # the noise is calibrated for that many, even if another site connects mid-run
-        common.update(weighted_by_key=UNIFORM_WEIGHT, fraction_train=1e-9, min_train_nodes=sites,
+        common.update(weighted_by_key=WEIGHT, fraction_train=1e-9, min_train_nodes=sites,
                       min_available_nodes=sites)
     if cfg.name == "fedprox":
         base = FedProx(proximal_mu=cfg.proximal_mu, **common)

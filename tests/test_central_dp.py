@@ -88,6 +88,17 @@ def test_server_side_clipping_averages_with_equal_weights_and_adds_the_stated_no
     assert set(strategy.round_log.train) == {"A", "B", "C"}
 
 
+def test_validation_metrics_under_central_dp_stay_weighted_by_num_examples():
+    strategy, _ = dp_strategy()
+    replies = [tf._reply(site, {"w": torch.zeros(1)}, node, num_examples=n)
+               for site, node, n in (("A", 1, 10), ("B", 2, 30))]
+    for msg, auc in zip(replies, (0.5, 0.9)):
+        msg.content[METRICS]["auc"] = auc
+    metrics = strategy.aggregate_evaluate(1, replies)
+    assert metrics["auc"] == pytest.approx((10 * 0.5 + 30 * 0.9) / 40)
+    assert set(strategy.round_log.evaluate) == {"A", "B"}
+
+
 def test_accountant_epsilon_is_the_gaussian_mechanisms_and_opacus():
     from opacus.accountants import RDPAccountant
     for sigma, releases, delta in [(0.5, 3, 1e-3), (1.0, 10, 1e-5), (5.0, 100, 1e-6)]:
@@ -185,6 +196,7 @@ def test_client_side_central_dp_run_reports_epsilon_and_stops_at_its_budget(easy
     the budget, so training stops, the sites still evaluate, and the results say so."""
     budget = reference_epsilon(0.8, 2, 1e-3) * 1.05
     cfg = tf.tiny_config(easy_cohort, pretrain={"rounds": 1}, finetune={"rounds": 2, "local_epochs": 1},
+                         split_fractions=[0.5, 0.2, 0.3], evaluation={"every_round": True},   # validation too
                          central_dp={"clipping": "client", "noise_multiplier": 0.8, "clipping_norm": 2.0,
                                      "delta": 1e-3, "max_epsilon": budget})
     out = tmp_path / "cdp"
@@ -199,6 +211,7 @@ def test_client_side_central_dp_run_reports_epsilon_and_stops_at_its_budget(easy
     assert central["releases"] == 2 and central["sites"] == 3 and central["epsilon"] <= budget
     assert "central DP budget" in central["stopped"]
     assert set(metrics["sites"]) == {"A", "B", "C"}              # they still evaluated
+    assert set(metrics["rounds"][1]["evaluate"]) == {"A", "B", "C"}   # validation after the finetune round
     assert "| central epsilon" in proc.stdout and "no further training" in proc.stdout
     assert "central DP (Flower, client-side clipping" in (out / "summary.md").read_text()
 

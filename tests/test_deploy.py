@@ -151,3 +151,43 @@ def test_deployment_with_tls_node_auth_policy_and_a_restarted_site(cohort, tmp_p
     # every process we started is gone, and so are their SuperNodes / SuperLink
     for proc in procs:
         assert proc.poll() is not None
+
+
+@pytest.mark.slow          # ~4 min: each SecAgg+ round is four message exchanges, each a ClientApp process
+def test_deployment_with_secure_aggregation(cohort, tmp_path):
+    """SecAgg+ across real SuperNodes: its keys live in the ClientApp's context, which the
+    SuperNode must carry from one message (and one ClientApp process) to the next."""
+    certs = tmp_path / "certs"
+    subprocess.run([sys.executable, "deploy/certs.py", "--out", str(certs), "--server-name", "localhost",
+                    "--sites", "A", "B", "C"], cwd=REPO, check=True, capture_output=True)
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({
+        "seed": 0, "model": {"preset": "tiny"}, "preprocess": {"shape": 32, "voxel_size": 6.25},
+        "split_fractions": [0.6, 0.0, 0.4], "modality_dropout": 0.0,
+        "pretrain": {"rounds": 1, "local_epochs": 1, "batch_size": 6},
+        "finetune": {"rounds": 1, "local_epochs": 1, "batch_size": 4, "lr": 0.002},
+        "strategy": {"min_nodes": 3, "round_timeout": 300},
+        "evaluation": {"bootstrap": 100, "every_round": False},
+        "secure_aggregation": {"enabled": True},
+    }))
+    port, out = free_port(), tmp_path / "results"
+    procs: list[subprocess.Popen] = []
+    try:
+        for site in "ABC":
+            procs.append(start(client_cmd(site, cohort / site, port, certs, certs / "sites" / f"{site}.key",
+                                          tmp_path / f"node-{site}"), tmp_path / f"{site}.log"))
+        server = start([str(BIN / "cmvim-server"), "--config", str(config), "--out", str(out), "--certs", str(certs),
+                        "--site-keys", str(certs / "sites"), "--address", f"127.0.0.1:{port}", "--wait-sites", "3"],
+                       tmp_path / "server.log")
+        procs.append(server)
+        server.wait(900)
+        server_log = (tmp_path / "server.log").read_text()
+        assert server.returncode == 0, server_log[-4000:]
+    finally:
+        for proc in procs:
+            stop(proc)
+    assert "with secure aggregation (SecAgg+)" in server_log
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [(r["phase"], set(r["train"])) for r in metrics["rounds"]] == [("pretrain", {"A", "B", "C"}),
+                                                                          ("finetune", {"A", "B", "C"})]
+    assert not metrics.get("failures") and set(metrics["sites"]) == {"A", "B", "C"}
