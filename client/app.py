@@ -30,7 +30,7 @@ from cmvim.privacy import PrivacyBudgetExceeded
 from cmvim.site_task import SiteTask, SiteTaskError, flatten_metrics
 
 from .policy import PolicyRefusal, load_policy
-from .secagg import secagg_mod
+from .secagg import MASKED, secagg_mod
 
 log = logging.getLogger("cmvim.client")
 LOCAL_STATE = "cmvim-local-params"
@@ -90,7 +90,7 @@ def _handle(msg: Message, context: Context, training: bool) -> Message:
         policy_file = context.node_config.get("policy")
         policy = load_policy(str(policy_file) if policy_file else None)
         try:
-            policy.check(cfg, phase, training, split)
+            policy.check(cfg, phase, training, split, masked=bool(config.get(MASKED, False)))
         except PolicyRefusal:
             log.warning("site %s refused a %s request (site policy)", name, phase)
             raise

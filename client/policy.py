@@ -9,6 +9,8 @@ A YAML file the hospital controls (passed as `cmvim-client --policy FILE`), e.g.
     dp_required: false          # true: refuse any training without differential privacy
     max_epsilon: 8.0            # the most privacy budget (epsilon) a run may spend here: a run asking
                                 # for more is refused; a run without a budget stops training here at it
+    secure_aggregation_required: false   # true: send weights only masked by SecAgg+ (the server
+                                         # then learns only the sum over the sites)
 
 Every request from the server is checked before any data is read; one outside the policy is
 refused with a message naming the rule and the requested value (config values only: nothing
@@ -38,10 +40,13 @@ class SitePolicy:
     use_reports: bool = True
     dp_required: bool = False
     max_epsilon: float | None = None
+    secure_aggregation_required: bool = False
 
-    def check(self, cfg: RunConfig, phase: str, training: bool, split: str | None = None) -> None:
+    def check(self, cfg: RunConfig, phase: str, training: bool, split: str | None = None,
+              masked: bool = False) -> None:
         """Raise PolicyRefusal if the server's request is outside this policy. Scoring the test
-        split is the `evaluate` phase; validation during a phase belongs to that phase."""
+        split is the `evaluate` phase; validation during a phase belongs to that phase. `masked`:
+        this training request arrived through SecAgg+ (set by the site's own mod, not the server)."""
         wanted = "evaluate" if not training and split == "test" else phase
         if wanted not in self.allowed_phases:
             raise PolicyRefusal(f"site policy does not allow the {wanted} phase "
@@ -58,6 +63,9 @@ class SitePolicy:
         if pc.batch_size > self.max_batch_size:
             raise PolicyRefusal(f"site policy allows batch size at most {self.max_batch_size}; "
                                 f"the run asks for {pc.batch_size} ({phase}.batch_size)")
+        if self.secure_aggregation_required and not masked:
+            raise PolicyRefusal("site policy requires secure aggregation (secure_aggregation_required: true); this "
+                                "training request would send the site's weights unmasked")
         privacy = cfg.privacy
         if self.dp_required and not privacy.enabled:
             raise PolicyRefusal("site policy requires differential privacy (dp_required: true); "

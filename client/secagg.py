@@ -27,6 +27,7 @@ from flwr.compat.common import recorddict_compat as compat
 from cmvim.federation import ARRAYS, CONFIG, METRICS, SITE
 
 NAMES = "secagg-array-names"          # in the fit config: the parameter names, in order (legacy records drop them)
+MASKED = "cmvim-secagg-masked"        # set in the handler's config by this module only: the reply will be masked
 
 
 class SecAggDropout(Exception):
@@ -37,6 +38,8 @@ class SecAggDropout(Exception):
 def secagg_mod(msg: Message, context: Context, call_next) -> Message:
     """`secaggplus_mod` for SecAgg+ messages; every other message passes untouched."""
     if RECORD_KEY_CONFIGS not in msg.content.config_records:
+        if CONFIG in msg.content and MASKED in msg.content[CONFIG]:
+            del msg.content[CONFIG][MASKED]       # only this module may say a reply will be masked
         return call_next(msg, context)
     flwr_log = logging.getLogger("flwr")
     level = flwr_log.level
@@ -52,6 +55,7 @@ def _fit_through_handler(msg: Message, context: Context, call_next) -> Message:
     weights = parameters_to_ndarrays(compat.arrayrecord_to_parameters(legacy["fitins.parameters"], keep_input=True))
     config = ConfigRecord(dict(legacy["fitins.config"]))
     names = str(config.pop(NAMES, "")).split(",")
+    config[MASKED] = True
     if len(names) != len(weights):
         raise SecAggDropout(f"malformed secure aggregation request: {len(names)} names for {len(weights)} arrays")
     msg.content = RecordDict({ARRAYS: ArrayRecord({n: Array(np.asarray(w)) for n, w in zip(names, weights)}),

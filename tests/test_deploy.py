@@ -156,7 +156,8 @@ def test_deployment_with_tls_node_auth_policy_and_a_restarted_site(cohort, tmp_p
 @pytest.mark.slow          # ~4 min: each SecAgg+ round is four message exchanges, each a ClientApp process
 def test_deployment_with_secure_aggregation(cohort, tmp_path):
     """SecAgg+ across real SuperNodes: its keys live in the ClientApp's context, which the
-    SuperNode must carry from one message (and one ClientApp process) to the next."""
+    SuperNode must carry from one message (and one ClientApp process) to the next. Site C's
+    policy requires secure aggregation: it trains, because its requests arrive masked."""
     certs = tmp_path / "certs"
     subprocess.run([sys.executable, "deploy/certs.py", "--out", str(certs), "--server-name", "localhost",
                     "--sites", "A", "B", "C"], cwd=REPO, check=True, capture_output=True)
@@ -170,12 +171,15 @@ def test_deployment_with_secure_aggregation(cohort, tmp_path):
         "evaluation": {"bootstrap": 100, "every_round": False},
         "secure_aggregation": {"enabled": True},
     }))
+    policy_c = tmp_path / "policy-C.yaml"              # C sends weights only through SecAgg+
+    policy_c.write_text("secure_aggregation_required: true\n")
     port, out = free_port(), tmp_path / "results"
     procs: list[subprocess.Popen] = []
     try:
         for site in "ABC":
+            extra = ("--policy", str(policy_c)) if site == "C" else ()
             procs.append(start(client_cmd(site, cohort / site, port, certs, certs / "sites" / f"{site}.key",
-                                          tmp_path / f"node-{site}"), tmp_path / f"{site}.log"))
+                                          tmp_path / f"node-{site}", *extra), tmp_path / f"{site}.log"))
         server = start([str(BIN / "cmvim-server"), "--config", str(config), "--out", str(out), "--certs", str(certs),
                         "--site-keys", str(certs / "sites"), "--address", f"127.0.0.1:{port}", "--wait-sites", "3"],
                        tmp_path / "server.log")

@@ -78,3 +78,11 @@ def test_preflight_names_the_wrong_file(tmp_path):
 def test_the_example_policy_in_deploy_loads():
     policy = load_policy(Path(__file__).resolve().parent.parent / "deploy" / "policy.example.yaml")
     assert policy.max_local_epochs == 5 and policy.allowed_phases == ["pretrain", "finetune", "evaluate"]
+
+
+def test_a_site_that_requires_secure_aggregation_refuses_unmasked_training():
+    run, policy = cfg(), SitePolicy(secure_aggregation_required=True)
+    with pytest.raises(PolicyRefusal, match="requires secure aggregation"):
+        policy.check(run, "finetune", training=True)
+    policy.check(run, "finetune", training=True, masked=True)       # through SecAgg+
+    policy.check(run, "finetune", training=False, split="test")     # evaluation sends no weights
