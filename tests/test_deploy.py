@@ -56,6 +56,21 @@ def client_cmd(site: str, data: Path, port: int, certs: Path, key: Path, state: 
             "--root-cert", str(certs / "ca.crt"), "--auth-key", str(key), "--state-dir", str(state), *extra]
 
 
+def run_yaml(tmp_path: Path, pretrain_rounds: int, finetune_epochs: int, min_nodes: int, round_timeout: int,
+             **extra) -> Path:
+    """The coordinator's run config: the tiny model, one fine-tuning round."""
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({
+        "seed": 0, "model": {"preset": "tiny"}, "preprocess": {"shape": 32, "voxel_size": 6.25},
+        "split_fractions": [0.6, 0.0, 0.4], "modality_dropout": 0.0,
+        "pretrain": {"rounds": pretrain_rounds, "local_epochs": 1, "batch_size": 6},
+        "finetune": {"rounds": 1, "local_epochs": finetune_epochs, "batch_size": 4, "lr": 0.002},
+        "strategy": {"min_nodes": min_nodes, "round_timeout": round_timeout},
+        "evaluation": {"bootstrap": 100, "every_round": False}, **extra,
+    }))
+    return config
+
+
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory):
     spec = CohortConfig(sites=3, subjects=30, shape=32, seed=3, effect_scale=5.0, pet_missing=0.0)
@@ -72,15 +87,7 @@ def test_deployment_with_tls_node_auth_policy_and_a_restarted_site(cohort, tmp_p
                    cwd=REPO, check=True, capture_output=True)
     assert oct((certs / "sites" / "A.key").stat().st_mode & 0o777) == "0o600"
 
-    config = tmp_path / "run.yaml"
-    config.write_text(yaml.safe_dump({
-        "seed": 0, "model": {"preset": "tiny"}, "preprocess": {"shape": 32, "voxel_size": 6.25},
-        "split_fractions": [0.6, 0.0, 0.4], "modality_dropout": 0.0,
-        "pretrain": {"rounds": 3, "local_epochs": 1, "batch_size": 6},
-        "finetune": {"rounds": 1, "local_epochs": 2, "batch_size": 4, "lr": 0.002},
-        "strategy": {"min_nodes": 2, "round_timeout": 180},
-        "evaluation": {"bootstrap": 100, "every_round": False},
-    }))
+    config = run_yaml(tmp_path, pretrain_rounds=3, finetune_epochs=2, min_nodes=2, round_timeout=180)
     policy_c = tmp_path / "policy-C.yaml"             # site C allows one local epoch: fine-tuning asks for 2
     policy_c.write_text("allowed_phases: [pretrain, finetune, evaluate]\nmax_local_epochs: 1\n")
     port, out = free_port(), tmp_path / "results"
@@ -161,16 +168,8 @@ def test_deployment_with_secure_aggregation(cohort, tmp_path):
     certs = tmp_path / "certs"
     subprocess.run([sys.executable, "deploy/certs.py", "--out", str(certs), "--server-name", "localhost",
                     "--sites", "A", "B", "C"], cwd=REPO, check=True, capture_output=True)
-    config = tmp_path / "run.yaml"
-    config.write_text(yaml.safe_dump({
-        "seed": 0, "model": {"preset": "tiny"}, "preprocess": {"shape": 32, "voxel_size": 6.25},
-        "split_fractions": [0.6, 0.0, 0.4], "modality_dropout": 0.0,
-        "pretrain": {"rounds": 1, "local_epochs": 1, "batch_size": 6},
-        "finetune": {"rounds": 1, "local_epochs": 1, "batch_size": 4, "lr": 0.002},
-        "strategy": {"min_nodes": 3, "round_timeout": 300},
-        "evaluation": {"bootstrap": 100, "every_round": False},
-        "secure_aggregation": {"enabled": True},
-    }))
+    config = run_yaml(tmp_path, pretrain_rounds=1, finetune_epochs=1, min_nodes=3, round_timeout=300,
+                      secure_aggregation={"enabled": True})
     policy_c = tmp_path / "policy-C.yaml"              # C sends weights only through SecAgg+
     policy_c.write_text("secure_aggregation_required: true\n")
     port, out = free_port(), tmp_path / "results"
