@@ -6,7 +6,8 @@
 2. Utility: the federated run (`cmvim-sim`) with privacy.target_epsilon in --epsilons (inf = no
    DP), each in its own subprocess; prints mean per-site and pooled AUC and the epsilon each
    site spent.
-3. Secure aggregation (--secagg): the same run with SecAgg+ training rounds.
+3. Secure aggregation (--secagg): the run with and without SecAgg+ training rounds (AUC, median
+   seconds a round per phase).
 4. Central DP (--central NM ...): the same run under Flower's server-side fixed clipping with
    each noise multiplier; the clipping norm is the median norm of a site's first-round update
    (measured here, per phase: printed). Prints AUC, the epsilon Flower's accountant reports,
@@ -14,7 +15,7 @@
    noise_multiplier x clip / sites, so n sites allow a multiplier n/3 times larger).
 
     PYTHONPATH=. python benchmarks/dp.py [--config quick.yaml] [--epsilons inf 8 3 1] [--set key=value ...]
-    PYTHONPATH=. python benchmarks/dp.py --skip-step --epsilons inf --secagg --central 0.001 0.01 0.1 1
+    PYTHONPATH=. python benchmarks/dp.py --skip-step --epsilons --secagg --central 0.001 0.01 0.1 1
 
 `--set` overrides config values by dotted key for every run (e.g. pretrain.rounds=2).
 """
@@ -153,13 +154,7 @@ def main() -> None:
     if args.central:
         central_table(data, args)
     if args.secagg:
-        run = json.loads(json.dumps(data))
-        run["secure_aggregation"] = {"enabled": True}
-        r = federated_run(run, "secagg", args.out)
-        per_round = [x["seconds"] for x in json.loads((args.out / "secagg" / "metrics.json").read_text())["rounds"]]
-        print("| secure aggregation | mean per-site AUC | pooled AUC | median s/round | minutes |\n| --- | ---: | ---: | ---: | ---: |")
-        print(f"| SecAgg+ | {r['mean_auc']:.3f} | {r['pooled_auc']:.3f} | {sorted(per_round)[len(per_round) // 2]:.1f} | "
-              f"{r['minutes']:.1f} |\n", flush=True)
+        secagg_table(data, args.out)
     if not args.epsilons:
         return
     print("| target epsilon | mean per-site AUC | pooled AUC | epsilon spent per site | minutes |")
@@ -169,6 +164,26 @@ def main() -> None:
         spent = ", ".join(f"{s} {v:.2f}" for s, v in sorted(r["spent"].items()) if v is not None) or "-"
         print(f"| {'inf (no DP)' if eps == float('inf') else f'{eps:g}'} | {r['mean_auc']:.3f} | "
               f"{r['pooled_auc']:.3f} | {spent} | {r['minutes']:.1f} |", flush=True)
+
+
+def median_round_seconds(out: Path, phase: str) -> float:
+    seconds = sorted(r["seconds"] for r in json.loads((out / "metrics.json").read_text())["rounds"]
+                     if r["phase"] == phase)
+    return seconds[len(seconds) // 2]
+
+
+def secagg_table(data: dict, out: Path) -> None:
+    """The run with and without SecAgg+ training rounds, side by side."""
+    secure = json.loads(json.dumps(data))
+    secure["secure_aggregation"] = {"enabled": True}
+    print("| training rounds | mean per-site AUC | pooled AUC | median s/round pretrain | median s/round finetune "
+          "| minutes |\n| --- | ---: | ---: | ---: | ---: | ---: |")
+    for label, run, name in (("plain FedAvg", data, "plain"), ("SecAgg+", secure, "secagg")):
+        r = federated_run(run, name, out)
+        print(f"| {label} | {r['mean_auc']:.3f} | {r['pooled_auc']:.3f} | "
+              f"{median_round_seconds(out / name, 'pretrain'):.1f} | {median_round_seconds(out / name, 'finetune'):.1f} "
+              f"| {r['minutes']:.1f} |", flush=True)
+    print()
 
 
 def central_table(data: dict, args) -> None:

@@ -133,7 +133,7 @@ class FederatedRun:
         strategy.round_offset = done
         restore_strategy_state(strategy, state)
         _say(f"\n== {phase}: rounds {done + 1}-{pc.rounds}, strategy {self.cfg.strategy.name}"
-             f"{self._central_label()}, {len(list(self.grid.get_node_ids()))} sites connected ==")
+             f"{self._privacy_label()}, {len(list(self.grid.get_node_ids()))} sites connected ==")
         if plan:
             _say(plan)
         round_start = [time.perf_counter()]
@@ -231,7 +231,7 @@ class FederatedRun:
                 f"{self.central_sites} sites; epsilon {self.central_spent()['epsilon']:.3f} spent, the {planned} planned "
                 f"round(s) bring it to {projection.get_epsilon(cdp.delta):.3f} (delta {cdp.delta:g}){budget}")
 
-    def _central_label(self) -> str:
+    def _privacy_label(self) -> str:
         cdp = self.cfg.central_dp
         if self.cfg.secure_aggregation.enabled:
             return " with secure aggregation (SecAgg+)"

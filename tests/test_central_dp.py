@@ -14,6 +14,7 @@ from flwr.serverapp import GaussianPrivacyEvent
 
 import test_federated as tf
 from client.app import central_clipping_mod
+from cmvim.config import ConfigError
 from cmvim.federation import ARRAYS, CONFIG, METRICS, SITE, CentralDPConfig, StrategyConfig, run_config
 from server.strategy import CentralBudgetSpent, central_accountant, make_strategy
 
@@ -179,14 +180,14 @@ def test_client_side_clipping_mod_clips_the_update_and_passes_refusals():
     torch.testing.assert_close(central_clipping_mod(plain, None, site).content[ARRAYS].to_torch_state_dict(), trained)
 
 
-def test_config_refuses_what_the_accountant_cannot_count(tmp_path):
+def test_config_refuses_what_the_accountant_cannot_count():
     with pytest.raises(ValueError, match="fedavg or fedprox"):
         run_config({"central_dp": {"clipping": "server"}, "strategy": {"name": "fedadam"}})
     with pytest.raises(ValueError, match="fraction_train 1.0"):
         run_config({"central_dp": {"clipping": "client"}, "strategy": {"fraction_train": 0.5}})
     with pytest.raises(ValueError, match="delta"):
         run_config({"central_dp": {"clipping": "server", "delta": 1.5}})
-    with pytest.raises(Exception, match="clipping"):
+    with pytest.raises(ConfigError, match="clipping"):
         run_config({"central_dp": {"clipping": "sever"}})
 
 

@@ -81,6 +81,15 @@ def _context(max_weight=100.0, clipping_range=8.0):
     return Context(run_id=1, node_id=1, node_config={}, state=state, run_config={})
 
 
+def test_secagg_quantization_turns_nan_and_out_of_range_weights_into_plausible_numbers():
+    """Why the site checks before masking: Flower's quantizer gives no error for either."""
+    from flwr.common.secure_aggregation.quantization import dequantize, quantize
+    with np.errstate(invalid="ignore"):
+        back = dequantize(quantize([np.array([np.nan, 0.5, 100.0], np.float32)], 8.0, 2 ** 22), 8.0, 2 ** 22)[0]
+    assert np.all(np.isfinite(back))                    # the NaN became a finite number
+    assert back[1] == pytest.approx(0.5, abs=1e-5) and back[2] == pytest.approx(8.0)   # 100 became 8
+
+
 def test_a_site_refuses_to_mask_what_secagg_would_clip_or_wrap():
     fine = [np.full(4, 7.0, np.float32)]
     check_maskable(fine, 100, _context())                               # 7 x 100/100 within +-8
