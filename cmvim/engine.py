@@ -11,19 +11,34 @@ from torch import nn
 from .model import CMViM
 
 
-def make_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.05) -> torch.optim.AdamW:
-    """AdamW over trainable parameters; no decay on biases, norms, embeddings and SSM A_log/D (as MAE/Vim)."""
-    decay, no_decay = [], []
+def _layer_id(name: str, depth: int) -> int:
+    """Depth of a parameter for layer-wise lr decay: tokenizers/stand-ins 0, Vim block i -> i + 1,
+    the final norm and the head depth + 1 (BEiT/MAE's fine-tuning recipe)."""
+    if name.startswith("image.encoder.layers."):
+        return int(name.split(".")[3]) + 1
+    if name.startswith(("image.tokenizers.", "image.standins.")):
+        return 0
+    return depth + 1
+
+
+def make_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.05,
+                   layer_decay: float = 1.0) -> torch.optim.AdamW:
+    """AdamW over trainable parameters; no decay on biases, norms, embeddings and SSM A_log/D (as MAE/Vim).
+
+    layer_decay < 1 scales each Vim block's lr by layer_decay ** (blocks above it), the tokenizers'
+    by one more: the pretrained early layers move least (MAE fine-tuning).
+    """
+    depth = len(model.image.encoder.layers) if hasattr(model, "image") else 0
+    groups: dict[tuple[float, bool], list] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        if param.ndim <= 1 or getattr(param, "_no_weight_decay", False) or name.endswith(
-                ("pos_embed", "modality_embed", "token", "tokens")):
-            no_decay.append(param)
-        else:
-            decay.append(param)
-    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95))
+        no_decay = param.ndim <= 1 or getattr(param, "_no_weight_decay", False) or name.endswith(
+            ("pos_embed", "modality_embed", "token", "tokens"))
+        scale = layer_decay ** (depth + 1 - _layer_id(name, depth)) if layer_decay != 1.0 else 1.0
+        groups.setdefault((scale, no_decay), []).append(param)
+    return torch.optim.AdamW([{"params": params, "lr": lr * scale, "weight_decay": 0.0 if no_decay else weight_decay}
+                              for (scale, no_decay), params in groups.items()], lr=lr, betas=(0.9, 0.95))
 
 
 def pretrain_step(model: CMViM, batch: Mapping[str, torch.Tensor], optimizer: torch.optim.Optimizer,
@@ -128,6 +143,38 @@ def finetune(model: nn.Module, loader, optimizer: torch.optim.Optimizer, epochs:
         correct += int((logits.argmax(-1) == batch["label"]).sum())
         samples += n
     return {"loss": loss_sum / max(samples, 1), "acc": correct / max(samples, 1), "num-examples": samples}
+
+
+def probe(model: nn.Module, loader, epochs: int, lr: float, weight_decay: float = 0.0,
+          weights: torch.Tensor | None = None, seed: int = 0) -> dict[str, float]:
+    """Linear probing: the encoder frozen, every subject's features computed once, then the head
+    alone trained on them for `epochs` (the LP of LP-FT: a head fitted to the pretrained features
+    before fine-tuning moves them). Returns the last epoch's mean loss, accuracy and sample count."""
+    features, labels = [], []
+    model.eval()
+    with torch.no_grad():
+        for batch in loader:
+            features.append(model.features(batch))
+            labels.append(batch["label"])
+    if not features:
+        return {"loss": float("nan"), "acc": float("nan"), "num-examples": 0}
+    x, y = torch.cat(features), torch.cat(labels)
+    head = model.head
+    optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
+    generator = torch.Generator().manual_seed(seed)
+    batch_size = loader.batch_size or len(y)
+    head.train()
+    for _ in range(epochs):
+        loss_sum, correct = 0.0, 0
+        for idx in torch.randperm(len(y), generator=generator).split(batch_size):
+            optimizer.zero_grad(set_to_none=True)
+            logits = head(x[idx])
+            loss = nn.functional.cross_entropy(logits, y[idx], weight=weights)
+            loss.backward()
+            optimizer.step()
+            loss_sum += float(loss.detach()) * len(idx)
+            correct += int((logits.argmax(-1) == y[idx]).sum())
+    return {"loss": loss_sum / len(y), "acc": correct / len(y), "num-examples": len(y)}
 
 
 @torch.no_grad()

@@ -17,6 +17,7 @@ from torch import nn
 from .config import from_dict, load_yaml, to_dict
 from .data.augment import AugmentConfig
 from .data.preprocess import PreprocessConfig
+from .linear import LinearConfig
 from .model.config import ModelConfig, model_config
 from .privacy import PrivacyConfig
 
@@ -54,6 +55,37 @@ class PhaseConfig:
     lr: float = 1e-3
     weight_decay: float = 0.05
     batch_size: int = 8
+
+
+@dataclass
+class FinetuneConfig(PhaseConfig):
+    """Fine-tuning as LP-FT (linear probing, then fine-tuning: Kumar et al., ICLR 2022).
+
+    The first `probe_rounds` rounds train the head alone on the frozen encoder's features
+    (`probe_epochs` passes over features computed once, at `probe_lr`), so the head fits the
+    pretrained features before any gradient reaches them; the remaining rounds fine-tune
+    everything at `lr`, each Vim block's lr scaled by `layer_decay` per block above it. Measured
+    (docs/science.md): fine-tuning a pretrained encoder under a random head undid what pretraining
+    had learned. Under DP-SGD a probe round trains the head alone for `local_epochs`, on the
+    privacy plan of every other round.
+    """
+    probe_rounds: int = 0
+    probe_epochs: int = 100
+    probe_lr: float = 1e-3
+    layer_decay: float = 1.0
+
+    def __post_init__(self):
+        if not 0 <= self.probe_rounds <= self.rounds:
+            raise ValueError(f"finetune.probe_rounds must lie between 0 and finetune.rounds ({self.rounds}), "
+                             f"got {self.probe_rounds}")
+        if not 0 < self.layer_decay <= 1:
+            raise ValueError(f"finetune.layer_decay must lie in (0, 1], got {self.layer_decay}")
+        if self.probe_epochs < 1 or not self.probe_lr > 0:
+            raise ValueError("finetune.probe_epochs must be at least 1 and finetune.probe_lr positive")
+
+    def probing(self, round_: int) -> bool:
+        """Whether (absolute, 1-based) fine-tuning round `round_` trains the head alone."""
+        return round_ <= self.probe_rounds
 
 
 @dataclass
@@ -156,14 +188,15 @@ class RunConfig:
     finetune_init: Literal["pretrained", "fresh"] = "pretrained"
     modality_dropout: float = 0.3          # fine-tuning: hide a present PET this often (see ModalityDropout)
     pretrain: PhaseConfig = field(default_factory=lambda: PhaseConfig(rounds=3))
-    finetune: PhaseConfig = field(default_factory=lambda: PhaseConfig(rounds=3, lr=5e-4))
+    finetune: FinetuneConfig = field(default_factory=lambda: FinetuneConfig(rounds=3, lr=5e-4))
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     split_fractions: tuple[float, float, float] = (0.7, 0.1, 0.2)   # train/val/test where the manifest is silent
     personalize: Literal["none", "head", "norm", "head+norm"] = "none"
     use_reports: bool = True
     threads_per_site: int = 1
-    baselines: list[str] = field(default_factory=list)     # "local", "centralized"
+    baselines: list[str] = field(default_factory=list)     # "local", "centralized", "linear"
+    linear: LinearConfig = field(default_factory=LinearConfig)   # the linear baseline's features and fit
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)   # sample-level DP-SGD at every site
     central_dp: CentralDPConfig = field(default_factory=CentralDPConfig)   # site-level DP at the server
     secure_aggregation: SecureAggregationConfig = field(default_factory=SecureAggregationConfig)   # SecAgg+
@@ -171,9 +204,9 @@ class RunConfig:
     def __post_init__(self):
         if len(self.split_fractions) != 3 or abs(sum(self.split_fractions) - 1) > 1e-6 or min(self.split_fractions) < 0:
             raise ValueError(f"split_fractions must be three non-negative numbers summing to 1, got {self.split_fractions}")
-        unknown = set(self.baselines) - {"local", "centralized"}
+        unknown = set(self.baselines) - {"local", "centralized", "linear"}
         if unknown:
-            raise ValueError(f"baselines: unknown {sorted(unknown)}; use 'local' and/or 'centralized'")
+            raise ValueError(f"baselines: unknown {sorted(unknown)}; choose from 'local', 'centralized', 'linear'")
         if self.central_dp.enabled:
             if self.strategy.name not in ("fedavg", "fedprox"):
                 raise ValueError(f"central_dp needs strategy fedavg or fedprox, not {self.strategy.name}: Flower's "
@@ -196,7 +229,7 @@ class RunConfig:
     def model_config(self) -> ModelConfig:
         return model_config(dict(self.model))
 
-    def phase(self, name: str) -> PhaseConfig:
+    def phase(self, name: str) -> PhaseConfig | FinetuneConfig:
         return {"pretrain": self.pretrain, "finetune": self.finetune}[name]
 
     def to_json(self) -> str:
@@ -237,4 +270,4 @@ def shared_parameter_names(model: nn.Module, phase: str, personalize: str = "non
 
 
 __all__ = ["PHASES", "ARRAYS", "CONFIG", "METRICS", "SITE", "RUN_CONFIG", "PHASE", "ROUND", "SPLIT", "CohortSpec",
-           "PhaseConfig", "StrategyConfig", "CentralDPConfig", "SecureAggregationConfig", "EvaluationConfig", "RunConfig", "run_config", "shared_parameter_names"]
+           "PhaseConfig", "FinetuneConfig", "StrategyConfig", "CentralDPConfig", "SecureAggregationConfig", "EvaluationConfig", "RunConfig", "run_config", "shared_parameter_names"]

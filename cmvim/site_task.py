@@ -160,7 +160,6 @@ class SiteTask:
             if prox is not None:
                 raise SiteTaskError("FedProx's proximal term is not available with DP-SGD: use fedavg or fedadam")
             return self._train_private(phase, round_, model)
-        optimizer = engine.make_optimizer(model, pc.lr, pc.weight_decay)
         seed = stable_seed(self.cfg.seed, self.name, phase, round_, "loader")
         if phase == "pretrain":
             dataset = self._dataset(["train", "val"], None, augment=True)
@@ -168,16 +167,20 @@ class SiteTask:
             if len(dataset) < 2:
                 raise SiteTaskError(f"{len(dataset)} subject(s) for pretraining: at least 2 are needed")
             loader = self._loader(dataset, pc.batch_size, True, seed, drop_last=len(dataset) > pc.batch_size)
+            optimizer = engine.make_optimizer(model, pc.lr, pc.weight_decay)
             metrics = engine.pretrain(model, loader, optimizer, pc.local_epochs, pc.max_steps, prox)
+        elif pc.probing(round_):
+            # LP: the head alone, on the frozen encoder's features of the site's real inputs
+            dataset = self._dataset(["train"], True, augment=False)
+            weights = engine.class_weights(self._checked_labels(dataset), self.num_classes)
+            loader = self._loader(dataset, pc.batch_size, False, seed)
+            metrics = engine.probe(model, loader, pc.probe_epochs, pc.probe_lr, weights=weights, seed=seed)
         else:
             dataset = self._dataset(["train"], True, augment=False, modality_dropout=self.cfg.modality_dropout)
             dataset.seed = round_
-            labels = self._labels(dataset)
-            if len(set(labels)) < 2:
-                raise SiteTaskError(f"the training split has {len(labels)} labeled subject(s) of "
-                                 f"{len(set(labels))} class(es): fine-tuning needs both classes")
+            weights = engine.class_weights(self._checked_labels(dataset), self.num_classes)
             loader = self._loader(dataset, pc.batch_size, True, seed)
-            weights = engine.class_weights(labels, self.num_classes)
+            optimizer = engine.make_optimizer(model, pc.lr, pc.weight_decay, pc.layer_decay)
             metrics = engine.finetune(model, loader, optimizer, pc.local_epochs, pc.max_steps, prox, weights)
         shared_out, local_out = self._split(model, phase)
         return RoundResult(shared_out, local_out, metrics)
@@ -227,18 +230,21 @@ class SiteTask:
                 f"and still evaluates")
         dataset = self._private_dataset(phase)
         dataset.seed = round_
-        labels = None
+        labels, lr, layer_decay = None, pc.lr, 1.0
+        contrastive = getattr(model, "contrastive", False)
         if phase == "pretrain":
             model.contrastive = False               # per-sample losses only; their modules sit out
             for module in (model.projector, model.report_encoder):
                 if module is not None:
                     module.requires_grad_(False)
         else:
-            labels = self._labels(dataset)
-            if len(set(labels)) < 2:
-                raise SiteTaskError(f"the training split has {len(labels)} labeled subject(s) of "
-                                    f"{len(set(labels))} class(es): fine-tuning needs both classes")
-        optimizer = engine.make_optimizer(model, pc.lr, pc.weight_decay)
+            labels = self._checked_labels(dataset)
+            if pc.probing(round_):                  # LP under DP: the head alone, on the usual privacy plan
+                model.image.requires_grad_(False)
+                lr = pc.probe_lr
+            else:
+                layer_decay = pc.layer_decay
+        optimizer = engine.make_optimizer(model, lr, pc.weight_decay, layer_decay)
         collate = self._loader(dataset, pc.batch_size, False, 0).collate_fn
         weights = engine.class_weights(labels, self.num_classes) if labels is not None else None
 
@@ -256,7 +262,7 @@ class SiteTask:
                            after_step=model.update_momentum if phase == "pretrain" else None)
         ledger.record(Spend(self.run_key, phase, round_, sigma, q, steps))      # before any weight leaves
         if phase == "pretrain":
-            model.contrastive = True
+            model.contrastive = contrastive
         metrics.update({"epsilon": ledger.epsilon(delta, self.run_key), "delta": delta, "noise_multiplier": sigma,
                         "epsilon_site_total": ledger.epsilon(delta)})
         shared_out, local_out = self._split(model, phase)
@@ -265,6 +271,14 @@ class SiteTask:
     def _labels(self, dataset) -> list[int]:
         parts = dataset.parts if isinstance(dataset, _Pooled) else [dataset]
         return [label_index(r.entry.label, self.num_classes) for part in parts for r in part.records]
+
+    def _checked_labels(self, dataset) -> list[int]:
+        """The training split's labels; a split without both classes cannot fine-tune."""
+        labels = self._labels(dataset)
+        if len(set(labels)) < 2:
+            raise SiteTaskError(f"the training split has {len(labels)} labeled subject(s) of "
+                                f"{len(set(labels))} class(es): fine-tuning needs both classes")
+        return labels
 
     def evaluate(self, phase: str, shared: State, local: State | None = None, split: str = "test") -> RoundResult:
         """Pretrain: masked-reconstruction losses on `split`. Finetune: classification metrics."""

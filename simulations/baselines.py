@@ -2,6 +2,8 @@
 
   local        each site trains alone (R1 pretraining + R2 fine-tuning "rounds" of local epochs)
   centralized  all sites' training data pooled in one place: the upper reference
+  linear       no deep model: a logistic regression on each subject's regional means, fit on every
+               site's labelled training and validation subjects pooled (cmvim.linear)
 
 Both evaluate on every site's own test split, exactly like the federated model.
 """
@@ -9,8 +11,12 @@ from __future__ import annotations
 
 import time
 
-from cmvim.data import SiteData
+import numpy as np
+
+from cmvim.data import SiteData, make_loader
 from cmvim.federation import RunConfig
+from cmvim.linear import collect, fit_logistic, positive_scores, regional_means
+from cmvim.metrics import binary_metrics, score_histograms
 from cmvim.results import mean_auc, pooled_entry, site_entry
 from cmvim.site_task import SiteTask, initial_state
 
@@ -41,6 +47,35 @@ def _evaluate(cfg: RunConfig, sites: dict[str, SiteData], shared: dict, local: d
     return {"sites": entries, "pooled": pooled, "mean_auc": mean_auc(entries), "model": name_of_model}
 
 
+def _linear(cfg: RunConfig, sites: dict[str, SiteData]) -> dict:
+    """The linear baseline: fit once on every site's labelled train + val subjects pooled (its own
+    cross-validation picks the L2 strength, as the deep model's validation split picks its round),
+    then every site scores its own test split."""
+    num_classes = cfg.model_config().num_classes
+
+    def features(site: SiteData, splits: list[str]):
+        batches = (batch for split in splits
+                   for batch in make_loader(site.dataset(split, labeled=True, num_classes=num_classes), 16, False))
+        return collect(batches, lambda batch: regional_means(batch, cfg.linear.grid))
+
+    parts = [features(site, ["train", "val"]) for site in sites.values()]
+    x = np.concatenate([p[0] for p in parts if len(p[0])])
+    y = np.concatenate([p[1] for p in parts if len(p[1])])
+    model = fit_logistic(x, (y == num_classes - 1).astype(int), cfg.linear, seed=cfg.seed)
+    entries, histograms = {}, {}
+    for name, site in sites.items():
+        x_test, y_test = features(site, ["test"])
+        if len(y_test) == 0:
+            entries[name] = {"n_test": 0}
+            continue
+        scores, binary = positive_scores(model, x_test), (y_test == num_classes - 1).astype(int)
+        entries[name] = site_entry(binary_metrics(binary, scores, bootstrap=cfg.evaluation.bootstrap, seed=cfg.seed))
+        histograms[name] = score_histograms(binary, scores, cfg.evaluation.histogram_bins)
+    return {"sites": entries, "pooled": pooled_entry(histograms), "mean_auc": mean_auc(entries),
+            "model": f"logistic regression (L2, {cfg.linear.folds}-fold CV) on {cfg.linear.grid}^3 regional means "
+                     f"per modality", "n_train": int(len(y))}
+
+
 def run_baselines(cfg: RunConfig, sites: dict[str, SiteData], which: list[str], say=print) -> dict:
     out = {}
     if "local" in which:
@@ -60,4 +95,9 @@ def run_baselines(cfg: RunConfig, sites: dict[str, SiteData], which: list[str], 
         shared, local = _train(SiteTask(cfg, list(sites.values()), "pooled"), cfg, say)
         out["centralized"] = _evaluate(cfg, sites, shared, local, "centralized")
         out["centralized"]["seconds"] = round(time.perf_counter() - start, 1)
+    if "linear" in which:
+        start = time.perf_counter()
+        say(f"\n== baseline: linear (logistic regression on {cfg.linear.grid}^3 regional means, all sites pooled) ==")
+        out["linear"] = _linear(cfg, sites)
+        out["linear"]["seconds"] = round(time.perf_counter() - start, 1)
     return out

@@ -22,8 +22,24 @@ def test_patchify_roundtrip_and_conv_token_order():
         embed.proj.weight.zero_()
         embed.proj.weight[0, 0, 0, 0, 0] = 1.0
         embed.proj.bias.zero_()
-    tokens = embed.proj(x).flatten(2).transpose(1, 2)
+    tokens = embed.proj(x)
     torch.testing.assert_close(tokens[..., 0], patches[..., 0])
+
+
+def test_patch_projection_matches_the_convolution_it_replaces():
+    """The fast patch projection (patchify + matmul) against Conv3d, values and gradients, 2 channels."""
+    from cmvim.model.patch import PatchProjection
+    torch.manual_seed(0)
+    proj = PatchProjection(2, 8, patch_size=4)
+    x = torch.randn(3, 2, 16, 16, 16)
+    fast, ref = proj(x), proj.forward_ref(x)
+    assert fast.shape == (3, 64, 8)
+    torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
+    grad = torch.randn_like(fast)
+    g_fast = torch.autograd.grad(fast, [proj.weight, proj.bias], grad)
+    g_ref = torch.autograd.grad(proj.forward_ref(x), [proj.weight, proj.bias], grad)
+    for a, b in zip(g_fast, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
 def test_sincos_position_embedding_is_distinct_and_frozen():

@@ -203,7 +203,27 @@ def normalize_zscore(data: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
     return out
 
 
-NORMALIZERS = {"percentile": normalize_percentile, "zscore": normalize_zscore,
+def normalize_suvr(data: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
+    """FDG as SUVR (uptake over the mean of a whole-brain reference region), centred: SUVR - 1
+    inside the brain mask, 0 outside.
+
+    Unlike percentile clipping, the hottest cortex keeps its value, and posterior cingulate /
+    precuneus hypometabolism, where Alzheimer's shows in FDG, stays a ratio to the rest of the
+    brain. Centring matters as much (measured, docs/science.md): with the brain at 0 like the
+    background, a region's mean reads its uptake, not how much of it lies inside the head.
+    """
+    mask = data > cfg.foreground * np.percentile(data, 99)
+    if mask.sum() < 10:
+        raise DataError("no foreground to normalise (fewer than 10 voxels above threshold)", kind="empty volume")
+    reference = float(data[mask].mean())
+    if not reference > 0:
+        raise DataError("the reference region's mean uptake is not positive", kind="empty volume")
+    out = np.zeros_like(data, dtype=np.float32)
+    out[mask] = data[mask] / reference - 1.0
+    return out
+
+
+NORMALIZERS = {"percentile": normalize_percentile, "zscore": normalize_zscore, "suvr": normalize_suvr,
                "none": lambda data, cfg: data.astype(np.float32)}
 
 

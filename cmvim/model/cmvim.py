@@ -104,7 +104,9 @@ class CMViM(nn.Module):
         self.momentum = nn.ModuleDict({"image": copy.deepcopy(self.image),
                                        "projector": copy.deepcopy(self.projector)})
         self.momentum.requires_grad_(False)
-        self.contrastive = True        # False: reconstruction only (DP-SGD needs per-sample losses)
+        # False: reconstruction only, the momentum and report encoders not run at all: DP-SGD
+        # (per-sample losses), and a config whose contrastive weights are all 0 (MAE alone)
+        self.contrastive = any(w > 0 for w in (cfg.loss.intra, cfg.loss.inter, cfg.loss.report))
 
     # -- steps -----------------------------------------------------------------------------
     def encode_masked(self, image: ImageEncoder, batch, generator=None):
@@ -132,7 +134,7 @@ class CMViM(nn.Module):
             target = patchify(batch[m], cfg.patch_size)
             terms[f"recon_{m}"] = masked_mse(predictions[m], target, masks[m], present[m], weights.norm_pix_loss)
 
-        if not self.contrastive:        # DP-SGD: per-sample losses only (see cmvim.privacy)
+        if not self.contrastive:        # MAE alone, or DP-SGD's per-sample losses (see cmvim.privacy)
             loss = sum(weights.recon * terms[f"recon_{m}"] for m in cfg.modalities)
             return PretrainOutput(loss, {k: float(v.detach()) for k, v in terms.items()}, predictions, masks)
         online = {m: self.projector(latents[m].mean(dim=1)) for m in cfg.modalities}
@@ -173,19 +175,27 @@ class CMViM(nn.Module):
 
 
 class CMViMClassifier(nn.Module):
-    """Fine-tuning model: the image encoder on all tokens (no masking), mean-pooled, linear head."""
+    """Fine-tuning model: the image encoder on all tokens (no masking), a linear head on its
+    mean-pooled tokens (readout "mean", the paper's) or on every token in place (readout "tokens")."""
 
     def __init__(self, cfg: ModelConfig, scan_backend: str | None = None):
         super().__init__()
         self.cfg = cfg
         self.image = ImageEncoder(cfg, scan_backend)
-        self.head = nn.Linear(cfg.embed_dim, cfg.num_classes)
+        self.head = nn.Linear(self.feature_dim, cfg.num_classes)
         nn.init.trunc_normal_(self.head.weight, std=0.02)
         nn.init.zeros_(self.head.bias)
 
+    @property
+    def feature_dim(self) -> int:
+        tokens = 1 if self.cfg.readout == "mean" else self.cfg.num_patches * len(self.cfg.modalities)
+        return tokens * self.cfg.embed_dim
+
     def features(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """(b, feature_dim): what the head reads."""
         tokens = torch.cat([self.image.tokens(batch, m) for m in self.cfg.modalities], dim=1)
-        return self.image.encoder(tokens).mean(dim=1)                     # (b, dim)
+        hidden = self.image.encoder(tokens)                                # (b, L, dim)
+        return hidden.mean(dim=1) if self.cfg.readout == "mean" else hidden.flatten(1)
 
     def forward(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         return self.head(self.features(batch))                            # (b, num_classes) logits

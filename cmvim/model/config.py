@@ -50,6 +50,10 @@ class ModelConfig:
     proj_dim: int = 64                 # contrastive projection width
     momentum: float = 0.999            # EMA of the momentum encoder
     num_classes: int = 2               # 2: CN vs AD; 3: CN / MCI / AD
+    # what the classifier's linear head reads: "mean" (the paper: the mean of every token's
+    # features) or "tokens" (every token's features in place, a weight per position: disease shows
+    # in regions, and a whole-brain mean dilutes them; docs/science.md)
+    readout: Literal["mean", "tokens"] = "mean"
     loss: LossConfig = field(default_factory=LossConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
 

