@@ -3,11 +3,13 @@
 - The **linear baseline**: a logistic regression on each subject's regional means (the
   preprocessed volumes averaged over a coarse grid of blocks, per modality). No deep model at
   all: if CMViM does not beat this, it has not earned its place.
-- The **linear probe**: the same logistic regression on a frozen encoder's mean-pooled features,
-  the direct measure of what pretraining put into the representation.
+- The **linear probe**: the same logistic regression on a frozen encoder's features (what the
+  classifier's head reads), the direct measure of what pretraining put into the representation.
 
 Both fit scikit-learn's LogisticRegressionCV (L2, the strength chosen by stratified k-fold
-cross-validation on AUC) behind a standard scaler, in `fit_logistic`: one recipe, two inputs.
+cross-validation on log-loss, which keeps the scores calibrated enough for a 0.5 threshold;
+AUC alone picks the strongest penalty and leaves every score near 0.5) behind a standard
+scaler, in `fit_logistic`: one recipe, two inputs.
 """
 from __future__ import annotations
 
@@ -68,7 +70,7 @@ def encoder_features(model: torch.nn.Module):
 
 def fit_logistic(x: np.ndarray, y: np.ndarray, cfg: LinearConfig | None = None, seed: int = 0):
     """A fitted scikit-learn pipeline: mean imputation, standardisation, L2 logistic regression
-    with its strength chosen by cross-validated AUC. `predict_proba(x)[:, 1]` scores the last class."""
+    with its strength chosen by cross-validated log-loss. `predict_proba(x)[:, 1]` scores the last class."""
     from sklearn.impute import SimpleImputer
     from sklearn.linear_model import LogisticRegressionCV
     from sklearn.model_selection import StratifiedKFold
@@ -86,7 +88,7 @@ def fit_logistic(x: np.ndarray, y: np.ndarray, cfg: LinearConfig | None = None, 
         SimpleImputer(strategy="mean", keep_empty_features=True),
         StandardScaler(),
         LogisticRegressionCV(Cs=cfg.strengths, cv=StratifiedKFold(folds, shuffle=True, random_state=seed),
-                             scoring="roc_auc", max_iter=5000))
+                             scoring="neg_log_loss", max_iter=5000))
     with warnings.catch_warnings():
         # scikit-learn 1.8 announces API changes in LogisticRegressionCV that do not change this fit
         warnings.simplefilter("ignore", FutureWarning)

@@ -45,9 +45,10 @@ class PreprocessConfig:
     shape: int = 64                                   # cubic model input, shape^3 voxels
     voxel_size: float | None = 3.0                    # mm; None keeps the reference's own grid
     reference: Literal["mri", "pet"] = "mri"          # whose grid the others are resampled onto
-    normalize: dict[str, str] = field(default_factory=lambda: {"mri": "zscore", "pet": "percentile"})
+    # FDG as SUVR (the field's reading); percentile clipping scored at chance (docs/science.md)
+    normalize: dict[str, str] = field(default_factory=lambda: {"mri": "zscore", "pet": "suvr"})
     percentiles: tuple[float, float] = (0.5, 99.5)    # for "percentile": clip and scale to [0, 1]
-    foreground: float = 0.1                           # for "zscore": mask = voxels > foreground * p99
+    foreground: float = 0.1                           # "zscore", "suvr": brain mask = voxels > foreground * p99
     min_overlap: float = 0.5                          # warn when MRI/PET boxes overlap less than this
 
     def __post_init__(self):
