@@ -8,6 +8,9 @@ Each (model, tokens) point runs in a fresh subprocess so peak memory is its own.
 """
 from __future__ import annotations
 
+import sys  # noqa: E401
+sys.path[:] = [p for p in sys.path if not p.rstrip("/").endswith("benchmarks")]   # benchmarks/ssl.py must not shadow the ssl module
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent.parent))
 import argparse
 import json
 import os
@@ -15,7 +18,7 @@ import subprocess
 import sys
 import time
 
-from scan import _cpu_model, _reset_peak, _status_kib   # benchmarks/scan.py: the same measuring
+from benchmarks.scan import _cpu_model, _reset_peak, _status_kib   # the same measuring as scan.py
 
 
 def measure(kind: str, tokens: int, width: int, depth: int, repeats: int, threads: int, backend: str | None) -> dict:

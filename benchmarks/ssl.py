@@ -26,23 +26,19 @@ resamples each site's test subjects.
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-# this file is named ssl.py, as the issue asked: keep its folder off the import path, or it
-# shadows the standard library's ssl for everything imported after it
-HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
+import sys  # noqa: E401
+sys.path[:] = [p for p in sys.path if not p.rstrip("/").endswith("benchmarks")]   # this file must not shadow the ssl module
 
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
 import json  # noqa: E402
 import time  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-ROOT = HERE.parent
+ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from cmvim.config import load_yaml                                       # noqa: E402
