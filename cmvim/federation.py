@@ -183,9 +183,11 @@ class RunConfig:
     model: dict[str, Any] = field(default_factory=lambda: {"preset": "tiny"})
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     augment: AugmentConfig | None = field(default_factory=AugmentConfig)     # pretraining augmentations
-    # where fine-tuning starts: the pretrained global encoder (the method) or a fresh one (the
-    # control; on small CPU schedules short pretraining has measured worse, see README)
-    finetune_init: Literal["pretrained", "fresh"] = "pretrained"
+    # where fine-tuning starts: "pretrained" (the encoder this run pretrained: the method), "fresh"
+    # (a new encoder: the control), or a file of CMViM weights pretrained elsewhere, e.g. on public
+    # data (a state dict or a cmvim checkpoint .pt, read as plain tensors), for a run whose
+    # pretrain.rounds is 0
+    finetune_init: str = "pretrained"
     modality_dropout: float = 0.3          # fine-tuning: hide a present PET this often (see ModalityDropout)
     pretrain: PhaseConfig = field(default_factory=lambda: PhaseConfig(rounds=3))
     finetune: FinetuneConfig = field(default_factory=lambda: FinetuneConfig(rounds=3, lr=5e-4))

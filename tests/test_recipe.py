@@ -216,3 +216,31 @@ def test_linear_probe_of_an_encoder_on_site_data(easy_cohort, easy_sites):
     assert x_train.shape[1] == model.feature_dim and len(y_test) >= 30
     probe = fit_logistic(x_train, y_train, seed=0)
     assert roc_auc_score(y_test, positive_scores(probe, x_test)) > 0.8
+
+
+def test_fine_tuning_can_start_from_weights_pretrained_elsewhere(tmp_path):
+    """finetune_init: a file (a state dict, or a cmvim checkpoint's arrays): public pretraining."""
+    from cmvim.config import ConfigError
+    cfg = run_config({"model": {"preset": "tiny"}, "preprocess": {"shape": 32}})
+    torch.manual_seed(123)
+    elsewhere = CMViM(cfg.model_config()).state_dict()
+    for name, payload in (("state.pt", elsewhere), ("checkpoint.pt", {"phase": "pretrain", "round": 12,
+                                                                       "arrays": elsewhere, "history": [{"a": 1.0}]})):
+        torch.save(payload, tmp_path / name)
+        started = initial_state(run_config({**json_of(cfg), "finetune_init": str(tmp_path / name)}), "finetune")
+        for key, value in started.items():
+            if key.startswith("image."):
+                assert torch.equal(value, elsewhere[key]), key
+    fresh = initial_state(cfg, "finetune")
+    assert not torch.equal(fresh["image.encoder.layers.0.mixer.in_proj.weight"],
+                           elsewhere["image.encoder.layers.0.mixer.in_proj.weight"])
+    with pytest.raises(ConfigError, match="no such file"):
+        initial_state(run_config({**json_of(cfg), "finetune_init": str(tmp_path / "missing.pt")}), "finetune")
+    (tmp_path / "bad.pt").write_text("not a checkpoint")
+    with pytest.raises(ConfigError, match="finetune_init"):
+        initial_state(run_config({**json_of(cfg), "finetune_init": str(tmp_path / "bad.pt")}), "finetune")
+
+
+def json_of(cfg):
+    import json
+    return json.loads(cfg.to_json())
