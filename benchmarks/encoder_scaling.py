@@ -10,15 +10,20 @@ from __future__ import annotations
 
 import sys  # noqa: E401
 sys.path[:] = [p for p in sys.path if not p.rstrip("/").endswith("benchmarks")]   # benchmarks/ssl.py must not shadow the ssl module
-sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent.parent))
 import argparse
+import importlib.util
 import json
 import os
 import subprocess
-import sys
 import time
+from pathlib import Path
 
-from benchmarks.scan import _cpu_model, _reset_peak, _status_kib   # the same measuring as scan.py
+# benchmarks/scan.py's measuring helpers, loaded by path (opacus installs a package named
+# "benchmarks", so the folder cannot be imported by that name)
+_spec = importlib.util.spec_from_file_location("cmvim_benchmark_scan", Path(__file__).with_name("scan.py"))
+_scan = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_scan)
+_cpu_model, _reset_peak, _status_kib = _scan._cpu_model, _scan._reset_peak, _scan._status_kib
 
 
 def measure(kind: str, tokens: int, width: int, depth: int, repeats: int, threads: int, backend: str | None) -> dict:

@@ -48,6 +48,7 @@ from cmvim.linear import collect, encoder_features, fit_logistic, positive_score
 from cmvim.model import CMViMClassifier                                  # noqa: E402
 from cmvim.site_task import SiteTask, initial_state                      # noqa: E402
 from cmvim.tables import format_table                                    # noqa: E402
+from simulations.baselines import train_rounds                           # noqa: E402
 from simulations.cohort import CohortConfig, cached_cohort               # noqa: E402
 
 VARIANTS = {                # contrastive weights (intra, inter, report) per pretraining variant
@@ -88,19 +89,9 @@ def with_label_fraction(site: SiteData, fraction: float, seed: int) -> SiteData:
 
 # -- training --------------------------------------------------------------------------------------
 
-def fedavg(results) -> dict:
-    counts = [r.metrics["num-examples"] for r in results]
-    total = sum(counts)
-    return {k: (sum(r.shared[k].double() * n for r, n in zip(results, counts)) / total).to(results[0].shared[k].dtype)
-            for k in results[0].shared}
-
-
 def train_phase(cfg: RunConfig, tasks: list[SiteTask], phase: str, state: dict) -> dict:
     """The phase's rounds: one task (centralized) or FedAvg over one task per site (federated)."""
-    for round_ in range(1, cfg.phase(phase).rounds + 1):
-        results = [task.train(phase, round_, state) for task in tasks]
-        state = results[0].shared if len(results) == 1 else fedavg(results)
-    return state
+    return train_rounds(cfg, tasks, phase, state)[0]
 
 
 def tasks_for(cfg: RunConfig, sites: dict[str, SiteData], mode: str) -> list[SiteTask]:
@@ -369,7 +360,8 @@ def write_report(path: Path, tables_text: str, command: str, cohort: CohortConfi
         BEGIN, "",
         f"`{command}`", "",
         f"Benchmark cohort: {cohort.sites} sites x {cohort.subjects} subjects, effect_scale {cohort.effect_scale}, "
-        f"cohort seed {cohort.seed}; splits {list(cfg.split_fractions)} (train / val / test); model "
+        f"cohort seed {cohort.seed}; splits {list(cfg.split_fractions)} (train / val / test); input "
+        f"{cfg.preprocess.shape}³ at {cfg.preprocess.voxel_size:g} mm; model "
         f"{cfg.model.get('preset')} (readout {cfg.model_config().readout}); pretraining {cfg.pretrain.rounds} rounds x "
         f"{cfg.pretrain.local_epochs} epochs; fine-tuning {cfg.finetune.rounds} rounds ({cfg.finetune.probe_rounds} "
         f"probe). Mean per-site test AUC, mean ± sd over seeds.", "",
@@ -395,6 +387,9 @@ def main() -> None:
     parser.add_argument("--fractions", type=float, nargs="*", default=[0.1, 0.25, 0.5, 1.0])
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS))
     parser.add_argument("--modes", nargs="*", default=["centralized", "federated"])
+    parser.add_argument("--shape", type=int, default=32,
+                        help="input size S: S^3 voxels over the run config's field of view, 4^3 tokens per "
+                             "modality as in the default (32: half the default's compute)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="a smoke run: 1 seed, 2 fractions, tiny schedule")
     parser.add_argument("--out", type=Path, default=ROOT / "docs")
@@ -406,6 +401,10 @@ def main() -> None:
     val = data.get("split_fractions", [0.6, 0.1, 0.3])[1]
     data["split_fractions"] = [round(1 - args.test_fraction - val, 6), val, args.test_fraction]
     data["evaluation"] = {**data.get("evaluation", {}), "every_round": False}
+    preprocess = data.setdefault("preprocess", {})
+    field_of_view = preprocess.get("shape", 48) * preprocess.get("voxel_size", 4.0)
+    preprocess.update(shape=args.shape, voxel_size=field_of_view / args.shape)
+    data["model"] = {**data.get("model", {}), "img_size": args.shape, "patch_size": args.shape // 4}
     if args.quick:
         args.seeds, args.fractions = args.seeds[:1], [0.25, 1.0]
         data["pretrain"] = {**data.get("pretrain", {}), "rounds": 2}

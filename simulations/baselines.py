@@ -21,18 +21,31 @@ from cmvim.results import mean_auc, pooled_entry, site_entry
 from cmvim.site_task import SiteTask, initial_state
 
 
-def _train(task: SiteTask, cfg: RunConfig, say) -> tuple[dict, dict]:
-    shared, local = initial_state(cfg, "pretrain"), {}
-    for round_ in range(1, cfg.pretrain.rounds + 1):
-        result = task.train("pretrain", round_, shared, local)
-        shared, local = result.shared, result.local
-    pretrained = shared
-    shared, local = initial_state(cfg, "finetune", pretrained), {}
-    for round_ in range(1, cfg.finetune.rounds + 1):
-        result = task.train("finetune", round_, shared, local)
-        shared, local = result.shared, result.local
-    say(f"    {task.name}: trained ({cfg.pretrain.rounds} + {cfg.finetune.rounds} rounds)")
+def fedavg(results) -> dict:
+    """Flower's FedAvg of the sites' shared parameters, weighted by their num-examples."""
+    counts = [r.metrics["num-examples"] for r in results]
+    total = sum(counts)
+    return {k: (sum(r.shared[k].double() * n for r, n in zip(results, counts)) / total).to(results[0].shared[k].dtype)
+            for k in results[0].shared}
+
+
+def train_rounds(cfg: RunConfig, tasks: list[SiteTask], phase: str, shared: dict) -> tuple[dict, dict[str, dict]]:
+    """A phase's rounds in this process: one task trains alone (local, centralized), several are
+    averaged by FedAvg each round (the federated run without Flower's transport, as benchmarks
+    use it). Returns the shared parameters and each task's own (personalised) ones."""
+    local = {task.name: {} for task in tasks}
+    for round_ in range(1, cfg.phase(phase).rounds + 1):
+        results = [task.train(phase, round_, shared, local[task.name]) for task in tasks]
+        local = {task.name: result.local for task, result in zip(tasks, results)}
+        shared = results[0].shared if len(results) == 1 else fedavg(results)
     return shared, local
+
+
+def _train(task: SiteTask, cfg: RunConfig, say) -> tuple[dict, dict]:
+    pretrained, _ = train_rounds(cfg, [task], "pretrain", initial_state(cfg, "pretrain"))
+    shared, local = train_rounds(cfg, [task], "finetune", initial_state(cfg, "finetune", pretrained))
+    say(f"    {task.name}: trained ({cfg.pretrain.rounds} + {cfg.finetune.rounds} rounds)")
+    return shared, local[task.name]
 
 
 def _evaluate(cfg: RunConfig, sites: dict[str, SiteData], shared: dict, local: dict,
