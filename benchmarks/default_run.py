@@ -70,7 +70,9 @@ def run_inprocess(data: dict) -> dict:
     cfg = ensure_cohort(run_config(data))
     sites = prepare_sites(cfg)
     tasks = [SiteTask(cfg, [site], name) for name, site in sites.items()]
-    pretrained, _ = train_rounds(cfg, tasks, "pretrain", initial_state(cfg, "pretrain"))
+    pretrained = None                    # fresh: the pretraining rounds would be thrown away, so skip them
+    if cfg.finetune_init != "fresh":
+        pretrained, _ = train_rounds(cfg, tasks, "pretrain", initial_state(cfg, "pretrain"))
     final, _ = train_rounds(cfg, tasks, "finetune", initial_state(cfg, "finetune", pretrained))
     entries = {task.name: site_entry(dict(task.evaluate("finetune", final, {}, "test").metrics)) for task in tasks}
     linear = run_baselines(cfg, sites, ["linear"], say=lambda *_: None)["linear"]["mean_auc"]

@@ -25,12 +25,14 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from cmvim.config import ConfigError
 from cmvim.data import DataError, SiteData
-from cmvim.federation import ARRAYS, CONFIG, METRICS, PHASE, ROUND, RUN_CONFIG, RUN_KEY, SITE, SPLIT, RunConfig
+from cmvim.federation import RunConfig
 from cmvim.privacy import PrivacyBudgetExceeded
+from cmvim.protocol import (ARRAYS, CONFIG, HIST_NEG, HIST_POS, METRICS, NUM_EXAMPLES, PHASE, PROXIMAL_MU, ROUND,
+                            RUN_CONFIG, RUN_KEY, SECAGG_MASKED, SERVER_ROUND, SITE, SITE_ERROR, SITE_NAME, SPLIT)
 from cmvim.site_task import SiteTask, SiteTaskError, flatten_metrics
 
 from .policy import PolicyRefusal, load_policy
-from .secagg import MASKED, secagg_mod
+from .secagg import secagg_mod
 
 log = logging.getLogger("cmvim.client")
 LOCAL_STATE = "cmvim-local-params"
@@ -85,12 +87,12 @@ def _handle(msg: Message, context: Context, training: bool) -> Message:
         cfg = RunConfig.from_json(str(config[RUN_CONFIG]))
         name, site_dir = site_of(context, cfg)
         phase = str(config[PHASE])
-        round_ = int(config.get("server-round", 0)) + int(config[ROUND])      # absolute round in the phase
+        round_ = int(config.get(SERVER_ROUND, 0)) + int(config[ROUND])      # absolute round in the phase
         split = None if training else str(config.get(SPLIT, "val"))
         policy_file = context.node_config.get("policy")
         policy = load_policy(str(policy_file) if policy_file else None)
         try:
-            policy.check(cfg, phase, training, split, masked=bool(config.get(MASKED, False)))
+            policy.check(cfg, phase, training, split, masked=bool(config.get(SECAGG_MASKED, False)))
         except PolicyRefusal:
             log.warning("site %s refused a %s request (site policy)", name, phase)
             raise
@@ -100,26 +102,26 @@ def _handle(msg: Message, context: Context, training: bool) -> Message:
         shared = msg.content[ARRAYS].to_torch_state_dict() if ARRAYS in msg.content else {}
         local = context.state[LOCAL_STATE].to_torch_state_dict() if LOCAL_STATE in context.state else {}
         if training:
-            result = task.train(phase, round_, shared, local, float(config.get("proximal-mu", 0.0)))
+            result = task.train(phase, round_, shared, local, float(config.get(PROXIMAL_MU, 0.0)))
             if result.local:
                 context.state[LOCAL_STATE] = ArrayRecord(result.local)
             content = RecordDict({ARRAYS: ArrayRecord(result.shared),
                                   METRICS: MetricRecord(flatten_metrics(result.metrics)),
-                                  SITE: ConfigRecord({"name": name})})
+                                  SITE: ConfigRecord({SITE_NAME: name})})
         else:
             result = task.evaluate(phase, shared, local, split)
             metrics = flatten_metrics(result.metrics)
             if result.histograms is not None:
-                metrics["hist_pos"], metrics["hist_neg"] = result.histograms
-            content = RecordDict({METRICS: MetricRecord(metrics), SITE: ConfigRecord({"name": name})})
+                metrics[HIST_POS], metrics[HIST_NEG] = result.histograms
+            content = RecordDict({METRICS: MetricRecord(metrics), SITE: ConfigRecord({SITE_NAME: name})})
         if "data-dir" in context.node_config:          # deployment: the hospital's console shows progress
             print(f"cmvim: site {name}: {phase} {'train' if training else 'evaluate'} round {round_} done in "
                   f"{time.perf_counter() - started:.1f} s", flush=True)
         return Message(content, reply_to=msg)
     except Exception as exc:  # noqa: BLE001 - every failure becomes a public reply, details stay here
         log.error("site %s failed:\n%s", name, traceback.format_exc())
-        return Message(RecordDict({SITE: ConfigRecord({"name": name, "error": public_error(exc)}),
-                                   METRICS: MetricRecord({"num-examples": 0})}), reply_to=msg)
+        return Message(RecordDict({SITE: ConfigRecord({SITE_NAME: name, SITE_ERROR: public_error(exc)}),
+                                   METRICS: MetricRecord({NUM_EXAMPLES: 0})}), reply_to=msg)
 
 
 def public_error(exc: Exception) -> str:

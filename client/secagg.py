@@ -24,10 +24,7 @@ from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE
 from flwr.compat.common import recorddict_compat as compat
 
-from cmvim.federation import ARRAYS, CONFIG, METRICS, SITE
-
-NAMES = "secagg-array-names"          # in the fit config: the parameter names, in order (legacy records drop them)
-MASKED = "cmvim-secagg-masked"        # set in the handler's config by this module only: the reply will be masked
+from cmvim.protocol import ARRAYS, CONFIG, METRICS, NUM_EXAMPLES, SECAGG_MASKED, SECAGG_NAMES, SECAGG_SITE, SITE, SITE_ERROR, SITE_NAME
 
 
 class SecAggDropout(Exception):
@@ -38,8 +35,8 @@ class SecAggDropout(Exception):
 def secagg_mod(msg: Message, context: Context, call_next) -> Message:
     """`secaggplus_mod` for SecAgg+ messages; every other message passes untouched."""
     if RECORD_KEY_CONFIGS not in msg.content.config_records:
-        if CONFIG in msg.content and MASKED in msg.content[CONFIG]:
-            del msg.content[CONFIG][MASKED]       # only this module may say a reply will be masked
+        if CONFIG in msg.content and SECAGG_MASKED in msg.content[CONFIG]:
+            del msg.content[CONFIG][SECAGG_MASKED]       # only this module may say a reply will be masked
         return call_next(msg, context)
     flwr_log = logging.getLogger("flwr")
     level = flwr_log.level
@@ -54,20 +51,20 @@ def _fit_through_handler(msg: Message, context: Context, call_next) -> Message:
     legacy = msg.content
     weights = parameters_to_ndarrays(compat.arrayrecord_to_parameters(legacy["fitins.parameters"], keep_input=True))
     config = ConfigRecord(dict(legacy["fitins.config"]))
-    names = str(config.pop(NAMES, "")).split(",")
-    config[MASKED] = True
+    names = str(config.pop(SECAGG_NAMES, "")).split(",")
+    config[SECAGG_MASKED] = True
     if len(names) != len(weights):
         raise SecAggDropout(f"malformed secure aggregation request: {len(names)} names for {len(weights)} arrays")
     msg.content = RecordDict({ARRAYS: ArrayRecord({n: Array(np.asarray(w)) for n, w in zip(names, weights)}),
                               CONFIG: config})
     reply = call_next(msg, context)
     content = reply.content if not reply.has_error() else RecordDict()
-    site = str(content[SITE]["name"]) if SITE in content else str(context.node_config.get("site", "?"))
+    site = str(content[SITE][SITE_NAME]) if SITE in content else str(context.node_config.get("site", "?"))
     if ARRAYS not in content:
-        error = content[SITE].get("error") if SITE in content else None
+        error = content[SITE].get(SITE_ERROR) if SITE in content else None
         raise SecAggDropout(f"site {site}: {error or 'its app failed (details in the site log)'}")
     metrics = dict(content[METRICS]) if METRICS in content else {}
-    num_examples = int(metrics.pop("num-examples", 0))
+    num_examples = int(metrics.pop(NUM_EXAMPLES, 0))
     arrays = content[ARRAYS].to_numpy_ndarrays()
     try:
         check_maskable(arrays, num_examples, context)
@@ -78,7 +75,7 @@ def _fit_through_handler(msg: Message, context: Context, call_next) -> Message:
         "fitres.num_examples": MetricRecord({"num_examples": num_examples}),
         # aggregate metrics (loss, counts, epsilon) travel in the clear, as without SecAgg+
         "fitres.metrics": ConfigRecord({**{k: v for k, v in metrics.items() if isinstance(v, (int, float))},
-                                        "site": site}),
+                                        SECAGG_SITE: site}),
         "fitres.status": ConfigRecord({"code": 0, "message": "Success"}),
     }), reply_to=msg)
 

@@ -10,12 +10,6 @@ import threading
 from pathlib import Path
 
 
-def not_yet(command: str, issue: int, what: str) -> int:
-    """Say plainly that a command is not built yet, and exit with status 2."""
-    print(f"{command}: {what} is not built yet (issue #{issue}). Nothing was done.", file=sys.stderr)
-    return 2
-
-
 def _die_with_parent() -> None:
     """In the child, before exec: ask Linux to SIGTERM it when its parent dies, so a killed
     cmvim-client or cmvim-server never leaves an orphaned SuperNode or SuperLink behind."""

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from .model import CMViM
+from .protocol import NUM_EXAMPLES
 
 
 def _layer_id(name: str, depth: int) -> int:
@@ -41,20 +42,6 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.05,
                               for (scale, no_decay), params in groups.items()], lr=lr, betas=(0.9, 0.95))
 
 
-def pretrain_step(model: CMViM, batch: Mapping[str, torch.Tensor], optimizer: torch.optim.Optimizer,
-                  generator: torch.Generator | None = None, grad_clip: float | None = 1.0) -> dict[str, float]:
-    """One self-supervised step (and the momentum-encoder update). Returns the loss terms."""
-    model.train()
-    optimizer.zero_grad(set_to_none=True)
-    out = model(batch, generator)
-    out.loss.backward()
-    if grad_clip:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    optimizer.step()
-    model.update_momentum()
-    return {"loss": float(out.loss.detach()), **out.terms}
-
-
 @torch.no_grad()
 def pretrain_losses(model: CMViM, batches: Iterable[Mapping[str, torch.Tensor]], seed: int = 0) -> dict[str, float]:
     """Mean loss terms over `batches` with fixed maskings (seeded), without training."""
@@ -85,8 +72,9 @@ class ProximalTerm:
 def _batches(loader, epochs: int, max_steps: int | None):
     step = 0
     for epoch in range(epochs):
-        if hasattr(loader.dataset, "epoch"):
-            loader.dataset.epoch = epoch
+        dataset = getattr(loader, "dataset", None)      # a DataLoader (augmentations draw per epoch), or a list of batches
+        if hasattr(dataset, "epoch"):
+            dataset.epoch = epoch
         for batch in loader:
             if max_steps is not None and step >= max_steps:
                 return
@@ -115,7 +103,7 @@ def pretrain(model: CMViM, loader, optimizer: torch.optim.Optimizer, epochs: int
         for key, value in {"loss": float(out.loss.detach()), **out.terms}.items():
             totals[key] = totals.get(key, 0.0) + value * n
         samples += n
-    return {**{k: v / max(samples, 1) for k, v in totals.items()}, "num-examples": samples}
+    return {**{k: v / max(samples, 1) for k, v in totals.items()}, NUM_EXAMPLES: samples}
 
 
 def class_weights(labels: Iterable[int], num_classes: int) -> torch.Tensor:
@@ -142,7 +130,7 @@ def finetune(model: nn.Module, loader, optimizer: torch.optim.Optimizer, epochs:
         loss_sum += float(loss.detach()) * n
         correct += int((logits.argmax(-1) == batch["label"]).sum())
         samples += n
-    return {"loss": loss_sum / max(samples, 1), "acc": correct / max(samples, 1), "num-examples": samples}
+    return {"loss": loss_sum / max(samples, 1), "acc": correct / max(samples, 1), NUM_EXAMPLES: samples}
 
 
 def probe(model: nn.Module, loader, epochs: int, lr: float, weight_decay: float = 0.0,
@@ -157,7 +145,7 @@ def probe(model: nn.Module, loader, epochs: int, lr: float, weight_decay: float 
             features.append(model.features(batch))
             labels.append(batch["label"])
     if not features:
-        return {"loss": float("nan"), "acc": float("nan"), "num-examples": 0}
+        return {"loss": float("nan"), "acc": float("nan"), NUM_EXAMPLES: 0}
     x, y = torch.cat(features), torch.cat(labels)
     head = model.head
     optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
@@ -174,7 +162,7 @@ def probe(model: nn.Module, loader, epochs: int, lr: float, weight_decay: float 
             optimizer.step()
             loss_sum += float(loss.detach()) * len(idx)
             correct += int((logits.argmax(-1) == y[idx]).sum())
-    return {"loss": loss_sum / len(y), "acc": correct / len(y), "num-examples": len(y)}
+    return {"loss": loss_sum / len(y), "acc": correct / len(y), NUM_EXAMPLES: len(y)}
 
 
 @torch.no_grad()

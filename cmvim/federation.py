@@ -1,4 +1,4 @@
-"""What the server and the sites share: the run config schema, message keys, and which
+"""What the server and the sites share: the run config schema and which
 parameters travel in each phase. No Flower imports here: `client/` and `server/` turn
 these into Flower messages.
 
@@ -22,17 +22,6 @@ from .model.config import ModelConfig, model_config
 from .privacy import PrivacyConfig
 
 PHASES = ("pretrain", "finetune", "evaluate")
-
-# message content keys
-ARRAYS = "arrays"            # ArrayRecord: the shared parameters
-CONFIG = "config"            # ConfigRecord: phase, round, run config (JSON)
-METRICS = "metrics"          # MetricRecord: aggregate numbers only
-SITE = "site"                # ConfigRecord: the site's name, and a public error message if it failed
-RUN_CONFIG = "run-config"    # key in CONFIG holding the RunConfig as JSON
-PHASE = "phase"
-ROUND = "round"              # the absolute round within the phase (resume-safe)
-SPLIT = "split"
-RUN_KEY = "run-key"          # a stable name for the run (same after --resume): the sites' privacy ledgers use it
 
 
 @dataclass

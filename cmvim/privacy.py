@@ -35,6 +35,8 @@ from opacus.accountants import RDPAccountant
 from opacus.optimizers import DPOptimizer
 from torch import nn
 
+from .protocol import NUM_EXAMPLES
+
 
 @dataclass
 class PrivacyConfig:
@@ -171,7 +173,7 @@ def dp_train(model: nn.Module, dataset, collate: Callable, loss_fn: Callable, op
                 for attr in ("grad_sample", "summed_grad"):
                     if hasattr(p, attr):
                         delattr(p, attr)
-    return {**{k: v / max(samples, 1) for k, v in totals.items()}, "num-examples": samples}
+    return {**{k: v / max(samples, 1) for k, v in totals.items()}, NUM_EXAMPLES: samples}
 
 
 def steps_per_epoch(sample_rate: float) -> int:

@@ -14,15 +14,16 @@ from pathlib import Path
 import numpy as np
 
 from .metrics import auc_from_histograms, roc_from_histograms
+from .protocol import NUM_EXAMPLES
 from .tables import format_table
 
-SITE_KEYS = ("auc", "auc_ci", "acc", "sensitivity", "specificity", "n", "n_pos", "n_neg")
+SITE_KEYS = ("auc", "auc_ci", "acc", "sensitivity", "specificity", "n_pos", "n_neg")
 
 
 def site_entry(metrics: dict) -> dict:
-    """A site's evaluation MetricRecord -> its metrics.json entry (no histograms, n as n_test)."""
+    """A site's evaluation MetricRecord -> its metrics.json entry (no histograms; NUM_EXAMPLES as n_test)."""
     entry = {k: metrics[k] for k in SITE_KEYS if k in metrics}
-    entry["n_test"] = int(entry.pop("n", 0))
+    entry["n_test"] = int(metrics.get(NUM_EXAMPLES, 0))
     return entry
 
 

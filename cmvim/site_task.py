@@ -23,6 +23,7 @@ from .data.site import SiteDataset, label_index
 from .federation import RunConfig, shared_parameter_names
 from .metrics import binary_metrics, score_histograms
 from .model import CMViM, CMViMClassifier
+from .protocol import NUM_EXAMPLES
 from .privacy import (PrivacyBudgetExceeded, PrivacyLedger, Spend, default_delta, dp_train, noise_for_target,
                       steps_per_epoch)
 
@@ -137,14 +138,6 @@ class SiteTask:
                 return batch
             loader.collate_fn = without_reports
         return loader
-
-    def counts(self) -> dict[str, int]:
-        return {
-            "pretrain": len(self._dataset(["train", "val"], None, False)),
-            "train": len(self._dataset(["train"], True, False)),
-            "val": len(self._dataset(["val"], True, False)),
-            "test": len(self._dataset(["test"], True, False)),
-        }
 
     # -- phases ------------------------------------------------------------------------
     def _model(self, phase: str, shared: State, local: State) -> torch.nn.Module:
@@ -308,17 +301,22 @@ class SiteTask:
             loader = self._loader(dataset, self.cfg.pretrain.batch_size, False, 0)
             batches = [b for b in loader if len(b["mri"]) >= 2]
             metrics = engine.pretrain_losses(model, batches) if batches else {}
-            return RoundResult({}, {}, {**metrics, "num-examples": len(dataset)})
+            return RoundResult({}, {}, {**metrics, NUM_EXAMPLES: len(dataset)})
         dataset = self._dataset([split], True, augment=False)
         labels, probs = engine.predict(model, self._loader(dataset, self.cfg.finetune.batch_size, False, 0))
         if len(labels) == 0:
-            return RoundResult({}, {}, {"num-examples": 0, "n": 0})
+            return RoundResult({}, {}, {NUM_EXAMPLES: 0})
         positive = probs[:, -1]                  # P(AD): the last class in both tasks
         binary = (labels == self.num_classes - 1).astype(int)
-        metrics = binary_metrics(binary, positive, bootstrap=self.cfg.evaluation.bootstrap, seed=self.cfg.seed)
-        metrics["num-examples"] = len(labels)
-        hist = score_histograms(binary, positive, self.cfg.evaluation.histogram_bins)
-        return RoundResult({}, {}, metrics, hist)
+        return RoundResult({}, {}, *evaluation_metrics(self.cfg, binary, positive))
+
+
+def evaluation_metrics(cfg: RunConfig, binary: np.ndarray, positive: np.ndarray) -> tuple[dict, tuple]:
+    """What a site reports of a model on its test subjects: the metrics (their count as NUM_EXAMPLES)
+    and the score histograms, never the scores."""
+    metrics = binary_metrics(binary, positive, bootstrap=cfg.evaluation.bootstrap, seed=cfg.seed)
+    metrics[NUM_EXAMPLES] = metrics.pop("n")
+    return metrics, score_histograms(binary, positive, cfg.evaluation.histogram_bins)
 
 
 def flatten_metrics(metrics: Mapping) -> dict[str, float]:

@@ -23,7 +23,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 from flwr.serverapp import GaussianPrivacyEvent, Grid
 
 from cmvim.config import to_dict
-from cmvim.federation import ARRAYS, CONFIG, METRICS, PHASE, ROUND, RUN_CONFIG, RUN_KEY, SITE, SPLIT, RunConfig
+from cmvim.federation import RunConfig
+from cmvim.protocol import (ARRAYS, CONFIG, HIST_NEG, HIST_POS, METRICS, NUM_EXAMPLES, PHASE, ROUND, RUN_CONFIG, RUN_KEY,
+                            SERVER_ROUND, SITE, SITE_ERROR, SPLIT)
 from cmvim.results import (mean_auc, plot_rocs, pooled_entry, site_entry, site_table, write_metrics,
                            write_summary)
 from cmvim.site_task import initial_state
@@ -268,7 +270,7 @@ class FederatedRun:
     def _progress(self, phase: str, round_: int, total: int, entry: dict, seconds: list[float]) -> None:
         train = entry["train"]
         losses = {site: m.get("loss") for site, m in train.items() if m.get("loss") is not None}
-        weights = {site: m.get("num-examples", 0) for site, m in train.items()}
+        weights = {site: m.get(NUM_EXAMPLES, 0) for site, m in train.items()}
         mean = (sum(losses[s] * weights[s] for s in losses) / max(sum(weights[s] for s in losses), 1)) if losses else None
         # this phase's recent rounds predict its rest; a later phase is guessed from them too
         remaining = total - round_ + (self.cfg.finetune.rounds if phase == "pretrain" else 0)
@@ -297,20 +299,20 @@ class FederatedRun:
         _say("\n== evaluate: every site scores its own test split with the final model ==")
         node_ids = list(self.grid.get_node_ids())
         content = RecordDict({ARRAYS: ArrayRecord(arrays), CONFIG: self._config("finetune", 0, "test")})
-        content[CONFIG]["server-round"] = 0
+        content[CONFIG][SERVER_ROUND] = 0
         messages = [Message(content=content, message_type=MessageType.EVALUATE, dst_node_id=node) for node in node_ids]
         replies = list(self.grid.send_and_receive(messages, timeout=self.cfg.strategy.round_timeout))
         sites, histograms, failures = {}, {}, []
         for reply in replies:
             name = site_name(reply)
-            error = None if reply.has_error() else reply.content.get(SITE, {}).get("error")
+            error = None if reply.has_error() else reply.content.get(SITE, {}).get(SITE_ERROR)
             if reply.has_error() or error:
                 reason = str(error) if error else reply.error.reason.splitlines()[0][:200]
                 failures.append({"site": name, "stage": "evaluate", "reason": reason})
                 _say(f"    ! site {name} could not evaluate: {reason}")
                 continue
             metrics = dict(reply.content[METRICS].items())
-            histograms[name] = (metrics.pop("hist_pos", []), metrics.pop("hist_neg", []))
+            histograms[name] = (metrics.pop(HIST_POS, []), metrics.pop(HIST_NEG, []))
             sites[name] = site_entry(metrics)
         pooled = pooled_entry(histograms)
         elapsed = time.perf_counter() - self.started

@@ -26,8 +26,8 @@ from flwr.server.strategy import FedAvg as LegacyFedAvg
 from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.serverapp import Grid
 
-from client.secagg import NAMES
 from cmvim.federation import SecureAggregationConfig
+from cmvim.protocol import NUM_EXAMPLES, SECAGG_NAMES, SECAGG_SITE, SERVER_ROUND
 
 log = logging.getLogger("cmvim.server")
 
@@ -65,9 +65,9 @@ class RecordingFedAvg(LegacyFedAvg):
         self.sites, self.answered = {}, [proxy.node_id for proxy, _ in results]
         for proxy, fit in results:
             metrics = dict(fit.metrics)
-            name = str(metrics.pop("site", "")) or f"node {proxy.node_id}"
+            name = str(metrics.pop(SECAGG_SITE, "")) or f"node {proxy.node_id}"
             self.node_names[proxy.node_id] = name
-            self.sites[name] = {**metrics, "num-examples": fit.num_examples}
+            self.sites[name] = {**metrics, NUM_EXAMPLES: fit.num_examples}
         self.failures = sorted({dropout_reason(f.args[0] if isinstance(f, Exception) and f.args else f)
                                 for f in failures}, key=str)
         return super().aggregate_fit(server_round, results, failures)
@@ -91,7 +91,7 @@ class SecureAggregator:
         """One SecAgg+ training round: (the new global model or None, per-site metrics, dropouts)."""
         names = list(arrays.keys())
         dtypes = [a.dtype for a in arrays.to_numpy_ndarrays()]
-        self.round_config = {**dict(config), "server-round": server_round, NAMES: ",".join(names)}
+        self.round_config = {**dict(config), SERVER_ROUND: server_round, SECAGG_NAMES: ",".join(names)}
         self.strategy.sampled, self.strategy.sites, self.strategy.failures = [], {}, []
         self.strategy.answered = None
         state = self.context.state

@@ -21,7 +21,8 @@ from flwr.serverapp.strategy import (DifferentialPrivacyClientSideFixedClipping,
                                      DifferentialPrivacyServerSideFixedClipping, FedAdam, FedAvg, FedProx, Strategy)
 from flwr.serverapp.strategy.dp_fixed_clipping import DifferentialPrivacyFixedClippingBase
 
-from cmvim.federation import ARRAYS, METRICS, SITE, CentralDPConfig, StrategyConfig
+from cmvim.federation import CentralDPConfig, StrategyConfig
+from cmvim.protocol import ARRAYS, METRICS, NUM_EXAMPLES, SITE, SITE_ERROR, SITE_NAME, WEIGHT
 
 log = logging.getLogger("cmvim.server")
 
@@ -43,7 +44,7 @@ def site_name(msg: Message) -> str:
             return "(unreachable)"
         return f"node {msg.metadata.src_node_id}"
     record = msg.content.get(SITE) if hasattr(msg.content, "get") else None
-    return str(record["name"]) if record is not None and "name" in record else f"node {msg.metadata.src_node_id}"
+    return str(record[SITE_NAME]) if record is not None and SITE_NAME in record else f"node {msg.metadata.src_node_id}"
 
 
 def _metrics(msg: Message) -> dict:
@@ -79,12 +80,9 @@ class CentralBudgetSpent(Exception):
     """Central DP: the next release would pass central_dp.max_epsilon; no more training."""
 
 
-# Under central DP the strategy averages by this key, which the guard sets on every kept reply:
-# 1 for training (equal weights: the noise is calibrated for a 1/n share each), num-examples
-# for validation metrics (as without DP)
-WEIGHT = "aggregation-weight"
-
-
+# Under central DP the strategy averages by protocol.WEIGHT, which the guard sets on every kept
+# reply: 1 for training (equal weights: the noise is calibrated for a 1/n share each), the reply's
+# NUM_EXAMPLES for validation metrics (as without DP).
 class Guarded(Strategy):
     """Wraps a Flower strategy (possibly inside Flower's DP wrapper): replies are screened first.
 
@@ -127,7 +125,7 @@ class Guarded(Strategy):
             if msg.has_error():
                 reason = f"the site's app crashed: {msg.error.reason.splitlines()[0][:200]}"
             else:
-                error = msg.content.get(SITE, {}).get("error") if SITE in msg.content else None
+                error = msg.content.get(SITE, {}).get(SITE_ERROR) if SITE in msg.content else None
                 reason = str(error) if error else (check_update(msg, self.expected_shapes, self.current)
                                                    if stage == "train" else None)
             if reason:
@@ -156,10 +154,10 @@ class Guarded(Strategy):
 
     def aggregate_evaluate(self, server_round, replies):
         kept = self._screen(server_round, list(replies), "evaluate")
-        kept = [m for m in kept if _metrics(m).get("num-examples", 0) > 0]
+        kept = [m for m in kept if _metrics(m).get(NUM_EXAMPLES, 0) > 0]
         if self.uniform_weights:
             for msg in kept:
-                msg.content[METRICS][WEIGHT] = msg.content[METRICS]["num-examples"]
+                msg.content[METRICS][WEIGHT] = msg.content[METRICS][NUM_EXAMPLES]
         return self.inner.aggregate_evaluate(server_round, kept) if kept else None
 
 

@@ -16,14 +16,14 @@ import numpy as np
 from cmvim.data import SiteData, make_loader
 from cmvim.federation import RunConfig
 from cmvim.linear import collect, fit_logistic, positive_scores, regional_means
-from cmvim.metrics import binary_metrics, score_histograms
+from cmvim.protocol import NUM_EXAMPLES
 from cmvim.results import mean_auc, pooled_entry, site_entry
-from cmvim.site_task import SiteTask, initial_state
+from cmvim.site_task import SiteTask, evaluation_metrics, initial_state
 
 
 def fedavg(results) -> dict:
     """Flower's FedAvg of the sites' shared parameters, weighted by their num-examples."""
-    counts = [r.metrics["num-examples"] for r in results]
+    counts = [r.metrics[NUM_EXAMPLES] for r in results]
     total = sum(counts)
     return {k: (sum(r.shared[k].double() * n for r, n in zip(results, counts)) / total).to(results[0].shared[k].dtype)
             for k in results[0].shared}
@@ -82,8 +82,8 @@ def _linear(cfg: RunConfig, sites: dict[str, SiteData]) -> dict:
             entries[name] = {"n_test": 0}
             continue
         scores, binary = positive_scores(model, x_test), (y_test == num_classes - 1).astype(int)
-        entries[name] = site_entry(binary_metrics(binary, scores, bootstrap=cfg.evaluation.bootstrap, seed=cfg.seed))
-        histograms[name] = score_histograms(binary, scores, cfg.evaluation.histogram_bins)
+        metrics, histograms[name] = evaluation_metrics(cfg, binary, scores)
+        entries[name] = site_entry(metrics)
     return {"sites": entries, "pooled": pooled_entry(histograms), "mean_auc": mean_auc(entries),
             "model": f"logistic regression (L2, {cfg.linear.folds}-fold CV) on {cfg.linear.grid}^3 regional means "
                      f"per modality", "n_train": int(len(y))}

@@ -15,7 +15,8 @@ from flwr.serverapp import GaussianPrivacyEvent
 import test_federated as tf
 from client.app import central_clipping_mod
 from cmvim.config import ConfigError
-from cmvim.federation import ARRAYS, CONFIG, METRICS, SITE, CentralDPConfig, StrategyConfig, run_config
+from cmvim.federation import CentralDPConfig, StrategyConfig, run_config
+from cmvim.protocol import ARRAYS, CONFIG, METRICS, SITE
 from server.strategy import CentralBudgetSpent, central_accountant, make_strategy
 
 SIGMA, CLIP, DELTA = 0.7, 1.0, 1e-5

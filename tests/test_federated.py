@@ -19,7 +19,8 @@ pytest.importorskip("nilearn")
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, Metadata, MetricRecord, RecordDict  # noqa: E402
 
-from cmvim.federation import ARRAYS, METRICS, SITE, StrategyConfig  # noqa: E402
+from cmvim.federation import StrategyConfig  # noqa: E402
+from cmvim.protocol import ARRAYS, METRICS, SITE  # noqa: E402
 from server.strategy import make_strategy  # noqa: E402
 
 def tiny_config(cohort_path: Path, **overrides) -> dict:

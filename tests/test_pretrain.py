@@ -1,7 +1,7 @@
-"""A few pretraining steps on the tiny config lower every loss term on a fixed synthetic batch."""
+"""A few pretraining steps (engine.pretrain, the sites' loop) on the tiny config lower every loss term on a fixed synthetic batch."""
 import torch
 
-from cmvim.engine import make_optimizer, pretrain_losses, pretrain_step
+from cmvim.engine import make_optimizer, pretrain, pretrain_losses
 from cmvim.model import CMViM, model_config
 from simulations.toy import synthetic_batch
 
@@ -13,8 +13,7 @@ def test_pretraining_steps_lower_each_loss_term():
     batch = synthetic_batch(cfg, 8, seed=1, pet_missing=0.2)
     optimizer = make_optimizer(model, lr=1e-3)
     before = pretrain_losses(model, [batch], seed=0)
-    for _ in range(40):
-        pretrain_step(model, batch, optimizer)
+    pretrain(model, [batch], optimizer, epochs=40)      # the loop every site runs, 40 steps on one batch
     after = pretrain_losses(model, [batch], seed=0)
     assert set(before) == {"loss", "recon_mri", "recon_pet", "intra", "inter", "report"}
     for term in before:

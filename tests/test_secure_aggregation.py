@@ -12,8 +12,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_STATE
 
 import test_federated as tf
-from client.secagg import MASKED, SecAggDropout, check_maskable, secagg_mod
-from cmvim.federation import ARRAYS, CONFIG, run_config
+from client.secagg import SecAggDropout, check_maskable, secagg_mod
+from cmvim.federation import run_config
+from cmvim.protocol import ARRAYS, CONFIG, SECAGG_MASKED
 from cmvim.site_task import initial_state
 
 
@@ -114,10 +115,10 @@ def test_ordinary_messages_pass_the_secagg_mod_untouched(monkeypatch):
     secagg_mod(msg, _context(), lambda m, c: seen.append(m) or m)
     assert seen == [msg]                   # Flower's secaggplus_mod alone raises KeyError on this message
     # a server cannot claim that an unmasked request is masked (site policy secure_aggregation_required)
-    forged = Message(RecordDict({ARRAYS: ArrayRecord({"w": torch.ones(2)}), CONFIG: ConfigRecord({MASKED: True})}),
+    forged = Message(RecordDict({ARRAYS: ArrayRecord({"w": torch.ones(2)}), CONFIG: ConfigRecord({SECAGG_MASKED: True})}),
                      dst_node_id=1, message_type=MessageType.TRAIN)
     secagg_mod(forged, _context(), lambda m, c: seen.append(m) or m)
-    assert MASKED not in seen[-1].content[CONFIG]
+    assert SECAGG_MASKED not in seen[-1].content[CONFIG]
 
 
 def test_secure_aggregation_config_is_checked():

@@ -14,7 +14,8 @@ import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, Metadata, RecordDict
 
 from client import app as client_app
-from cmvim.federation import ARRAYS, CONFIG, PHASE, ROUND, RUN_CONFIG, RUN_KEY, SPLIT, run_config
+from cmvim.federation import run_config
+from cmvim.protocol import ARRAYS, CONFIG, PHASE, ROUND, RUN_CONFIG, RUN_KEY, SPLIT
 from cmvim.site_task import initial_state
 from simulations.cohort import CohortConfig, cached_cohort
 
@@ -106,7 +107,7 @@ def test_nothing_identifying_leaves_the_site(dicom_site, tmp_path, caplog, capsy
                       "(finetune.local_epochs)"], errors
     train = replies[0].content["metrics"]
     assert train["epsilon"] > 0 and train["num-examples"] > 0
-    assert np.isfinite(replies[3].content["metrics"]["auc"]) or replies[3].content["metrics"]["n"] > 0
+    assert np.isfinite(replies[3].content["metrics"]["auc"]) or replies[3].content["metrics"]["num-examples"] > 0
     assert replies[3].content["metrics"]["num-examples"] > 0            # the final evaluation scored someone
     assert (tmp_path / "state" / "ledger.json").exists()     # the ledger lives in the node's state folder
 

@@ -76,12 +76,3 @@ class VolumeCache:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
-
-    def prune(self, keep: Iterable[str]) -> int:
-        keep = set(keep)
-        removed = 0
-        for path in self.root.glob("*.npz"):
-            if path.stem not in keep:
-                path.unlink(missing_ok=True)
-                removed += 1
-        return removed
