@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from cmvim.cli_util import add_version
+
 from . import check, join
 
 
@@ -18,12 +20,14 @@ def main(argv: list[str] | None = None) -> int:
         parser = argparse.ArgumentParser(prog="cmvim-client check", description=check.__doc__,
                                          formatter_class=argparse.RawDescriptionHelpFormatter)
         check.add_arguments(parser)
+        add_version(parser)
         args = parser.parse_args(argv[1:])
         return check.check_site(args.data, strict=args.strict)
     parser = argparse.ArgumentParser(prog="cmvim-client", description=join.__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="Check a site folder without joining: cmvim-client check --data DIR")
     join.add_arguments(parser)
+    add_version(parser)
     return join.join(parser.parse_args(argv))
 
 

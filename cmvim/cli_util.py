@@ -9,6 +9,13 @@ import sys
 import threading
 from pathlib import Path
 
+from . import __version__
+
+
+def add_version(parser) -> None:
+    """`--version` on a command: the installed cmvim's version (one home: cmvim.__version__)."""
+    parser.add_argument("--version", action="version", version=f"%(prog)s (cmvim) {__version__}")
+
 
 def _die_with_parent() -> None:
     """In the child, before exec: ask Linux to SIGTERM it when its parent dies, so a killed

@@ -3,6 +3,8 @@ default) and the cmvim run submitted to it. See server/deploy.py and docs/deploy
 import argparse
 import sys
 
+from cmvim.cli_util import add_version
+
 from . import deploy
 
 
@@ -10,6 +12,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="cmvim-server", description=deploy.__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     deploy.add_arguments(parser)
+    add_version(parser)
     return deploy.serve(parser.parse_args(argv))
 
 

@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+from cmvim.cli_util import add_version
 from cmvim.config import ConfigError, load_yaml
 from cmvim.data import SiteData
 from cmvim.federation import RunConfig, run_config
@@ -84,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="results folder (default runs/sim)")
     parser.add_argument("--resume", type=Path, help="a stopped run's results folder: continue it")
     parser.add_argument("--verbose", action="store_true", help="Flower's own logs too")
+    add_version(parser)
     args = parser.parse_args(argv)
     os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")

@@ -12,6 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from cmvim.cli_util import add_version
 from cmvim.tables import format_table
 
 from .cohort import CohortConfig, generate_cohort
@@ -20,6 +21,7 @@ from .cohort import CohortConfig, generate_cohort
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="cmvim-cohort", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_version(parser)
     parser.add_argument("--sites", type=int, default=3, help="number of sites (A, B, C, ...)")
     parser.add_argument("--subjects", type=int, default=40, help="subjects per site")
     parser.add_argument("--shape", type=int, default=64, help="cubic volume size in voxels (MNI space)")
