@@ -1,8 +1,9 @@
-"""Local training steps: the one place the federated client, the centralized and
-the local-only baselines all train through."""
+"""Local training: `train`, the one loop that every phase, DP-SGD, the federated client, the
+baselines and the benchmarks train through, with the objectives it runs (`pretrain_loss`,
+`classification_loss`) and the phase helpers built on it (`pretrain`, `finetune`, `probe`)."""
 from __future__ import annotations
 
-from typing import Iterable, Mapping
+from typing import Callable, Iterable, Mapping
 
 import numpy as np
 import torch
@@ -10,6 +11,8 @@ from torch import nn
 
 from .model import CMViM
 from .protocol import NUM_EXAMPLES
+
+LossFn = Callable[[nn.Module, Mapping], tuple[torch.Tensor, dict[str, float], int]]   # -> (loss, stats, batch size)
 
 
 def _layer_id(name: str, depth: int) -> int:
@@ -82,28 +85,53 @@ def _batches(loader, epochs: int, max_steps: int | None):
             step += 1
 
 
-def pretrain(model: CMViM, loader, optimizer: torch.optim.Optimizer, epochs: int = 1, max_steps: int | None = None,
-             prox: ProximalTerm | None = None, grad_clip: float | None = 1.0) -> dict[str, float]:
-    """Local self-supervised training; returns the mean of each loss term and the number of samples."""
+def train(model: nn.Module, batches: Iterable, optimizer: torch.optim.Optimizer, loss_fn: LossFn,
+          prox: ProximalTerm | None = None, grad_clip: float | None = 1.0,
+          after_step: Callable[[], None] | None = None) -> dict[str, float]:
+    """The one local training loop: every phase, DP-SGD (its Poisson batches and DP optimizer handed
+    in), the baselines and the benchmarks run it. `loss_fn(model, batch) -> (loss, stats, n)`;
+    returns each stat's mean over the samples seen and their number (NUM_EXAMPLES)."""
     model.train()
     totals: dict[str, float] = {}
     samples = 0
-    for batch in _batches(loader, epochs, max_steps):
-        if len(batch["mri"]) < 2:
-            continue                                    # InfoNCE needs negatives: skip a lone last sample
+    for batch in batches:
         optimizer.zero_grad(set_to_none=True)
-        out = model(batch)
-        loss = out.loss + (prox() if prox is not None else 0.0)
-        loss.backward()
+        loss, stats, n = loss_fn(model, batch)
+        (loss + prox() if prox is not None else loss).backward()
         if grad_clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         optimizer.step()
-        model.update_momentum()
-        n = len(batch["mri"])
-        for key, value in {"loss": float(out.loss.detach()), **out.terms}.items():
+        if after_step is not None:
+            after_step()
+        for key, value in stats.items():
             totals[key] = totals.get(key, 0.0) + value * n
         samples += n
     return {**{k: v / max(samples, 1) for k, v in totals.items()}, NUM_EXAMPLES: samples}
+
+
+def pretrain_loss(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, dict, int]:
+    """CMViM's self-supervised objective on a batch: the loss and its terms."""
+    out = model(batch)
+    return out.loss, {"loss": float(out.loss.detach()), **out.terms}, len(batch["mri"])
+
+
+def classification_loss(weights: torch.Tensor | None = None,
+                        forward: Callable[[nn.Module, Mapping], torch.Tensor] = lambda m, b: m(b)) -> LossFn:
+    """Class-weighted cross-entropy on `batch["label"]` (and the batch's accuracy)."""
+    def loss_fn(model, batch):
+        logits = forward(model, batch)
+        loss = nn.functional.cross_entropy(logits, batch["label"], weight=weights)
+        acc = float((logits.argmax(-1) == batch["label"]).float().mean())
+        return loss, {"loss": float(loss.detach()), "acc": acc}, len(batch["label"])
+    return loss_fn
+
+
+def pretrain(model: CMViM, loader, optimizer: torch.optim.Optimizer, epochs: int = 1, max_steps: int | None = None,
+             prox: ProximalTerm | None = None, grad_clip: float | None = 1.0) -> dict[str, float]:
+    """Local self-supervised training; returns the mean of each loss term and the number of samples."""
+    batches = (b for b in _batches(loader, epochs, max_steps)
+               if len(b["mri"]) >= 2)                  # InfoNCE needs negatives: skip a lone last sample
+    return train(model, batches, optimizer, pretrain_loss, prox, grad_clip, after_step=model.update_momentum)
 
 
 def class_weights(labels: Iterable[int], num_classes: int) -> torch.Tensor:
@@ -116,21 +144,7 @@ def finetune(model: nn.Module, loader, optimizer: torch.optim.Optimizer, epochs:
              max_steps: int | None = None, prox: ProximalTerm | None = None, weights: torch.Tensor | None = None,
              grad_clip: float | None = 1.0) -> dict[str, float]:
     """Supervised local training of the classifier; returns mean loss, accuracy and sample count."""
-    model.train()
-    loss_sum, correct, samples = 0.0, 0, 0
-    for batch in _batches(loader, epochs, max_steps):
-        optimizer.zero_grad(set_to_none=True)
-        logits = model(batch)
-        loss = nn.functional.cross_entropy(logits, batch["label"], weight=weights)
-        (loss + (prox() if prox is not None else 0.0)).backward()
-        if grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        optimizer.step()
-        n = len(batch["label"])
-        loss_sum += float(loss.detach()) * n
-        correct += int((logits.argmax(-1) == batch["label"]).sum())
-        samples += n
-    return {"loss": loss_sum / max(samples, 1), "acc": correct / max(samples, 1), NUM_EXAMPLES: samples}
+    return train(model, _batches(loader, epochs, max_steps), optimizer, classification_loss(weights), prox, grad_clip)
 
 
 def probe(model: nn.Module, loader, epochs: int, lr: float, weight_decay: float = 0.0,
@@ -147,22 +161,16 @@ def probe(model: nn.Module, loader, epochs: int, lr: float, weight_decay: float 
     if not features:
         return {"loss": float("nan"), "acc": float("nan"), NUM_EXAMPLES: 0}
     x, y = torch.cat(features), torch.cat(labels)
-    head = model.head
-    optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
+    optimizer = torch.optim.AdamW(model.head.parameters(), lr=lr, weight_decay=weight_decay)
     generator = torch.Generator().manual_seed(seed)
     batch_size = loader.batch_size or len(y)
-    head.train()
+    loss_fn = classification_loss(weights, forward=lambda head, b: head(b["features"]))
+    metrics: dict[str, float] = {}
     for _ in range(epochs):
-        loss_sum, correct = 0.0, 0
-        for idx in torch.randperm(len(y), generator=generator).split(batch_size):
-            optimizer.zero_grad(set_to_none=True)
-            logits = head(x[idx])
-            loss = nn.functional.cross_entropy(logits, y[idx], weight=weights)
-            loss.backward()
-            optimizer.step()
-            loss_sum += float(loss.detach()) * len(idx)
-            correct += int((logits.argmax(-1) == y[idx]).sum())
-    return {"loss": loss_sum / len(y), "acc": correct / len(y), NUM_EXAMPLES: len(y)}
+        batches = ({"features": x[idx], "label": y[idx]}
+                   for idx in torch.randperm(len(y), generator=generator).split(batch_size))
+        metrics = train(model.head, batches, optimizer, loss_fn, grad_clip=None)
+    return metrics
 
 
 @torch.no_grad()

@@ -35,7 +35,7 @@ from opacus.accountants import RDPAccountant
 from opacus.optimizers import DPOptimizer
 from torch import nn
 
-from .protocol import NUM_EXAMPLES
+from .engine import train
 
 
 @dataclass
@@ -132,8 +132,10 @@ class PrivacyLedger:
 def dp_train(model: nn.Module, dataset, collate: Callable, loss_fn: Callable, optimizer: torch.optim.Optimizer,
              noise_multiplier: float, max_grad_norm: float, sample_rate: float, steps: int, seed: int,
              after_step: Callable[[], None] | None = None) -> dict[str, float]:
-    """`steps` DP-SGD steps with Poisson sampling. `loss_fn(module, batch) -> (loss, stats)`
-    where loss is the batch mean of per-sample losses. Returns the mean stats and num-examples."""
+    """`steps` DP-SGD steps with Poisson sampling, through the one training loop (engine.train)
+    with Opacus' per-sample gradients and DP optimizer handed in. `loss_fn(module, batch) ->
+    (loss, stats, n)` with loss the batch mean of per-sample losses. Returns the mean stats and
+    num-examples."""
     generator = torch.Generator().manual_seed(seed)
     n = len(dataset)
     expected = max(1, round(sample_rate * n))
@@ -141,39 +143,32 @@ def dp_train(model: nn.Module, dataset, collate: Callable, loss_fn: Callable, op
     dp_optimizer = DPOptimizer(optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
                                expected_batch_size=expected, loss_reduction="mean", generator=generator)
     params = [p for p in model.parameters() if p.requires_grad]
-    totals: dict[str, float] = {}
-    samples = 0
-    model.train()
+
+    def poisson_batches():
+        for _ in range(steps):
+            chosen = (torch.rand(n, generator=generator) < sample_rate).nonzero().flatten().tolist()
+            if chosen:
+                yield collate([dataset[i] for i in chosen])
+                continue
+            dp_optimizer.zero_grad(set_to_none=True)     # Poisson sampling drew nobody: a noise-only step, as Opacus takes it
+            for p in params:
+                p.grad = torch.normal(0.0, noise_multiplier * max_grad_norm, p.shape, generator=generator) / expected
+            optimizer.step()
+            if after_step is not None:
+                after_step()
+
     with warnings.catch_warnings():
         # the image inputs never require grad, so torch says the full backward hooks fire on
         # module outputs: that is what Opacus' hooks expect here
         warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed")
         try:
-            for _ in range(steps):
-                chosen = (torch.rand(n, generator=generator) < sample_rate).nonzero().flatten().tolist()
-                dp_optimizer.zero_grad(set_to_none=True)
-                if not chosen:      # Poisson sampling drew nobody: a noise-only step, as Opacus takes it
-                    for p in params:
-                        p.grad = torch.normal(0.0, noise_multiplier * max_grad_norm, p.shape,
-                                              generator=generator) / expected
-                    optimizer.step()
-                else:
-                    batch = collate([dataset[i] for i in chosen])
-                    loss, stats = loss_fn(private, batch)
-                    loss.backward()
-                    dp_optimizer.step()
-                    for key, value in stats.items():
-                        totals[key] = totals.get(key, 0.0) + value * len(chosen)
-                    samples += len(chosen)
-                if after_step is not None:
-                    after_step()
+            return train(private, poisson_batches(), dp_optimizer, loss_fn, grad_clip=None, after_step=after_step)
         finally:
             private._close()        # remove Opacus' hooks: the model goes back to being plain
             for p in model.parameters():
                 for attr in ("grad_sample", "summed_grad"):
                     if hasattr(p, attr):
                         delattr(p, attr)
-    return {**{k: v / max(samples, 1) for k, v in totals.items()}, NUM_EXAMPLES: samples}
 
 
 def steps_per_epoch(sample_rate: float) -> int:

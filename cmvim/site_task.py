@@ -261,15 +261,7 @@ class SiteTask:
         collate = self._loader(dataset, pc.batch_size, False, 0).collate_fn
         weights = engine.class_weights(labels, self.num_classes) if labels is not None else None
 
-        def loss_fn(module, batch):
-            if phase == "pretrain":
-                out = module(batch)
-                return out.loss, {"loss": float(out.loss.detach()), **out.terms}
-            logits = module(batch)
-            loss = torch.nn.functional.cross_entropy(logits, batch["label"], weight=weights)
-            acc = float((logits.argmax(-1) == batch["label"]).float().mean())
-            return loss, {"loss": float(loss.detach()), "acc": acc}
-
+        loss_fn = engine.pretrain_loss if phase == "pretrain" else engine.classification_loss(weights)
         metrics = dp_train(model, dataset, collate, loss_fn, optimizer, sigma, pv.max_grad_norm, q, steps,
                            seed=stable_seed(self.cfg.seed, self.name, phase, round_, "dp"),
                            after_step=model.update_momentum if phase == "pretrain" else None)
