@@ -58,7 +58,7 @@ def run_inprocess(data: dict) -> dict:
     baseline, as cmvim-sim reports them."""
     import torch
 
-    from cmvim.federation import run_config
+    from cmvim.run_config import run_config
     from cmvim.results import mean_auc, site_entry
     from cmvim.site_task import SiteTask, initial_state
     from server.app import ensure_cohort

@@ -36,7 +36,7 @@ import torch
 import yaml
 
 from cmvim.config import load_yaml
-from cmvim.federation import run_config
+from cmvim.run_config import run_config
 from cmvim.site_task import SiteTask, initial_state
 from server.app import config_path, ensure_cohort
 from simulations.cli import prepare_sites
@@ -120,7 +120,7 @@ def central_auc(data: dict, noise: float, clip: float, out: Path) -> dict:
 
 def epsilon_with_sites(noise: float, sites: int, many: int, releases: int, delta: float = 1e-5) -> float:
     """Epsilon of the same noise std on the average (noise x clip / sites) with `many` sites."""
-    from cmvim.federation import CentralDPConfig
+    from cmvim.run_config import CentralDPConfig
     from flwr.serverapp import GaussianPrivacyEvent
     from server.strategy import central_accountant
     scaled = noise * many / sites

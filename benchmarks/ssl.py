@@ -43,7 +43,7 @@ sys.path.insert(0, str(ROOT))
 
 from cmvim.config import load_yaml                                       # noqa: E402
 from cmvim.data import SiteData, make_loader                             # noqa: E402
-from cmvim.federation import RunConfig, run_config                       # noqa: E402
+from cmvim.run_config import RunConfig, run_config                       # noqa: E402
 from cmvim.linear import collect, encoder_features, fit_logistic, positive_scores, regional_means  # noqa: E402
 from cmvim.model import CMViMClassifier                                  # noqa: E402
 from cmvim.site_task import SiteTask, initial_state                      # noqa: E402
@@ -104,7 +104,7 @@ def variant_config(cfg: RunConfig, variant: str) -> RunConfig:
     weights = VARIANTS[variant]
     if weights is None:
         return cfg
-    paper = cfg.model_config().loss
+    paper = cfg.model.loss
     names = ("intra", "inter", "report")
     loss = {n: (getattr(paper, n) if w == "paper" else w) for n, w in zip(names, weights)}
     data = json.loads(cfg.to_json())
@@ -117,7 +117,7 @@ def variant_config(cfg: RunConfig, variant: str) -> RunConfig:
 
 def test_scores(cfg: RunConfig, sites: dict[str, SiteData], score_batch) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Per site: (labels 0/1, scores) of its labelled test subjects."""
-    num_classes = cfg.model_config().num_classes
+    num_classes = cfg.model.num_classes
     out = {}
     for name, site in sites.items():
         loader = make_loader(site.dataset("test", labeled=True, num_classes=num_classes), 16, False)
@@ -149,7 +149,7 @@ def paired_difference(a: dict, b: dict, resamples: int = 1000, seed: int = 0) ->
 
 
 def classifier_scores(cfg: RunConfig, state: dict):
-    model = CMViMClassifier(cfg.model_config())
+    model = CMViMClassifier(cfg.model)
     model.load_state_dict(state)
     model.eval()
 
@@ -163,7 +163,7 @@ def probe_scores(cfg: RunConfig, sites: dict[str, SiteData], pretrained: dict | 
     """The linear probe: logistic regression on the frozen encoder's features (the classifier's
     readout) of the labelled train + val subjects, scored on each site's test split."""
     torch.manual_seed(cfg.seed)
-    model = CMViMClassifier(cfg.model_config())
+    model = CMViMClassifier(cfg.model)
     if pretrained is not None:
         model.load_pretrained(pretrained)
     features = encoder_features(model)
@@ -171,7 +171,7 @@ def probe_scores(cfg: RunConfig, sites: dict[str, SiteData], pretrained: dict | 
 
 
 def linear_scores(cfg: RunConfig, sites: dict[str, SiteData], features, seed: int) -> dict:
-    num_classes = cfg.model_config().num_classes
+    num_classes = cfg.model.num_classes
     batches = (b for site in sites.values() for split in ("train", "val")
                for b in make_loader(site.dataset(split, labeled=True, num_classes=num_classes), 16, False))
     x, y = collect(batches, features)
@@ -362,7 +362,7 @@ def write_report(path: Path, tables_text: str, command: str, cohort: CohortConfi
         f"Benchmark cohort: {cohort.sites} sites x {cohort.subjects} subjects, effect_scale {cohort.effect_scale}, "
         f"cohort seed {cohort.seed}; splits {list(cfg.split_fractions)} (train / val / test); input "
         f"{cfg.preprocess.shape}³ at {cfg.preprocess.voxel_size:g} mm; model "
-        f"{cfg.model.get('preset')} (readout {cfg.model_config().readout}); pretraining {cfg.pretrain.rounds} rounds x "
+        f"{cfg.model.summary()}; pretraining {cfg.pretrain.rounds} rounds x "
         f"{cfg.pretrain.local_epochs} epochs; fine-tuning {cfg.finetune.rounds} rounds ({cfg.finetune.probe_rounds} "
         f"probe). Mean per-site test AUC, mean ± sd over seeds.", "",
         "![test AUC against label fraction](science_label_fraction.png)", "",

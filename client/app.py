@@ -25,7 +25,7 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from cmvim.config import ConfigError
 from cmvim.data import DataError, SiteData
-from cmvim.federation import RunConfig
+from cmvim.run_config import RunConfig
 from cmvim.privacy import PrivacyBudgetExceeded
 from cmvim.protocol import (ARRAYS, CONFIG, HIST_NEG, HIST_POS, METRICS, NUM_EXAMPLES, PHASE, PROXIMAL_MU, ROUND,
                             RUN_CONFIG, RUN_KEY, SECAGG_MASKED, SERVER_ROUND, SITE, SITE_ERROR, SITE_NAME, SPLIT)

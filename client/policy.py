@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Literal
 
 from cmvim.config import from_dict, load_yaml
-from cmvim.federation import RunConfig
+from cmvim.run_config import RunConfig
 
 Phase = Literal["pretrain", "finetune", "evaluate"]
 

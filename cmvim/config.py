@@ -41,6 +41,8 @@ def _coerce(value: Any, tp, where: str):
     if value is None:
         return None
     if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value                 # already parsed (e.g. a ModelConfig from its preset)
         if not isinstance(value, Mapping):
             raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
         return from_dict(tp, value, where)

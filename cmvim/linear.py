@@ -14,25 +14,13 @@ scaler, in `fit_logistic`: one recipe, two inputs.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
 from typing import Iterable, Mapping
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-
-@dataclass
-class LinearConfig:
-    grid: int = 6             # regional means on a grid^3 of blocks per modality (6: 8^3-voxel blocks at 48^3)
-    folds: int = 5            # cross-validation folds that choose the L2 strength
-    strengths: int = 10       # candidate strengths, log-spaced 1e-4..1e4 (scikit-learn's Cs)
-
-    def __post_init__(self):
-        if self.grid < 1:
-            raise ValueError(f"linear.grid must be at least 1, got {self.grid}")
-        if self.folds < 2:
-            raise ValueError(f"linear.folds must be at least 2, got {self.folds}")
+from .run_config import LinearConfig
 
 
 def regional_means(batch: Mapping[str, torch.Tensor], grid: int) -> np.ndarray:

@@ -38,29 +38,6 @@ from torch import nn
 from .engine import train
 
 
-@dataclass
-class PrivacyConfig:
-    enabled: bool = False
-    noise_multiplier: float | None = None   # sigma; or leave None and give target_epsilon
-    target_epsilon: float | None = None     # sigma chosen so the planned run spends this at each site
-    max_grad_norm: float = 1.0              # per-sample clipping bound C
-    delta: float | None = None              # default 1 / (10 n), n the site's training subjects
-    epsilon_budget: float | None = None     # stop training at a site past this (default: target_epsilon)
-
-    def __post_init__(self):
-        if self.enabled and (self.noise_multiplier is None) == (self.target_epsilon is None):
-            raise ValueError("privacy: give exactly one of noise_multiplier and target_epsilon")
-        for name in ("noise_multiplier", "target_epsilon", "delta", "epsilon_budget"):
-            value = getattr(self, name)
-            if value is not None and value <= 0:
-                raise ValueError(f"privacy.{name} must be positive, got {value}")
-        if self.max_grad_norm <= 0:
-            raise ValueError("privacy.max_grad_norm must be positive")
-
-    def budget(self) -> float | None:
-        return self.epsilon_budget if self.epsilon_budget is not None else self.target_epsilon
-
-
 class PrivacyBudgetExceeded(Exception):
     """The next round would take the run past the site's privacy budget; the message is public
     (numbers of the privacy accounting only)."""

@@ -4,7 +4,7 @@ No Flower or torch imports: these are names and the shape of what a site sends.
 
 A training or evaluation message from the server carries
 
-    ARRAYS   ArrayRecord   the shared parameters (the phase's, cmvim.federation.shared_parameter_names)
+    ARRAYS   ArrayRecord   the shared parameters (the phase's, cmvim.sharing.shared_parameter_names)
     CONFIG   ConfigRecord  PHASE, ROUND, SPLIT, RUN_CONFIG (the run config as JSON), RUN_KEY,
                            SERVER_ROUND (Flower's round counter), PROXIMAL_MU (FedProx only),
                            SECAGG_NAMES (SecAgg+ rounds: the parameter names, in order)

@@ -20,7 +20,8 @@ from . import engine
 from .data import PretrainAugment, SiteData, make_loader
 from .data.augment import ModalityDropout
 from .data.site import SiteDataset, label_index
-from .federation import RunConfig, shared_parameter_names
+from .run_config import RunConfig
+from .sharing import shared_parameter_names
 from .metrics import binary_metrics, score_histograms
 from .model import CMViM, CMViMClassifier
 from .protocol import NUM_EXAMPLES
@@ -43,7 +44,7 @@ class SiteTaskError(ValueError):
 
 
 def build_model(cfg: RunConfig, phase: str) -> torch.nn.Module:
-    mc = cfg.model_config()
+    mc = cfg.model
     return CMViM(mc) if phase == "pretrain" else CMViMClassifier(mc)
 
 
@@ -111,7 +112,7 @@ class SiteTask:
     def __init__(self, cfg: RunConfig, sites: list[SiteData], name: str, ledger_path=None, run_key: str = "local",
                  epsilon_cap: float | None = None):
         self.cfg, self.sites, self.name = cfg, sites, name
-        self.num_classes = cfg.model_config().num_classes
+        self.num_classes = cfg.model.num_classes
         self.ledger_path = ledger_path or sites[0].site_dir / ".cmvim_privacy" / "ledger.json"
         self.run_key, self.epsilon_cap = run_key, epsilon_cap
 
@@ -127,7 +128,7 @@ class SiteTask:
         return parts[0] if len(parts) == 1 else _Pooled(parts)
 
     def _loader(self, dataset, batch_size: int, shuffle: bool, seed: int, drop_last: bool = False):
-        max_bytes = self.cfg.model_config().report.max_bytes
+        max_bytes = self.cfg.model.report.max_bytes
         loader = make_loader(dataset, batch_size, shuffle, seed=seed, max_report_bytes=max_bytes, drop_last=drop_last)
         if not self.cfg.use_reports:
             collate = loader.collate_fn

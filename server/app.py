@@ -16,7 +16,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from cmvim.config import load_yaml
-from cmvim.federation import RunConfig, run_config
+from cmvim.run_config import RunConfig, run_config
 
 from .runner import FederatedRun
 

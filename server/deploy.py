@@ -26,7 +26,7 @@ from pathlib import Path
 
 from cmvim.cli_util import Child, flower_env
 from cmvim.config import ConfigError
-from cmvim.federation import run_config
+from cmvim.run_config import run_config
 
 CONNECTION = "cmvim"
 APP_DIR = Path(__file__).resolve().parent.parent         # pyproject.toml with [tool.flwr.app]

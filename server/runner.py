@@ -23,7 +23,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 from flwr.serverapp import GaussianPrivacyEvent, Grid
 
 from cmvim.config import to_dict
-from cmvim.federation import RunConfig
+from cmvim.run_config import RunConfig
 from cmvim.protocol import (ARRAYS, CONFIG, HIST_NEG, HIST_POS, METRICS, NUM_EXAMPLES, PHASE, ROUND, RUN_CONFIG, RUN_KEY,
                             SERVER_ROUND, SITE, SITE_ERROR, SPLIT)
 from cmvim.results import (mean_auc, plot_rocs, pooled_entry, site_entry, site_table, write_metrics,
@@ -318,7 +318,7 @@ class FederatedRun:
         elapsed = time.perf_counter() - self.started
         lines = [f"- strategy: {self.cfg.strategy.name}; rounds: pretrain {self.cfg.pretrain.rounds}, "
                  f"finetune {self.cfg.finetune.rounds} (from a {self.cfg.finetune_init} encoder); "
-                 f"model: {self.cfg.model}",
+                 f"model: {self.cfg.model.summary()}",
                  f"- sites: {', '.join(sorted(sites))}; mean per-site AUC {mean_auc(sites):.3f}; pooled AUC "
                  f"{pooled['auc']:.3f}", f"- wall time of the federated part: {_fmt_duration(elapsed)}"]
         if self.rejected or failures:

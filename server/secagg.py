@@ -26,7 +26,7 @@ from flwr.server.strategy import FedAvg as LegacyFedAvg
 from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.serverapp import Grid
 
-from cmvim.federation import SecureAggregationConfig
+from cmvim.run_config import SecureAggregationConfig
 from cmvim.protocol import NUM_EXAMPLES, SECAGG_NAMES, SECAGG_SITE, SERVER_ROUND
 
 log = logging.getLogger("cmvim.server")

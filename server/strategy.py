@@ -21,7 +21,7 @@ from flwr.serverapp.strategy import (DifferentialPrivacyClientSideFixedClipping,
                                      DifferentialPrivacyServerSideFixedClipping, FedAdam, FedAvg, FedProx, Strategy)
 from flwr.serverapp.strategy.dp_fixed_clipping import DifferentialPrivacyFixedClippingBase
 
-from cmvim.federation import CentralDPConfig, StrategyConfig
+from cmvim.run_config import CentralDPConfig, StrategyConfig
 from cmvim.protocol import ARRAYS, METRICS, NUM_EXAMPLES, SITE, SITE_ERROR, SITE_NAME, WEIGHT
 
 log = logging.getLogger("cmvim.server")

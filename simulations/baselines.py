@@ -14,7 +14,7 @@ import time
 import numpy as np
 
 from cmvim.data import SiteData, make_loader
-from cmvim.federation import RunConfig
+from cmvim.run_config import RunConfig
 from cmvim.linear import collect, fit_logistic, positive_scores, regional_means
 from cmvim.protocol import NUM_EXAMPLES
 from cmvim.results import mean_auc, pooled_entry, site_entry
@@ -64,7 +64,7 @@ def _linear(cfg: RunConfig, sites: dict[str, SiteData]) -> dict:
     """The linear baseline: fit once on every site's labelled train + val subjects pooled (its own
     cross-validation picks the L2 strength, as the deep model's validation split picks its round),
     then every site scores its own test split."""
-    num_classes = cfg.model_config().num_classes
+    num_classes = cfg.model.num_classes
 
     def features(site: SiteData, splits: list[str]):
         batches = (batch for split in splits

@@ -21,7 +21,7 @@ from pathlib import Path
 from cmvim.cli_util import add_version
 from cmvim.config import ConfigError, load_yaml
 from cmvim.data import SiteData
-from cmvim.federation import RunConfig, run_config
+from cmvim.run_config import RunConfig, run_config
 from cmvim.results import site_table, write_metrics, write_summary
 
 CONFIGS = Path(__file__).parent / "configs"

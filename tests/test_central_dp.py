@@ -15,7 +15,7 @@ from flwr.serverapp import GaussianPrivacyEvent
 import test_federated as tf
 from client.app import central_clipping_mod
 from cmvim.config import ConfigError
-from cmvim.federation import CentralDPConfig, StrategyConfig, run_config
+from cmvim.run_config import CentralDPConfig, StrategyConfig, run_config
 from cmvim.protocol import ARRAYS, CONFIG, METRICS, SITE
 from server.strategy import CentralBudgetSpent, central_accountant, make_strategy
 

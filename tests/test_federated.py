@@ -19,7 +19,7 @@ pytest.importorskip("nilearn")
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, Metadata, MetricRecord, RecordDict  # noqa: E402
 
-from cmvim.federation import StrategyConfig  # noqa: E402
+from cmvim.run_config import StrategyConfig  # noqa: E402
 from cmvim.protocol import ARRAYS, METRICS, SITE  # noqa: E402
 from server.strategy import make_strategy  # noqa: E402
 
@@ -136,7 +136,7 @@ def test_a_failing_site_is_named_and_the_run_goes_on(easy_cohort, tmp_path, min_
                       cohort={"path": str(cohort), "site_names": ["A", "B", "C"]}, strategy={"min_nodes": min_nodes})
     config = tmp_path / "faulty.yaml"
     config.write_text(yaml.safe_dump(cfg))
-    code = ("import sys, yaml; from pathlib import Path; from cmvim.federation import run_config; "
+    code = ("import sys, yaml; from pathlib import Path; from cmvim.run_config import run_config; "
             "from simulations.cli import run_federated; "
             f"cfg = run_config(yaml.safe_load(open({str(config)!r}))); "
             f"run_federated(cfg, Path({str(out)!r}), 3, resume=False, verbose=False)")
@@ -240,7 +240,7 @@ def test_dp_sgd_run_reports_epsilon_and_a_spent_budget_stops_sites(easy_cohort, 
     covers one pretraining round stops every site's training after it, and the run still
     fine-tunes nothing, keeps the global model and evaluates it."""
     from cmvim.data import SiteData
-    from cmvim.federation import run_config
+    from cmvim.run_config import run_config
     from cmvim.privacy import epsilon
     from cmvim.site_task import SiteTask
 

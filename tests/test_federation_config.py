@@ -3,14 +3,15 @@ import pytest
 import torch
 
 from cmvim.config import ConfigError
-from cmvim.federation import RunConfig, run_config, shared_parameter_names
+from cmvim.run_config import RunConfig, run_config
+from cmvim.sharing import shared_parameter_names
 from cmvim.model import CMViM, CMViMClassifier, model_config
 from server.app import config_from_context, config_path
 
 
 def test_quick_config_loads_and_typos_are_named():
     cfg = run_config(config_path("quick.yaml"))
-    assert cfg.model_config().img_size == cfg.preprocess.shape == 48
+    assert cfg.model.img_size == cfg.preprocess.shape == 48
     assert RunConfig.from_json(cfg.to_json()) == cfg
     with pytest.raises(ConfigError, match=r"run.pretrain: unknown key 'round'.*did you mean 'rounds'"):
         run_config({"pretrain": {"round": 3}})
@@ -49,7 +50,7 @@ def test_shared_parameters_per_phase_and_personalisation():
 def test_fedadam_state_survives_a_checkpoint(tmp_path):
     from server.runner import Checkpoint
     from server.strategy import make_strategy, restore_strategy_state, strategy_state
-    from cmvim.federation import StrategyConfig
+    from cmvim.run_config import StrategyConfig
     strategy = make_strategy(StrategyConfig(name="fedadam"))
     import numpy as np
     strategy.base.m_t, strategy.base.v_t = {"w": np.ones(3)}, {"w": np.full(3, 2.0)}

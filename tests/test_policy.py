@@ -7,7 +7,7 @@ import pytest
 from client.join import JoinError, preflight
 from client.policy import PolicyRefusal, SitePolicy, load_policy
 from cmvim.config import ConfigError
-from cmvim.federation import run_config
+from cmvim.run_config import run_config
 
 
 def cfg(**overrides):

@@ -11,9 +11,9 @@ from opacus.accountants import RDPAccountant
 from torch import nn
 
 from cmvim.data import SiteData
-from cmvim.federation import run_config
+from cmvim.run_config import run_config
 from cmvim.model import CMViMClassifier
-from cmvim.model.config import model_config
+from cmvim.model_config import model_config
 from cmvim.privacy import PrivacyBudgetExceeded, noise_for_target, epsilon
 from cmvim.site_task import SiteTask, initial_state
 from simulations.cohort import CohortConfig, cached_cohort

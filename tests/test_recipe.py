@@ -11,7 +11,7 @@ import torch
 from cmvim import engine
 from cmvim.data import PreprocessConfig, SiteData
 from cmvim.data.preprocess import normalize_suvr
-from cmvim.federation import run_config
+from cmvim.run_config import run_config
 from cmvim.linear import LinearConfig, collect, encoder_features, fit_logistic, positive_scores, regional_means
 from cmvim.model import CMViM, CMViMClassifier, model_config
 from cmvim.site_task import SiteTask, initial_state
@@ -205,7 +205,7 @@ def test_linear_probe_of_an_encoder_on_site_data(easy_cohort, easy_sites):
     from sklearn.metrics import roc_auc_score
     cfg = easy_run_config(easy_cohort)
     torch.manual_seed(0)
-    model = CMViMClassifier(cfg.model_config())
+    model = CMViMClassifier(cfg.model)
     features = encoder_features(model)
 
     def split(name):
@@ -223,7 +223,7 @@ def test_fine_tuning_can_start_from_weights_pretrained_elsewhere(tmp_path):
     from cmvim.config import ConfigError
     cfg = run_config({"model": {"preset": "tiny"}, "preprocess": {"shape": 32}})
     torch.manual_seed(123)
-    elsewhere = CMViM(cfg.model_config()).state_dict()
+    elsewhere = CMViM(cfg.model).state_dict()
     for name, payload in (("state.pt", elsewhere), ("checkpoint.pt", {"phase": "pretrain", "round": 12,
                                                                        "arrays": elsewhere, "history": [{"a": 1.0}]})):
         torch.save(payload, tmp_path / name)

@@ -14,7 +14,7 @@ import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, Metadata, RecordDict
 
 from client import app as client_app
-from cmvim.federation import run_config
+from cmvim.run_config import run_config
 from cmvim.protocol import ARRAYS, CONFIG, PHASE, ROUND, RUN_CONFIG, RUN_KEY, SPLIT
 from cmvim.site_task import initial_state
 from simulations.cohort import CohortConfig, cached_cohort

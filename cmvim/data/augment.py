@@ -7,20 +7,11 @@ noise are drawn per modality. A missing modality stays missing (zeros).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-
-@dataclass
-class AugmentConfig:
-    flip: float = 0.5             # probability of a left-right flip
-    rotate_deg: float = 8.0       # max rotation about each axis
-    scale: float = 0.08           # max relative zoom
-    translate: float = 0.04       # max shift, as a fraction of the field of view
-    intensity: float = 0.1        # max relative scale / shift of intensities
-    noise: float = 0.02           # Gaussian noise std, relative to the volume's std
+from ..run_config import AugmentConfig
 
 
 def _rotation(angles: torch.Tensor) -> torch.Tensor:

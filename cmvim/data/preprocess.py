@@ -14,20 +14,18 @@ CropPad the MRI and PET voxels of a subject line up.
 """
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
-from dataclasses import dataclass, field
-from typing import Callable, Literal, Sequence
+from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import nibabel as nib
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..model_config import MODALITIES
+from ..run_config import NORMALIZER_NAMES, PreprocessConfig
 from .errors import DataError
 
-MODALITIES = ("mri", "pet")
 
 
 @dataclass
@@ -38,36 +36,6 @@ class Volume:
     @property
     def voxel_size(self) -> np.ndarray:
         return np.sqrt((self.affine[:3, :3] ** 2).sum(axis=0))
-
-
-@dataclass
-class PreprocessConfig:
-    shape: int = 64                                   # cubic model input, shape^3 voxels
-    voxel_size: float | None = 3.0                    # mm; None keeps the reference's own grid
-    reference: Literal["mri", "pet"] = "mri"          # whose grid the others are resampled onto
-    # FDG as SUVR (the field's reading); percentile clipping scored at chance (docs/science.md)
-    normalize: dict[str, str] = field(default_factory=lambda: {"mri": "zscore", "pet": "suvr"})
-    percentiles: tuple[float, float] = (0.5, 99.5)    # for "percentile": clip and scale to [0, 1]
-    foreground: float = 0.1                           # "zscore", "suvr": brain mask = voxels > foreground * p99
-    min_overlap: float = 0.5                          # warn when MRI/PET boxes overlap less than this
-
-    def __post_init__(self):
-        for modality, method in self.normalize.items():
-            if modality not in MODALITIES:
-                raise ValueError(f"normalize: unknown modality {modality!r}")
-            if method not in NORMALIZERS:
-                raise ValueError(f"normalize.{modality}: unknown method {method!r}; "
-                                 f"choose one of {', '.join(NORMALIZERS)}")
-        if self.shape < 8:
-            raise ValueError(f"shape must be at least 8 voxels, got {self.shape}")
-        lo, hi = self.percentiles
-        if not 0 <= lo < hi <= 100:
-            raise ValueError(f"percentiles must satisfy 0 <= low < high <= 100, got {self.percentiles}")
-
-    def fingerprint(self) -> str:
-        """Changes whenever any setting changes: part of every cache key."""
-        text = json.dumps(dataclasses.asdict(self), sort_keys=True, default=list)
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 Sample = dict
@@ -226,6 +194,7 @@ def normalize_suvr(data: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
 
 NORMALIZERS = {"percentile": normalize_percentile, "zscore": normalize_zscore, "suvr": normalize_suvr,
                "none": lambda data, cfg: data.astype(np.float32)}
+assert tuple(NORMALIZERS) == NORMALIZER_NAMES, "run_config.NORMALIZER_NAMES names what this module implements"
 
 
 class Normalize:

@@ -22,7 +22,9 @@ from torch.utils.data import Dataset
 from .cache import VolumeCache, cache_key, default_cache_dir
 from .errors import DataError
 from .manifest import LABELS, SPLITS, ManifestEntry, read_manifest
-from .preprocess import MODALITIES, PreprocessConfig, Volume, build_pipeline
+from ..model_config import MODALITIES
+from ..run_config import PreprocessConfig
+from .preprocess import Volume, build_pipeline
 from .reports import read_report
 from .volumes import load_volume
 

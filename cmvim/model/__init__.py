@@ -1,6 +1,6 @@
 """Vim blocks, 3D patch embedding, report encoder, CMViM and its classifier."""
 from .cmvim import CMViM, CMViMClassifier, Decoder, ImageEncoder, PretrainOutput
-from .config import MODALITIES, PRESETS, LossConfig, ModelConfig, ReportConfig, model_config
+from ..model_config import MODALITIES, PRESETS, LossConfig, ModelConfig, ReportConfig, model_config
 from .patch import PatchEmbed3D, patchify, random_masking, sincos_pos_embed_3d, unpatchify
 from .report import BytesVimReportEncoder, tokenize_reports
 from .vim import BiMamba, Block, VimEncoder

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..losses import info_nce, masked_mse
-from .config import ModelConfig
+from ..model_config import ModelConfig
 from .patch import MaskToken, PatchEmbed3D, StandIn, patchify, position_embedding, random_masking
 from .report import build_report_encoder
 from .vim import VimEncoder

@@ -12,7 +12,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from .config import ReportConfig
+from ..model_config import ReportConfig
 from .vim import VimEncoder
 
 PAD = 0            # token 0 pads; byte value v is token v + 1

@@ -1,27 +1,99 @@
-"""What the server and the sites share: the run config schema and which
-parameters travel in each phase. No Flower imports here: `client/` and `server/` turn
-these into Flower messages.
+"""The run config: one YAML file, parsed and validated once (`run_config`) into the dataclasses
+below; an unknown key or a bad value is a ConfigError that names it. Torch-free, so that reading a
+config (the coordinator's `min_nodes`, a site's policy check) loads neither torch nor Opacus.
 
-A run's config is one YAML file (simulations/configs/*.yaml). Every site receives it with
-each message, so a hospital's SuperNode needs no copy of its own (its site policy checks it).
+Every site receives the run config with each message (cmvim.protocol.RUN_CONFIG), so a
+hospital's SuperNode needs no copy of its own; its site policy checks it.
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Mapping
-
-from torch import nn
+from typing import Literal, Mapping
 
 from .config import from_dict, load_yaml, to_dict
-from .data.augment import AugmentConfig
-from .data.preprocess import PreprocessConfig
-from .linear import LinearConfig
-from .model.config import ModelConfig, model_config
-from .privacy import PrivacyConfig
+from .model_config import MODALITIES, ModelConfig, model_config
 
-PHASES = ("pretrain", "finetune", "evaluate")
+NORMALIZER_NAMES = ("percentile", "zscore", "suvr", "none")   # cmvim.data.preprocess.NORMALIZERS implements them
+
+
+@dataclass
+class PreprocessConfig:
+    shape: int = 64                                   # cubic model input, shape^3 voxels
+    voxel_size: float | None = 3.0                    # mm; None keeps the reference's own grid
+    reference: Literal["mri", "pet"] = "mri"          # whose grid the others are resampled onto
+    # FDG as SUVR (the field's reading); percentile clipping scored at chance (docs/science.md)
+    normalize: dict[str, str] = field(default_factory=lambda: {"mri": "zscore", "pet": "suvr"})
+    percentiles: tuple[float, float] = (0.5, 99.5)    # for "percentile": clip and scale to [0, 1]
+    foreground: float = 0.1                           # "zscore", "suvr": brain mask = voxels > foreground * p99
+    min_overlap: float = 0.5                          # warn when MRI/PET boxes overlap less than this
+
+    def __post_init__(self):
+        for modality, method in self.normalize.items():
+            if modality not in MODALITIES:
+                raise ValueError(f"normalize: unknown modality {modality!r}")
+            if method not in NORMALIZER_NAMES:
+                raise ValueError(f"normalize.{modality}: unknown method {method!r}; "
+                                 f"choose one of {', '.join(NORMALIZER_NAMES)}")
+        if self.shape < 8:
+            raise ValueError(f"shape must be at least 8 voxels, got {self.shape}")
+        lo, hi = self.percentiles
+        if not 0 <= lo < hi <= 100:
+            raise ValueError(f"percentiles must satisfy 0 <= low < high <= 100, got {self.percentiles}")
+
+    def fingerprint(self) -> str:
+        """Changes whenever any setting changes: part of every cache key."""
+        text = json.dumps(dataclasses.asdict(self), sort_keys=True, default=list)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@dataclass
+class AugmentConfig:
+    flip: float = 0.5             # probability of a left-right flip
+    rotate_deg: float = 8.0       # max rotation about each axis
+    scale: float = 0.08           # max relative zoom
+    translate: float = 0.04       # max shift, as a fraction of the field of view
+    intensity: float = 0.1        # max relative scale / shift of intensities
+    noise: float = 0.02           # Gaussian noise std, relative to the volume's std
+
+
+@dataclass
+class LinearConfig:
+    grid: int = 6             # regional means on a grid^3 of blocks per modality (6: 8^3-voxel blocks at 48^3)
+    folds: int = 5            # cross-validation folds that choose the L2 strength
+    strengths: int = 10       # candidate strengths, log-spaced 1e-4..1e4 (scikit-learn's Cs)
+
+    def __post_init__(self):
+        if self.grid < 1:
+            raise ValueError(f"linear.grid must be at least 1, got {self.grid}")
+        if self.folds < 2:
+            raise ValueError(f"linear.folds must be at least 2, got {self.folds}")
+
+
+@dataclass
+class PrivacyConfig:
+    enabled: bool = False
+    noise_multiplier: float | None = None   # sigma; or leave None and give target_epsilon
+    target_epsilon: float | None = None     # sigma chosen so the planned run spends this at each site
+    max_grad_norm: float = 1.0              # per-sample clipping bound C
+    delta: float | None = None              # default 1 / (10 n), n the site's training subjects
+    epsilon_budget: float | None = None     # stop training at a site past this (default: target_epsilon)
+
+    def __post_init__(self):
+        if self.enabled and (self.noise_multiplier is None) == (self.target_epsilon is None):
+            raise ValueError("privacy: give exactly one of noise_multiplier and target_epsilon")
+        for name in ("noise_multiplier", "target_epsilon", "delta", "epsilon_budget"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"privacy.{name} must be positive, got {value}")
+        if self.max_grad_norm <= 0:
+            raise ValueError("privacy.max_grad_norm must be positive")
+
+    def budget(self) -> float | None:
+        return self.epsilon_budget if self.epsilon_budget is not None else self.target_epsilon
 
 
 @dataclass
@@ -169,7 +241,7 @@ class EvaluationConfig:
 class RunConfig:
     seed: int = 0
     cohort: CohortSpec = field(default_factory=CohortSpec)
-    model: dict[str, Any] = field(default_factory=lambda: {"preset": "tiny"})
+    model: ModelConfig = field(default_factory=lambda: model_config("tiny"))   # a preset plus overrides in YAML
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     augment: AugmentConfig | None = field(default_factory=AugmentConfig)     # pretraining augmentations
     # where fine-tuning starts: "pretrained" (the encoder this run pretrained: the method), "fresh"
@@ -212,13 +284,9 @@ class RunConfig:
             if self.central_dp.enabled:
                 raise ValueError("secure_aggregation with central_dp is not supported: Flower 1.42's SecAgg+ runs on "
                                  "its legacy strategies, its accountant on the new ones (docs/privacy.md)")
-        mc = self.model_config()
-        if mc.img_size != self.preprocess.shape:
+        if self.model.img_size != self.preprocess.shape:
             raise ValueError(f"preprocess.shape ({self.preprocess.shape}) must equal the model's img_size "
-                             f"({mc.img_size})")
-
-    def model_config(self) -> ModelConfig:
-        return model_config(dict(self.model))
+                             f"({self.model.img_size})")
 
     def phase(self, name: str) -> PhaseConfig | FinetuneConfig:
         return {"pretrain": self.pretrain, "finetune": self.finetune}[name]
@@ -235,30 +303,5 @@ def run_config(spec: str | Path | Mapping | None = None, **overrides) -> RunConf
     """A RunConfig from a YAML file or a mapping; unknown keys are errors that name them."""
     data = load_yaml(spec) if isinstance(spec, (str, Path)) else dict(spec or {})
     data.update(overrides)
+    data["model"] = model_config(data.get("model"))      # a preset name plus overrides -> one parsed ModelConfig
     return from_dict(RunConfig, data, "run")
-
-
-def shared_parameter_names(model: nn.Module, phase: str, personalize: str = "none") -> list[str]:
-    """The parameters that travel between server and sites in `phase` (state-dict names).
-
-    pretrain: everything (image encoder, projector, decoders, report encoder, momentum encoder).
-    finetune/evaluate: the image encoder and the head, except what `personalize` keeps at the
-    site: "head" (the linear head), "norm" (every RMSNorm weight), or both.
-    """
-    names = list(model.state_dict())
-    if phase == "pretrain":
-        return names
-    local_head = "head" in personalize
-    local_norm = "norm" in personalize
-    shared = []
-    for name in names:
-        if local_head and name.startswith("head."):
-            continue
-        if local_norm and (".norm." in name or ".norm_f." in name or name.endswith(("norm.weight", "norm_f.weight"))):
-            continue
-        shared.append(name)
-    return shared
-
-
-__all__ = ["PHASES", "ARRAYS", "CONFIG", "METRICS", "SITE", "RUN_CONFIG", "PHASE", "ROUND", "SPLIT", "CohortSpec",
-           "PhaseConfig", "FinetuneConfig", "StrategyConfig", "CentralDPConfig", "SecureAggregationConfig", "EvaluationConfig", "RunConfig", "run_config", "shared_parameter_names"]

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Mapping
 
-from ..config import ConfigError, from_dict, load_yaml
+from .config import ConfigError, from_dict, load_yaml
 
 MODALITIES = ("mri", "pet")
 
@@ -68,6 +68,11 @@ class ModelConfig:
         if self.num_classes not in (2, 3):
             raise ValueError(f"num_classes must be 2 (CN/AD) or 3 (CN/MCI/AD), got {self.num_classes}")
         self.modalities = tuple(self.modalities)
+
+    def summary(self) -> str:
+        """One line for a report: what a reader needs to tell two models apart."""
+        return (f"{self.img_size}³ input, patch {self.patch_size}, width {self.embed_dim}, depth {self.depth}, "
+                f"readout {self.readout}")
 
     @property
     def grid(self) -> int:
