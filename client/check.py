@@ -6,6 +6,10 @@ and every problem with its row, subject, column, file and what is wrong. This
 runs at the hospital, for the hospital: it shows subject ids; nothing is sent.
 Exit status: 0 ready (problem rows are skipped in training), 1 fatal (no
 usable manifest or no usable subject; with --strict, any problem).
+
+The split counts are the run's: give the run config the coordinator shares (`--config`) and
+they are what training will use (its seed and split_fractions, assigned by the same code as
+training); without it, the run config's defaults.
 """
 from __future__ import annotations
 
@@ -15,13 +19,15 @@ from pathlib import Path
 
 import nibabel as nib
 
+from cmvim.config import ConfigError
 from cmvim.data import DataError, read_manifest, read_report
 from cmvim.data.site import assign_splits
 from cmvim.data.volumes import load_volume, voxel_sizes
+from cmvim.run_config import SPLIT_FRACTIONS, RunConfig, run_config
 from cmvim.tables import format_table
 
 
-def check_site(site_dir: Path, strict: bool = False, out=print) -> int:
+def check_site(site_dir: Path, strict: bool = False, out=print, cfg: RunConfig | None = None) -> int:
     out(f"Site check: {site_dir}")
     try:
         manifest = read_manifest(site_dir)
@@ -59,7 +65,12 @@ def check_site(site_dir: Path, strict: bool = False, out=print) -> int:
         if n % 25 == 0:
             out(f"  checked {n}/{len(manifest.entries)} rows ...")
 
-    splits = assign_splits(usable, seed=0) if usable else {}
+    try:
+        seed, fractions = (cfg.seed, tuple(cfg.split_fractions)) if cfg else (0, SPLIT_FRACTIONS)
+        splits = assign_splits(manifest.entries, seed, fractions)     # as training assigns them
+    except DataError as err:
+        out(f"\nFATAL: {err}")
+        return 1
     labels = Counter(e.label or "unlabeled" for e in usable)
     split_counts = Counter(splits[e.subject_id] for e in usable)
     rows_total = len(manifest.entries) + len(manifest.problems)
@@ -107,3 +118,14 @@ def _relative(path: str | None, site_dir: Path) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", type=Path, required=True, help="the site folder (holding manifest.csv)")
     parser.add_argument("--strict", action="store_true", help="exit non-zero on any problem, not only fatal ones")
+    parser.add_argument("--config", type=Path, help="the run config (YAML) the coordinator shares: split counts as "
+                                                   "the run will assign them (default: the run config's defaults)")
+
+
+def check_from_args(args: argparse.Namespace) -> int:
+    try:
+        cfg = run_config(args.config) if args.config else None
+    except ConfigError as err:
+        print(f"FATAL: {args.config}: {err}")
+        return 1
+    return check_site(args.data, strict=args.strict, cfg=cfg)

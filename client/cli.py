@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
         check.add_arguments(parser)
         add_version(parser)
         args = parser.parse_args(argv[1:])
-        return check.check_site(args.data, strict=args.strict)
+        return check.check_from_args(args)
     parser = argparse.ArgumentParser(prog="cmvim-client", description=join.__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="Check a site folder without joining: cmvim-client check --data DIR")

@@ -17,6 +17,7 @@ from typing import Literal, Mapping
 from .config import from_dict, load_yaml, to_dict
 from .model_config import MODALITIES, ModelConfig, model_config
 
+SPLIT_FRACTIONS = (0.7, 0.1, 0.2)         # train / val / test for subjects the manifest gives no split
 NORMALIZER_NAMES = ("percentile", "zscore", "suvr", "none")   # cmvim.data.preprocess.NORMALIZERS implements them
 
 
@@ -254,7 +255,7 @@ class RunConfig:
     finetune: FinetuneConfig = field(default_factory=lambda: FinetuneConfig(rounds=3, lr=5e-4))
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
-    split_fractions: tuple[float, float, float] = (0.7, 0.1, 0.2)   # train/val/test where the manifest is silent
+    split_fractions: tuple[float, float, float] = SPLIT_FRACTIONS   # train/val/test where the manifest is silent
     personalize: Literal["none", "head", "norm", "head+norm"] = "none"
     use_reports: bool = True
     threads_per_site: int = 1

@@ -314,6 +314,7 @@ def test_check_command_prints_table_and_exit_codes(tmp_path, capsys):
     assert "manifest.csv: 5 rows, 4 usable, 1 with problems" in out
     assert "| mri      | 40x48x40" in out and "file not found: 'scans/none.nii.gz'" in out
     assert main(["check", "--data", str(site), "--strict"]) == 1
+    capsys.readouterr()
     empty = tmp_path / "empty"
     empty.mkdir()
     assert main(["check", "--data", str(empty)]) == 1
@@ -348,3 +349,25 @@ def test_modality_dropout_hides_pet_as_if_missing():
     out = ModalityDropout(1.0)(item, torch.Generator().manual_seed(0))
     assert out["pet_present"] is False and torch.count_nonzero(out["pet"]) == 0 and out["mri_present"]
     assert item["pet_present"] is True                                       # the input is not modified
+
+
+def test_check_shows_the_splits_the_run_will_use(tmp_path, capsys):
+    """`cmvim-client check --config run.yaml` counts splits as training assigns them (the run's
+    seed and split_fractions, over the same manifest entries), not by a rule of its own."""
+    import re
+
+    import yaml
+
+    from client.cli import main
+    site = write_site(tmp_path / "site", n=20)
+    for seed, fractions in [(0, [0.7, 0.1, 0.2]), (3, [0.4, 0.2, 0.4])]:
+        config = tmp_path / f"run{seed}.yaml"
+        config.write_text(yaml.safe_dump({"seed": seed, "split_fractions": fractions, "preprocess": {"shape": 32}}))
+        assert main(["check", "--data", str(site), "--config", str(config)]) == 0
+        shown = {m.group(1): int(m.group(2)) for m in re.finditer(r"\| split (\w+) +\| +(\d+)", capsys.readouterr().out)}
+        loaded = SiteData.load(site, PreprocessConfig(shape=16, voxel_size=None), seed=seed, split_fractions=fractions)
+        assert shown == loaded.counts()["splits"]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("split_fractons: [0.5, 0.25, 0.25]\n")
+    assert main(["check", "--data", str(site), "--config", str(bad)]) == 1
+    assert "split_fractions" in capsys.readouterr().out          # the typo named, the right key suggested

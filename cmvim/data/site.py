@@ -23,14 +23,13 @@ from .cache import VolumeCache, cache_key, default_cache_dir
 from .errors import DataError
 from .manifest import LABELS, SPLITS, ManifestEntry, read_manifest
 from ..model_config import MODALITIES
-from ..run_config import PreprocessConfig
+from ..run_config import SPLIT_FRACTIONS, PreprocessConfig
 from .preprocess import Volume, build_pipeline
 from .reports import read_report
 from .volumes import load_volume
 
 log = logging.getLogger("cmvim.data")
 
-SPLIT_FRACTIONS = (0.7, 0.1, 0.2)          # train / val / test for the seeded rule
 
 
 def label_index(label: str | None, num_classes: int = 2) -> int | None:
