@@ -253,7 +253,9 @@ def tables(rows: list[dict], fractions: list[float], variants: list[str], modes:
         values = [v for v in values if v is not None and np.isfinite(v)]
         if not values:
             return "-"
-        return f"{np.mean(values):.3f} ± {np.std(values, ddof=1) if len(values) > 1 else 0:.3f}"
+        if len(values) == 1:
+            return f"{values[0]:.3f}"                     # one seed: no spread to show
+        return f"{np.mean(values):.3f} ± {np.std(values, ddof=1):.3f}"
 
     def pick(**match):
         return [r for r in rows if all(r[k] == v for k, v in match.items())]
@@ -268,8 +270,10 @@ def tables(rows: list[dict], fractions: list[float], variants: list[str], modes:
                             + [cell([r[kind] for r in pick(mode=mode, variant=variant, fraction=f)])
                                for f in fractions])
         body.append(["linear baseline (regional means)"]
-                    + [cell([r["linear"] for r in pick(fraction=f) if "linear" in r]) for f in fractions])
-        out.append(f"### {mode}\n\n" + format_table(headers, body))
+                    + [cell([r["linear"] for r in pick(mode=mode, fraction=f) if "linear" in r]) for f in fractions])
+        seeds = sorted({r["seed"] for r in pick(mode=mode)})
+        out.append(f"### {mode} (seeds {', '.join(map(str, seeds))}: mean ± sd over seeds)\n\n"
+                   + format_table(headers, body))
     return out
 
 
@@ -393,6 +397,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="a smoke run: 1 seed, 2 fractions, tiny schedule")
     parser.add_argument("--out", type=Path, default=ROOT / "docs")
+    parser.add_argument("--report-only", action="store_true",
+                        help="write the tables and the plot from the rows already measured (a run in parts)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     data = load_yaml(args.config)
@@ -415,14 +421,18 @@ def main() -> None:
                           effect_scale=args.effect_scale)
     args.out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    rows = run(cfg, cohort, args.seeds, args.fractions, args.variants, args.modes, args.out)
+    if args.report_only:                   # the tables from the rows measured so far; nothing is trained
+        rows_path = args.out / "benchmarks" / "ssl_rows.jsonl"
+        rows = [json.loads(line) for line in rows_path.read_text().splitlines()] if rows_path.exists() else []
+    else:
+        rows = run(cfg, cohort, args.seeds, args.fractions, args.variants, args.modes, args.out)
     rows = [r for r in rows if r["seed"] in args.seeds and r["fraction"] in args.fractions
             and r["variant"] in args.variants and r["mode"] in args.modes]
     plot(rows, args.fractions, args.variants, args.modes, args.out / "science_label_fraction.png")
     report = tables(rows, args.fractions, args.variants, args.modes)
     diff = differences(rows, args.fractions, args.variants, args.modes)
     text = "\n\n".join(report + ["### paired differences (mean per-site test AUC; * = 95 % CI excludes 0)\n\n" + diff])
-    command = "PYTHONPATH=. python benchmarks/ssl.py " + " ".join(sys.argv[1:])
+    command = "PYTHONPATH=. python benchmarks/ssl.py " + " ".join(a for a in sys.argv[1:] if a != "--report-only")
     write_report(args.out / "science.md", text, command, cohort, cfg)
     say("\n" + text)
     say(f"\nbenchmark finished in {(time.perf_counter() - start) / 60:.1f} min; rows in {args.out / 'benchmarks' / 'ssl_rows.jsonl'}")
