@@ -327,28 +327,33 @@ def _diff_cell(pairs) -> str:
 
 
 def plot(rows: list[dict], fractions: list[float], variants: list[str], modes: list[str], path: Path) -> None:
+    """Test AUC against label fraction: a panel per mode, fine-tuned (top) and linear probe
+    (bottom), the linear baseline dashed; error bars are the sd over seeds."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, len(modes), figsize=(5.2 * len(modes), 4.2), sharey=True, squeeze=False)
+    kinds = [("finetuned", "fine-tuned"), ("probe", "linear probe of the frozen encoder")]
+    fig, axes = plt.subplots(len(kinds), len(modes), figsize=(5.2 * len(modes), 4.0 * len(kinds)), sharey=True,
+                             squeeze=False)
     colours = dict(zip(VARIANTS, ["#7f8c8d", "#2980b9", "#27ae60", "#8e44ad", "#c0392b"]))
-    for ax, mode in zip(axes[0], modes):
-        for variant in variants:
-            means, sds = [], []
-            for f in fractions:
-                values = [r["finetuned"] for r in rows if r["mode"] == mode and r["variant"] == variant
-                          and r["fraction"] == f]
-                means.append(np.mean(values) if values else np.nan)
-                sds.append(np.std(values) if values else np.nan)
-            ax.errorbar([100 * f for f in fractions], means, yerr=sds, marker="o", capsize=3, label=variant,
-                        color=colours.get(variant))
-        lin = [np.mean([r["linear"] for r in rows if "linear" in r and r["fraction"] == f] or [np.nan])
-               for f in fractions]
-        ax.plot([100 * f for f in fractions], lin, ls="--", color="k", label="linear baseline")
-        ax.set(title=f"{mode}: fine-tuned", xlabel="labelled training subjects (%)", xscale="log",
-               xticks=[100 * f for f in fractions], xticklabels=[f"{f:.0%}" for f in fractions])
-        ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("mean per-site test AUC (AD vs CN)")
+    xs = [100 * f for f in fractions]
+    for row, (kind, title) in enumerate(kinds):
+        for ax, mode in zip(axes[row], modes):
+            for variant in variants:
+                means, sds = [], []
+                for f in fractions:
+                    values = [r[kind] for r in rows if r["mode"] == mode and r["variant"] == variant
+                              and r["fraction"] == f]
+                    means.append(np.mean(values) if values else np.nan)
+                    sds.append(np.std(values) if values else np.nan)
+                ax.errorbar(xs, means, yerr=sds, marker="o", capsize=3, label=variant, color=colours.get(variant))
+            lin = [np.mean([r["linear"] for r in rows if "linear" in r and r["mode"] == mode and r["fraction"] == f]
+                           or [np.nan]) for f in fractions]
+            ax.plot(xs, lin, ls="--", color="k", label="linear baseline")
+            ax.set(title=f"{mode}: {title}", xlabel="labelled training subjects (%)", xscale="log",
+                   xticks=xs, xticklabels=[f"{f:.0%}" for f in fractions])
+            ax.grid(alpha=0.3)
+        axes[row][0].set_ylabel("mean per-site test AUC (AD vs CN)")
     axes[0][-1].legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
