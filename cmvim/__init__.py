@@ -1,2 +1,7 @@
 """cmvim: federated CMViM pretraining and fine-tuning for 3D multi-modal brain imaging."""
-__version__ = "0.1.0"
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("cmvim")          # pyproject.toml is the one home of the version
+except PackageNotFoundError:                # a source tree that was never installed
+    __version__ = "0+unknown"
