@@ -43,7 +43,7 @@ sys.path.insert(0, str(ROOT))
 
 from cmvim.config import load_yaml                                       # noqa: E402
 from cmvim.data import SiteData, make_loader                             # noqa: E402
-from cmvim.run_config import RunConfig, run_config                       # noqa: E402
+from cmvim.run_config import CohortSpec, RunConfig, run_config                       # noqa: E402
 from cmvim.linear import collect, encoder_features, fit_logistic, positive_scores, regional_means  # noqa: E402
 from cmvim.model import CMViMClassifier                                  # noqa: E402
 from cmvim.site_task import SiteTask, initial_state                      # noqa: E402
@@ -67,10 +67,9 @@ def say(text: str) -> None:
 # -- data ------------------------------------------------------------------------------------------
 
 def load_sites(cfg: RunConfig, cohort: CohortConfig) -> dict[str, SiteData]:
-    root = cached_cohort(cohort)
-    names = sorted(p.name for p in root.iterdir() if (p / "manifest.csv").exists())
-    return {n: SiteData.load(root / n, cfg.preprocess, seed=cfg.seed, use_reports=cfg.use_reports,
-                             split_fractions=cfg.split_fractions) for n in names}
+    folders = CohortSpec(path=str(cached_cohort(cohort))).site_folders()
+    return {n: SiteData.load(folder, cfg.preprocess, seed=cfg.seed, use_reports=cfg.use_reports,
+                             split_fractions=cfg.split_fractions) for n, folder in folders.items()}
 
 
 def with_label_fraction(site: SiteData, fraction: float, seed: int) -> SiteData:

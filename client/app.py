@@ -51,12 +51,11 @@ def site_of(context: Context, cfg: RunConfig) -> tuple[str, Path]:
     if "partition-id" in node:
         if not cfg.cohort.path:
             raise SiteRefusal("simulation without a cohort path: the server must set cohort.path")
-        root = Path(cfg.cohort.path)
-        names = cfg.cohort.site_names or sorted(p.name for p in root.iterdir() if (p / "manifest.csv").exists())
+        folders = list(cfg.cohort.site_folders().items())
         index = int(node["partition-id"])
-        if index >= len(names):
-            raise SiteRefusal(f"partition {index} has no site: the cohort has {len(names)} sites")
-        return names[index], root / names[index]
+        if index >= len(folders):
+            raise SiteRefusal(f"partition {index} has no site: the cohort has {len(folders)} sites")
+        return folders[index]
     raise SiteRefusal("node config names no site: start the SuperNode with cmvim-client --site NAME --data DIR")
 
 

@@ -108,6 +108,15 @@ class CohortSpec:
     effect_scale: float = 1.0
     site_names: list[str] | None = None   # use only these sites (default: every folder with a manifest)
 
+    def site_folders(self) -> dict[str, Path]:
+        """The run's sites, name -> folder: `site_names` under `path`, else every folder there
+        holding a manifest.csv (sorted: a simulated node's partition id indexes this order)."""
+        if not self.path:
+            raise ValueError("cohort.path is not set: no site folders to find")
+        root = Path(self.path)
+        names = self.site_names or sorted(p.name for p in root.iterdir() if (p / "manifest.csv").exists())
+        return {name: root / name for name in names}
+
 
 @dataclass
 class PhaseConfig:

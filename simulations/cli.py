@@ -34,14 +34,13 @@ def _say(text: str) -> None:
 
 def prepare_sites(cfg: RunConfig) -> dict[str, SiteData]:
     """Every site loaded once in this process, so clients only read the cache; problems show now."""
-    root = Path(cfg.cohort.path)
-    names = cfg.cohort.site_names or sorted(p.name for p in root.iterdir() if (p / "manifest.csv").exists())
-    if not names:
-        raise SystemExit(f"no site folders (with manifest.csv) in {root}")
+    folders = cfg.cohort.site_folders()
+    if not folders:
+        raise SystemExit(f"no site folders (with manifest.csv) in {cfg.cohort.path}")
     sites = {}
-    for name in names:
+    for name, folder in folders.items():
         start = time.perf_counter()
-        site = SiteData.load(root / name, cfg.preprocess, seed=cfg.seed, use_reports=cfg.use_reports,
+        site = SiteData.load(folder, cfg.preprocess, seed=cfg.seed, use_reports=cfg.use_reports,
                            split_fractions=cfg.split_fractions)
         counts = site.counts()
         _say(f"  site {name}: {counts['visits']} subject-visits ({counts['labels']}), PET {counts['with_pet']}, "

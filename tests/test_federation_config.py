@@ -62,3 +62,17 @@ def test_fedadam_state_survives_a_checkpoint(tmp_path):
     assert (loaded.phase, loaded.round) == ("finetune", 4)
     np.testing.assert_array_equal(fresh.base.v_t["w"], np.full(3, 2.0))
     np.testing.assert_array_equal(fresh.base.m_t["w"], np.ones(3))
+
+
+def test_site_folders_are_found_in_one_place(tmp_path):
+    """The client (a simulated node's partition id), cmvim-sim and the benchmarks all find a
+    run's sites through CohortSpec.site_folders: manifest folders, sorted, or the named ones."""
+    from cmvim.run_config import CohortSpec
+    for name in ("C", "A", "B"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "manifest.csv").write_text("subject_id,mri,label\n")
+    (tmp_path / "notes").mkdir()                                       # no manifest: not a site
+    assert CohortSpec(path=str(tmp_path)).site_folders() == {n: tmp_path / n for n in ("A", "B", "C")}
+    assert list(CohortSpec(path=str(tmp_path), site_names=["C", "A"]).site_folders()) == ["C", "A"]
+    with pytest.raises(ValueError, match="cohort.path"):
+        CohortSpec().site_folders()
