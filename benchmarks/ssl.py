@@ -180,6 +180,12 @@ def linear_scores(cfg: RunConfig, sites: dict[str, SiteData], features, seed: in
 
 # -- the benchmark ---------------------------------------------------------------------------------
 
+def read_rows(out: Path) -> list[dict]:
+    """The rows measured so far (one JSON object a line in <out>/benchmarks/ssl_rows.jsonl)."""
+    path = out / "benchmarks" / "ssl_rows.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
 def run(cfg: RunConfig, cohort: CohortConfig, seeds: list[int], fractions: list[float], variants: list[str],
         modes: list[str], out: Path) -> list[dict]:
     sites = load_sites(cfg, cohort)
@@ -188,11 +194,8 @@ def run(cfg: RunConfig, cohort: CohortConfig, seeds: list[int], fractions: list[
     say(f"benchmark cohort: {cohort}; labelled train {counts}, test {tests}")
     rows_path = out / "benchmarks" / "ssl_rows.jsonl"
     rows_path.parent.mkdir(parents=True, exist_ok=True)
-    done = {}
-    if rows_path.exists():                 # resume: keep what an earlier run measured
-        for line in rows_path.read_text().splitlines():
-            row = json.loads(line)
-            done[(row["seed"], row["variant"], row["mode"], row["fraction"])] = row
+    done = {(row["seed"], row["variant"], row["mode"], row["fraction"]): row
+            for row in read_rows(out)}     # resume: keep what an earlier run measured
     rows = list(done.values())
     for seed in seeds:
         base = run_config({**json.loads(cfg.to_json()), "seed": seed})
@@ -426,8 +429,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     if args.report_only:                   # the tables from the rows measured so far; nothing is trained
-        rows_path = args.out / "benchmarks" / "ssl_rows.jsonl"
-        rows = [json.loads(line) for line in rows_path.read_text().splitlines()] if rows_path.exists() else []
+        rows = read_rows(args.out)
     else:
         rows = run(cfg, cohort, args.seeds, args.fractions, args.variants, args.modes, args.out)
     rows = [r for r in rows if r["seed"] in args.seeds and r["fraction"] in args.fractions
