@@ -9,7 +9,7 @@ cohort stays the default one), so the spread over seeds includes the split's. Pr
 seed and the mean, with the paired difference pretrained - fresh.
 
 `--inprocess` runs the same rounds without Flower's transport (FedAvg over the sites' SiteTask
-rounds in this process, weighted by subjects: simulations.baselines.train_rounds): the same numbers at a
+rounds in this process, weighted by subjects: cmvim.simulations.baselines.train_rounds): the same numbers at a
 fraction of the cost on a busy machine; the first seed's Flower run checks that they agree.
 """
 from __future__ import annotations
@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from cmvim.config import load_yaml          # noqa: E402
 from cmvim.tables import format_table       # noqa: E402
-from server.app import config_path          # noqa: E402
+from cmvim.simulations.cli import config_path          # noqa: E402
 
 
 def run(data: dict, out: Path) -> dict:
@@ -40,7 +40,7 @@ def run(data: dict, out: Path) -> dict:
     config = out.with_suffix(".yaml")
     config.write_text(yaml.safe_dump(data))
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "simulations.cli", "--config", str(config), "--out", str(out)],
+    proc = subprocess.run([sys.executable, "-m", "cmvim.simulations.cli", "--config", str(config), "--out", str(out)],
                           capture_output=True, text=True, cwd=ROOT,
                           env=dict(os.environ, PYTHONUNBUFFERED="1", FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1"))
     metrics_path = out / "metrics.json"
@@ -61,13 +61,13 @@ def run_inprocess(data: dict) -> dict:
     from cmvim.run_config import run_config
     from cmvim.results import mean_auc, site_entry
     from cmvim.site_task import SiteTask, initial_state
-    from server.app import ensure_cohort
-    from simulations.baselines import run_baselines, train_rounds
-    from simulations.cli import prepare_sites
+    from cmvim.simulations.cohort import prepare_cohort
+    from cmvim.simulations.baselines import run_baselines, train_rounds
+    from cmvim.simulations.cli import prepare_sites
 
     start = time.perf_counter()
     torch.set_num_threads(1)
-    cfg = ensure_cohort(run_config(data))
+    cfg = prepare_cohort(run_config(data))
     sites = prepare_sites(cfg)
     tasks = [SiteTask(cfg, [site], name) for name, site in sites.items()]
     pretrained = None                    # fresh: the pretraining rounds would be thrown away, so skip them

@@ -38,8 +38,8 @@ import yaml
 from cmvim.config import load_yaml
 from cmvim.run_config import run_config
 from cmvim.site_task import SiteTask, initial_state
-from server.app import config_path, ensure_cohort
-from simulations.cli import prepare_sites
+from cmvim.simulations.cli import config_path, prepare_sites
+from cmvim.simulations.cohort import prepare_cohort
 
 
 def _apply(data: dict, sets: list[str]) -> dict:
@@ -55,7 +55,7 @@ def _apply(data: dict, sets: list[str]) -> dict:
 
 def step_cost(data: dict, threads: int) -> tuple[float, float, int]:
     torch.set_num_threads(threads)
-    cfg = ensure_cohort(run_config(data))
+    cfg = prepare_cohort(run_config(data))
     site_name, site = next(iter(prepare_sites(cfg).items()))
     plain = SiteTask(cfg, [site], site_name)
     data_dp = json.loads(cfg.to_json())
@@ -78,7 +78,7 @@ def step_cost(data: dict, threads: int) -> tuple[float, float, int]:
 
 def update_norms(data: dict) -> dict[str, float]:
     """Per phase, the median over sites of the L2 norm of one round's update from the initial model."""
-    cfg = ensure_cohort(run_config(data))
+    cfg = prepare_cohort(run_config(data))
     norms: dict[str, list[float]] = {"pretrain": [], "finetune": []}
     for name, site in prepare_sites(cfg).items():
         task = SiteTask(cfg, [site], name)
@@ -93,7 +93,7 @@ def federated_run(run: dict, name: str, out: Path) -> dict:
     config = out / f"{name}.yaml"
     config.write_text(yaml.safe_dump(run))
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "simulations.cli", "--config", str(config), "--out",
+    proc = subprocess.run([sys.executable, "-m", "cmvim.simulations.cli", "--config", str(config), "--out",
                            str(out / name)], capture_output=True, text=True,
                           env=dict(os.environ, PYTHONUNBUFFERED="1"))
     if proc.returncode != 0:
@@ -122,7 +122,7 @@ def epsilon_with_sites(noise: float, sites: int, many: int, releases: int, delta
     """Epsilon of the same noise std on the average (noise x clip / sites) with `many` sites."""
     from cmvim.run_config import CentralDPConfig
     from flwr.serverapp import GaussianPrivacyEvent
-    from server.strategy import central_accountant
+    from cmvim.server.strategy import central_accountant
     scaled = noise * many / sites
     accountant = central_accountant(CentralDPConfig(clipping="server", noise_multiplier=scaled, delta=delta), many)
     accountant.compose(GaussianPrivacyEvent(scaled, many, many), releases)

@@ -48,8 +48,8 @@ from cmvim.linear import collect, encoder_features, fit_logistic, positive_score
 from cmvim.model import CMViMClassifier                                  # noqa: E402
 from cmvim.site_task import SiteTask, initial_state                      # noqa: E402
 from cmvim.tables import format_table                                    # noqa: E402
-from simulations.baselines import train_rounds                           # noqa: E402
-from simulations.cohort import CohortConfig, cached_cohort               # noqa: E402
+from cmvim.simulations.baselines import train_rounds                           # noqa: E402
+from cmvim.simulations.cohort import CohortConfig, cached_cohort               # noqa: E402
 
 VARIANTS = {                # contrastive weights (intra, inter, report) per pretraining variant
     "fresh": None,

@@ -23,8 +23,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 
-from cmvim.cli_util import Child, flower_env, free_port
+from cmvim.cli_util import free_port
 from cmvim.config import ConfigError
+from cmvim.flower_process import Child, flower_env, flower_executable
 
 from .check import check_site
 from .policy import load_policy
@@ -87,7 +88,7 @@ def _read_key(path: Path) -> None:
         raise JoinError(f"--auth-key {path}: cannot read it ({err.strerror})") from None
     except (ValueError, TypeError) as err:
         raise JoinError(f"--auth-key {path}: not an unencrypted OpenSSH private key ({err}); "
-                        f"make one with deploy/certs.py --keys-only --sites NAME") from None
+                        f"make one with cmvim-certs --keys-only --sites NAME") from None
     if not isinstance(key, ec.EllipticCurvePrivateKey):
         raise JoinError(f"--auth-key {path}: a {type(key).__name__}; Flower needs an EC (NIST P-384) key")
 
@@ -110,13 +111,14 @@ def preflight(args: argparse.Namespace) -> None:
         raise JoinError(f"--server {args.server!r}: expected HOST:PORT")
     if not all(c.isalnum() or c in "-_" for c in args.site):
         raise JoinError(f"--site {args.site!r}: use letters, digits, '-' and '_'")
+    flower_executable("flower-supernode", JoinError)
 
 
 def supernode_command(args: argparse.Namespace, runtime_port: int, state: Path) -> list[str]:
     node_config = f'site="{args.site}" data-dir="{args.data.resolve()}" state-dir="{state}"'
     if args.policy is not None:
         node_config += f' policy="{args.policy.resolve()}"'
-    cmd = [str(Path(sys.executable).with_name("flower-supernode")), "--superlink", args.server,
+    cmd = [flower_executable("flower-supernode", JoinError), "--superlink", args.server,
            "--node-config", node_config, "--port", str(runtime_port)]
     if args.insecure:
         cmd.append("--insecure")

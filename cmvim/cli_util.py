@@ -1,13 +1,7 @@
 """Shared bits of the command-line entry points."""
 from __future__ import annotations
 
-import os
-import signal
 import socket
-import subprocess
-import sys
-import threading
-from pathlib import Path
 
 from . import __version__
 
@@ -15,92 +9,6 @@ from . import __version__
 def add_version(parser) -> None:
     """`--version` on a command: the installed cmvim's version (one home: cmvim.__version__)."""
     parser.add_argument("--version", action="version", version=f"%(prog)s (cmvim) {__version__}")
-
-
-def _die_with_parent() -> None:
-    """In the child, before exec: ask Linux to SIGTERM it when its parent dies, so a killed
-    cmvim-client or cmvim-server never leaves an orphaned SuperNode or SuperLink behind."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)     # PR_SET_PDEATHSIG
-
-
-class Child:
-    """A child process in its own process group, its output streamed line by line.
-
-    `on_line(line)` sees every line (for matching known errors) and `echo` prints them with a
-    prefix. `stop()` ends the whole group (the SuperNode's SuperExec and ClientApp processes,
-    the SuperLink's ServerApp) by the child's PID: never by name.
-    """
-
-    def __init__(self, cmd: list[str], env: dict | None = None, prefix: str = "", log_path=None,
-                 on_line=None, echo: bool = True, die_with_parent: bool = True):
-        self.cmd, self.prefix, self.on_line, self.echo = cmd, prefix, on_line, echo
-        self.lines: list[str] = []
-        self._log = open(log_path, "a", encoding="utf-8") if log_path else None
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-                                     env=env if env is not None else dict(os.environ), start_new_session=True,
-                                     preexec_fn=_die_with_parent if die_with_parent else None)
-        self._reader = threading.Thread(target=self._pump, daemon=True)
-        self._reader.start()
-
-    def _pump(self) -> None:
-        for line in self.proc.stdout:
-            line = line.rstrip("\n")
-            self.lines.append(line)
-            del self.lines[:-400]
-            if self._log:
-                self._log.write(line + "\n")
-                self._log.flush()
-            if self.echo:
-                print(f"{self.prefix}{line}", flush=True)
-            if self.on_line:
-                self.on_line(line)
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def poll(self) -> int | None:
-        return self.proc.poll()
-
-    def wait(self, timeout: float | None = None) -> int:
-        code = self.proc.wait(timeout)
-        self._reader.join(timeout=5)
-        return code
-
-    def stop(self, grace: float = 10.0) -> None:
-        if self.proc.poll() is None:
-            for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
-                try:
-                    os.killpg(self.proc.pid, sig)
-                except ProcessLookupError:
-                    break
-                try:
-                    self.proc.wait(wait)
-                    break
-                except subprocess.TimeoutExpired:
-                    continue
-        else:                                   # the leader is gone; its group may not be
-            try:
-                os.killpg(self.proc.pid, signal.SIGTERM)
-            except (ProcessLookupError, PermissionError):
-                pass
-        self._reader.join(timeout=5)
-        if self._log:
-            self._log.close()
-            self._log = None
-
-
-def flower_env(home, extra_path: bool = True) -> dict:
-    """The environment for Flower's own processes: its home folder, runtime dependency
-    installation off, and this interpreter's bin folder first on PATH (the SuperNode and
-    SuperLink start `flower-superexec` by name)."""
-    env = dict(os.environ, FLWR_HOME=str(home), FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
-               PYTHONUNBUFFERED="1")
-    if extra_path:
-        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    return env
 
 
 def free_port(host: str = "127.0.0.1") -> int:

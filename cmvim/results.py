@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 from pathlib import Path
@@ -66,6 +67,11 @@ def write_metrics(out_dir: Path, sites: dict, pooled: dict, rounds: list, config
 
 
 def plot_rocs(out_dir: Path, histograms: dict[str, tuple[list, list]], sites: dict) -> list[Path]:
+    """roc_<site>.png per site and pooled; none, saying so, where matplotlib is not installed."""
+    if importlib.util.find_spec("matplotlib") is None:
+        print("ROC plots not drawn: matplotlib is not installed (pip install 'cmvim[server]'); "
+              "the AUCs are in metrics.json and summary.md", flush=True)
+        return []
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

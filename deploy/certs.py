@@ -1,7 +1,7 @@
 """Create the keys a cmvim federation needs: a CA, the SuperLink's TLS certificate, and one
 SuperNode authentication key pair per site.
 
-    python deploy/certs.py --out certs --server-name fl.example.org --sites A B C
+    cmvim-certs --out certs --server-name fl.example.org --sites A B C
 
 writes
 
@@ -29,6 +29,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from cmvim.cli_util import add_version
 
 
 def _write(path: Path, data: bytes, secret: bool) -> None:
@@ -98,13 +100,15 @@ def make_site_keys(out: Path, site: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="cmvim-certs", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True, help="folder for the keys and certificates")
     parser.add_argument("--server-name", nargs="*", default=[],
                         help="DNS names / IPs the SuperLink is reached at (localhost and 127.0.0.1 are always added)")
     parser.add_argument("--sites", nargs="*", default=[], help="one SuperNode key pair per site name")
     parser.add_argument("--keys-only", action="store_true", help="only the site key pairs (a hospital making its own)")
     parser.add_argument("--days", type=int, default=825, help="certificate validity (default 825 days)")
+    add_version(parser)
     args = parser.parse_args(argv)
     try:
         if not args.keys_only:
@@ -113,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         for site in args.sites:
             make_site_keys(args.out, site)
     except (FileExistsError, ValueError) as err:
-        print(f"deploy/certs.py: {err}", file=sys.stderr)
+        print(f"cmvim-certs: {err}", file=sys.stderr)
         return 1
     written = sorted(str(p.relative_to(args.out)) for p in args.out.rglob("*") if p.is_file())
     print(f"wrote to {args.out}: {', '.join(written)}")

@@ -24,12 +24,14 @@ import sys
 import time
 from pathlib import Path
 
-from cmvim.cli_util import Child, flower_env
+import cmvim
 from cmvim.config import ConfigError
+from cmvim.flower_process import Child, flower_env, flower_executable
 from cmvim.run_config import run_config
 
+from .flower_app import write_project
+
 CONNECTION = "cmvim"
-APP_DIR = Path(__file__).resolve().parent.parent         # pyproject.toml with [tool.flwr.app]
 
 
 class DeployError(Exception):
@@ -40,7 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, type=Path, help="the run config YAML (cohort.path is "
                         "ignored in deployment: each site brings its own data)")
     parser.add_argument("--out", required=True, type=Path, help="where results and checkpoints go")
-    parser.add_argument("--certs", type=Path, help="folder with ca.crt, server.crt, server.key (deploy/certs.py)")
+    parser.add_argument("--certs", type=Path, help="folder with ca.crt, server.crt, server.key (cmvim-certs)")
     parser.add_argument("--site-keys", type=Path, help="folder of site public keys (<site>.pub) to register")
     parser.add_argument("--address", default="0.0.0.0:9092",
                         help="where the SuperLink listens, HOST:PORT (default 0.0.0.0:9092)")
@@ -60,6 +62,8 @@ class Coordinator:
         self.args = args
         self.state = (args.state_dir or args.out / ".superlink").expanduser().resolve()
         self.env = flower_env(self.state / "flwr-home")
+        # the app Flower runs: a one-file project naming the installed deployment app (no checkout needed)
+        self.app_dir = write_project(self.state / "app", cmvim.__version__)
         self.superlink: Child | None = None
         self.address = args.superlink or self._connect_address(args.address)
 
@@ -73,12 +77,12 @@ class Coordinator:
     # -- the SuperLink ------------------------------------------------------------------------
     def _certs(self) -> dict[str, Path]:
         if self.args.certs is None:
-            raise DeployError("TLS is on: give --certs DIR (ca.crt, server.crt, server.key from deploy/certs.py), "
+            raise DeployError("TLS is on: give --certs DIR (ca.crt, server.crt, server.key from cmvim-certs), "
                               "or --insecure for a local test")
         files = {name: (self.args.certs / name).resolve() for name in ("ca.crt", "server.crt", "server.key")}
         missing = [str(p) for p in files.values() if not p.is_file()]
         if missing:
-            raise DeployError(f"missing certificate files: {', '.join(missing)} (make them with deploy/certs.py)")
+            raise DeployError(f"missing certificate files: {', '.join(missing)} (make them with cmvim-certs)")
         return files
 
     def write_connection(self) -> None:
@@ -91,7 +95,7 @@ class Coordinator:
 
     def start_superlink(self) -> None:
         host, _, port = self.args.address.rpartition(":")
-        cmd = [str(Path(sys.executable).with_name("flower-superlink")), "--host", host, "--port", port,
+        cmd = [flower_executable("flower-superlink", DeployError), "--host", host, "--port", port,
                "--database", str(self.state / "superlink.db"), "--disable-runtime-dependency-installation"]
         if self.args.insecure:
             cmd.append("--insecure")
@@ -115,8 +119,8 @@ class Coordinator:
     def flwr(self, *args: str, check: bool = True) -> dict | None:
         """Run a `flwr` CLI command against our connection; its JSON answer (None when it failed
         and check is False)."""
-        cmd = [str(Path(sys.executable).with_name("flwr")), *args, "--format", "json"]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=self.env, cwd=APP_DIR, timeout=300)
+        cmd = [flower_executable("flwr", DeployError), *args, "--format", "json"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=self.env, cwd=self.app_dir, timeout=300)
         answer = _last_json(proc.stdout)
         if proc.returncode == 0 and answer is not None and answer.get("success", True):
             return answer
@@ -163,8 +167,8 @@ class Coordinator:
     def submit(self) -> str:
         out = self.args.out.expanduser().resolve()
         run_cfg = (f'config-file="{self.args.config.resolve()}" out-dir="{out}" '
-                   f'resume="{"true" if self.args.resume else "false"}" deployment="true"')
-        answer = self.flwr("run", str(APP_DIR), CONNECTION, "--run-config", run_cfg)
+                   f'resume="{"true" if self.args.resume else "false"}"')
+        answer = self.flwr("run", str(self.app_dir), CONNECTION, "--run-config", run_cfg)
         run_id = answer.get("run-id")
         if not run_id:
             raise DeployError(f"the SuperLink did not start the run: {answer}")
@@ -172,7 +176,7 @@ class Coordinator:
         return str(run_id)
 
     def wait_for_run(self, run_id: str) -> str:
-        log = Child([str(Path(sys.executable).with_name("flwr")), "log", run_id, CONNECTION, "--stream"],
+        log = Child([flower_executable("flwr", DeployError), "log", run_id, CONNECTION, "--stream"],
                     env=self.env, prefix="  ")
         try:
             while True:

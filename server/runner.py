@@ -1,7 +1,7 @@
 """The federated run, driven from the ServerApp: pretrain -> finetune -> evaluate.
 
 Each training phase is one call of a Flower strategy's `start` (FedAvg, FedProx or FedAdam,
-guarded: see `server.strategy`). After every round the global model, the strategy's state,
+guarded: see `cmvim.server.strategy`). After every round the global model, the strategy's state,
 the phase and the round go to `out/checkpoints/`, so `--resume out/` continues where a
 stopped run left off. The evaluate phase sends the final model to every site, which scores
 its own test split and returns aggregate metrics and score histograms (never predictions).
@@ -187,7 +187,7 @@ class FederatedRun:
         return final if final else arrays
 
     def _secure_rounds(self, strategy, arrays: dict, rounds: int, phase: str, done: int, after_round) -> dict:
-        """The phase's rounds with training through SecAgg+ (server.secagg); validation, progress
+        """The phase's rounds with training through SecAgg+ (cmvim.server.secagg); validation, progress
         and checkpoints as in Flower's Strategy.start, which this loop mirrors."""
         from .secagg import SecureAggregator
         if self.context is None:

@@ -4,8 +4,8 @@ sites' models and nothing about any one of them.
 Flower 1.42's `SecAggPlusWorkflow` runs on its legacy machinery: a `LegacyContext`, a legacy
 strategy (`flwr.server.strategy.FedAvg`: configure_fit/aggregate_fit) and a client manager
 fed from the Grid. `SecureAggregator` drives it one round at a time from cmvim's ServerApp,
-so evaluation, checkpoints and progress stay on the Message API (server.runner). The sites'
-side is `client.secagg.secagg_mod`.
+so evaluation, checkpoints and progress stay on the Message API (cmvim.server.runner). The sites'
+side is `cmvim.client.secagg.secagg_mod`.
 
 What the server can still say per site: its aggregate metrics (loss, num-examples, epsilon,
 sent in the clear as without SecAgg+) and which sites dropped out of a round and, when one

@@ -11,6 +11,7 @@ config asks for; write metrics.json, ROC plots and summary.md to --out.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import os
@@ -26,6 +27,15 @@ from cmvim.results import site_table, write_metrics, write_summary
 
 CONFIGS = Path(__file__).parent / "configs"
 DEFAULT_CONFIG = CONFIGS / "quick.yaml"
+
+
+def config_path(name: str | Path) -> Path:
+    """A path as given, or the name of a config that ships in simulations/configs/ (quick.yaml, ...)."""
+    path = Path(name).expanduser()
+    if path.exists():
+        return path
+    bundled = CONFIGS / str(name)
+    return bundled if bundled.exists() else path
 
 
 def _say(text: str) -> None:
@@ -57,8 +67,8 @@ def run_federated(cfg: RunConfig, out_dir: Path, n_sites: int, resume: bool, ver
     from flwr.serverapp import Grid, ServerApp
     from flwr.simulation import run_simulation
 
-    from client.app import app as client_app
-    from server.runner import FederatedRun
+    from cmvim.client.app import app as client_app
+    from cmvim.server.runner import FederatedRun
 
     flwr_logger = logging.getLogger("flwr")
     flwr_logger.propagate = False
@@ -86,30 +96,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--verbose", action="store_true", help="Flower's own logs too")
     add_version(parser)
     args = parser.parse_args(argv)
+    missing = [name for name in ("ray", "nilearn") if importlib.util.find_spec(name) is None]
+    if missing:
+        parser.error(f"{', '.join(missing)} not installed: simulations need the extra, pip install 'cmvim[sim]'")
     os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
 
     if args.resume:
         out_dir = args.resume
-        config_path = args.config or out_dir / "config.yaml"
-        if not config_path.exists():
+        config_file = args.config or out_dir / "config.yaml"
+        if not config_file.exists():
             parser.error(f"--resume {out_dir}: no config.yaml there (is it a cmvim-sim results folder?)")
     else:
         out_dir = args.out or Path("runs/sim")
-        config_path = args.config or DEFAULT_CONFIG
+        config_file = config_path(args.config) if args.config else DEFAULT_CONFIG
     try:
-        cfg = run_config(load_yaml(config_path))
+        cfg = run_config(load_yaml(config_file))
     except ConfigError as exc:
-        parser.error(f"{config_path}: {exc}")
+        parser.error(f"{config_file}: {exc}")
     start = time.perf_counter()
-    _say(f"cmvim-sim: config {config_path}, results in {out_dir}")
+    _say(f"cmvim-sim: config {config_file}, results in {out_dir}")
     if not cfg.cohort.path:
-        from .cohort import CohortConfig, cached_cohort
+        from .cohort import prepare_cohort
         spec = cfg.cohort
         _say(f"cohort: synthetic, {spec.sites} sites x {spec.subjects} subjects at {spec.shape}^3 (seed {spec.seed}); "
              "built once, then reused")
-        cfg.cohort.path = str(cached_cohort(CohortConfig(sites=spec.sites, subjects=spec.subjects, shape=spec.shape,
-                                                         seed=spec.seed, effect_scale=spec.effect_scale)))
+        cfg = prepare_cohort(cfg)
     _say(f"cohort at {cfg.cohort.path}")
     sites = prepare_sites(cfg)
     run_federated(cfg, out_dir, len(sites), resume=bool(args.resume), verbose=args.verbose)

@@ -2,7 +2,7 @@
 
 Real cohorts (ADNI and the like) cannot be shipped or downloaded here, so
 simulations, tests and benchmarks use the next best thing: subjects built on
-the MNI152 templates (`simulations.anatomy`) with
+the MNI152 templates (`cmvim.simulations.anatomy`) with
 
   * inter-subject variability: smooth random deformations, head size by sex,
     age, and age-related atrophy as a confounder;
@@ -13,7 +13,7 @@ the MNI152 templates (`simulations.anatomy`) with
   * T1 from tissue classes with scanner-like contrast; PET as uptake
     (GM > WM > CSF) x disease pattern, blurred to PET resolution with
     count-like noise; PET missing for some subjects;
-  * radiology-style reports (`simulations.reports`);
+  * radiology-style reports (`cmvim.simulations.reports`);
   * sites that differ (why federated learning is hard): intensity scale, bias
     field, noise, slice thickness, PET resolution, class prevalence, size,
     unlabeled fraction; some sites export DICOM series instead of NIfTI.
@@ -42,6 +42,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from cmvim.run_config import RunConfig
 from cmvim.tables import format_table
 
 from .anatomy import Anatomy, load_anatomy
@@ -408,3 +409,14 @@ def cached_cohort(cfg: CohortConfig, root: Path | None = None) -> Path:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def prepare_cohort(cfg: RunConfig) -> RunConfig:
+    """A run config without a cohort path is a simulation on the synthetic cohort its `cohort`
+    section describes: build it (or reuse the cached one) and point the config at it."""
+    if cfg.cohort.path:
+        return cfg
+    spec = cfg.cohort
+    cfg.cohort.path = str(cached_cohort(CohortConfig(sites=spec.sites, subjects=spec.subjects, shape=spec.shape,
+                                                     seed=spec.seed, effect_scale=spec.effect_scale)))
+    return cfg

@@ -4,7 +4,7 @@ Each subject is a few smooth Gaussian blobs; its PET is a blurred, rescaled
 function of the same blobs (so MRI and PET of one subject agree), and its
 report names the blob count and size in words (so image and report agree).
 These are tensors, not a cohort: the realistic multi-site cohorts written as
-site folders live in `simulations.cohort`.
+site folders live in `cmvim.simulations.cohort`.
 """
 from __future__ import annotations
 

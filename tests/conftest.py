@@ -1,7 +1,7 @@
 """Fixtures shared by the federated-run tests."""
 import pytest
 
-from simulations.cohort import CohortConfig, cached_cohort
+from cmvim.simulations.cohort import CohortConfig, cached_cohort
 
 # An easy cohort: large effects, PET for everyone, enough labeled subjects that the tiny model's
 # fine-tuning (which sits on a loss plateau for its first ~2 rounds) gets past chance. With 24

@@ -13,11 +13,11 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import GaussianPrivacyEvent
 
 import test_federated as tf
-from client.app import central_clipping_mod
+from cmvim.client.app import central_clipping_mod
 from cmvim.config import ConfigError
 from cmvim.run_config import CentralDPConfig, StrategyConfig, run_config
 from cmvim.protocol import ARRAYS, CONFIG, METRICS, SITE
-from server.strategy import CentralBudgetSpent, central_accountant, make_strategy
+from cmvim.server.strategy import CentralBudgetSpent, central_accountant, make_strategy
 
 SIGMA, CLIP, DELTA = 0.7, 1.0, 1e-5
 
@@ -220,7 +220,7 @@ def test_client_side_central_dp_run_reports_epsilon_and_stops_at_its_budget(easy
 
 def test_the_central_account_survives_a_checkpoint_and_resume(tmp_path):
     """The accountant's releases go into every checkpoint; a resumed run counts on from them."""
-    from server.runner import Checkpoint, FederatedRun
+    from cmvim.server.runner import Checkpoint, FederatedRun
     cfg = run_config(tf.tiny_config(tmp_path, central_dp={"clipping": "server", "noise_multiplier": SIGMA,
                                                           "delta": DELTA}))
     first = FederatedRun(cfg, tmp_path, grid=None)

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from cmvim.data import PreprocessConfig, SiteData, load_volume
-from simulations.cohort import CohortConfig, cached_cohort, generate_cohort
-from simulations.cohort_cli import main as cohort_main
+from cmvim.simulations.cohort import CohortConfig, cached_cohort, generate_cohort
+from cmvim.simulations.cohort_cli import main as cohort_main
 
 pytest.importorskip("nilearn")
 

@@ -7,7 +7,8 @@ import pytest
 
 import cmvim
 
-COMMANDS = [["cmvim-sim"], ["cmvim-cohort"], ["cmvim-server"], ["cmvim-client"], ["cmvim-client", "check"]]
+COMMANDS = [["cmvim-sim"], ["cmvim-cohort"], ["cmvim-server"], ["cmvim-client"], ["cmvim-client", "check"],
+            ["cmvim-certs"]]
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=" ".join)
@@ -16,3 +17,14 @@ def test_every_command_says_its_version(command):
     proc = subprocess.run([str(exe), *command[1:], "--version"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == f"{' '.join(command)} (cmvim) {cmvim.__version__}"
+
+
+def test_certs_command_writes_a_federation(tmp_path):
+    exe = Path(sys.executable).with_name("cmvim-certs")
+    proc = subprocess.run([str(exe), "--out", str(tmp_path / "certs"), "--sites", "A"], capture_output=True,
+                          text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    made = sorted(str(p.relative_to(tmp_path / "certs")) for p in (tmp_path / "certs").rglob("*") if p.is_file())
+    assert made == ["ca.crt", "ca.key", "server.crt", "server.key", "sites/A.key", "sites/A.pub"]
+    again = subprocess.run([str(exe), "--out", str(tmp_path / "certs")], capture_output=True, text=True, timeout=120)
+    assert again.returncode == 1 and "refusing to overwrite" in again.stderr

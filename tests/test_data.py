@@ -307,7 +307,7 @@ def test_augmentation_moves_mri_and_pet_together(tmp_path):
 
 
 def test_check_command_prints_table_and_exit_codes(tmp_path, capsys):
-    from client.cli import main
+    from cmvim.client.cli import main
     site = write_site(tmp_path / "site", n=4, extra_rows=["BAD-1,scans/none.nii.gz,,,CN"])
     assert main(["check", "--data", str(site)]) == 0
     out = capsys.readouterr().out
@@ -358,7 +358,7 @@ def test_check_shows_the_splits_the_run_will_use(tmp_path, capsys):
 
     import yaml
 
-    from client.cli import main
+    from cmvim.client.cli import main
     site = write_site(tmp_path / "site", n=20)
     for seed, fractions in [(0, [0.7, 0.1, 0.2]), (3, [0.4, 0.2, 0.4])]:
         config = tmp_path / f"run{seed}.yaml"

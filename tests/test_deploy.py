@@ -1,4 +1,4 @@
-"""Deployment with real processes on 127.0.0.1: certificates from deploy/certs.py, a SuperLink
+"""Deployment with real processes on 127.0.0.1: certificates from cmvim-certs, a SuperLink
 with TLS and SuperNode authentication started by `cmvim-server`, three hospitals joining with
 `cmvim-client` (before the server is up: they wait and reconnect), a tiny pretrain -> finetune ->
 evaluate. Also: an unregistered key is turned away, a client killed mid-run rejoins, and a
@@ -21,7 +21,7 @@ pytest.importorskip("flwr")
 pytest.importorskip("nilearn")
 
 from cmvim.cli_util import free_port  # noqa: E402
-from simulations.cohort import CohortConfig, cached_cohort  # noqa: E402
+from cmvim.simulations.cohort import CohortConfig, cached_cohort  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -80,10 +80,10 @@ def cohort(tmp_path_factory):
 @pytest.mark.slow          # ~7.5 min on 2 cores: Flower starts a ClientApp process per message; .ci/run runs it
 def test_deployment_with_tls_node_auth_policy_and_a_restarted_site(cohort, tmp_path):
     certs, other = tmp_path / "certs", tmp_path / "other-keys"
-    made = subprocess.run([sys.executable, "deploy/certs.py", "--out", str(certs), "--server-name", "localhost",
+    made = subprocess.run([sys.executable, "-m", "cmvim.deploy.certs", "--out", str(certs), "--server-name", "localhost",
                            "--sites", "A", "B", "C"], cwd=REPO, capture_output=True, text=True)
     assert made.returncode == 0, made.stderr
-    subprocess.run([sys.executable, "deploy/certs.py", "--out", str(other), "--keys-only", "--sites", "D"],
+    subprocess.run([sys.executable, "-m", "cmvim.deploy.certs", "--out", str(other), "--keys-only", "--sites", "D"],
                    cwd=REPO, check=True, capture_output=True)
     assert oct((certs / "sites" / "A.key").stat().st_mode & 0o777) == "0o600"
 
@@ -109,7 +109,7 @@ def test_deployment_with_tls_node_auth_policy_and_a_restarted_site(cohort, tmp_p
                  [server, *clients.values()])
 
         # a CA that did not sign the server's certificate: named, not retried
-        subprocess.run([sys.executable, "deploy/certs.py", "--out", str(tmp_path / "wrong-ca")], cwd=REPO,
+        subprocess.run([sys.executable, "-m", "cmvim.deploy.certs", "--out", str(tmp_path / "wrong-ca")], cwd=REPO,
                        check=True, capture_output=True)
         wrong_ca = subprocess.run(client_cmd("A", cohort / "A", port, tmp_path / "wrong-ca", certs / "sites" / "A.key",
                                              tmp_path / "node-A2"), capture_output=True, text=True, timeout=120)
@@ -166,7 +166,7 @@ def test_deployment_with_secure_aggregation(cohort, tmp_path):
     SuperNode must carry from one message (and one ClientApp process) to the next. Site C's
     policy requires secure aggregation: it trains, because its requests arrive masked."""
     certs = tmp_path / "certs"
-    subprocess.run([sys.executable, "deploy/certs.py", "--out", str(certs), "--server-name", "localhost",
+    subprocess.run([sys.executable, "-m", "cmvim.deploy.certs", "--out", str(certs), "--server-name", "localhost",
                     "--sites", "A", "B", "C"], cwd=REPO, check=True, capture_output=True)
     config = run_yaml(tmp_path, pretrain_rounds=1, finetune_epochs=1, min_nodes=3, round_timeout=300,
                       secure_aggregation={"enabled": True})

@@ -32,7 +32,7 @@ from pydicom.valuerep import DS  # noqa: E402
 
 from cmvim.data.dicom import read_dicom_series  # noqa: E402
 from cmvim.data.errors import DataError  # noqa: E402
-from simulations.dicom_export import slice_dataset  # noqa: E402
+from cmvim.simulations.dicom_export import slice_dataset  # noqa: E402
 
 TEST_FILES = Path(pydicom.data.__file__).parent / "test_files"
 DIRTESTS = TEST_FILES / "dicomdirtests"

@@ -21,7 +21,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, Metadata, 
 
 from cmvim.run_config import StrategyConfig  # noqa: E402
 from cmvim.protocol import ARRAYS, METRICS, SITE  # noqa: E402
-from server.strategy import make_strategy  # noqa: E402
+from cmvim.server.strategy import make_strategy  # noqa: E402
 
 def tiny_config(cohort_path: Path, **overrides) -> dict:
     cfg = {
@@ -45,7 +45,7 @@ def run_sim(tmp_path: Path, cfg: dict, out: Path, *extra: str, timeout: int = 60
     config = tmp_path / f"{out.name}.yaml"
     config.write_text(yaml.safe_dump(cfg))
     env = dict(os.environ, FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1", PYTHONUNBUFFERED="1")
-    return subprocess.run([sys.executable, "-m", "simulations.cli", "--config", str(config), "--out", str(out), *extra],
+    return subprocess.run([sys.executable, "-m", "cmvim.simulations.cli", "--config", str(config), "--out", str(out), *extra],
                           capture_output=True, text=True, timeout=timeout, env=env)
 
 
@@ -89,7 +89,7 @@ def test_stopped_run_resumes_from_its_last_checkpoint(easy_cohort, tmp_path):
     config = tmp_path / "stopped.yaml"
     config.write_text(yaml.safe_dump(cfg))
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen([sys.executable, "-m", "simulations.cli", "--config", str(config), "--out", str(out)],
+    proc = subprocess.Popen([sys.executable, "-m", "cmvim.simulations.cli", "--config", str(config), "--out", str(out)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:
         deadline = time.time() + 300
@@ -137,7 +137,7 @@ def test_a_failing_site_is_named_and_the_run_goes_on(easy_cohort, tmp_path, min_
     config = tmp_path / "faulty.yaml"
     config.write_text(yaml.safe_dump(cfg))
     code = ("import sys, yaml; from pathlib import Path; from cmvim.run_config import run_config; "
-            "from simulations.cli import run_federated; "
+            "from cmvim.simulations.cli import run_federated; "
             f"cfg = run_config(yaml.safe_load(open({str(config)!r}))); "
             f"run_federated(cfg, Path({str(out)!r}), 3, resume=False, verbose=False)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,

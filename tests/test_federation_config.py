@@ -6,7 +6,8 @@ from cmvim.config import ConfigError
 from cmvim.run_config import RunConfig, run_config
 from cmvim.sharing import shared_parameter_names
 from cmvim.model import CMViM, CMViMClassifier, model_config
-from server.app import config_from_context, config_path
+from cmvim.server.app import config_from_context
+from cmvim.simulations.cli import config_path
 
 
 def test_quick_config_loads_and_typos_are_named():
@@ -23,7 +24,7 @@ def test_quick_config_loads_and_typos_are_named():
 
 def test_flwr_run_config_keys_override_the_file():
     cfg = config_from_context({"config-file": "quick.yaml", "out-dir": "x", "pretrain.rounds": 2,
-                               "strategy.name": "fedprox"})
+                               "strategy.name": "fedprox"}, find=config_path)
     from_file = run_config(config_path("quick.yaml"))
     assert cfg.pretrain.rounds == 2 and cfg.strategy.name == "fedprox"
     assert cfg.finetune == from_file.finetune and from_file.pretrain.rounds != 2
@@ -48,8 +49,8 @@ def test_shared_parameters_per_phase_and_personalisation():
 
 
 def test_fedadam_state_survives_a_checkpoint(tmp_path):
-    from server.runner import Checkpoint
-    from server.strategy import make_strategy, restore_strategy_state, strategy_state
+    from cmvim.server.runner import Checkpoint
+    from cmvim.server.strategy import make_strategy, restore_strategy_state, strategy_state
     from cmvim.run_config import StrategyConfig
     strategy = make_strategy(StrategyConfig(name="fedadam"))
     import numpy as np

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from cmvim.config import ConfigError
 from cmvim.model import (BiMamba, CMViM, CMViMClassifier, PatchEmbed3D, VimEncoder, model_config, patchify,
                          random_masking, tokenize_reports, unpatchify)
-from simulations.toy import synthetic_batch
+from cmvim.simulations.toy import synthetic_batch
 
 
 def test_patchify_roundtrip_and_conv_token_order():

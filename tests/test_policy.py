@@ -4,8 +4,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from client.join import JoinError, preflight
-from client.policy import PolicyRefusal, SitePolicy, load_policy
+from cmvim.client.join import JoinError, preflight
+from cmvim.client.policy import PolicyRefusal, SitePolicy, load_policy
 from cmvim.config import ConfigError
 from cmvim.run_config import run_config
 
@@ -60,7 +60,7 @@ def test_preflight_names_the_wrong_file(tmp_path):
         preflight(args(tmp_path, root_cert=not_cert, auth_key=not_key))
     with pytest.raises(JoinError, match="--root-cert .*missing.crt: cannot read it"):
         preflight(args(tmp_path, root_cert=tmp_path / "missing.crt", auth_key=not_key))
-    from deploy.certs import make_ca, make_site_keys
+    from cmvim.deploy.certs import make_ca, make_site_keys
     make_ca(tmp_path / "certs", days=1)
     make_site_keys(tmp_path / "certs", "A")
     with pytest.raises(JoinError, match="--auth-key .*A.key: not an unencrypted OpenSSH private key"):

@@ -3,7 +3,7 @@ import torch
 
 from cmvim.engine import make_optimizer, pretrain, pretrain_losses
 from cmvim.model import CMViM, model_config
-from simulations.toy import synthetic_batch
+from cmvim.simulations.toy import synthetic_batch
 
 
 def test_pretraining_steps_lower_each_loss_term():

@@ -16,7 +16,7 @@ from cmvim.model import CMViMClassifier
 from cmvim.model_config import model_config
 from cmvim.privacy import PrivacyBudgetExceeded, noise_for_target, epsilon
 from cmvim.site_task import SiteTask, initial_state
-from simulations.cohort import CohortConfig, cached_cohort
+from cmvim.simulations.cohort import CohortConfig, cached_cohort
 
 
 @pytest.fixture(scope="module")

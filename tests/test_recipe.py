@@ -15,7 +15,7 @@ from cmvim.run_config import run_config
 from cmvim.linear import LinearConfig, collect, encoder_features, fit_logistic, positive_scores, regional_means
 from cmvim.model import CMViM, CMViMClassifier, model_config
 from cmvim.site_task import SiteTask, initial_state
-from simulations.toy import synthetic_batch
+from cmvim.simulations.toy import synthetic_batch
 
 
 # -- preprocessing ---------------------------------------------------------------------------------
@@ -185,7 +185,7 @@ def test_fit_logistic_finds_a_planted_signal_and_not_one_that_is_not_there():
 
 
 def test_linear_baseline_in_the_runner_scores_every_site(easy_cohort, easy_sites):
-    from simulations.baselines import run_baselines
+    from cmvim.simulations.baselines import run_baselines
     cfg = easy_run_config(easy_cohort, baselines=["linear"], linear={"grid": 4})
     out = run_baselines(cfg, easy_sites, ["linear"], say=lambda *_: None)["linear"]
     assert set(out["sites"]) == {"A", "B", "C"}

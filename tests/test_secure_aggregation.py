@@ -12,7 +12,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_STATE
 
 import test_federated as tf
-from client.secagg import SecAggDropout, check_maskable, secagg_mod
+from cmvim.client.secagg import SecAggDropout, check_maskable, secagg_mod
 from cmvim.run_config import run_config
 from cmvim.protocol import ARRAYS, CONFIG, SECAGG_MASKED
 from cmvim.site_task import initial_state

@@ -13,11 +13,11 @@ import pydicom
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, Metadata, RecordDict
 
-from client import app as client_app
+from cmvim.client import app as client_app
 from cmvim.run_config import run_config
 from cmvim.protocol import ARRAYS, CONFIG, PHASE, ROUND, RUN_CONFIG, RUN_KEY, SPLIT
 from cmvim.site_task import initial_state
-from simulations.cohort import CohortConfig, cached_cohort
+from cmvim.simulations.cohort import CohortConfig, cached_cohort
 
 
 def incoming(content: RecordDict, kind: str) -> Message:
