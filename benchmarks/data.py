@@ -23,7 +23,8 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from cmvim.data import PreprocessConfig, SiteData
+from cmvim.data import SiteData
+from cmvim.run_config import PreprocessConfig
 
 
 def write_site(root: Path, subjects: int, seed: int = 0) -> None:

@@ -60,7 +60,8 @@ def run_inprocess(data: dict) -> dict:
 
     from cmvim.run_config import run_config
     from cmvim.results import mean_auc, site_entry
-    from cmvim.site_task import SiteTask, initial_state
+    from cmvim.site_task import SiteTask
+    from cmvim.weights import initial_state
     from cmvim.simulations.cohort import prepare_cohort
     from cmvim.simulations.baselines import run_baselines, train_rounds
     from cmvim.simulations.cli import prepare_sites

@@ -46,7 +46,8 @@ from cmvim.data import SiteData, make_loader                             # noqa:
 from cmvim.run_config import CohortSpec, RunConfig, run_config                       # noqa: E402
 from cmvim.linear import collect, encoder_features, fit_logistic, positive_scores, regional_means  # noqa: E402
 from cmvim.model import CMViMClassifier                                  # noqa: E402
-from cmvim.site_task import SiteTask, initial_state                      # noqa: E402
+from cmvim.site_task import SiteTask                      # noqa: E402
+from cmvim.weights import initial_state                      # noqa: E402
 from cmvim.tables import format_table                                    # noqa: E402
 from cmvim.simulations.baselines import train_rounds                           # noqa: E402
 from cmvim.simulations.cohort import CohortConfig, cached_cohort               # noqa: E402

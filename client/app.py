@@ -29,7 +29,7 @@ from cmvim.run_config import RunConfig
 from cmvim.privacy import PrivacyBudgetExceeded
 from cmvim.protocol import (ARRAYS, CONFIG, HIST_NEG, HIST_POS, METRICS, NUM_EXAMPLES, PHASE, PROXIMAL_MU, ROUND,
                             RUN_CONFIG, RUN_KEY, SECAGG_MASKED, SERVER_ROUND, SITE, SITE_ERROR, SITE_NAME, SPLIT)
-from cmvim.site_task import SiteTask, SiteTaskError, flatten_metrics
+from cmvim.site_task import SiteTask, SiteTaskError
 
 from .policy import PolicyRefusal, load_policy
 from .secagg import secagg_mod
@@ -38,6 +38,18 @@ log = logging.getLogger("cmvim.client")
 LOCAL_STATE = "cmvim-local-params"
 
 app = ClientApp(mods=[secagg_mod])        # SecAgg+ stages, when the run asks for secure aggregation
+
+
+def flatten_metrics(metrics: dict) -> dict[str, float | int | list[float]]:
+    """What a Flower MetricRecord can carry: numbers (ints kept as ints) and lists of floats; anything
+    else (strings, None, bools) is dropped, so nothing but numbers leaves the site."""
+    out = {}
+    for key, value in metrics.items():
+        if isinstance(value, (list, tuple)):
+            out[key] = [float(v) for v in value]
+        elif isinstance(value, (int, float, np.floating, np.integer)) and not isinstance(value, bool):
+            out[key] = int(value) if isinstance(value, (int, np.integer)) else float(value)
+    return out
 
 
 class SiteRefusal(Exception):

@@ -36,6 +36,7 @@ from opacus.optimizers import DPOptimizer
 from torch import nn
 
 from .engine import train
+from .run_config import RunConfig
 
 
 class PrivacyBudgetExceeded(Exception):
@@ -150,3 +151,26 @@ def dp_train(model: nn.Module, dataset, collate: Callable, loss_fn: Callable, op
 
 def steps_per_epoch(sample_rate: float) -> int:
     return max(1, math.ceil(1.0 / sample_rate))
+
+
+def privacy_plan(cfg: RunConfig, sizes: dict[str, int]) -> tuple[float, dict[str, tuple[float, int]]]:
+    """A site's DP-SGD plan from the run config and the size of each phase's dataset there:
+    (delta, {phase: (sample_rate, steps per round)})."""
+    plan = {}
+    for phase in ("pretrain", "finetune"):
+        pc = cfg.phase(phase)
+        q = min(1.0, pc.batch_size / max(sizes[phase], 1))
+        steps = pc.local_epochs * steps_per_epoch(q)
+        plan[phase] = (q, min(steps, pc.max_steps) if pc.max_steps else steps)
+    delta = cfg.privacy.delta or default_delta(sizes["pretrain"])
+    return delta, plan
+
+
+def planned_noise(cfg: RunConfig, delta: float, plan: dict[str, tuple[float, int]]) -> float:
+    """The config's noise multiplier, or the smallest one that keeps the whole planned run (every
+    round of every phase) within its target epsilon."""
+    pv = cfg.privacy
+    if pv.noise_multiplier is not None:
+        return pv.noise_multiplier
+    planned = [(q, steps * cfg.phase(ph).rounds) for ph, (q, steps) in plan.items()]
+    return noise_for_target(pv.target_epsilon, delta, planned)

@@ -28,12 +28,18 @@ def site_entry(metrics: dict) -> dict:
     return entry
 
 
+def summed_histograms(histograms: dict[str, tuple[list, list]]) -> tuple[np.ndarray, np.ndarray]:
+    """The sites' positive and negative score histograms, summed: the pooled ROC's input."""
+    pos = np.sum([np.asarray(h[0]) for h in histograms.values()], axis=0)
+    neg = np.sum([np.asarray(h[1]) for h in histograms.values()], axis=0)
+    return pos, neg
+
+
 def pooled_entry(histograms: dict[str, tuple[list, list]]) -> dict:
     """Pooled AUC over sites from the sum of their score histograms."""
     if not histograms:
         return {"auc": float("nan"), "n_test": 0}
-    pos = np.sum([np.asarray(h[0]) for h in histograms.values()], axis=0)
-    neg = np.sum([np.asarray(h[1]) for h in histograms.values()], axis=0)
+    pos, neg = summed_histograms(histograms)
     return {"auc": auc_from_histograms(pos, neg), "n_test": int(pos.sum() + neg.sum()),
             "sites": sorted(histograms), "method": "AUC of the summed per-site score histograms"}
 
@@ -79,8 +85,7 @@ def plot_rocs(out_dir: Path, histograms: dict[str, tuple[list, list]], sites: di
     paths = []
     curves = dict(histograms)
     if len(histograms) > 1:
-        pos = np.sum([np.asarray(h[0]) for h in histograms.values()], axis=0)
-        neg = np.sum([np.asarray(h[1]) for h in histograms.values()], axis=0)
+        pos, neg = summed_histograms(histograms)
         curves["pooled"] = (pos.tolist(), neg.tolist())
     for name, (pos, neg) in curves.items():
         fpr, tpr = roc_from_histograms(pos, neg)
@@ -124,8 +129,7 @@ def site_table(sites: dict, pooled: dict, baselines: dict | None = None) -> str:
         rows.append([name, _fmt(m.get("auc")), f"{_fmt(ci[0], 2)}-{_fmt(ci[1], 2)}", _fmt(m.get("acc")),
                      _fmt(m.get("sensitivity")), _fmt(m.get("specificity")), m.get("n_test", 0)]
                     + [_fmt(b.get("sites", {}).get(name, {}).get("auc")) for b in baselines.values()])
-    aucs = [m.get("auc") for m in sites.values() if m.get("auc") is not None and math.isfinite(m.get("auc"))]
-    rows.append(["mean", _fmt(float(np.mean(aucs)) if aucs else None), "", "", "", "", ""]
+    rows.append(["mean", _fmt(mean_auc(sites)), "", "", "", "", ""]
                 + [_fmt(b.get("mean_auc")) for b in baselines.values()])
     rows.append(["pooled", _fmt(pooled.get("auc")), "", "", "", "", pooled.get("n_test", 0)]
                 + [_fmt(b.get("pooled", {}).get("auc")) for b in baselines.values()])

@@ -252,7 +252,7 @@ class RunConfig:
     seed: int = 0
     cohort: CohortSpec = field(default_factory=CohortSpec)
     model: ModelConfig = field(default_factory=lambda: model_config("tiny"))   # a preset plus overrides in YAML
-    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    preprocess: PreprocessConfig = field(default_factory=lambda: PreprocessConfig(shape=model_config("tiny").img_size))
     augment: AugmentConfig | None = field(default_factory=AugmentConfig)     # pretraining augmentations
     # where fine-tuning starts: "pretrained" (the encoder this run pretrained: the method), "fresh"
     # (a new encoder: the control), or a file of CMViM weights pretrained elsewhere, e.g. on public

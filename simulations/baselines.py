@@ -18,7 +18,8 @@ from cmvim.run_config import RunConfig
 from cmvim.linear import collect, fit_logistic, positive_scores, regional_means
 from cmvim.protocol import NUM_EXAMPLES
 from cmvim.results import mean_auc, pooled_entry, site_entry
-from cmvim.site_task import SiteTask, evaluation_metrics, initial_state
+from cmvim.site_task import SiteTask, evaluation_metrics
+from cmvim.weights import initial_state
 
 
 def fedavg(results) -> dict:

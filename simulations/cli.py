@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import logging
 import os
 import sys
@@ -23,7 +22,6 @@ from cmvim.cli_util import add_version
 from cmvim.config import ConfigError, load_yaml
 from cmvim.data import SiteData
 from cmvim.run_config import RunConfig, run_config
-from cmvim.results import site_table, write_metrics, write_summary
 
 CONFIGS = Path(__file__).parent / "configs"
 DEFAULT_CONFIG = CONFIGS / "quick.yaml"
@@ -62,7 +60,10 @@ def prepare_sites(cfg: RunConfig) -> dict[str, SiteData]:
     return sites
 
 
-def run_federated(cfg: RunConfig, out_dir: Path, n_sites: int, resume: bool, verbose: bool) -> None:
+def run_federated(cfg: RunConfig, out_dir: Path, n_sites: int, resume: bool, verbose: bool,
+                  sites: dict[str, SiteData] | None = None) -> None:
+    """The federated run on Flower's simulation engine, one SuperNode per site; with `sites`
+    (loaded by prepare_sites) the config's baselines are trained on them and reported beside it."""
     from flwr.app import Context
     from flwr.serverapp import Grid, ServerApp
     from flwr.simulation import run_simulation
@@ -78,7 +79,13 @@ def run_federated(cfg: RunConfig, out_dir: Path, n_sites: int, resume: bool, ver
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
-        FederatedRun(cfg, out_dir, grid, resume=resume, context=context).run()
+        FederatedRun(cfg, out_dir, grid, resume=resume, context=context, baselines=baselines).run()
+
+    def baselines() -> dict | None:
+        if not (cfg.baselines and sites):
+            return None
+        from .baselines import run_baselines
+        return run_baselines(cfg, sites, cfg.baselines, say=_say)
 
     cores = os.cpu_count() or 1
     backend = {"client_resources": {"num_cpus": max(1, cfg.threads_per_site), "num_gpus": 0.0},
@@ -124,23 +131,10 @@ def main(argv: list[str] | None = None) -> int:
         cfg = prepare_cohort(cfg)
     _say(f"cohort at {cfg.cohort.path}")
     sites = prepare_sites(cfg)
-    run_federated(cfg, out_dir, len(sites), resume=bool(args.resume), verbose=args.verbose)
-    metrics_path = out_dir / "metrics.json"
-    if not metrics_path.exists():
+    run_federated(cfg, out_dir, len(sites), resume=bool(args.resume), verbose=args.verbose, sites=sites)
+    if not (out_dir / "metrics.json").exists():
         _say("the federated run did not finish: no metrics.json (see the messages above)")
         return 1
-    results = json.loads(metrics_path.read_text())
-    if cfg.baselines:
-        from .baselines import run_baselines
-        results["baselines"] = run_baselines(cfg, sites, cfg.baselines, say=_say)
-        lines = results.get("summary", []) + [
-            f"- baselines: {', '.join(cfg.baselines)} (same data, splits, engine and schedule): mean per-site AUC "
-            + ", ".join(f"{name} {b['mean_auc']:.3f}" for name, b in results["baselines"].items())]
-        write_metrics(out_dir, results["sites"], results["pooled"], results["rounds"], results["config"],
-                      results["baselines"], results.get("failures"), lines)
-        table = site_table(results["sites"], results["pooled"], results["baselines"])
-        _say("\nfederated vs " + " vs ".join(cfg.baselines) + " (test AUC per site):\n" + table)
-        write_summary(out_dir, "cmvim federated run with baselines", table, lines)
     _say(f"\ncmvim-sim finished in {(time.perf_counter() - start) / 60:.1f} min; results in {out_dir}")
     return 0
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from cmvim.model import ModelConfig, tokenize_reports
+from cmvim.data import tokenize_reports
+from cmvim.model import ModelConfig
 
 _WORDS = {1: "one", 2: "two", 3: "three", 4: "four"}
 

@@ -220,14 +220,15 @@ def test_client_side_central_dp_run_reports_epsilon_and_stops_at_its_budget(easy
 
 def test_the_central_account_survives_a_checkpoint_and_resume(tmp_path):
     """The accountant's releases go into every checkpoint; a resumed run counts on from them."""
-    from cmvim.server.runner import Checkpoint, FederatedRun
+    from cmvim.server.checkpoints import Checkpoint
+    from cmvim.server.runner import FederatedRun
     cfg = run_config(tf.tiny_config(tmp_path, central_dp={"clipping": "server", "noise_multiplier": SIGMA,
                                                           "delta": DELTA}))
     first = FederatedRun(cfg, tmp_path, grid=None)
-    first.central_sites, first.accountant = 3, central_accountant(cfg.central_dp, 3)
-    first.accountant.compose(GaussianPrivacyEvent(SIGMA, 3, 3), 4)
-    Checkpoint("finetune", 2, {"w": torch.zeros(2)}, {}, [], [], first._central_state()).save(tmp_path / "ck")
+    first.central.start(phase_rounds=4, later_rounds=0, connected=3)
+    first.central.accountant.compose(GaussianPrivacyEvent(SIGMA, 3, 3), 4)
+    Checkpoint("finetune", 2, {"w": torch.zeros(2)}, {}, [], [], first.central.state()).save(tmp_path / "ck")
     resumed = FederatedRun(cfg, tmp_path, grid=None, resume=True)
-    resumed._restore_central(Checkpoint.latest(tmp_path / "ck").central_dp)
-    assert resumed.central_sites == 3 and resumed.accountant.num_releases == 4
-    assert resumed.central_spent()["epsilon"] == pytest.approx(reference_epsilon(SIGMA, 4, DELTA), rel=1e-3)
+    resumed.central.restore(Checkpoint.latest(tmp_path / "ck").central_dp)
+    assert resumed.central.sites == 3 and resumed.central.accountant.num_releases == 4
+    assert resumed.central.spent()["epsilon"] == pytest.approx(reference_epsilon(SIGMA, 4, DELTA), rel=1e-3)

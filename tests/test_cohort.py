@@ -5,7 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from cmvim.data import PreprocessConfig, SiteData, load_volume
+from cmvim.data import SiteData, load_volume
+from cmvim.run_config import PreprocessConfig
 from cmvim.simulations.cohort import CohortConfig, cached_cohort, generate_cohort
 from cmvim.simulations.cohort_cli import main as cohort_main
 

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from cmvim.data import (DataError, PreprocessConfig, PretrainAugment, SiteData, Volume, assign_splits, load_volume,
+from cmvim.data import (DataError, PretrainAugment, SiteData, Volume, assign_splits, load_volume,
                         make_loader, read_manifest, read_report)
 from cmvim.data import site as site_module
-from cmvim.data.augment import AugmentConfig
+from cmvim.run_config import AugmentConfig, PreprocessConfig
 from cmvim.data.preprocess import CheckOverlap, CropPad, Reorient, resample, world_bounds
 
 NIBABEL_DATA = Path(nib.__file__).parent / "tests" / "data"
@@ -271,6 +271,30 @@ def test_cache_serves_later_loads_and_invalidates_on_change(tmp_path, monkeypatc
     os.utime(scan, ns=(1, 1))
     again = SiteData.load(site, CFG)
     assert again.summary.cache_hits == 2
+
+
+def test_the_cache_keeps_one_entry_per_subject_and_config(tmp_path):
+    """Entries for changed files and removed rows go when the site is loaded again; another
+    preprocessing config's entries stay (another run may use them); so does nothing else."""
+    site = write_site(tmp_path / "site", n=4)
+    cache = site / ".cmvim_cache"
+    other = PreprocessConfig(shape=24, voxel_size=3.0)
+    SiteData.load(site, CFG)
+    SiteData.load(site, other)
+    assert len(list(cache.glob("*.npz"))) == 8
+    (cache / "v1-old-entry.npz").write_bytes(b"an earlier cache version")
+    for step in range(3):                       # a scan rewritten three times: still one entry for it
+        scan = site / "scans/sub1_t1.nii.gz"
+        save_nifti(scan, brain_like(seed=step))
+        os.utime(scan, ns=(step + 1, step + 1))
+        data = SiteData.load(site, CFG)
+    assert data.summary.cache_hits == 3 and len(list(cache.glob("*.npz"))) == 8
+    rows = (site / "manifest.csv").read_text().splitlines()
+    (site / "manifest.csv").write_text("\n".join(rows[:-1]) + "\n")          # a subject removed
+    data = SiteData.load(site, CFG)
+    assert data.summary.loaded == 3 and len(list(cache.glob("*.npz"))) == 7
+    # the other config's entries were kept: its unchanged subjects (sub0, sub2) still hit
+    assert SiteData.load(site, other).summary.cache_hits == 2
 
 
 def test_datasets_splits_subsets_and_missing_modality(tmp_path):

@@ -22,6 +22,11 @@ def test_quick_config_loads_and_typos_are_named():
         run_config({"preprocess": {"shape": 64}})
 
 
+def test_the_default_run_config_is_a_valid_one():
+    assert RunConfig() == run_config({})
+    assert RunConfig().preprocess.shape == RunConfig().model.img_size
+
+
 def test_flwr_run_config_keys_override_the_file():
     cfg = config_from_context({"config-file": "quick.yaml", "out-dir": "x", "pretrain.rounds": 2,
                                "strategy.name": "fedprox"}, find=config_path)
@@ -49,7 +54,7 @@ def test_shared_parameters_per_phase_and_personalisation():
 
 
 def test_fedadam_state_survives_a_checkpoint(tmp_path):
-    from cmvim.server.runner import Checkpoint
+    from cmvim.server.checkpoints import Checkpoint
     from cmvim.server.strategy import make_strategy, restore_strategy_state, strategy_state
     from cmvim.run_config import StrategyConfig
     strategy = make_strategy(StrategyConfig(name="fedadam"))

@@ -6,8 +6,9 @@ import torch
 import torch.nn.functional as F
 
 from cmvim.config import ConfigError
+from cmvim.data import tokenize_reports
 from cmvim.model import (BiMamba, CMViM, CMViMClassifier, PatchEmbed3D, VimEncoder, model_config, patchify,
-                         random_masking, tokenize_reports, unpatchify)
+                         random_masking, unpatchify)
 from cmvim.simulations.toy import synthetic_batch
 
 

@@ -15,7 +15,8 @@ from cmvim.run_config import run_config
 from cmvim.model import CMViMClassifier
 from cmvim.model_config import model_config
 from cmvim.privacy import PrivacyBudgetExceeded, noise_for_target, epsilon
-from cmvim.site_task import SiteTask, initial_state
+from cmvim.site_task import SiteTask
+from cmvim.weights import initial_state
 from cmvim.simulations.cohort import CohortConfig, cached_cohort
 
 

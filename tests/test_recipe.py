@@ -9,12 +9,14 @@ import pytest
 import torch
 
 from cmvim import engine
-from cmvim.data import PreprocessConfig, SiteData
+from cmvim.data import SiteData
+from cmvim.run_config import PreprocessConfig
 from cmvim.data.preprocess import normalize_suvr
 from cmvim.run_config import run_config
 from cmvim.linear import LinearConfig, collect, encoder_features, fit_logistic, positive_scores, regional_means
 from cmvim.model import CMViM, CMViMClassifier, model_config
-from cmvim.site_task import SiteTask, initial_state
+from cmvim.site_task import SiteTask
+from cmvim.weights import initial_state
 from cmvim.simulations.toy import synthetic_batch
 
 

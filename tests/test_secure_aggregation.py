@@ -15,7 +15,7 @@ import test_federated as tf
 from cmvim.client.secagg import SecAggDropout, check_maskable, secagg_mod
 from cmvim.run_config import run_config
 from cmvim.protocol import ARRAYS, CONFIG, SECAGG_MASKED
-from cmvim.site_task import initial_state
+from cmvim.weights import initial_state
 
 
 def _secagg_config(cohort_path, **overrides):

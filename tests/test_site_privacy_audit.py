@@ -16,7 +16,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, M
 from cmvim.client import app as client_app
 from cmvim.run_config import run_config
 from cmvim.protocol import ARRAYS, CONFIG, PHASE, ROUND, RUN_CONFIG, RUN_KEY, SPLIT
-from cmvim.site_task import initial_state
+from cmvim.weights import initial_state
 from cmvim.simulations.cohort import CohortConfig, cached_cohort
 
 

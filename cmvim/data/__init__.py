@@ -3,14 +3,14 @@
 Everything between a hospital's folder of scans and a batch of tensors. Data
 problems are `DataError`s naming the file, the subject and what is wrong.
 """
-from .augment import AugmentConfig, PretrainAugment
+from .augment import PretrainAugment
 from .errors import DataError
 from .manifest import LABELS, SPLITS, Manifest, ManifestEntry, read_manifest
-from .preprocess import PreprocessConfig, Volume, build_pipeline
-from .reports import read_report
+from .preprocess import Volume, build_pipeline
+from .reports import read_report, tokenize_reports
 from .site import SiteData, SiteDataset, SiteSummary, assign_splits, collate, label_index, make_loader
 from .volumes import load_volume
 
-__all__ = ["AugmentConfig", "PretrainAugment", "DataError", "LABELS", "SPLITS", "Manifest", "ManifestEntry",
-           "read_manifest", "PreprocessConfig", "Volume", "build_pipeline", "read_report", "SiteData",
+__all__ = ["PretrainAugment", "DataError", "LABELS", "SPLITS", "Manifest", "ManifestEntry",
+           "read_manifest", "Volume", "build_pipeline", "read_report", "tokenize_reports", "SiteData",
            "SiteDataset", "SiteSummary", "assign_splits", "collate", "label_index", "make_loader", "load_volume"]

@@ -3,7 +3,9 @@
 An entry's key hashes the preprocessing config and, for every source file, its
 path relative to the site folder, size and modification time (for a DICOM
 folder: every file in it). A changed file or config is a different key, so a
-stale entry is never read; `prune` removes entries no subject uses any more.
+stale entry is never read. A key starts with its config's fingerprint, so after a site is
+loaded `prune` removes that config's entries no subject uses any more (files changed, rows
+removed): the cache holds one entry per subject per preprocessing config, never a history.
 Writes are atomic (temp file + rename): parallel simulated sites never see a
 half-written entry.
 """
@@ -12,12 +14,13 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Iterable
 
 import numpy as np
 
-CACHE_VERSION = "1"        # bump when the preprocessing code changes meaning
+CACHE_VERSION = "2"        # bump when the preprocessing code or the key changes meaning
 
 
 def source_signature(path: Path, site_dir: Path) -> list:
@@ -30,11 +33,16 @@ def source_signature(path: Path, site_dir: Path) -> list:
     return signature
 
 
+def _prefix(config_fingerprint: str) -> str:
+    return f"v{CACHE_VERSION}-{config_fingerprint[:12]}-"
+
+
 def cache_key(sources: Iterable[Path | None], site_dir: Path, config_fingerprint: str) -> str:
+    """`v<version>-<config>-<sources>`: the config part lets `prune` tell a config's entries apart."""
     digest = hashlib.sha256(f"v{CACHE_VERSION}:{config_fingerprint}".encode())
     for source in sources:
         digest.update(repr(source_signature(source, site_dir) if source is not None else None).encode())
-    return digest.hexdigest()[:32]
+    return _prefix(config_fingerprint) + digest.hexdigest()[:32]
 
 
 def default_cache_dir(site_dir: Path) -> Path:
@@ -66,6 +74,26 @@ class VolumeCache:
         except (OSError, ValueError, EOFError):      # a damaged entry is a miss, rebuilt by the caller
             path.unlink(missing_ok=True)
             return None
+
+    def prune(self, config_fingerprint: str, keep: set[str]) -> int:
+        """Remove this config's entries whose key is not in `keep`, entries an older cache version
+        wrote (never read again), and temp files a killed writer left over an hour ago. Entries
+        of other preprocessing configs stay: another run may use them. Returns the files removed."""
+        prefix, removed = _prefix(config_fingerprint), 0
+        now = time.time()
+        for path in self.root.iterdir():
+            name = path.name
+            if name.endswith(".npz"):
+                stale = (name.startswith(prefix) and name[:-4] not in keep) or not name.startswith(f"v{CACHE_VERSION}-")
+            else:
+                try:
+                    stale = name.endswith(".tmp") and now - path.stat().st_mtime > 3600
+                except FileNotFoundError:           # a writer renamed it meanwhile
+                    continue
+            if stale:
+                path.unlink(missing_ok=True)
+                removed += 1
+        return removed
 
     def save(self, key: str, arrays: dict[str, np.ndarray]) -> None:
         fd, tmp = tempfile.mkstemp(dir=self.root, suffix=".tmp")

@@ -1,7 +1,12 @@
-"""Free-text reports. The text never goes into a log line or an error message."""
+"""Free-text reports: read from a site folder, and tokenised byte-level for the report encoder
+(no vocabulary file to download; every language and typo tokenises). The text never goes
+into a log line or an error message."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
+
+import torch
 
 from .errors import DataError
 
@@ -34,3 +39,22 @@ def read_report(path: str | Path) -> str:
     if not text:
         raise DataError("report is empty", file=path, kind="empty report")
     return text
+
+
+PAD = 0            # token 0 pads; byte value v is token v + 1
+VOCAB_SIZE = 257
+
+
+def tokenize_reports(texts: Sequence[str | None], max_bytes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """UTF-8 bytes -> (ids (b, max_len) long, present (b,) bool). None or "" means no report.
+
+    max_len is the longest report in the batch, capped at max_bytes (and at least 1).
+    """
+    encoded = [(t or "").encode("utf-8")[:max_bytes] for t in texts]
+    length = max([1] + [len(e) for e in encoded])
+    ids = torch.full((len(encoded), length), PAD, dtype=torch.long)
+    for row, data in enumerate(encoded):
+        if data:
+            ids[row, :len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8).long() + 1
+    present = torch.tensor([len(e) > 0 for e in encoded], dtype=torch.bool)
+    return ids, present

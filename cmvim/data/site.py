@@ -25,7 +25,7 @@ from .manifest import LABELS, SPLITS, ManifestEntry, read_manifest
 from ..model_config import MODALITIES
 from ..run_config import SPLIT_FRACTIONS, PreprocessConfig
 from .preprocess import Volume, build_pipeline
-from .reports import read_report
+from .reports import read_report, tokenize_reports
 from .volumes import load_volume
 
 log = logging.getLogger("cmvim.data")
@@ -137,6 +137,7 @@ class SiteData:
             if progress:
                 progress(n, len(manifest.entries))
         summary.loaded = len(records)
+        cache.prune(fingerprint, {r.key for r in records})
         summary.seconds = time.perf_counter() - start
         for err in summary.skipped:
             # row, column and kind only: this runs inside the ClientApp too, whose output a
@@ -229,9 +230,9 @@ class SiteDataset(Dataset):
         return item
 
 
-def collate(items: list[dict], max_report_bytes: int = 256) -> dict:
-    """Stack items into the batch dict the model takes (reports tokenised byte-level)."""
-    from ..model.report import tokenize_reports
+def collate(items: list[dict], max_report_bytes: int = 256, reports: bool = True) -> dict:
+    """Stack items into the batch dict the model takes (reports tokenised byte-level; none when
+    `reports` is off: the run does not use them)."""
     batch = {
         "mri": torch.stack([it["mri"] for it in items]),
         "pet": torch.stack([it["pet"] for it in items]),
@@ -240,15 +241,16 @@ def collate(items: list[dict], max_report_bytes: int = 256) -> dict:
         "label": torch.tensor([it["label"] for it in items], dtype=torch.long),
         "index": torch.tensor([it["index"] for it in items], dtype=torch.long),
     }
-    batch["report_ids"], batch["report_present"] = tokenize_reports([it["report"] for it in items],
-                                                                    max_report_bytes)
+    if reports:
+        batch["report_ids"], batch["report_present"] = tokenize_reports([it["report"] for it in items],
+                                                                        max_report_bytes)
     return batch
 
 
 def make_loader(dataset: SiteDataset, batch_size: int, shuffle: bool, seed: int = 0, max_report_bytes: int = 256,
-                drop_last: bool = False) -> torch.utils.data.DataLoader:
+                drop_last: bool = False, reports: bool = True) -> torch.utils.data.DataLoader:
     generator = torch.Generator().manual_seed(seed)
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator,
                                        drop_last=drop_last, num_workers=0,
-                                       collate_fn=lambda items: collate(items, max_report_bytes))
+                                       collate_fn=lambda items: collate(items, max_report_bytes, reports))
 

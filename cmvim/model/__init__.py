@@ -2,10 +2,10 @@
 from .cmvim import CMViM, CMViMClassifier, Decoder, ImageEncoder, PretrainOutput
 from ..model_config import MODALITIES, PRESETS, LossConfig, ModelConfig, ReportConfig, model_config
 from .patch import PatchEmbed3D, patchify, random_masking, sincos_pos_embed_3d, unpatchify
-from .report import BytesVimReportEncoder, tokenize_reports
+from .report import BytesVimReportEncoder
 from .vim import BiMamba, Block, VimEncoder
 
 __all__ = ["CMViM", "CMViMClassifier", "Decoder", "ImageEncoder", "PretrainOutput", "MODALITIES", "PRESETS",
            "LossConfig", "ModelConfig", "ReportConfig", "model_config", "PatchEmbed3D", "patchify",
            "random_masking", "sincos_pos_embed_3d", "unpatchify", "BytesVimReportEncoder",
-           "tokenize_reports", "BiMamba", "Block", "VimEncoder"]
+           "BiMamba", "Block", "VimEncoder"]

@@ -7,32 +7,14 @@ registered there later.
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable
 
 import torch
 from torch import nn
 
+from ..data.reports import PAD, VOCAB_SIZE
 from ..model_config import ReportConfig
 from .vim import VimEncoder
-
-PAD = 0            # token 0 pads; byte value v is token v + 1
-VOCAB_SIZE = 257
-
-
-def tokenize_reports(texts: Sequence[str | None], max_bytes: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """UTF-8 bytes -> (ids (b, max_len) long, present (b,) bool). None or "" means no report.
-
-    max_len is the longest report in the batch, capped at max_bytes (and at least 1).
-    """
-    encoded = [(t or "").encode("utf-8")[:max_bytes] for t in texts]
-    length = max([1] + [len(e) for e in encoded])
-    ids = torch.full((len(encoded), length), PAD, dtype=torch.long)
-    for row, data in enumerate(encoded):
-        if data:
-            ids[row, :len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8).long() + 1
-    present = torch.tensor([len(e) > 0 for e in encoded], dtype=torch.bool)
-    return ids, present
-
 
 class ByteEmbedding(nn.Module):
     """Byte tokens (b, L) -> (b, L, dim) with learned positions."""

@@ -1,0 +1,81 @@
+"""The views of a site's data that a round trains or evaluates on: which splits, labelled or
+not, with which augmentation, batched how; several sites' data pooled into one (the
+centralized baseline)."""
+from __future__ import annotations
+
+import torch
+from torch.utils.data import ConcatDataset
+
+from ..run_config import RunConfig
+from .augment import ModalityDropout, PretrainAugment
+from .site import SiteData, SiteDataset, label_index, make_loader
+
+
+class Pooled(torch.utils.data.Dataset):
+    """Several sites' datasets as one. Setting `epoch` or `seed` (the augmentation counters the
+    training loop and the round set) sets them in every part."""
+
+    def __init__(self, parts: list[SiteDataset]):
+        self.parts, self.concat = parts, ConcatDataset(parts)
+
+    def __len__(self):
+        return len(self.concat)
+
+    def __getitem__(self, i):
+        return self.concat[i]
+
+    @property
+    def records(self):
+        return [r for part in self.parts for r in part.records]
+
+    @property
+    def epoch(self) -> int:
+        return self.parts[0].epoch
+
+    @epoch.setter
+    def epoch(self, value: int) -> None:
+        for part in self.parts:
+            part.epoch = value
+
+    @property
+    def seed(self) -> int:
+        return self.parts[0].seed
+
+    @seed.setter
+    def seed(self, value: int) -> None:
+        for part in self.parts:
+            part.seed = value
+
+
+class SiteViews:
+    """Datasets and loaders over one site's data (or several sites' pooled), as the run config says."""
+
+    def __init__(self, cfg: RunConfig, sites: list[SiteData]):
+        self.cfg, self.sites = cfg, sites
+        self.num_classes = cfg.model.num_classes
+
+    def dataset(self, splits: list[str], labeled: bool | None, augment: bool,
+                modality_dropout: float = 0.0) -> SiteDataset | Pooled:
+        transform = PretrainAugment(self.cfg.augment) if augment and self.cfg.augment is not None else None
+        if modality_dropout > 0:
+            transform = ModalityDropout(modality_dropout)
+        parts = []
+        for site in self.sites:
+            records = [r for s in splits for r in site.subset(s, labeled, self.num_classes)]
+            parts.append(SiteDataset(site, records, self.num_classes, transform))
+        return parts[0] if len(parts) == 1 else Pooled(parts)
+
+    def pretraining(self) -> SiteDataset | Pooled:
+        """Every non-test subject, labelled or not, augmented."""
+        return self.dataset(["train", "val"], None, augment=True)
+
+    def finetuning(self) -> SiteDataset | Pooled:
+        """The labelled training subjects, with the run's modality dropout."""
+        return self.dataset(["train"], True, augment=False, modality_dropout=self.cfg.modality_dropout)
+
+    def loader(self, dataset, batch_size: int, shuffle: bool, seed: int, drop_last: bool = False):
+        return make_loader(dataset, batch_size, shuffle, seed=seed, max_report_bytes=self.cfg.model.report.max_bytes,
+                           drop_last=drop_last, reports=self.cfg.use_reports)
+
+    def labels(self, dataset) -> list[int]:
+        return [label_index(r.entry.label, self.num_classes) for r in dataset.records]

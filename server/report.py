@@ -1,0 +1,107 @@
+"""What a run tells a person and writes to its results folder: the progress line after every
+round (sites, loss, validation AUC, privacy spent, ETA) and, at the end, the one writer of
+metrics.json, summary.md and the ROC plots, baselines included."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from cmvim.config import to_dict
+from cmvim.protocol import NUM_EXAMPLES
+from cmvim.results import mean_auc, plot_rocs, pooled_entry, site_table, write_metrics, write_summary
+from cmvim.run_config import RunConfig
+
+from .central_dp import CentralDP
+
+
+def say(text: str) -> None:
+    print(text, flush=True)
+
+
+def fmt_duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+def progress(phase: str, round_: int, total: int, later_rounds: int, entry: dict, seconds: list[float],
+             connected: int) -> None:
+    """The round's line: sites that trained, their loss (mean weighted by examples), validation
+    AUC, epsilon, time per round and the ETA of the run; then any site left out and why."""
+    train = entry["train"]
+    losses = {site: m.get("loss") for site, m in train.items() if m.get("loss") is not None}
+    weights = {site: m.get(NUM_EXAMPLES, 0) for site, m in train.items()}
+    mean = (sum(losses[s] * weights[s] for s in losses) / max(sum(weights[s] for s in losses), 1)) if losses else None
+    # this phase's recent rounds predict its rest; a later phase is guessed from them too
+    remaining = total - round_ + later_rounds
+    recent = seconds[1:][-3:] or seconds       # a phase's first round includes starting the workers
+    per_round = sum(recent) / len(recent)
+    line = (f"[{phase}] round {round_}/{total} | sites {len(train)}/{connected} | loss {mean:.4f} "
+            if mean is not None else f"[{phase}] round {round_}/{total} | no updates ")
+    line += "(" + ", ".join(f"{s} {v:.3f}" for s, v in sorted(losses.items())) + ")"
+    if entry["evaluate"]:
+        aucs = [m["auc"] for m in entry["evaluate"].values() if isinstance(m.get("auc"), float) and math.isfinite(m["auc"])]
+        if aucs:
+            line += f" | val AUC {sum(aucs) / len(aucs):.3f}"
+    eps = {site: m["epsilon"] for site, m in train.items() if "epsilon" in m}
+    if eps:
+        line += " | epsilon " + ", ".join(f"{s} {v:.2f}" for s, v in sorted(eps.items()))
+    if "central_dp" in entry:
+        line += f" | central epsilon {entry['central_dp']['epsilon']:.2f}"
+    line += f" | {entry['seconds']:.0f}s/round | ETA {fmt_duration(per_round * remaining)}"
+    say(line)
+    for rejection in entry["rejected"]:
+        say(f"    ! site {rejection['site']} left out ({rejection['stage']}): {rejection['reason']}")
+
+
+def privacy_spent(history: list[dict]) -> dict[str, dict]:
+    """Per site, the epsilon (and delta) its last DP round reported: the run's spend there."""
+    spent: dict[str, dict] = {}
+    for entry in history:
+        for name, metrics in entry["train"].items():
+            if "epsilon" in metrics:
+                spent[name] = {"epsilon": metrics["epsilon"], "delta": metrics["delta"]}
+    return spent
+
+
+def final_report(cfg: RunConfig, out_dir: Path, sites: dict, histograms: dict, history: list[dict],
+                 failures: list[dict], elapsed: float, central: CentralDP, baselines: dict | None = None) -> dict:
+    """metrics.json, the ROC plots and summary.md for the finished run; its table printed. Returns
+    what metrics.json holds."""
+    pooled = pooled_entry(histograms)
+    lines = [f"- strategy: {cfg.strategy.name}; rounds: pretrain {cfg.pretrain.rounds}, "
+             f"finetune {cfg.finetune.rounds} (from a {cfg.finetune_init} encoder); model: {cfg.model.summary()}",
+             f"- sites: {', '.join(sorted(sites))}; mean per-site AUC {mean_auc(sites):.3f}; pooled AUC "
+             f"{pooled['auc']:.3f}", f"- wall time of the federated part: {fmt_duration(elapsed)}"]
+    if failures:
+        lines.append(f"- left out: {len(failures)} site-round(s); see metrics.json 'failures'")
+    if cfg.privacy.enabled:
+        spent = privacy_spent(history)
+        for name, entry in sites.items():
+            entry.update(spent.get(name, {}))
+        pv = cfg.privacy
+        setting = (f"noise multiplier {pv.noise_multiplier}" if pv.noise_multiplier is not None
+                   else f"target epsilon {pv.target_epsilon}")
+        lines.append(f"- differential privacy (DP-SGD at each site, {setting}, clip {pv.max_grad_norm}): epsilon "
+                     "spent " + ", ".join(f"{n} {e['epsilon']:.2f} (delta {e['delta']:.0e})"
+                                          for n, e in sorted(spent.items())))
+    if cfg.secure_aggregation.enabled:
+        sa = cfg.secure_aggregation
+        lines.append(f"- secure aggregation (Flower SecAgg+): the server saw only the weighted sum of the sites' "
+                     f"models each training round (weights quantized to {sa.quantization_range} levels over "
+                     f"+-{sa.clipping_range:g} x max_weight {sa.max_weight:g} / num-examples)")
+    extra = {}
+    if central.active:
+        extra["central_dp"], line = central.summary()
+        lines.append(line)
+    if baselines:
+        lines.append(f"- baselines: {', '.join(baselines)} (same data, splits, engine and schedule): mean per-site "
+                     "AUC " + ", ".join(f"{name} {b['mean_auc']:.3f}" for name, b in baselines.items()))
+    path = write_metrics(out_dir, sites, pooled, history, to_dict(cfg), baselines=baselines, failures=failures,
+                         summary=lines, extra=extra)
+    plot_rocs(out_dir, histograms, sites)
+    table = site_table(sites, pooled, baselines)
+    heading = ("federated vs " + " vs ".join(baselines) + " (test AUC per site)") if baselines else "test metrics per site"
+    say(f"\n{heading}:\n{table}")
+    write_summary(out_dir, "cmvim federated run" + (" with baselines" if baselines else ""), table, lines)
+    say(f"\nresults: {path}, {out_dir / 'summary.md'}, ROC plots roc_*.png")
+    return {"sites": sites, "pooled": pooled, "rounds": history, "failures": failures, "baselines": baselines}
