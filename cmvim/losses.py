@@ -11,11 +11,14 @@ import torch.nn.functional as F
 
 
 def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
-               valid: torch.Tensor | None = None, norm_pix: bool = False) -> torch.Tensor:
+               valid: torch.Tensor | None = None, norm_pix: bool = False, per_sample: bool = False) -> torch.Tensor:
     """MSE over masked patches of valid samples.
 
     pred, target: (b, n, p^3); mask: (b, n), 1 = masked (the patches to predict);
     valid: (b,) bool/float, samples whose modality exists. 0 when nothing counts.
+    per_sample: each sample's own masked-patch mean (0 for an invalid one), averaged over the
+    batch size: a sample's term then does not depend on its batch mates, as DP-SGD's clipping
+    needs (the default pools the batch's masked patches, whose count depends on who has the scan).
     """
     if norm_pix:
         mean = target.mean(dim=-1, keepdim=True)
@@ -23,6 +26,8 @@ def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
         target = (target - mean) / (var + 1e-6).sqrt()
     per_patch = ((pred - target) ** 2).mean(dim=-1)                        # (b, n)
     weight = mask if valid is None else mask * valid.to(mask.dtype)[:, None]
+    if per_sample:
+        return ((per_patch * weight).sum(dim=1) / weight.sum(dim=1).clamp(min=1.0)).mean()
     return (per_patch * weight).sum() / weight.sum().clamp(min=1.0)
 
 

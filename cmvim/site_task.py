@@ -140,15 +140,16 @@ class SiteTask:
                 f"and still evaluates")
         dataset = self._private_dataset(phase)
         dataset.seed = round_
-        labels, lr, layer_decay = None, pc.lr, 1.0
+        lr, layer_decay = pc.lr, 1.0
         contrastive = getattr(model, "contrastive", False)
         if phase == "pretrain":
             model.contrastive = False               # per-sample losses only; their modules sit out
+            model.per_sample = True                 # and none that depends on batch mates
             for module in (model.projector, model.report_encoder):
                 if module is not None:
                     module.requires_grad_(False)
         else:
-            labels = self._checked_labels(dataset)
+            self._checked_labels(dataset)
             if pc.probing(round_):                  # LP under DP: the head alone, on the usual privacy plan
                 model.image.requires_grad_(False)
                 lr = pc.probe_lr
@@ -156,15 +157,15 @@ class SiteTask:
                 layer_decay = pc.layer_decay
         optimizer = engine.make_optimizer(model, lr, pc.weight_decay, layer_decay)
         collate = self.views.loader(dataset, pc.batch_size, False, 0).collate_fn
-        weights = engine.class_weights(labels, self.num_classes) if labels is not None else None
-
-        loss_fn = engine.pretrain_loss if phase == "pretrain" else engine.classification_loss(weights)
+        # no class weights under DP: a weighted mean divides by the batch's weights, so a subject's
+        # gradient would depend on its batch mates, and the weights themselves count the labels
+        loss_fn = engine.pretrain_loss if phase == "pretrain" else engine.classification_loss(None)
         metrics = dp_train(model, dataset, collate, loss_fn, optimizer, sigma, pv.max_grad_norm, q, steps,
                            seed=stable_seed(self.cfg.seed, self.name, phase, round_, "dp"),
                            after_step=model.update_momentum if phase == "pretrain" else None)
         ledger.record(Spend(self.run_key, phase, round_, sigma, q, steps))      # before any weight leaves
         if phase == "pretrain":
-            model.contrastive = contrastive
+            model.contrastive, model.per_sample = contrastive, False
         metrics.update({"epsilon": ledger.epsilon(delta, self.run_key), "delta": delta, "noise_multiplier": sigma,
                         "epsilon_site_total": ledger.epsilon(delta)})
         shared_out, local_out = self._split(model, phase)

@@ -121,3 +121,60 @@ def test_target_epsilon_sets_the_noise_and_a_spent_budget_stops_training(site, t
     one_round.epsilon_cap = result.metrics["epsilon"] * 1.01
     with pytest.raises(PrivacyBudgetExceeded, match="stops training for this run"):
         one_round.train("finetune", 2, result.shared)
+
+
+def _grad_samples(model, loss_fn, batch, seed: int) -> dict[str, torch.Tensor]:
+    """Opacus' per-sample gradients of `loss_fn` on `batch` (the loss a batch mean, as dp_train uses it)."""
+    private = GradSampleModule(model, batch_first=True, loss_reduction="mean", strict=False)
+    try:
+        torch.manual_seed(seed)                     # the same maskings and drop-paths in both batches
+        loss, _, _ = loss_fn(private, batch)
+        loss.backward()
+        return {n: p.grad_sample[0].clone() for n, p in model.named_parameters()
+                if p.requires_grad and getattr(p, "grad_sample", None) is not None}
+    finally:
+        private._close()
+        for p in model.parameters():
+            p.grad = None
+            for attr in ("grad_sample", "summed_grad"):
+                if hasattr(p, attr):
+                    delattr(p, attr)
+
+
+def _subject_with(mates_pet: list[bool], mates_label: list[int]) -> dict:
+    """Subject 0 (fixed) followed by two batch mates that differ between calls."""
+    g = torch.Generator().manual_seed(0)
+    first = {"mri": torch.randn(1, 1, 32, 32, 32, generator=g), "pet": torch.randn(1, 1, 32, 32, 32, generator=g)}
+    mates = torch.Generator().manual_seed(sum(mates_label) + 10 * sum(mates_pet))
+    b = 1 + len(mates_pet)
+    return {"mri": torch.cat([first["mri"], torch.randn(b - 1, 1, 32, 32, 32, generator=mates)]),
+            "pet": torch.cat([first["pet"], torch.randn(b - 1, 1, 32, 32, 32, generator=mates)]),
+            "mri_present": torch.ones(b, dtype=torch.bool), "pet_present": torch.tensor([True] + mates_pet),
+            "label": torch.tensor([1] + mates_label)}
+
+
+@pytest.mark.parametrize("phase", ["pretrain", "finetune"])
+def test_under_dp_a_subjects_gradient_does_not_depend_on_its_batch_mates(phase):
+    """Clipping bounds a subject's influence only if its per-sample gradient is its own: the same
+    subject with other batch mates (other scans, PET missing, other labels) gets the same one.
+    The batch-pooled losses used without DP do not have this property (checked too)."""
+    from cmvim import engine
+    from cmvim.model import CMViM
+    mc = model_config({"preset": "tiny", "scan_backend": "torch", "drop_path": 0.0})
+    torch.manual_seed(1)
+    model = CMViM(mc) if phase == "pretrain" else CMViMClassifier(mc)
+    one, other = _subject_with([False, True], [0, 0]), _subject_with([True, True], [1, 0])
+    if phase == "pretrain":
+        model.contrastive = False
+        pooled = engine.pretrain_loss
+    else:
+        pooled = engine.classification_loss(torch.tensor([0.3, 3.0]))      # class weights: a weighted mean
+    model.per_sample = True
+    private_loss = engine.pretrain_loss if phase == "pretrain" else engine.classification_loss(None)
+    a, b = _grad_samples(model, private_loss, one, 7), _grad_samples(model, private_loss, other, 7)
+    assert a.keys() == b.keys() and len(a) > 5
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-7, msg=lambda m: f"{name}: {m}")
+    model.per_sample = False
+    a, b = _grad_samples(model, pooled, one, 7), _grad_samples(model, pooled, other, 7)
+    assert max(float((a[n] - b[n]).abs().max() / (a[n].abs().max() + 1e-12)) for n in a) > 0.1

@@ -107,6 +107,9 @@ class CMViM(nn.Module):
         # False: reconstruction only, the momentum and report encoders not run at all: DP-SGD
         # (per-sample losses), and a config whose contrastive weights are all 0 (MAE alone)
         self.contrastive = any(w > 0 for w in (cfg.loss.intra, cfg.loss.inter, cfg.loss.report))
+        # True under DP-SGD: every loss term a mean of per-sample terms that do not depend on
+        # batch mates (losses.masked_mse), so clipping bounds each subject's influence
+        self.per_sample = False
 
     # -- steps -----------------------------------------------------------------------------
     def encode_masked(self, image: ImageEncoder, batch, generator=None):
@@ -132,7 +135,8 @@ class CMViM(nn.Module):
         for m in cfg.modalities:
             predictions[m] = self.decoders[m](latents[m], restores[m])
             target = patchify(batch[m], cfg.patch_size)
-            terms[f"recon_{m}"] = masked_mse(predictions[m], target, masks[m], present[m], weights.norm_pix_loss)
+            terms[f"recon_{m}"] = masked_mse(predictions[m], target, masks[m], present[m], weights.norm_pix_loss,
+                                             per_sample=self.per_sample)
 
         if not self.contrastive:        # MAE alone, or DP-SGD's per-sample losses (see cmvim.privacy)
             loss = sum(weights.recon * terms[f"recon_{m}"] for m in cfg.modalities)
