@@ -26,7 +26,7 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from cmvim.config import ConfigError
 from cmvim.data import DataError, SiteData
 from cmvim.run_config import RunConfig
-from cmvim.privacy import PrivacyBudgetExceeded
+from cmvim.privacy import PrivacyBudgetExceeded, SiteLimits
 from cmvim.protocol import (ARRAYS, CONFIG, HIST_NEG, HIST_POS, METRICS, NUM_EXAMPLES, PHASE, PROXIMAL_MU, ROUND,
                             RUN_CONFIG, RUN_KEY, SECAGG_MASKED, SERVER_ROUND, SITE, SITE_ERROR, SITE_NAME, SPLIT)
 from cmvim.site_task import SiteTask, SiteTaskError
@@ -108,7 +108,9 @@ def _handle(msg: Message, context: Context, training: bool) -> Message:
             log.warning("site %s refused a %s request (site policy)", name, phase)
             raise
         task = load_task(cfg, name, site_dir)
-        task.ledger_path, task.epsilon_cap = ledger_path(context, site_dir), policy.max_epsilon
+        task.ledger_path = ledger_path(context, site_dir)
+        task.limits = SiteLimits(max_epsilon=policy.max_epsilon, max_delta=policy.max_delta,
+                                 min_noise_multiplier=policy.min_noise_multiplier if policy.dp_required else 0.0)
         task.run_key = str(config.get(RUN_KEY, "unnamed-run"))
         shared = msg.content[ARRAYS].to_torch_state_dict() if ARRAYS in msg.content else {}
         local = context.state[LOCAL_STATE].to_torch_state_dict() if LOCAL_STATE in context.state else {}

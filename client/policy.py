@@ -7,8 +7,11 @@ A YAML file the hospital controls (passed as `cmvim-client --policy FILE`), e.g.
     max_batch_size: 16
     use_reports: false          # free-text reports stay out of training
     dp_required: false          # true: refuse any training without differential privacy
-    max_epsilon: 8.0            # the most privacy budget (epsilon) a run may spend here: a run asking
-                                # for more is refused; a run without a budget stops training here at it
+    min_noise_multiplier: 0.5   # with dp_required: the least noise a DP round may add
+    max_epsilon: 8.0            # the most privacy budget (epsilon) this site spends over EVERY run (its
+                                # ledger): a run asking for more is refused, training stops at it, and
+                                # a run without DP is refused (its epsilon is unbounded)
+    max_delta: 0.001            # the largest delta a run may use (default: 1/n, n the site's subjects)
     secure_aggregation_required: false   # true: send weights only masked by SecAgg+ (the server
                                          # then learns only the sum over the sites)
 
@@ -39,7 +42,9 @@ class SitePolicy:
     max_batch_size: int = 64
     use_reports: bool = True
     dp_required: bool = False
+    min_noise_multiplier: float = 0.5
     max_epsilon: float | None = None
+    max_delta: float | None = None
     secure_aggregation_required: bool = False
 
     def check(self, cfg: RunConfig, phase: str, training: bool, split: str | None = None,
@@ -70,6 +75,16 @@ class SitePolicy:
         if self.dp_required and not privacy.enabled:
             raise PolicyRefusal("site policy requires differential privacy (dp_required: true); "
                                 "this run trains without it (privacy.enabled: false)")
+        if self.max_epsilon is not None and not privacy.enabled:
+            raise PolicyRefusal(f"site policy caps the privacy budget (max_epsilon {self.max_epsilon:g}); this run "
+                                "trains without differential privacy, whose epsilon is unbounded")
+        if privacy.enabled and self.max_delta is not None and privacy.delta is not None and privacy.delta > self.max_delta:
+            raise PolicyRefusal(f"site policy allows delta at most {self.max_delta:g} (max_delta); the run asks for "
+                                f"{privacy.delta:g}")
+        if (self.dp_required and privacy.enabled and privacy.noise_multiplier is not None
+                and privacy.noise_multiplier < self.min_noise_multiplier):
+            raise PolicyRefusal(f"site policy requires a noise multiplier of at least {self.min_noise_multiplier:g} "
+                                f"(min_noise_multiplier); the run asks for {privacy.noise_multiplier:g}")
         budget = privacy.budget()
         if privacy.enabled and self.max_epsilon is not None and budget is not None and budget > self.max_epsilon:
             raise PolicyRefusal(f"site policy allows a privacy budget of at most epsilon {self.max_epsilon:g}; "
@@ -86,4 +101,8 @@ def load_policy(path: str | Path | None) -> SitePolicy:
         raise ValueError("site policy: max_local_epochs and max_batch_size must be at least 1")
     if policy.max_epsilon is not None and policy.max_epsilon <= 0:
         raise ValueError("site policy: max_epsilon must be positive")
+    if policy.max_delta is not None and not 0 < policy.max_delta < 1:
+        raise ValueError("site policy: max_delta must be between 0 and 1")
+    if policy.min_noise_multiplier < 0:
+        raise ValueError("site policy: min_noise_multiplier must not be negative")
     return policy

@@ -20,11 +20,13 @@ What DP-SGD needs from the model, handled explicitly:
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import os
 import tempfile
 import warnings
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -44,6 +46,10 @@ class PrivacyBudgetExceeded(Exception):
     (numbers of the privacy accounting only)."""
 
 
+class PrivacyRefused(PrivacyBudgetExceeded):
+    """The run's DP settings are outside what the site allows (delta, noise floor); public too."""
+
+
 def default_delta(n: int) -> float:
     return 1.0 / (10 * max(n, 1))
 
@@ -52,8 +58,11 @@ def epsilon(history: Sequence[tuple[float, float, int]], delta: float) -> float:
     """Opacus' RDP accountant over (noise_multiplier, sample_rate, steps) entries."""
     if not history:
         return 0.0
+    steps: dict[tuple[float, float], int] = {}          # RDP adds up over steps: one entry per (noise, rate)
+    for s, q, n in history:
+        steps[(float(s), float(q))] = steps.get((float(s), float(q)), 0) + int(n)
     accountant = RDPAccountant()
-    accountant.history = [(float(s), float(q), int(n)) for s, q, n in history]
+    accountant.history = [(s, q, n) for (s, q), n in steps.items()]
     return float(accountant.get_epsilon(delta))
 
 
@@ -83,14 +92,27 @@ class Spend:
     steps: int
 
 
+@dataclass
+class SiteLimits:
+    """What a site (its policy, never the run config) lets DP training spend there."""
+    max_epsilon: float | None = None        # over every run this site has trained, not just this one
+    max_delta: float | None = None          # the largest delta a run may use; None: 1/n (n: the site's subjects)
+    min_noise_multiplier: float = 0.0       # the smallest noise a DP round may add
+
+
 class PrivacyLedger:
-    """Every DP round this site trained, on disk (atomic writes)."""
+    """Every DP round this site trained, over every run, in one file. A spend is checked against
+    the budgets and appended under an exclusive lock (two runs at one site cannot both pass the
+    check and lose a spend), written atomically and fsync'd, 0600 in a 0700 folder."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        self.entries: list[Spend] = []
-        if self.path.exists():
-            self.entries = [Spend(**e) for e in json.loads(self.path.read_text())["spends"]]
+
+    @property
+    def entries(self) -> list[Spend]:
+        if not self.path.exists():
+            return []
+        return [Spend(**e) for e in json.loads(self.path.read_text())["spends"]]
 
     def history(self, run: str | None = None) -> list[tuple[float, float, int]]:
         return [(e.noise_multiplier, e.sample_rate, e.steps) for e in self.entries if run is None or e.run == run]
@@ -98,13 +120,59 @@ class PrivacyLedger:
     def epsilon(self, delta: float, run: str | None = None, extra: Sequence[tuple[float, float, int]] = ()) -> float:
         return epsilon(self.history(run) + list(extra), delta)
 
-    def record(self, spend: Spend) -> None:
-        self.entries.append(spend)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".ledger-")
-        with os.fdopen(fd, "w") as f:
-            json.dump({"spends": [asdict(e) for e in self.entries]}, f, indent=1)
-        os.replace(tmp, self.path)
+    @contextmanager
+    def _locked(self):
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(self.path.with_name(self.path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+    def spend(self, spend: Spend, delta: float, run_budget: float | None, site_budget: float | None) -> None:
+        """Record `spend` if the run stays within `run_budget` and the site's total over every run
+        within `site_budget` (both epsilon at `delta`); else PrivacyBudgetExceeded, nothing recorded.
+        Called before training: a round that then fails still counts (the safe side)."""
+        new = (spend.noise_multiplier, spend.sample_rate, spend.steps)
+        with self._locked():
+            entries = self.entries
+            if run_budget is not None:
+                run = [(e.noise_multiplier, e.sample_rate, e.steps) for e in entries if e.run == spend.run]
+                projected = epsilon(run + [new], delta)
+                if projected > run_budget + 1e-9:
+                    raise PrivacyBudgetExceeded(
+                        f"privacy budget: this {spend.phase} round would take the run to epsilon {projected:.2f} > "
+                        f"budget {run_budget:.2f} (spent {epsilon(run, delta):.2f}, delta {delta:.1e}); the site "
+                        "stops training for this run and still evaluates")
+            if site_budget is not None:
+                every = [(e.noise_multiplier, e.sample_rate, e.steps) for e in entries]
+                projected = epsilon(every + [new], delta)
+                if projected > site_budget + 1e-9:
+                    raise PrivacyBudgetExceeded(
+                        f"site privacy budget: this {spend.phase} round would take the site's total over every "
+                        f"run to epsilon {projected:.2f} > the site policy's max_epsilon {site_budget:.2f} (spent "
+                        f"{epsilon(every, delta):.2f}, delta {delta:.1e}); the site stops DP training and still "
+                        "evaluates")
+            self._write(entries + [spend])
+
+    def _write(self, entries: list[Spend]) -> None:
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".ledger-")      # 0600
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump({"spends": [asdict(e) for e in entries]}, f, indent=1)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        folder = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            os.fsync(folder)                        # the rename itself survives a power cut
+        finally:
+            os.close(folder)
 
 
 def dp_train(model: nn.Module, dataset, collate: Callable, loss_fn: Callable, optimizer: torch.optim.Optimizer,

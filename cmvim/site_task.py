@@ -21,7 +21,7 @@ from . import engine
 from .data import SiteData
 from .data.views import SiteViews
 from .metrics import binary_metrics, score_histograms
-from .privacy import PrivacyBudgetExceeded, PrivacyLedger, Spend, dp_train, planned_noise, privacy_plan
+from .privacy import PrivacyLedger, PrivacyRefused, SiteLimits, Spend, dp_train, planned_noise, privacy_plan
 from .protocol import NUM_EXAMPLES
 from .run_config import RunConfig
 from .sharing import SharingError, load_shared, shared_parameter_names, split_shared
@@ -52,15 +52,15 @@ class RoundResult:
 
 class SiteTask:
     """`ledger_path`: where this site's privacy ledger lives (default: in the site folder);
-    `run_key`: which run the spends belong to; `epsilon_cap`: the site policy's max epsilon."""
+    `run_key`: which run the spends belong to; `limits`: what the site's policy lets DP spend."""
 
     def __init__(self, cfg: RunConfig, sites: list[SiteData], name: str, ledger_path=None, run_key: str = "local",
-                 epsilon_cap: float | None = None):
+                 limits: SiteLimits | None = None):
         self.cfg, self.sites, self.name = cfg, sites, name
         self.num_classes = cfg.model.num_classes
         self.views = SiteViews(cfg, sites)
         self.ledger_path = ledger_path or sites[0].site_dir / ".cmvim_privacy" / "ledger.json"
-        self.run_key, self.epsilon_cap = run_key, epsilon_cap
+        self.run_key, self.limits = run_key, limits or SiteLimits()
 
     def _model(self, phase: str, shared: State, local: State) -> torch.nn.Module:
         try:
@@ -120,24 +120,22 @@ class SiteTask:
     def noise_multiplier(self, plan: tuple[float, dict] | None = None) -> float:
         return planned_noise(self.cfg, *(plan or self.privacy_plan()))
 
-    def privacy_budget(self) -> float | None:
-        caps = [c for c in (self.cfg.privacy.budget(), self.epsilon_cap) if c is not None]
-        return min(caps) if caps else None
-
     def _train_private(self, phase: str, round_: int, model: torch.nn.Module) -> RoundResult:
         pv, pc = self.cfg.privacy, self.cfg.phase(phase)
         delta, plan = self.privacy_plan()
         q, steps = plan[phase]
         sigma = self.noise_multiplier((delta, plan))
+        n = len(self._private_dataset("pretrain"))
+        max_delta = self.limits.max_delta if self.limits.max_delta is not None else 1.0 / max(n, 1)
+        if delta > max_delta:
+            raise PrivacyRefused(f"privacy: the run's delta {delta:.1e} is above what the site allows ({max_delta:.1e}, "
+                                 "max_delta, default 1/n): the site does not train with it")
+        if sigma < self.limits.min_noise_multiplier:
+            raise PrivacyRefused(f"privacy: the run's noise multiplier {sigma:.3g} is below the site's floor "
+                                 f"{self.limits.min_noise_multiplier:g} (min_noise_multiplier): the site does not train with it")
         ledger = PrivacyLedger(self.ledger_path)
-        projected = ledger.epsilon(delta, self.run_key, extra=[(sigma, q, steps)])
-        budget = self.privacy_budget()
-        if budget is not None and projected > budget + 1e-9:
-            spent = ledger.epsilon(delta, self.run_key)
-            raise PrivacyBudgetExceeded(
-                f"privacy budget: this {phase} round would take the run to epsilon {projected:.2f} > budget "
-                f"{budget:.2f} (spent {spent:.2f}, delta {delta:.1e}); the site stops training for this run "
-                f"and still evaluates")
+        ledger.spend(Spend(self.run_key, phase, round_, sigma, q, steps), delta, run_budget=self.cfg.privacy.budget(),
+                     site_budget=self.limits.max_epsilon)                  # before any step: checked, locked, on disk
         dataset = self._private_dataset(phase)
         dataset.seed = round_
         lr, layer_decay = pc.lr, 1.0
@@ -163,7 +161,6 @@ class SiteTask:
         metrics = dp_train(model, dataset, collate, loss_fn, optimizer, sigma, pv.max_grad_norm, q, steps,
                            seed=stable_seed(self.cfg.seed, self.name, phase, round_, "dp"),
                            after_step=model.update_momentum if phase == "pretrain" else None)
-        ledger.record(Spend(self.run_key, phase, round_, sigma, q, steps))      # before any weight leaves
         if phase == "pretrain":
             model.contrastive, model.per_sample = contrastive, False
         metrics.update({"epsilon": ledger.epsilon(delta, self.run_key), "delta": delta, "noise_multiplier": sigma,

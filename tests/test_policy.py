@@ -44,6 +44,23 @@ def test_requests_inside_the_policy_pass_and_outside_are_refused_with_the_rule()
         SitePolicy(dp_required=True).check(run, "pretrain", training=True)
 
 
+def test_a_privacy_cap_binds_runs_without_dp_and_the_site_bounds_delta_and_noise():
+    """max_epsilon means something only under DP: a run without it is refused; the site, not the
+    server, bounds delta and (with dp_required) the noise multiplier."""
+    plain = cfg()
+    with pytest.raises(PolicyRefusal, match="caps the privacy budget .* trains without differential privacy"):
+        SitePolicy(max_epsilon=8.0).check(plain, "finetune", training=True)
+    SitePolicy(max_epsilon=8.0).check(plain, "finetune", training=False, split="test")     # evaluation spends none
+    loose = cfg(privacy={"enabled": True, "noise_multiplier": 1.0, "delta": 0.5})
+    with pytest.raises(PolicyRefusal, match="delta at most 0.001 .* asks for 0.5"):
+        SitePolicy(max_delta=0.001).check(loose, "finetune", training=True)
+    faint = cfg(privacy={"enabled": True, "noise_multiplier": 0.001})
+    with pytest.raises(PolicyRefusal, match="noise multiplier of at least 0.5 .* asks for 0.001"):
+        SitePolicy(dp_required=True).check(faint, "finetune", training=True)
+    SitePolicy(dp_required=True).check(cfg(privacy={"enabled": True, "noise_multiplier": 0.8}), "finetune",
+                                       training=True)
+
+
 def args(tmp_path: Path, **kw):
     base = dict(site="A", data=tmp_path, server="127.0.0.1:9092", root_cert=None, auth_key=None, policy=None,
                 insecure=False)

@@ -14,7 +14,8 @@ from cmvim.data import SiteData
 from cmvim.run_config import run_config
 from cmvim.model import CMViMClassifier
 from cmvim.model_config import model_config
-from cmvim.privacy import PrivacyBudgetExceeded, noise_for_target, epsilon
+from cmvim.privacy import (PrivacyBudgetExceeded, PrivacyLedger, PrivacyRefused, SiteLimits, Spend, epsilon,
+                           noise_for_target)
 from cmvim.site_task import SiteTask
 from cmvim.weights import initial_state
 from cmvim.simulations.cohort import CohortConfig, cached_cohort
@@ -107,8 +108,9 @@ def test_target_epsilon_sets_the_noise_and_a_spent_budget_stops_training(site, t
     assert noise_for_target(20.0, delta, planned) == sigma
 
     # the site policy caps epsilon below what one round costs: refused, nothing spent
-    capped = task_for(site, cfg, tmp_path / "capped.json", epsilon_cap=0.01)
-    with pytest.raises(PrivacyBudgetExceeded, match=r"would take the run to epsilon .* > budget 0.01"):
+    capped = task_for(site, cfg, tmp_path / "capped.json", limits=SiteLimits(max_epsilon=0.01))
+    with pytest.raises(PrivacyBudgetExceeded, match=r"site's total over every run to epsilon .* > the site policy's "
+                                                    r"max_epsilon 0.01"):
         capped.train("pretrain", 1, initial_state(cfg, "pretrain"))
     assert not (tmp_path / "capped.json").exists()
     # evaluation still works without spending
@@ -118,8 +120,8 @@ def test_target_epsilon_sets_the_noise_and_a_spent_budget_stops_training(site, t
     # a budget that covers exactly one round: the second is refused
     one_round = task_for(site, dp_config(noise_multiplier=1.0), tmp_path / "one.json")
     result = one_round.train("finetune", 1, finetune)
-    one_round.epsilon_cap = result.metrics["epsilon"] * 1.01
-    with pytest.raises(PrivacyBudgetExceeded, match="stops training for this run"):
+    one_round.limits = SiteLimits(max_epsilon=result.metrics["epsilon"] * 1.01)
+    with pytest.raises(PrivacyBudgetExceeded, match="the site stops DP training"):
         one_round.train("finetune", 2, result.shared)
 
 
@@ -178,3 +180,57 @@ def test_under_dp_a_subjects_gradient_does_not_depend_on_its_batch_mates(phase):
     model.per_sample = False
     a, b = _grad_samples(model, pooled, one, 7), _grad_samples(model, pooled, other, 7)
     assert max(float((a[n] - b[n]).abs().max() / (a[n].abs().max() + 1e-12)) for n in a) > 0.1
+
+
+def test_the_site_budget_covers_every_run_and_a_new_run_key_does_not_reset_it(site, tmp_path):
+    """The server picks the run key; the site's max_epsilon caps the total over every run in its ledger."""
+    ledger = tmp_path / "ledger.json"
+    cfg = dp_config(noise_multiplier=1.0)
+    first = task_for(site, cfg, ledger)
+    result = first.train("finetune", 1, initial_state(cfg, "finetune"))
+    one_round = result.metrics["epsilon"]
+    assert result.metrics["epsilon_site_total"] == pytest.approx(one_round)
+    cap = SiteLimits(max_epsilon=one_round * 1.5)                # room for one round, not two
+    second_run = task_for(site, cfg, ledger, limits=cap)
+    second_run.run_key = "run-2"                                 # a fresh key: its own epsilon would be 0
+    with pytest.raises(PrivacyBudgetExceeded, match="site's total over every run"):
+        second_run.train("finetune", 1, initial_state(cfg, "finetune"))
+    assert [s.run for s in PrivacyLedger(ledger).entries] == ["run-1"]
+    assert oct(ledger.stat().st_mode & 0o777) == "0o600" and oct(ledger.parent.stat().st_mode & 0o777) != "0o777"
+
+
+def _spend_many(path: str, run: str, count: int, budget: float) -> int:
+    ledger, done = PrivacyLedger(path), 0
+    for i in range(count):
+        try:
+            ledger.spend(Spend(run, "finetune", i, 1.0, 0.1, 10), 1e-5, run_budget=None, site_budget=budget)
+            done += 1
+        except PrivacyBudgetExceeded:
+            pass
+    return done
+
+
+def test_two_processes_spending_at_once_lose_nothing_and_never_pass_the_cap(tmp_path):
+    """Each spend is checked and appended under the ledger's lock: with two runs racing, every
+    recorded spend is in the file and the total stays within the site's cap."""
+    import multiprocessing
+    one = epsilon([(1.0, 0.1, 10)], 1e-5)
+    fits = 12
+    cap = epsilon([(1.0, 0.1, 10)] * fits, 1e-5) + 1e-6          # exactly `fits` spends fit
+    path = str(tmp_path / "ledger.json")
+    with multiprocessing.get_context("fork").Pool(2) as pool:
+        done = pool.starmap(_spend_many, [(path, "run-a", 20, cap), (path, "run-b", 20, cap)])
+    entries = PrivacyLedger(path).entries
+    assert sum(done) == len(entries) == fits and one > 0
+    assert PrivacyLedger(path).epsilon(1e-5) <= cap
+
+
+def test_delta_above_the_sites_bound_and_noise_below_its_floor_are_refused(site, tmp_path):
+    loose = task_for(site, dp_config(noise_multiplier=1.0, delta=0.5), tmp_path / "ledger.json")
+    with pytest.raises(PrivacyRefused, match=r"delta 5.0e-01 is above what the site allows"):
+        loose.train("finetune", 1, initial_state(loose.cfg, "finetune"))
+    faint = task_for(site, dp_config(noise_multiplier=0.001), tmp_path / "ledger.json",
+                     limits=SiteLimits(min_noise_multiplier=0.5))
+    with pytest.raises(PrivacyRefused, match="noise multiplier 0.001 is below the site's floor 0.5"):
+        faint.train("finetune", 1, initial_state(faint.cfg, "finetune"))
+    assert not (tmp_path / "ledger.json").exists()               # nothing spent
