@@ -40,7 +40,9 @@ def _register_checkout_apps() -> None:
     folders = {f"{__name__}.{app}": here.parent / app for app in APPS
                if not (here / app).is_dir() and (here.parent / app / "__init__.py").is_file()}
     if folders and not any(isinstance(f, _CheckoutApps) and f.folders == folders for f in sys.meta_path):
-        sys.meta_path.append(_CheckoutApps(folders))
+        # first: the apps come from beside the cmvim that was imported, even where an editable
+        # install of another checkout registered its own finder
+        sys.meta_path.insert(0, _CheckoutApps(folders))
 
 
 _register_checkout_apps()
