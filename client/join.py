@@ -14,6 +14,7 @@ right now), stops it with a message saying what to fix.
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import time
@@ -27,6 +28,7 @@ from cmvim.cli_util import free_port
 from cmvim.config import ConfigError
 from cmvim.flower_process import Child, flower_env, flower_executable
 
+from .approved_app import POLICY_ENV
 from .check import check_site
 from .policy import load_policy
 
@@ -114,6 +116,15 @@ def preflight(args: argparse.Namespace) -> None:
     flower_executable("flower-supernode", JoinError)
 
 
+def install_guard(folder: Path) -> Path:
+    """`folder`/flwr-clientapp: Flower's ClientApp runner behind cmvim's approved-app check."""
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    script = folder / "flwr-clientapp"
+    script.write_text(f"#!{sys.executable}\nfrom cmvim.client.approved_app import main\nmain()\n")
+    script.chmod(0o700)
+    return folder
+
+
 def supernode_command(args: argparse.Namespace, runtime_port: int, state: Path) -> list[str]:
     node_config = f'site="{args.site}" data-dir="{args.data.resolve()}" state-dir="{state}"'
     if args.policy is not None:
@@ -144,8 +155,13 @@ def join(args: argparse.Namespace) -> int:
         print("cmvim-client: WARNING --insecure: no TLS, no node authentication; for tests on one machine only")
 
     state = (args.state_dir or Path.home() / ".cmvim" / f"supernode-{args.site}").expanduser()
-    state.mkdir(parents=True, exist_ok=True)
+    state.mkdir(mode=0o700, parents=True, exist_ok=True)
+    state.chmod(0o700)                       # the SuperNode's log and the ledger: this site's eyes only
     env = flower_env(state)
+    # Flower's SuperExec starts `flwr-clientapp` by name: ours comes first and checks every app
+    # bundle against the site policy before Flower installs or imports any of it
+    env["PATH"] = os.pathsep.join([str(install_guard(state / "bin")), env["PATH"]])
+    env[POLICY_ENV] = str(args.policy.resolve()) if args.policy is not None else ""
     runtime_port = args.runtime_port or free_port()
     fatal: list[tuple[str, int]] = []
 

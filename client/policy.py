@@ -14,6 +14,9 @@ A YAML file the hospital controls (passed as `cmvim-client --policy FILE`), e.g.
     max_delta: 0.001            # the largest delta a run may use (default: 1/n, n the site's subjects)
     secure_aggregation_required: false   # true: send weights only masked by SecAgg+ (the server
                                          # then learns only the sum over the sites)
+    approved_apps: installed    # run only app bundles that carry no code and name the cmvim ClientApp
+                                # installed here (cmvim.client.approved_app); sha256: only the pinned ones
+    approved_fab_sha256: []     # app bundle hashes this site accepts (with `installed`: a stricter pin)
 
 Every request from the server is checked before any data is read; one outside the policy is
 refused with a message naming the rule and the requested value (config values only: nothing
@@ -46,6 +49,8 @@ class SitePolicy:
     max_epsilon: float | None = None
     max_delta: float | None = None
     secure_aggregation_required: bool = False
+    approved_apps: Literal["installed", "sha256"] = "installed"
+    approved_fab_sha256: list[str] = field(default_factory=list)
 
     def check(self, cfg: RunConfig, phase: str, training: bool, split: str | None = None,
               masked: bool = False) -> None:

@@ -41,7 +41,9 @@ class Child:
                  on_line=None, echo: bool = True, die_with_parent: bool = True):
         self.cmd, self.prefix, self.on_line, self.echo = cmd, prefix, on_line, echo
         self.lines: list[str] = []
-        self._log = open(log_path, "a", encoding="utf-8") if log_path else None
+        # logs can hold tracebacks with paths: readable by the owner only
+        self._log = (os.fdopen(os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "a", encoding="utf-8")
+                     if log_path else None)
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
                                      env=env if env is not None else dict(os.environ), start_new_session=True,
                                      preexec_fn=_die_with_parent if die_with_parent else None)

@@ -61,6 +61,8 @@ class Coordinator:
     def __init__(self, args: argparse.Namespace):
         self.args = args
         self.state = (args.state_dir or args.out / ".superlink").expanduser().resolve()
+        self.state.mkdir(mode=0o700, parents=True, exist_ok=True)      # the SuperLink's database and logs
+        self.state.chmod(0o700)
         self.env = flower_env(self.state / "flwr-home")
         # the app Flower runs: a one-file project naming the installed deployment app (no checkout needed)
         self.app_dir = write_project(self.state / "app", cmvim.__version__)

@@ -194,3 +194,51 @@ def test_deployment_with_secure_aggregation(cohort, tmp_path):
     assert [(r["phase"], set(r["train"])) for r in metrics["rounds"]] == [("pretrain", {"A", "B", "C"}),
                                                                           ("finetune", {"A", "B", "C"})]
     assert not metrics.get("failures") and set(metrics["sites"]) == {"A", "B", "C"}
+
+
+@pytest.mark.slow          # ~1-2 min: a SuperLink, one site, one refused run
+def test_a_site_refuses_an_app_bundle_that_ships_code(cohort, tmp_path):
+    """The attack: whoever can submit a run ships a ClientApp with the site policy's check removed
+    (a `cmvim` package inside the bundle, which Flower would put first on the import path). The
+    site's guard refuses the bundle before Flower installs or imports it: the shipped code never
+    runs (it would leave a marker file), and the refusal names the bundle's hash."""
+    from argparse import Namespace
+
+    from cmvim.server.deploy import CONNECTION, Coordinator
+    from cmvim.server.flower_app import write_project
+
+    marker = tmp_path / "shipped-code-ran"
+    evil = write_project(tmp_path / "evil-app", "0.1.0")
+    (evil / "cmvim" / "client").mkdir(parents=True)
+    (evil / "cmvim" / "__init__.py").write_text("")
+    (evil / "cmvim" / "client" / "__init__.py").write_text("")
+    (evil / "cmvim" / "client" / "app.py").write_text(            # only a site's ClientApp imports this
+        f"open({str(marker)!r}, 'w').write('ran')\nfrom flwr.clientapp import ClientApp\napp = ClientApp()\n")
+    port = free_port()
+    args = Namespace(config=run_yaml(tmp_path, 1, 1, 1, 60), out=tmp_path / "out", certs=None, site_keys=None,
+                     address=f"127.0.0.1:{port}", superlink=None, wait_sites=1, wait_timeout=120.0,
+                     state_dir=tmp_path / "link", resume=False, insecure=True, keep_running=False)
+    coordinator = Coordinator(args)
+    site_log = tmp_path / "A.log"
+    site = None
+    try:
+        coordinator.write_connection()
+        coordinator.start_superlink()
+        site = start([str(BIN / "cmvim-client"), "--site", "A", "--data", str(cohort / "A"), "--server",
+                      f"127.0.0.1:{port}", "--insecure", "--state-dir", str(tmp_path / "node-A")], site_log)
+        coordinator.wait_for_sites(1)
+        answer = coordinator.flwr("run", str(evil), CONNECTION, "--run-config",
+                                  f'config-file="{args.config}" out-dir="{tmp_path / "evil-out"}"')
+        run_id = str(answer["run-id"])
+        wait_for(lambda: "site refused app bundle sha256" in (tmp_path / "node-A" / "supernode.log").read_text(),
+                 240, "the site's refusal", [site])
+        coordinator.flwr("run", "stop", run_id, CONNECTION, check=False)
+    finally:
+        if site is not None:
+            stop(site)
+        coordinator.stop()
+    text = (tmp_path / "node-A" / "supernode.log").read_text()
+    assert "it carries files (cmvim/__init__.py" in text
+    assert not marker.exists()                       # the shipped code never ran
+    assert oct((tmp_path / "node-A" / "supernode.log").stat().st_mode & 0o777) == "0o600"
+    assert oct((tmp_path / "node-A").stat().st_mode & 0o777) == "0o700"
