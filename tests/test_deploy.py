@@ -77,6 +77,24 @@ def cohort(tmp_path_factory):
     return cached_cohort(spec, root=tmp_path_factory.mktemp("deploy-cache"))
 
 
+def outsider(tmp_path: Path, port: int, ca: Path, key: Path) -> None:
+    """Register a node, list nodes and runs, submit and stop a run, as someone who is not the
+    coordinator: each must fail with 403 from the public address."""
+    from cmvim.server.flower_app import write_project
+    home = tmp_path / "outsider"
+    home.mkdir()
+    (home / "config.toml").write_text(f'[superlink]\ndefault = "target"\n\n[superlink.target]\n'
+                                      f'address = "127.0.0.1:{port}"\nroot-certificates = "{ca}"\n')
+    app = write_project(tmp_path / "outsider-app", "0.1.0")
+    env = dict(os.environ, FLWR_HOME=str(home))
+    for command in (["supernode", "register", str(key), "target"], ["supernode", "list", "target"],
+                    ["list", "target"], ["run", str(app), "target"], ["stop", "1", "target"]):
+        proc = subprocess.run([str(BIN / "flwr"), *command, "--format", "json"], capture_output=True, text=True,
+                              env=env, cwd=app, timeout=120)
+        answer = json.loads(proc.stdout[proc.stdout.find("{"):])
+        assert answer.get("success") is False and "403 Forbidden" in answer.get("error-message", ""), (command, answer)
+
+
 @pytest.mark.slow          # ~7.5 min on 2 cores: Flower starts a ClientApp process per message; .ci/run runs it
 def test_deployment_with_tls_node_auth_policy_and_a_restarted_site(cohort, tmp_path):
     certs, other = tmp_path / "certs", tmp_path / "other-keys"
@@ -107,6 +125,11 @@ def test_deployment_with_tls_node_auth_policy_and_a_restarted_site(cohort, tmp_p
         procs.append(server)
         wait_for(lambda: "sites online: 3/3" in logs["server"].read_text(), 180, "three sites online",
                  [server, *clients.values()])
+
+        # an outsider with the public ca.crt and a fresh key, using Flower's own CLI against the
+        # address the sites use: every control-plane request is refused (the proxy serves the Fleet
+        # API only), while the coordinator registered the sites and submits the run on loopback
+        outsider(tmp_path, port, certs / "ca.crt", other / "sites" / "D.pub")
 
         # a CA that did not sign the server's certificate: named, not retried
         subprocess.run([sys.executable, "-m", "cmvim.deploy.certs", "--out", str(tmp_path / "wrong-ca")], cwd=REPO,
@@ -217,7 +240,7 @@ def test_a_site_refuses_an_app_bundle_that_ships_code(cohort, tmp_path):
     port = free_port()
     args = Namespace(config=run_yaml(tmp_path, 1, 1, 1, 60), out=tmp_path / "out", certs=None, site_keys=None,
                      address=f"127.0.0.1:{port}", superlink=None, wait_sites=1, wait_timeout=120.0,
-                     state_dir=tmp_path / "link", resume=False, insecure=True, keep_running=False)
+                     state_dir=tmp_path / "link", resume=False, insecure=True, keep_running=False, control_port=None)
     coordinator = Coordinator(args)
     site_log = tmp_path / "A.log"
     site = None
