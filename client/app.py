@@ -26,12 +26,12 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from cmvim.config import ConfigError
 from cmvim.data import DataError, SiteData
 from cmvim.run_config import RunConfig
-from cmvim.privacy import PrivacyBudgetExceeded, SiteLimits
+from cmvim.privacy import PrivacyBudgetExceeded, SiteLimits, count_release
 from cmvim.protocol import (ARRAYS, CONFIG, HIST_NEG, HIST_POS, METRICS, NUM_EXAMPLES, PHASE, PROXIMAL_MU, ROUND,
                             RUN_CONFIG, RUN_KEY, SECAGG_MASKED, SERVER_ROUND, SITE, SITE_ERROR, SITE_NAME, SPLIT)
 from cmvim.site_task import SiteTask, SiteTaskError
 
-from .policy import PolicyRefusal, load_policy
+from .policy import SIMULATED_SITE_POLICY, PolicyRefusal, load_policy
 from .secagg import secagg_mod
 
 log = logging.getLogger("cmvim.client")
@@ -101,7 +101,8 @@ def _handle(msg: Message, context: Context, training: bool) -> Message:
         round_ = int(config.get(SERVER_ROUND, 0)) + int(config[ROUND])      # absolute round in the phase
         split = None if training else str(config.get(SPLIT, "val"))
         policy_file = context.node_config.get("policy")
-        policy = load_policy(str(policy_file) if policy_file else None)
+        deployed = "data-dir" in context.node_config
+        policy = load_policy(str(policy_file) if policy_file else None) if deployed else SIMULATED_SITE_POLICY
         try:
             policy.check(cfg, phase, training, split, masked=bool(config.get(SECAGG_MASKED, False)))
         except PolicyRefusal:
@@ -110,8 +111,11 @@ def _handle(msg: Message, context: Context, training: bool) -> Message:
         task = load_task(cfg, name, site_dir)
         task.ledger_path = ledger_path(context, site_dir)
         task.limits = SiteLimits(max_epsilon=policy.max_epsilon, max_delta=policy.max_delta,
-                                 min_noise_multiplier=policy.min_noise_multiplier if policy.dp_required else 0.0)
+                                 min_noise_multiplier=policy.min_noise_multiplier if policy.dp_required else 0.0,
+                                 min_cell_count=policy.min_cell_count)
         task.run_key = str(config.get(RUN_KEY, "unnamed-run"))
+        if not training:
+            count_release(task.ledger_path.with_name("releases.json"), task.run_key, policy.max_evaluations)
         shared = msg.content[ARRAYS].to_torch_state_dict() if ARRAYS in msg.content else {}
         local = context.state[LOCAL_STATE].to_torch_state_dict() if LOCAL_STATE in context.state else {}
         if training:

@@ -14,9 +14,16 @@ A YAML file the hospital controls (passed as `cmvim-client --policy FILE`), e.g.
     max_delta: 0.001            # the largest delta a run may use (default: 1/n, n the site's subjects)
     secure_aggregation_required: false   # true: send weights only masked by SecAgg+ (the server
                                          # then learns only the sum over the sites)
+    min_cell_count: 10          # an evaluation split with fewer subjects of a class releases nothing
+    max_evaluations: 200        # evaluation releases per run (validation rounds and the final test)
+    max_histogram_bins: 50      # the score histograms' resolution a run may ask for
+    max_bootstrap: 2000         # the AUC CI's bootstrap resamples a run may ask for
     approved_apps: installed    # run only app bundles that carry no code and name the cmvim ClientApp
                                 # installed here (cmvim.client.approved_app); sha256: only the pinned ones
     approved_fab_sha256: []     # app bundle hashes this site accepts (with `installed`: a stricter pin)
+
+A simulated site (cmvim-sim, `flwr run .`: synthetic data) runs SIMULATED_SITE_POLICY, the
+defaults without small-cell suppression or an evaluation limit.
 
 Every request from the server is checked before any data is read; one outside the policy is
 refused with a message naming the rule and the requested value (config values only: nothing
@@ -49,6 +56,10 @@ class SitePolicy:
     max_epsilon: float | None = None
     max_delta: float | None = None
     secure_aggregation_required: bool = False
+    min_cell_count: int = 10
+    max_evaluations: int | None = 200
+    max_histogram_bins: int = 50
+    max_bootstrap: int = 2000
     approved_apps: Literal["installed", "sha256"] = "installed"
     approved_fab_sha256: list[str] = field(default_factory=list)
 
@@ -65,6 +76,13 @@ class SitePolicy:
             raise PolicyRefusal("site policy does not allow the use of reports (use_reports: false); "
                                 "the run asks for them (use_reports: true)")
         if not training:
+            ev = cfg.evaluation
+            if ev.histogram_bins > self.max_histogram_bins:
+                raise PolicyRefusal(f"site policy allows score histograms of at most {self.max_histogram_bins} bins "
+                                    f"(max_histogram_bins); the run asks for {ev.histogram_bins}")
+            if ev.bootstrap > self.max_bootstrap:
+                raise PolicyRefusal(f"site policy allows at most {self.max_bootstrap} bootstrap resamples "
+                                    f"(max_bootstrap); the run asks for {ev.bootstrap}")
             return
         pc = cfg.phase(phase)
         if pc.local_epochs > self.max_local_epochs:
@@ -96,6 +114,10 @@ class SitePolicy:
                                 f"the run asks for {budget:g}")
 
 
+# synthetic sites: nothing to protect, and a researcher reads every split's numbers
+SIMULATED_SITE_POLICY = SitePolicy(min_cell_count=0, max_evaluations=None)
+
+
 def load_policy(path: str | Path | None) -> SitePolicy:
     """The site's policy from YAML (unknown keys are errors that name them); None: the defaults."""
     if path is None or str(path) == "":
@@ -110,4 +132,8 @@ def load_policy(path: str | Path | None) -> SitePolicy:
         raise ValueError("site policy: max_delta must be between 0 and 1")
     if policy.min_noise_multiplier < 0:
         raise ValueError("site policy: min_noise_multiplier must not be negative")
+    if policy.min_cell_count < 0 or policy.max_histogram_bins < 2 or policy.max_bootstrap < 0:
+        raise ValueError("site policy: min_cell_count, max_bootstrap >= 0 and max_histogram_bins >= 2")
+    if policy.max_evaluations is not None and policy.max_evaluations < 1:
+        raise ValueError("site policy: max_evaluations must be at least 1 (or null: no limit)")
     return policy

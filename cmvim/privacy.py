@@ -46,6 +46,10 @@ class PrivacyBudgetExceeded(Exception):
     (numbers of the privacy accounting only)."""
 
 
+class ReleaseLimit(PrivacyBudgetExceeded):
+    """The run has had all the evaluations the site's policy allows; public."""
+
+
 class PrivacyRefused(PrivacyBudgetExceeded):
     """The run's DP settings are outside what the site allows (delta, noise floor); public too."""
 
@@ -98,6 +102,7 @@ class SiteLimits:
     max_epsilon: float | None = None        # over every run this site has trained, not just this one
     max_delta: float | None = None          # the largest delta a run may use; None: 1/n (n: the site's subjects)
     min_noise_multiplier: float = 0.0       # the smallest noise a DP round may add
+    min_cell_count: int = 0                 # an evaluation with fewer subjects of a class releases nothing
 
 
 class PrivacyLedger:
@@ -120,16 +125,8 @@ class PrivacyLedger:
     def epsilon(self, delta: float, run: str | None = None, extra: Sequence[tuple[float, float, int]] = ()) -> float:
         return epsilon(self.history(run) + list(extra), delta)
 
-    @contextmanager
     def _locked(self):
-        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd = os.open(self.path.with_name(self.path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            os.close(fd)
+        return locked(self.path)
 
     def spend(self, spend: Spend, delta: float, run_budget: float | None, site_budget: float | None) -> None:
         """Record `spend` if the run stays within `run_budget` and the site's total over every run
@@ -158,21 +155,53 @@ class PrivacyLedger:
             self._write(entries + [spend])
 
     def _write(self, entries: list[Spend]) -> None:
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".ledger-")      # 0600
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump({"spends": [asdict(e) for e in entries]}, f, indent=1)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        folder = os.open(self.path.parent, os.O_RDONLY)
-        try:
-            os.fsync(folder)                        # the rename itself survives a power cut
-        finally:
-            os.close(folder)
+        write_durably(self.path, {"spends": [asdict(e) for e in entries]})
+
+
+@contextmanager
+def locked(path: Path):
+    """An exclusive lock on `path`'s lock file (its folder made 0700): one process at a time."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(path.with_name(path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def write_durably(path: Path, data: dict) -> None:
+    """JSON written atomically (temp file 0600 + rename) and fsync'd, file and folder."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)                        # the rename itself survives a power cut
+    finally:
+        os.close(folder)
+
+
+def count_release(path: Path, run: str, limit: int | None) -> int:
+    """Count one evaluation release of `run` in the site's release log (locked, durable); past
+    `limit` releases of that run, ReleaseLimit and nothing counted. Returns the run's count."""
+    with locked(path):
+        counts = json.loads(path.read_text())["runs"] if path.exists() else {}
+        done = int(counts.get(run, 0))
+        if limit is not None and done >= limit:
+            raise ReleaseLimit(f"release limit: this run has had its {limit} evaluation(s) at this site "
+                               "(site policy max_evaluations); the site answers no more")
+        counts[run] = done + 1
+        write_durably(path, {"runs": counts})
+        return done + 1
 
 
 def dp_train(model: nn.Module, dataset, collate: Callable, loss_fn: Callable, optimizer: torch.optim.Optimizer,

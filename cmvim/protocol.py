@@ -41,6 +41,7 @@ NUM_EXAMPLES = "num-examples"      # the subjects a round trained on or an evalu
 HIST_POS = "hist_pos"              # evaluation: histogram of the positive class's scores
 HIST_NEG = "hist_neg"              # evaluation: histogram of the negative class's scores
 WEIGHT = "aggregation-weight"      # set by the server's strategy only: the weight FedAvg gives a reply
+SUPPRESSED = "suppressed"          # evaluation: 1 when the split is too small to release anything about it
 
 # keys in SITE
 SITE_NAME = "name"

@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 
 from .metrics import auc_from_histograms, roc_from_histograms
-from .protocol import NUM_EXAMPLES
+from .protocol import NUM_EXAMPLES, SUPPRESSED
 from .tables import format_table
 
-SITE_KEYS = ("auc", "auc_ci", "acc", "sensitivity", "specificity", "n_pos", "n_neg")
+SITE_KEYS = ("auc", "auc_ci", "acc", "sensitivity", "specificity", "n_pos", "n_neg", SUPPRESSED)
 
 
 def site_entry(metrics: dict) -> dict:

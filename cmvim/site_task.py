@@ -22,7 +22,7 @@ from .data import SiteData
 from .data.views import SiteViews
 from .metrics import binary_metrics, score_histograms
 from .privacy import PrivacyLedger, PrivacyRefused, SiteLimits, Spend, dp_train, planned_noise, privacy_plan
-from .protocol import NUM_EXAMPLES
+from .protocol import NUM_EXAMPLES, SUPPRESSED
 from .run_config import RunConfig
 from .sharing import SharingError, load_shared, shared_parameter_names, split_shared
 from .weights import build_model
@@ -163,8 +163,12 @@ class SiteTask:
                            after_step=model.update_momentum if phase == "pretrain" else None)
         if phase == "pretrain":
             model.contrastive, model.per_sample = contrastive, False
-        metrics.update({"epsilon": ledger.epsilon(delta, self.run_key), "delta": delta, "noise_multiplier": sigma,
-                        "epsilon_site_total": ledger.epsilon(delta)})
+        # what leaves: the accounting and the count FedAvg weights by; the private batches' loss and
+        # accuracy stay here (they would be releases outside epsilon)
+        log.info("site %s %s round %d under DP: %s", self.name, phase, round_,
+                 ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != NUM_EXAMPLES))
+        metrics = {NUM_EXAMPLES: metrics[NUM_EXAMPLES], "epsilon": ledger.epsilon(delta, self.run_key), "delta": delta,
+                   "noise_multiplier": sigma, "epsilon_site_total": ledger.epsilon(delta)}
         shared_out, local_out = self._split(model, phase)
         return RoundResult(shared_out, local_out, metrics)
 
@@ -179,13 +183,20 @@ class SiteTask:
     def evaluate(self, phase: str, shared: State, local: State | None = None, split: str = "test") -> RoundResult:
         """Pretrain: masked-reconstruction losses on `split`. Finetune: classification metrics."""
         model = self._model(phase, shared, local or {})
+        k = self.limits.min_cell_count
         if phase == "pretrain":
             dataset = self.views.dataset([split], None, augment=False)
+            if len(dataset) < k:
+                return RoundResult({}, {}, {NUM_EXAMPLES: 0, SUPPRESSED: 1})
             loader = self.views.loader(dataset, self.cfg.pretrain.batch_size, False, 0)
             batches = [b for b in loader if len(b["mri"]) >= 2]
             metrics = engine.pretrain_losses(model, batches) if batches else {}
             return RoundResult({}, {}, {**metrics, NUM_EXAMPLES: len(dataset)})
         dataset = self.views.dataset([split], True, augment=False)
+        binary = (np.asarray(self.views.labels(dataset)) == self.num_classes - 1).astype(int)
+        if len(binary) and min(int(binary.sum()), int(len(binary) - binary.sum())) < k:
+            # a small cell: nothing about it leaves, not even how many (decided before the model runs)
+            return RoundResult({}, {}, {NUM_EXAMPLES: 0, SUPPRESSED: 1})
         labels, probs = engine.predict(model, self.views.loader(dataset, self.cfg.finetune.batch_size, False, 0))
         if len(labels) == 0:
             return RoundResult({}, {}, {NUM_EXAMPLES: 0})

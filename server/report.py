@@ -35,9 +35,13 @@ def progress(phase: str, round_: int, total: int, later_rounds: int, entry: dict
     remaining = total - round_ + later_rounds
     recent = seconds[1:][-3:] or seconds       # a phase's first round includes starting the workers
     per_round = sum(recent) / len(recent)
-    line = (f"[{phase}] round {round_}/{total} | sites {len(train)}/{connected} | loss {mean:.4f} "
-            if mean is not None else f"[{phase}] round {round_}/{total} | no updates ")
-    line += "(" + ", ".join(f"{s} {v:.3f}" for s, v in sorted(losses.items())) + ")"
+    line = f"[{phase}] round {round_}/{total} | sites {len(train)}/{connected} | "
+    if mean is not None:
+        line += f"loss {mean:.4f} (" + ", ".join(f"{s} {v:.3f}" for s, v in sorted(losses.items())) + ")"
+    elif train:
+        line += "loss kept at the sites (DP)"        # under DP a site sends only its accounting
+    else:
+        line += "no updates"
     if entry["evaluate"]:
         aucs = [m["auc"] for m in entry["evaluate"].values() if isinstance(m.get("auc"), float) and math.isfinite(m["auc"])]
         if aucs:

@@ -163,7 +163,9 @@ def test_deployment_with_tls_node_auth_policy_and_a_restarted_site(cohort, tmp_p
 
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["sites"]) == {"A", "B", "C"}
-    assert all(m["n_test"] > 0 for m in metrics["sites"].values())
+    # every site answered the final evaluation; this small cohort's test splits hold fewer than
+    # the default policy's min_cell_count (10) subjects of a class, so each released nothing
+    assert all(m.get("suppressed") == 1 and m["n_test"] == 0 and "auc" not in m for m in metrics["sites"].values())
     rounds = metrics["rounds"]
     assert [(r["phase"], r["round"]) for r in rounds] == [("pretrain", 1), ("pretrain", 2), ("pretrain", 3),
                                                          ("finetune", 1)]

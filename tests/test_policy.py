@@ -44,6 +44,16 @@ def test_requests_inside_the_policy_pass_and_outside_are_refused_with_the_rule()
         SitePolicy(dp_required=True).check(run, "pretrain", training=True)
 
 
+def test_the_site_bounds_what_an_evaluation_may_release():
+    SitePolicy().check(cfg(), "finetune", training=False, split="test")
+    with pytest.raises(PolicyRefusal, match="at most 50 bins .* asks for 100000"):
+        SitePolicy().check(cfg(evaluation={"histogram_bins": 100000}), "finetune", training=False, split="test")
+    with pytest.raises(PolicyRefusal, match="at most 2000 bootstrap resamples .* asks for 100000000"):
+        SitePolicy().check(cfg(evaluation={"bootstrap": 100_000_000}), "finetune", training=False, split="val")
+    with pytest.raises(PolicyRefusal, match="does not allow the finetune phase"):      # pretraining only: no scoring
+        SitePolicy(allowed_phases=["pretrain"]).check(cfg(), "finetune", training=False, split="val")
+
+
 def test_a_privacy_cap_binds_runs_without_dp_and_the_site_bounds_delta_and_noise():
     """max_epsilon means something only under DP: a run without it is refused; the site, not the
     server, bounds delta and (with dp_required) the noise multiplier."""

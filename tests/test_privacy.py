@@ -234,3 +234,29 @@ def test_delta_above_the_sites_bound_and_noise_below_its_floor_are_refused(site,
     with pytest.raises(PrivacyRefused, match="noise multiplier 0.001 is below the site's floor 0.5"):
         faint.train("finetune", 1, initial_state(faint.cfg, "finetune"))
     assert not (tmp_path / "ledger.json").exists()               # nothing spent
+
+
+def test_evaluations_per_run_are_counted_and_limited(tmp_path):
+    """The site counts every evaluation release per run (durably); past the policy's
+    max_evaluations it answers no more, whatever the server asks; other runs count apart."""
+    from cmvim.privacy import ReleaseLimit, count_release
+    path = tmp_path / "state" / "releases.json"
+    assert [count_release(path, "run-1", 3) for _ in range(3)] == [1, 2, 3]
+    with pytest.raises(ReleaseLimit, match="had its 3 evaluation"):
+        count_release(path, "run-1", 3)
+    assert count_release(path, "run-2", 3) == 1
+    assert count_release(path, "run-1", None) == 4             # no limit: still counted
+    assert oct(path.stat().st_mode & 0o777) == "0o600" and oct(path.parent.stat().st_mode & 0o777) == "0o700"
+
+
+def test_a_small_cell_releases_nothing(site, tmp_path):
+    """An evaluation split with fewer subjects of a class than the site's min_cell_count sends
+    back only that it was suppressed; with a smaller threshold the same split is scored."""
+    cfg = dp_config(noise_multiplier=1.0)
+    state = initial_state(cfg, "finetune")
+    task = task_for(site, cfg, tmp_path / "ledger.json", limits=SiteLimits(min_cell_count=1000))
+    result = task.evaluate("finetune", state, None, "test")
+    assert result.metrics == {"num-examples": 0, "suppressed": 1} and result.histograms is None
+    task.limits = SiteLimits(min_cell_count=1)
+    scored = task.evaluate("finetune", state, None, "test")
+    assert scored.metrics["num-examples"] > 0 and "auc" in scored.metrics and scored.histograms is not None
