@@ -77,20 +77,12 @@ class SitePolicy:
                                 "the run asks for them (use_reports: true)")
         if not training:
             ev = cfg.evaluation
-            if ev.histogram_bins > self.max_histogram_bins:
-                raise PolicyRefusal(f"site policy allows score histograms of at most {self.max_histogram_bins} bins "
-                                    f"(max_histogram_bins); the run asks for {ev.histogram_bins}")
-            if ev.bootstrap > self.max_bootstrap:
-                raise PolicyRefusal(f"site policy allows at most {self.max_bootstrap} bootstrap resamples "
-                                    f"(max_bootstrap); the run asks for {ev.bootstrap}")
+            _at_most(ev.histogram_bins, self.max_histogram_bins, "score histogram bins", "evaluation.histogram_bins")
+            _at_most(ev.bootstrap, self.max_bootstrap, "bootstrap resamples", "evaluation.bootstrap")
             return
         pc = cfg.phase(phase)
-        if pc.local_epochs > self.max_local_epochs:
-            raise PolicyRefusal(f"site policy allows at most {self.max_local_epochs} local epochs; "
-                                f"the run asks for {pc.local_epochs} ({phase}.local_epochs)")
-        if pc.batch_size > self.max_batch_size:
-            raise PolicyRefusal(f"site policy allows batch size at most {self.max_batch_size}; "
-                                f"the run asks for {pc.batch_size} ({phase}.batch_size)")
+        _at_most(pc.local_epochs, self.max_local_epochs, "local epochs", f"{phase}.local_epochs")
+        _at_most(pc.batch_size, self.max_batch_size, "subjects per batch", f"{phase}.batch_size")
         if self.secure_aggregation_required and not masked:
             raise PolicyRefusal("site policy requires secure aggregation (secure_aggregation_required: true); this "
                                 "training request would send the site's weights unmasked")
@@ -112,6 +104,11 @@ class SitePolicy:
         if privacy.enabled and self.max_epsilon is not None and budget is not None and budget > self.max_epsilon:
             raise PolicyRefusal(f"site policy allows a privacy budget of at most epsilon {self.max_epsilon:g}; "
                                 f"the run asks for {budget:g}")
+
+
+def _at_most(requested, limit, what: str, key: str) -> None:
+    if requested > limit:
+        raise PolicyRefusal(f"site policy allows at most {limit} {what}; the run asks for {requested} ({key})")
 
 
 # synthetic sites: nothing to protect, and a researcher reads every split's numbers

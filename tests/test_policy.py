@@ -35,7 +35,7 @@ def test_requests_inside_the_policy_pass_and_outside_are_refused_with_the_rule()
         SitePolicy(allowed_phases=["finetune", "evaluate"]).check(run, "pretrain", training=True)
     with pytest.raises(PolicyRefusal, match="at most 2 local epochs; the run asks for 3 \\(finetune.local_epochs\\)"):
         SitePolicy(max_local_epochs=2).check(run, "finetune", training=True)
-    with pytest.raises(PolicyRefusal, match="batch size at most 4; the run asks for 8"):
+    with pytest.raises(PolicyRefusal, match=r"at most 4 subjects per batch; the run asks for 8 \(finetune.batch_size\)"):
         SitePolicy(max_batch_size=4).check(run, "finetune", training=True)
     with pytest.raises(PolicyRefusal, match="use of reports"):
         SitePolicy(use_reports=False).check(run, "pretrain", training=False, split="val")
@@ -46,9 +46,9 @@ def test_requests_inside_the_policy_pass_and_outside_are_refused_with_the_rule()
 
 def test_the_site_bounds_what_an_evaluation_may_release():
     SitePolicy().check(cfg(), "finetune", training=False, split="test")
-    with pytest.raises(PolicyRefusal, match="at most 50 bins .* asks for 100000"):
+    with pytest.raises(PolicyRefusal, match=r"at most 50 score histogram bins; the run asks for 100000 \(evaluation.histogram_bins\)"):
         SitePolicy().check(cfg(evaluation={"histogram_bins": 100000}), "finetune", training=False, split="test")
-    with pytest.raises(PolicyRefusal, match="at most 2000 bootstrap resamples .* asks for 100000000"):
+    with pytest.raises(PolicyRefusal, match=r"at most 2000 bootstrap resamples; the run asks for 100000000"):
         SitePolicy().check(cfg(evaluation={"bootstrap": 100_000_000}), "finetune", training=False, split="val")
     with pytest.raises(PolicyRefusal, match="does not allow the finetune phase"):      # pretraining only: no scoring
         SitePolicy(allowed_phases=["pretrain"]).check(cfg(), "finetune", training=False, split="val")
