@@ -75,14 +75,14 @@ def federated(data, strength: float, rounds: int = 30) -> float:
     """FedAvg of per-site L2 logistic regressions (L-BFGS from the global head) on features
     standardised with the sites' pooled mean and variance (aggregate sums a site could send)."""
     x_all = np.concatenate([d["train"][0] for d in data.values()])
-    mean, std = x_all.mean(0), x_all.std(0) + 1e-6
-    mean[np.isnan(mean)] = 0.0
+    mean, std = np.nanmean(x_all, 0), np.nanstd(x_all, 0) + 1e-6     # a missing PET: imputed with the mean (0 here)
+    mean, std = np.nan_to_num(mean), np.nan_to_num(std, nan=1.0)
     sizes = [len(d["train"][1]) for d in data.values()]
     lam = 1.0 / (strength * sum(sizes))
     w, b = torch.zeros(x_all.shape[1], dtype=torch.float64), torch.zeros((), dtype=torch.float64)
 
     def standard(x):
-        return torch.from_numpy(np.nan_to_num((x - mean) / std))
+        return torch.from_numpy(np.nan_to_num((x - mean) / std).astype(np.float64))
 
     for _ in range(rounds):
         states = []
