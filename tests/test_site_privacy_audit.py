@@ -8,7 +8,6 @@ import logging
 import shutil
 import time
 
-import numpy as np
 import pydicom
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, Metadata, RecordDict
