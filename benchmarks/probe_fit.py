@@ -10,6 +10,8 @@ standardised features) on three feature sets of every labelled subject:
 - the linear baseline's regional means (6^3 blocks per modality);
 - the frozen encoder's tokens (what the `readout: tokens` head reads) of a FRESH encoder;
 - the same tokens of the PRETRAINED encoder;
+- those tokens averaged over 2^3 regions per modality, and over each modality (fewer numbers a
+  subject: does pooling keep the signal?);
 
 each fitted centrally on all sites' train+val subjects pooled (as the linear baseline is), on the
 train subjects only (what fine-tuning sees), and federated: FedAvg over the sites of an L2
@@ -104,6 +106,20 @@ def federated(data, strength: float, rounds: int = 30) -> float:
     return mean_test_auc(data, lambda xt: (standard(xt) @ w + b).numpy())
 
 
+def row(label: str, data, seed: int) -> list:
+    both, _ = central(data, ["train", "val"], seed)
+    train_only, fitted = central(data, ["train"], seed)
+    fed = federated(data, float(fitted[-1].C_[0]))
+    return [label, data[next(iter(data))]["train"][0].shape[1], f"{both:.3f}", f"{train_only:.3f}", f"{fed:.3f}"]
+
+
+def regions(x: np.ndarray, r: int, grid: int = 4, modalities: int = 2) -> np.ndarray:
+    """Tokens (n, modalities * grid^3 * dim), in place, averaged over r^3 regions per modality."""
+    n, k = x.shape[0], grid // r
+    g = x.reshape(n, modalities, r, k, r, k, r, k, -1)
+    return g.mean(axis=(3, 5, 7)).reshape(n, -1)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--weights", required=True, help="pretrained CMViM weights (a cmvim-sim pretraining checkpoint)")
@@ -123,11 +139,11 @@ def main() -> None:
     for label, model in (("regional means 6^3 (the linear baseline)", None), ("fresh encoder tokens", fresh),
                          ("pretrained encoder tokens", pretrained)):
         data = features(cfg, sites, model)
-        both, _ = central(data, ["train", "val"], cfg.seed)
-        train_only, fitted = central(data, ["train"], cfg.seed)
-        fed = federated(data, float(fitted[-1].C_[0]))
-        rows.append([label, data[next(iter(data))]["train"][0].shape[1], f"{both:.3f}", f"{train_only:.3f}", f"{fed:.3f}"])
+        rows.append(row(label, data, cfg.seed))
         print(f"  {label}: done [{time.perf_counter() - start:.0f}s]", flush=True)
+    for label, r in (("pretrained tokens, 2^3 regions a modality", 2), ("pretrained tokens, modality means", 1)):
+        rows.append(row(label, {n: {s: (regions(x, r), y) for s, (x, y) in d.items()} for n, d in data.items()},
+                        cfg.seed))
     print(f"\nconfig {args.config}, weights {args.weights}, seed {cfg.seed}: mean per-site test AUC (AD vs CN)\n")
     print(format_table(["features", "dims", "central, train+val", "central, train", "federated (FedAvg LR), train"],
                        rows))

@@ -113,20 +113,23 @@ class SiteTask:
     def _private_dataset(self, phase: str):
         return self.views.pretraining() if phase == "pretrain" else self.views.finetuning()
 
-    def privacy_plan(self) -> tuple[float, dict[str, tuple[float, int]]]:
+    def _private_sizes(self) -> dict[str, int]:
+        return {phase: len(self._private_dataset(phase)) for phase in ("pretrain", "finetune")}
+
+    def privacy_plan(self, sizes: dict[str, int] | None = None) -> tuple[float, dict[str, tuple[float, int]]]:
         """(delta, {phase: (sample_rate, steps per round)}) at this site."""
-        return privacy_plan(self.cfg, {phase: len(self._private_dataset(phase)) for phase in ("pretrain", "finetune")})
+        return privacy_plan(self.cfg, sizes or self._private_sizes())
 
     def noise_multiplier(self, plan: tuple[float, dict] | None = None) -> float:
         return planned_noise(self.cfg, *(plan or self.privacy_plan()))
 
     def _train_private(self, phase: str, round_: int, model: torch.nn.Module) -> RoundResult:
         pv, pc = self.cfg.privacy, self.cfg.phase(phase)
-        delta, plan = self.privacy_plan()
+        sizes = self._private_sizes()
+        delta, plan = self.privacy_plan(sizes)
         q, steps = plan[phase]
         sigma = self.noise_multiplier((delta, plan))
-        n = len(self._private_dataset("pretrain"))
-        max_delta = self.limits.max_delta if self.limits.max_delta is not None else 1.0 / max(n, 1)
+        max_delta = self.limits.max_delta if self.limits.max_delta is not None else 1.0 / max(sizes["pretrain"], 1)
         if delta > max_delta:
             raise PrivacyRefused(f"privacy: the run's delta {delta:.1e} is above what the site allows ({max_delta:.1e}, "
                                  "max_delta, default 1/n): the site does not train with it")

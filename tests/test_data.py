@@ -395,3 +395,13 @@ def test_check_shows_the_splits_the_run_will_use(tmp_path, capsys):
     bad.write_text("split_fractons: [0.5, 0.25, 0.25]\n")
     assert main(["check", "--data", str(site), "--config", str(bad)]) == 1
     assert "split_fractions" in capsys.readouterr().out          # the typo named, the right key suggested
+
+
+def test_a_pooled_dataset_sets_its_augmentation_counters_in_every_part(tmp_path):
+    from cmvim.data.views import Pooled
+    a = SiteData.load(write_site(tmp_path / "a", n=3), CFG).dataset()
+    b = SiteData.load(write_site(tmp_path / "b", n=2), CFG).dataset()
+    pooled = Pooled([a, b])
+    pooled.epoch, pooled.seed = 4, 9
+    assert (a.epoch, a.seed, b.epoch, b.seed) == (4, 9, 4, 9) and (pooled.epoch, pooled.seed) == (4, 9)
+    assert len(pooled) == 5 and len(pooled.records) == 5

@@ -11,6 +11,20 @@ from .augment import ModalityDropout, PretrainAugment
 from .site import SiteData, SiteDataset, label_index, make_loader
 
 
+class _EveryPart:
+    """An attribute of a Pooled dataset that lives in each part: read from the first, set on all."""
+
+    def __set_name__(self, owner, name):
+        self.name = name
+
+    def __get__(self, obj, owner=None):
+        return self if obj is None else getattr(obj.parts[0], self.name)
+
+    def __set__(self, obj, value):
+        for part in obj.parts:
+            setattr(part, self.name, value)
+
+
 class Pooled(torch.utils.data.Dataset):
     """Several sites' datasets as one. Setting `epoch` or `seed` (the augmentation counters the
     training loop and the round set) sets them in every part."""
@@ -28,23 +42,8 @@ class Pooled(torch.utils.data.Dataset):
     def records(self):
         return [r for part in self.parts for r in part.records]
 
-    @property
-    def epoch(self) -> int:
-        return self.parts[0].epoch
-
-    @epoch.setter
-    def epoch(self, value: int) -> None:
-        for part in self.parts:
-            part.epoch = value
-
-    @property
-    def seed(self) -> int:
-        return self.parts[0].seed
-
-    @seed.setter
-    def seed(self, value: int) -> None:
-        for part in self.parts:
-            part.seed = value
+    epoch = _EveryPart()
+    seed = _EveryPart()
 
 
 class SiteViews:
