@@ -51,9 +51,13 @@ class ModelConfig:
     momentum: float = 0.999            # EMA of the momentum encoder
     num_classes: int = 2               # 2: CN vs AD; 3: CN / MCI / AD
     # what the classifier's linear head reads: "mean" (the paper: the mean of every token's
-    # features) or "tokens" (every token's features in place, a weight per position: disease shows
-    # in regions, and a whole-brain mean dilutes them; docs/science.md)
-    readout: Literal["mean", "tokens"] = "mean"
+    # features), "tokens" (every token's features in place, a weight per position: disease shows
+    # in regions, and a whole-brain mean dilutes them; docs/science.md) or "factorized" (every
+    # token in place through a low-rank head: each token's features projected onto `head_rank`
+    # learned directions, then a weight per position and direction, so a few labelled subjects fit
+    # L * head_rank spatial weights instead of L * width)
+    readout: Literal["mean", "tokens", "factorized"] = "mean"
+    head_rank: int = 2
     loss: LossConfig = field(default_factory=LossConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
 
@@ -65,6 +69,8 @@ class ModelConfig:
             raise ValueError(f"modalities must be a non-empty subset of {MODALITIES}, got {self.modalities}")
         if not 0.0 < self.mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must be in (0, 1), got {self.mask_ratio}")
+        if self.head_rank < 1:
+            raise ValueError(f"head_rank must be at least 1, got {self.head_rank}")
         if self.num_classes not in (2, 3):
             raise ValueError(f"num_classes must be 2 (CN/AD) or 3 (CN/MCI/AD), got {self.num_classes}")
         self.modalities = tuple(self.modalities)
@@ -72,7 +78,7 @@ class ModelConfig:
     def summary(self) -> str:
         """One line for a report: what a reader needs to tell two models apart."""
         return (f"{self.img_size}³ input, patch {self.patch_size}, width {self.embed_dim}, depth {self.depth}, "
-                f"readout {self.readout}")
+                f"readout {self.readout}" + (f" (rank {self.head_rank})" if self.readout == "factorized" else ""))
 
     @property
     def grid(self) -> int:

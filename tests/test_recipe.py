@@ -60,6 +60,29 @@ def test_tokens_readout_reads_every_token_in_place_and_loads_pretrained_encoders
     torch.testing.assert_close(mean_clf.features(batch), hidden.mean(dim=1))
     assert clf(batch).shape == (3, 2)
 
+def test_factorized_readout_is_a_full_token_head_of_low_rank():
+    mc = model_config("tiny", readout="factorized", head_rank=3)
+    clf = CMViMClassifier(mc)
+    tokens, dim = mc.num_patches * 2, mc.embed_dim
+    head = clf.head
+    assert sum(p.numel() for p in head.parameters()) == dim * 3 + tokens * 3 * 2 + 2   # vs tokens * dim * 2 + 2
+    torch.manual_seed(2)
+    head.double()
+    for p in head.parameters():
+        torch.nn.init.normal_(p)
+    # the same map as a full linear head whose (class, token, feature) weight is sum_k S[class, token, k] U[k, feature]
+    spatial = head.spatial.weight.reshape(2, tokens, 3)
+    full = torch.einsum("ctk,kd->ctd", spatial, head.reduce.weight).reshape(2, tokens * dim)
+    x = torch.randn(5, tokens * dim, dtype=torch.float64)
+    torch.testing.assert_close(head(x), x @ full.T + head.spatial.bias)
+    head.float()
+    batch = synthetic_batch(mc, 3, seed=1)
+    assert clf(batch).shape == (3, 2) and clf.features(batch).shape == (3, tokens * dim)
+    assert "rank 3" in mc.summary()
+    with pytest.raises(ValueError, match="head_rank"):
+        model_config("tiny", readout="factorized", head_rank=0)
+
+
 
 # -- optimiser: layer-wise lr decay --------------------------------------------------------------------
 

@@ -178,17 +178,42 @@ class CMViM(nn.Module):
                 p_m.mul_(m).add_(p.detach(), alpha=1 - m)
 
 
+class FactorizedHead(nn.Module):
+    """A linear head on (b, tokens * dim) features whose weight is low-rank across the token
+    dimension: each token's features are projected onto `rank` learned directions (shared by
+    every position), then a linear layer weighs each position and direction. The same family as
+    a full linear head restricted to rank `rank` per class; far fewer weights to fit from a few
+    labelled subjects, and the spatial map (`spatial`) stays readable."""
+
+    def __init__(self, tokens: int, dim: int, rank: int, num_classes: int):
+        super().__init__()
+        self.tokens, self.dim = tokens, dim
+        self.reduce = nn.Linear(dim, rank, bias=False)       # default init: unit-scale projections
+        self.spatial = nn.Linear(tokens * rank, num_classes)
+        nn.init.trunc_normal_(self.spatial.weight, std=0.02)
+        nn.init.zeros_(self.spatial.bias)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        tokens = features.reshape(features.shape[0], self.tokens, self.dim)
+        return self.spatial(self.reduce(tokens).flatten(1))
+
+
 class CMViMClassifier(nn.Module):
     """Fine-tuning model: the image encoder on all tokens (no masking), a linear head on its
-    mean-pooled tokens (readout "mean", the paper's) or on every token in place (readout "tokens")."""
+    mean-pooled tokens (readout "mean", the paper's), on every token in place (readout "tokens"),
+    or on every token through a low-rank head (readout "factorized", `FactorizedHead`)."""
 
     def __init__(self, cfg: ModelConfig, scan_backend: str | None = None):
         super().__init__()
         self.cfg = cfg
         self.image = ImageEncoder(cfg, scan_backend)
-        self.head = nn.Linear(self.feature_dim, cfg.num_classes)
-        nn.init.trunc_normal_(self.head.weight, std=0.02)
-        nn.init.zeros_(self.head.bias)
+        if cfg.readout == "factorized":
+            self.head = FactorizedHead(cfg.num_patches * len(cfg.modalities), cfg.embed_dim, cfg.head_rank,
+                                       cfg.num_classes)
+        else:
+            self.head = nn.Linear(self.feature_dim, cfg.num_classes)
+            nn.init.trunc_normal_(self.head.weight, std=0.02)
+            nn.init.zeros_(self.head.bias)
 
     @property
     def feature_dim(self) -> int:
