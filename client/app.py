@@ -25,6 +25,7 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from cmvim.config import ConfigError
 from cmvim.data import DataError, SiteData
+from cmvim.device import DeviceError
 from cmvim.run_config import RunConfig
 from cmvim.privacy import PrivacyBudgetExceeded, SiteLimits, count_release
 from cmvim.protocol import (ARRAYS, CONFIG, HIST_NEG, HIST_POS, METRICS, NUM_EXAMPLES, PHASE, PROXIMAL_MU, ROUND,
@@ -78,7 +79,8 @@ def ledger_path(context: Context, site_dir: Path) -> Path:
     return (Path(str(state)) if state else site_dir / ".cmvim_privacy") / "ledger.json"
 
 
-def load_task(cfg: RunConfig, name: str, site_dir: Path) -> SiteTask:
+def load_task(cfg: RunConfig, name: str, site_dir: Path, device: str | None = None) -> SiteTask:
+    """The site's task; `device`: the site's own choice (cmvim-client --device), else the run's."""
     torch.set_num_threads(max(1, cfg.threads_per_site))
     site = SiteData.load(site_dir, cfg.preprocess, seed=cfg.seed, use_reports=cfg.use_reports,
                            split_fractions=cfg.split_fractions)
@@ -87,7 +89,10 @@ def load_task(cfg: RunConfig, name: str, site_dir: Path) -> SiteTask:
                     name, len(site.summary.skipped), site_dir)
     if not site.records:
         raise DataError("no usable subject in the site folder", kind="no usable subjects")
-    return SiteTask(cfg, [site], name)
+    try:
+        return SiteTask(cfg, [site], name, device=device)
+    except DeviceError as exc:
+        raise SiteRefusal(f"site {name}: {exc}") from None
 
 
 def _handle(msg: Message, context: Context, training: bool) -> Message:
@@ -108,7 +113,8 @@ def _handle(msg: Message, context: Context, training: bool) -> Message:
         except PolicyRefusal:
             log.warning("site %s refused a %s request (site policy)", name, phase)
             raise
-        task = load_task(cfg, name, site_dir)
+        device = context.node_config.get("device")
+        task = load_task(cfg, name, site_dir, str(device) if device else None)
         task.ledger_path = ledger_path(context, site_dir)
         task.limits = SiteLimits(max_epsilon=policy.max_epsilon, max_delta=policy.max_delta,
                                  min_noise_multiplier=policy.min_noise_multiplier if policy.dp_required else 0.0,

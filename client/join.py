@@ -66,6 +66,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                        "(default ~/.cmvim/supernode-<site>)")
     parser.add_argument("--runtime-port", type=int, help="local port of the SuperNode's runtime API "
                                                          "(default: a free one)")
+    parser.add_argument("--device", default=None,
+                        help="where this site computes: auto (its GPU when it has one), cpu, cuda or cuda:N "
+                             "(default: what the run config says, auto unless the coordinator set it)")
     parser.add_argument("--insecure", action="store_true",
                         help="no TLS and no node authentication (testing on one machine only)")
     parser.add_argument("--max-restarts", type=int, default=None, help="give up after this many restarts")
@@ -113,6 +116,12 @@ def preflight(args: argparse.Namespace) -> None:
         raise JoinError(f"--server {args.server!r}: expected HOST:PORT")
     if not all(c.isalnum() or c in "-_" for c in args.site):
         raise JoinError(f"--site {args.site!r}: use letters, digits, '-' and '_'")
+    if args.device is not None:
+        from cmvim.device import DeviceError, describe, resolve_device
+        try:
+            args.device_name = describe(resolve_device(args.device))
+        except DeviceError as err:
+            raise JoinError(f"--device: {err}") from None
     flower_executable("flower-supernode", JoinError)
 
 
@@ -129,6 +138,8 @@ def supernode_command(args: argparse.Namespace, runtime_port: int, state: Path) 
     node_config = f'site="{args.site}" data-dir="{args.data.resolve()}" state-dir="{state}"'
     if args.policy is not None:
         node_config += f' policy="{args.policy.resolve()}"'
+    if args.device is not None:
+        node_config += f' device="{args.device}"'
     cmd = [flower_executable("flower-supernode", JoinError), "--superlink", args.server,
            "--node-config", node_config, "--port", str(runtime_port)]
     if args.insecure:
@@ -151,6 +162,8 @@ def join(args: argparse.Namespace) -> int:
         return 2
     policy = load_policy(args.policy)
     print(f"cmvim-client: site policy: {policy}")
+    if args.device is not None:
+        print(f"cmvim-client: computing on {args.device_name} (--device {args.device})")
     if args.insecure:
         print("cmvim-client: WARNING --insecure: no TLS, no node authentication; for tests on one machine only")
 

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .device import FP32, Precision, model_device, to_device
 from .model import CMViM
 from .protocol import NUM_EXAMPLES
 
@@ -46,14 +47,17 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.05,
 
 
 @torch.no_grad()
-def pretrain_losses(model: CMViM, batches: Iterable[Mapping[str, torch.Tensor]], seed: int = 0) -> dict[str, float]:
+def pretrain_losses(model: CMViM, batches: Iterable[Mapping[str, torch.Tensor]], seed: int = 0,
+                    precision: Precision = FP32) -> dict[str, float]:
     """Mean loss terms over `batches` with fixed maskings (seeded), without training."""
     model.eval()
-    generator = torch.Generator().manual_seed(seed)
+    device = model_device(model)
+    generator = torch.Generator().manual_seed(seed)         # masking draws on the CPU (patch.random_masking)
     totals: dict[str, float] = {}
     count = 0
     for batch in batches:
-        out = model(batch, generator)
+        with precision.autocast():
+            out = model(to_device(batch, device), generator)
         for key, value in {"loss": float(out.loss), **out.terms}.items():
             totals[key] = totals.get(key, 0.0) + value
         count += 1
@@ -87,20 +91,24 @@ def _batches(loader, epochs: int, max_steps: int | None):
 
 def train(model: nn.Module, batches: Iterable, optimizer: torch.optim.Optimizer, loss_fn: LossFn,
           prox: ProximalTerm | None = None, grad_clip: float | None = 1.0,
-          after_step: Callable[[], None] | None = None) -> dict[str, float]:
+          after_step: Callable[[], None] | None = None, precision: Precision = FP32) -> dict[str, float]:
     """The one local training loop: every phase, DP-SGD (its Poisson batches and DP optimizer handed
     in), the baselines and the benchmarks run it. `loss_fn(model, batch) -> (loss, stats, n)`;
-    returns each stat's mean over the samples seen and their number (NUM_EXAMPLES)."""
+    returns each stat's mean over the samples seen and their number (NUM_EXAMPLES). Batches
+    follow the model to its device; the forward pass runs in `precision` (autocast)."""
     model.train()
+    device = model_device(model)
     totals: dict[str, float] = {}
     samples = 0
     for batch in batches:
         optimizer.zero_grad(set_to_none=True)
-        loss, stats, n = loss_fn(model, batch)
-        (loss + prox() if prox is not None else loss).backward()
+        with precision.autocast():
+            loss, stats, n = loss_fn(model, to_device(batch, device))
+        precision.backward(loss + prox() if prox is not None else loss)
         if grad_clip:
+            precision.unscale(optimizer)
             torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        optimizer.step()
+        precision.step(optimizer)
         if after_step is not None:
             after_step()
         for key, value in stats.items():
@@ -119,19 +127,22 @@ def classification_loss(weights: torch.Tensor | None = None,
                         forward: Callable[[nn.Module, Mapping], torch.Tensor] = lambda m, b: m(b)) -> LossFn:
     """Class-weighted cross-entropy on `batch["label"]` (and the batch's accuracy)."""
     def loss_fn(model, batch):
-        logits = forward(model, batch)
-        loss = nn.functional.cross_entropy(logits, batch["label"], weight=weights)
+        logits = forward(model, batch).float()
+        loss = nn.functional.cross_entropy(logits, batch["label"],
+                                           weight=weights.to(logits.device) if weights is not None else None)
         acc = float((logits.argmax(-1) == batch["label"]).float().mean())
         return loss, {"loss": float(loss.detach()), "acc": acc}, len(batch["label"])
     return loss_fn
 
 
 def pretrain(model: CMViM, loader, optimizer: torch.optim.Optimizer, epochs: int = 1, max_steps: int | None = None,
-             prox: ProximalTerm | None = None, grad_clip: float | None = 1.0) -> dict[str, float]:
+             prox: ProximalTerm | None = None, grad_clip: float | None = 1.0,
+             precision: Precision = FP32) -> dict[str, float]:
     """Local self-supervised training; returns the mean of each loss term and the number of samples."""
     batches = (b for b in _batches(loader, epochs, max_steps)
                if len(b["mri"]) >= 2)                  # InfoNCE needs negatives: skip a lone last sample
-    return train(model, batches, optimizer, pretrain_loss, prox, grad_clip, after_step=model.update_momentum)
+    return train(model, batches, optimizer, pretrain_loss, prox, grad_clip, after_step=model.update_momentum,
+                 precision=precision)
 
 
 def class_weights(labels: Iterable[int], num_classes: int) -> torch.Tensor:
@@ -142,22 +153,24 @@ def class_weights(labels: Iterable[int], num_classes: int) -> torch.Tensor:
 
 def finetune(model: nn.Module, loader, optimizer: torch.optim.Optimizer, epochs: int = 1,
              max_steps: int | None = None, prox: ProximalTerm | None = None, weights: torch.Tensor | None = None,
-             grad_clip: float | None = 1.0) -> dict[str, float]:
+             grad_clip: float | None = 1.0, precision: Precision = FP32) -> dict[str, float]:
     """Supervised local training of the classifier; returns mean loss, accuracy and sample count."""
-    return train(model, _batches(loader, epochs, max_steps), optimizer, classification_loss(weights), prox, grad_clip)
+    return train(model, _batches(loader, epochs, max_steps), optimizer, classification_loss(weights), prox, grad_clip,
+                 precision=precision)
 
 
 def probe(model: nn.Module, loader, epochs: int, lr: float, weight_decay: float = 0.0,
-          weights: torch.Tensor | None = None, seed: int = 0) -> dict[str, float]:
+          weights: torch.Tensor | None = None, seed: int = 0, precision: Precision = FP32) -> dict[str, float]:
     """Linear probing: the encoder frozen, every subject's features computed once, then the head
     alone trained on them for `epochs` (the LP of LP-FT: a head fitted to the pretrained features
     before fine-tuning moves them). Returns the last epoch's mean loss, accuracy and sample count."""
     features, labels = [], []
     model.eval()
-    with torch.no_grad():
+    device = model_device(model)
+    with torch.no_grad(), precision.autocast():
         for batch in loader:
-            features.append(model.features(batch))
-            labels.append(batch["label"])
+            features.append(model.features(to_device(batch, device)).float())
+            labels.append(batch["label"].to(device))
     if not features:
         return {"loss": float("nan"), "acc": float("nan"), NUM_EXAMPLES: 0}
     x, y = torch.cat(features), torch.cat(labels)
@@ -168,19 +181,22 @@ def probe(model: nn.Module, loader, epochs: int, lr: float, weight_decay: float 
     metrics: dict[str, float] = {}
     for _ in range(epochs):
         batches = ({"features": x[idx], "label": y[idx]}
-                   for idx in torch.randperm(len(y), generator=generator).split(batch_size))
-        metrics = train(model.head, batches, optimizer, loss_fn, grad_clip=None)
+                   for idx in torch.randperm(len(y), generator=generator).to(device).split(batch_size))
+        metrics = train(model.head, batches, optimizer, loss_fn, grad_clip=None, precision=precision)
     return metrics
 
 
 @torch.no_grad()
-def predict(model: nn.Module, loader) -> tuple[np.ndarray, np.ndarray]:
-    """(labels, probabilities (n, classes)) over a loader, in eval mode."""
+def predict(model: nn.Module, loader, precision: Precision = FP32) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, probabilities (n, classes)) over a loader, in eval mode, on the model's device."""
     model.eval()
+    device = model_device(model)
     labels, probs = [], []
     for batch in loader:
         labels.append(batch["label"].numpy())
-        probs.append(torch.softmax(model(batch), dim=-1).numpy())
+        with precision.autocast():
+            logits = model(to_device(batch, device))
+        probs.append(torch.softmax(logits.float(), dim=-1).cpu().numpy())
     if not labels:
         return np.zeros(0, dtype=int), np.zeros((0, 0))
     return np.concatenate(labels), np.concatenate(probs)

@@ -37,6 +37,7 @@ from opacus.accountants import RDPAccountant
 from opacus.optimizers import DPOptimizer
 from torch import nn
 
+from .device import FP32, DeviceError, Precision, model_device
 from .engine import train
 from .run_config import RunConfig
 
@@ -206,17 +207,22 @@ def count_release(path: Path, run: str, limit: int | None) -> int:
 
 def dp_train(model: nn.Module, dataset, collate: Callable, loss_fn: Callable, optimizer: torch.optim.Optimizer,
              noise_multiplier: float, max_grad_norm: float, sample_rate: float, steps: int, seed: int,
-             after_step: Callable[[], None] | None = None) -> dict[str, float]:
+             after_step: Callable[[], None] | None = None, precision: Precision = FP32) -> dict[str, float]:
     """`steps` DP-SGD steps with Poisson sampling, through the one training loop (engine.train)
     with Opacus' per-sample gradients and DP optimizer handed in. `loss_fn(module, batch) ->
     (loss, stats, n)` with loss the batch mean of per-sample losses. Returns the mean stats and
-    num-examples."""
-    generator = torch.Generator().manual_seed(seed)
+    num-examples. On a GPU the noise is drawn there (from a generator seeded the same way)."""
+    if precision.scaler is not None:
+        raise DeviceError("precision fp16 with DP-SGD: a loss scaler would scale the per-sample gradients "
+                          "Opacus clips; use bf16 or fp32")
+    generator = torch.Generator().manual_seed(seed)                     # Poisson sampling: on the CPU
+    device = model_device(model)
+    noise_generator = generator if device.type == "cpu" else torch.Generator(device=device).manual_seed(seed)
     n = len(dataset)
     expected = max(1, round(sample_rate * n))
     private = GradSampleModule(model, batch_first=True, loss_reduction="mean", strict=False)
     dp_optimizer = DPOptimizer(optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
-                               expected_batch_size=expected, loss_reduction="mean", generator=generator)
+                               expected_batch_size=expected, loss_reduction="mean", generator=noise_generator)
     params = [p for p in model.parameters() if p.requires_grad]
 
     def poisson_batches():
@@ -227,7 +233,8 @@ def dp_train(model: nn.Module, dataset, collate: Callable, loss_fn: Callable, op
                 continue
             dp_optimizer.zero_grad(set_to_none=True)     # Poisson sampling drew nobody: a noise-only step, as Opacus takes it
             for p in params:
-                p.grad = torch.normal(0.0, noise_multiplier * max_grad_norm, p.shape, generator=generator) / expected
+                p.grad = torch.normal(0.0, noise_multiplier * max_grad_norm, p.shape, generator=noise_generator,
+                                      device=device) / expected
             optimizer.step()
             if after_step is not None:
                 after_step()
@@ -237,7 +244,8 @@ def dp_train(model: nn.Module, dataset, collate: Callable, loss_fn: Callable, op
         # module outputs: that is what Opacus' hooks expect here
         warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed")
         try:
-            return train(private, poisson_batches(), dp_optimizer, loss_fn, grad_clip=None, after_step=after_step)
+            return train(private, poisson_batches(), dp_optimizer, loss_fn, grad_clip=None, after_step=after_step,
+                         precision=precision)
         finally:
             private._close()        # remove Opacus' hooks: the model goes back to being plain
             for p in model.parameters():

@@ -17,6 +17,17 @@ from typing import Literal, Mapping
 from .config import from_dict, load_yaml, to_dict
 from .model_config import MODALITIES, ModelConfig, model_config
 
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def check_device_spec(spec: str) -> str:
+    """`spec`, normalised, if it names a device cmvim accepts (checked without touching a GPU:
+    cmvim.device resolves it on the machine that computes)."""
+    text = str(spec).strip().lower()
+    if text in ("auto", "cpu", "cuda") or (text.startswith("cuda:") and text[5:].isdigit()):
+        return text
+    raise ValueError(f"device {spec!r}: choose auto, cpu, cuda or cuda:N")
+
 SPLIT_FRACTIONS = (0.7, 0.1, 0.2)         # train / val / test for subjects the manifest gives no split
 NORMALIZER_NAMES = ("percentile", "zscore", "suvr", "none")   # cmvim.data.preprocess.NORMALIZERS implements them
 
@@ -268,6 +279,12 @@ class RunConfig:
     personalize: Literal["none", "head", "norm", "head+norm"] = "none"
     use_reports: bool = True
     threads_per_site: int = 1
+    # where each site computes: auto (its CUDA GPU when it has one, else the CPU), cpu, cuda, cuda:N;
+    # a site's own `cmvim-client --device` wins over the run's choice. precision: auto (bf16 autocast
+    # on GPUs that support it, fp16 on older ones, fp32 on CPUs), fp32, bf16 or fp16 (cmvim.device)
+    device: str = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    gpus_per_site: float = 0.0             # cmvim-sim: the share of a GPU each simulated site gets (Flower's num_gpus)
     baselines: list[str] = field(default_factory=list)     # "local", "centralized", "linear"
     linear: LinearConfig = field(default_factory=LinearConfig)   # the linear baseline's features and fit
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)   # sample-level DP-SGD at every site
@@ -277,6 +294,9 @@ class RunConfig:
     def __post_init__(self):
         if len(self.split_fractions) != 3 or abs(sum(self.split_fractions) - 1) > 1e-6 or min(self.split_fractions) < 0:
             raise ValueError(f"split_fractions must be three non-negative numbers summing to 1, got {self.split_fractions}")
+        check_device_spec(self.device)
+        if not 0.0 <= self.gpus_per_site:
+            raise ValueError(f"gpus_per_site must be 0 or more (a share of one GPU, or several), got {self.gpus_per_site}")
         unknown = set(self.baselines) - {"local", "centralized", "linear"}
         if unknown:
             raise ValueError(f"baselines: unknown {sorted(unknown)}; choose from 'local', 'centralized', 'linear'")

@@ -20,6 +20,7 @@ import torch
 from . import engine
 from .data import SiteData
 from .data.views import SiteViews
+from .device import Precision, describe, resolve_device, to_cpu
 from .metrics import binary_metrics, score_histograms
 from .privacy import PrivacyLedger, PrivacyRefused, SiteLimits, Spend, dp_train, planned_noise, privacy_plan
 from .protocol import NUM_EXAMPLES, SUPPRESSED
@@ -55,21 +56,28 @@ class SiteTask:
     `run_key`: which run the spends belong to; `limits`: what the site's policy lets DP spend."""
 
     def __init__(self, cfg: RunConfig, sites: list[SiteData], name: str, ledger_path=None, run_key: str = "local",
-                 limits: SiteLimits | None = None):
+                 limits: SiteLimits | None = None, device: str | None = None):
         self.cfg, self.sites, self.name = cfg, sites, name
         self.num_classes = cfg.model.num_classes
-        self.views = SiteViews(cfg, sites)
         self.ledger_path = ledger_path or sites[0].site_dir / ".cmvim_privacy" / "ledger.json"
         self.run_key, self.limits = run_key, limits or SiteLimits()
+        # the site's own device choice (cmvim-client --device) wins over the run's
+        self.device = resolve_device(device or cfg.device)
+        self.precision = Precision.resolve(cfg.precision, self.device)
+        self.views = SiteViews(cfg, sites, pin_memory=self.device.type == "cuda")
+        if self.device.type == "cuda":
+            log.info("site %s computes on %s in %s", name, describe(self.device), self.precision.name)
 
     def _model(self, phase: str, shared: State, local: State) -> torch.nn.Module:
         try:
-            return load_shared(build_model(self.cfg, phase), phase, self.cfg.personalize, shared, local)
+            model = load_shared(build_model(self.cfg, phase), phase, self.cfg.personalize, shared, local)
         except SharingError as exc:
             raise SiteTaskError(str(exc)) from None
+        return model.to(self.device)
 
     def _split(self, model: torch.nn.Module, phase: str) -> tuple[dict, dict]:
-        return split_shared(model, phase, self.cfg.personalize)
+        shared, local = split_shared(model, phase, self.cfg.personalize)
+        return to_cpu(shared), to_cpu(local)                   # what leaves the site never names a GPU
 
     def train(self, phase: str, round_: int, shared: State, local: State | None = None,
               proximal_mu: float = 0.0) -> RoundResult:
@@ -92,20 +100,23 @@ class SiteTask:
                 raise SiteTaskError(f"{len(dataset)} subject(s) for pretraining: at least 2 are needed")
             loader = views.loader(dataset, pc.batch_size, True, seed, drop_last=len(dataset) > pc.batch_size)
             optimizer = engine.make_optimizer(model, pc.lr, pc.weight_decay)
-            metrics = engine.pretrain(model, loader, optimizer, pc.local_epochs, pc.max_steps, prox)
+            metrics = engine.pretrain(model, loader, optimizer, pc.local_epochs, pc.max_steps, prox,
+                                      precision=self.precision)
         elif pc.probing(round_):
             # LP: the head alone, on the frozen encoder's features of the site's real inputs
             dataset = views.dataset(["train"], True, augment=False)
             weights = engine.class_weights(self._checked_labels(dataset), self.num_classes)
             loader = views.loader(dataset, pc.batch_size, False, seed)
-            metrics = engine.probe(model, loader, pc.probe_epochs, pc.probe_lr, weights=weights, seed=seed)
+            metrics = engine.probe(model, loader, pc.probe_epochs, pc.probe_lr, weights=weights, seed=seed,
+                                   precision=self.precision)
         else:
             dataset = views.finetuning()
             dataset.seed = round_
             weights = engine.class_weights(self._checked_labels(dataset), self.num_classes)
             loader = views.loader(dataset, pc.batch_size, True, seed)
             optimizer = engine.make_optimizer(model, pc.lr, pc.weight_decay, pc.layer_decay)
-            metrics = engine.finetune(model, loader, optimizer, pc.local_epochs, pc.max_steps, prox, weights)
+            metrics = engine.finetune(model, loader, optimizer, pc.local_epochs, pc.max_steps, prox, weights,
+                                      precision=self.precision)
         shared_out, local_out = self._split(model, phase)
         return RoundResult(shared_out, local_out, metrics)
 
@@ -163,7 +174,8 @@ class SiteTask:
         loss_fn = engine.pretrain_loss if phase == "pretrain" else engine.classification_loss(None)
         metrics = dp_train(model, dataset, collate, loss_fn, optimizer, sigma, pv.max_grad_norm, q, steps,
                            seed=stable_seed(self.cfg.seed, self.name, phase, round_, "dp"),
-                           after_step=model.update_momentum if phase == "pretrain" else None)
+                           after_step=model.update_momentum if phase == "pretrain" else None,
+                           precision=self.precision)
         if phase == "pretrain":
             model.contrastive, model.per_sample = contrastive, False
         # what leaves: the accounting and the count FedAvg weights by; the private batches' loss and
@@ -193,14 +205,15 @@ class SiteTask:
                 return RoundResult({}, {}, {NUM_EXAMPLES: 0, SUPPRESSED: 1})
             loader = self.views.loader(dataset, self.cfg.pretrain.batch_size, False, 0)
             batches = [b for b in loader if len(b["mri"]) >= 2]
-            metrics = engine.pretrain_losses(model, batches) if batches else {}
+            metrics = engine.pretrain_losses(model, batches, precision=self.precision) if batches else {}
             return RoundResult({}, {}, {**metrics, NUM_EXAMPLES: len(dataset)})
         dataset = self.views.dataset([split], True, augment=False)
         binary = (np.asarray(self.views.labels(dataset)) == self.num_classes - 1).astype(int)
         if len(binary) and min(int(binary.sum()), int(len(binary) - binary.sum())) < k:
             # a small cell: nothing about it leaves, not even how many (decided before the model runs)
             return RoundResult({}, {}, {NUM_EXAMPLES: 0, SUPPRESSED: 1})
-        labels, probs = engine.predict(model, self.views.loader(dataset, self.cfg.finetune.batch_size, False, 0))
+        labels, probs = engine.predict(model, self.views.loader(dataset, self.cfg.finetune.batch_size, False, 0),
+                                       self.precision)
         if len(labels) == 0:
             return RoundResult({}, {}, {NUM_EXAMPLES: 0})
         positive = probs[:, -1]                  # P(AD): the last class in both tasks

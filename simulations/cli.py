@@ -88,10 +88,27 @@ def run_federated(cfg: RunConfig, out_dir: Path, n_sites: int, resume: bool, ver
         return run_baselines(cfg, sites, cfg.baselines, say=_say)
 
     cores = os.cpu_count() or 1
-    backend = {"client_resources": {"num_cpus": max(1, cfg.threads_per_site), "num_gpus": 0.0},
+    backend = {"client_resources": {"num_cpus": max(1, cfg.threads_per_site), "num_gpus": float(cfg.gpus_per_site)},
                "init_args": {"num_cpus": cores, "include_dashboard": False, "logging_level": "error"}}
     run_simulation(server_app=server_app, client_app=client_app, num_supernodes=n_sites, backend_config=backend,
                    verbose_logging=verbose)
+
+
+def gpu_problem(cfg) -> str | None:
+    """Why the config's GPU shares cannot run on this machine (Ray would wait for GPUs forever), or None.
+    Sites get a GPU only through `gpus_per_site`: Ray hides the GPUs from a site without a share,
+    so `device: auto` resolves to the CPU there."""
+    if cfg.gpus_per_site <= 0:
+        if cfg.device.startswith("cuda"):
+            return f"device {cfg.device} needs gpus_per_site > 0 in a simulation (a share of a GPU for each site)"
+        return None
+    import torch
+    count = torch.cuda.device_count()
+    if count == 0:
+        return f"gpus_per_site {cfg.gpus_per_site:g}, but this machine has no CUDA device: set gpus_per_site: 0"
+    if cfg.gpus_per_site > count:
+        return f"gpus_per_site {cfg.gpus_per_site:g} is more than the {count} GPU(s) here: no site could start"
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -121,6 +138,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg = run_config(load_yaml(config_file))
     except ConfigError as exc:
         parser.error(f"{config_file}: {exc}")
+    problem = gpu_problem(cfg)
+    if problem:
+        parser.error(f"{config_file}: {problem}")
     start = time.perf_counter()
     _say(f"cmvim-sim: config {config_file}, results in {out_dir}")
     if not cfg.cohort.path:

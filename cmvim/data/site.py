@@ -248,9 +248,10 @@ def collate(items: list[dict], max_report_bytes: int = 256, reports: bool = True
 
 
 def make_loader(dataset: SiteDataset, batch_size: int, shuffle: bool, seed: int = 0, max_report_bytes: int = 256,
-                drop_last: bool = False, reports: bool = True) -> torch.utils.data.DataLoader:
+                drop_last: bool = False, reports: bool = True, pin_memory: bool = False) -> torch.utils.data.DataLoader:
+    """`pin_memory`: page-locked batches, so copies to a GPU overlap the compute (cmvim.device.to_device)."""
     generator = torch.Generator().manual_seed(seed)
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator,
-                                       drop_last=drop_last, num_workers=0,
+                                       drop_last=drop_last, num_workers=0, pin_memory=pin_memory,
                                        collate_fn=lambda items: collate(items, max_report_bytes, reports))
 

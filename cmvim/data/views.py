@@ -49,9 +49,10 @@ class Pooled(torch.utils.data.Dataset):
 class SiteViews:
     """Datasets and loaders over one site's data (or several sites' pooled), as the run config says."""
 
-    def __init__(self, cfg: RunConfig, sites: list[SiteData]):
+    def __init__(self, cfg: RunConfig, sites: list[SiteData], pin_memory: bool = False):
         self.cfg, self.sites = cfg, sites
         self.num_classes = cfg.model.num_classes
+        self.pin_memory = pin_memory                 # batches bound for a GPU
 
     def dataset(self, splits: list[str], labeled: bool | None, augment: bool,
                 modality_dropout: float = 0.0) -> SiteDataset | Pooled:
@@ -74,7 +75,7 @@ class SiteViews:
 
     def loader(self, dataset, batch_size: int, shuffle: bool, seed: int, drop_last: bool = False):
         return make_loader(dataset, batch_size, shuffle, seed=seed, max_report_bytes=self.cfg.model.report.max_bytes,
-                           drop_last=drop_last, reports=self.cfg.use_reports)
+                           drop_last=drop_last, reports=self.cfg.use_reports, pin_memory=self.pin_memory)
 
     def labels(self, dataset) -> list[int]:
         return [label_index(r.entry.label, self.num_classes) for r in dataset.records]

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ssm import selective_scan
+from ..ssm import causal_conv1d_silu, selective_scan
 
 
 class BiMamba(nn.Module):
@@ -61,8 +61,7 @@ class BiMamba(nn.Module):
 
     def _branch(self, x, z, conv, x_proj, dt_proj, A_log, D):
         """x, z: (b, d_inner, L) -> y (b, d_inner, L)."""
-        length = x.shape[-1]
-        x = F.silu(conv(x)[..., :length])                                # causal depthwise conv
+        x = causal_conv1d_silu(x, conv)                                  # causal depthwise conv + SiLU
         x_dbl = x_proj(x.transpose(1, 2))                                # (b, L, dt_rank + 2N)
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
         delta = F.linear(dt, dt_proj.weight).transpose(1, 2)             # (b, d_inner, L), bias in the scan

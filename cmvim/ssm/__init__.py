@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 import importlib
 import os
+import warnings
 
 import torch
 
@@ -33,7 +34,7 @@ BACKENDS = ("ref", "torch", "cpu", "cuda")
 ENV_VAR = "CMVIM_SCAN_BACKEND"
 _forced: str | None = None
 
-__all__ = ["selective_scan", "selective_scan_ref", "available_backends", "set_backend",
+__all__ = ["selective_scan", "selective_scan_ref", "causal_conv1d_silu", "available_backends", "set_backend",
            "get_backend", "resolve_backend", "BACKENDS"]
 
 
@@ -97,6 +98,8 @@ def resolve_backend(device: torch.device, backend: str | None = None, vmapped: b
         return name
     if device.type == "cuda" and _probe("cuda") is None and not vmapped:
         return "cuda"    # mamba-ssm's Function has no vmap rule
+    if device.type == "cuda" and not vmapped:
+        _warn_slow_gpu_scan()
     if device.type == "cpu" and _probe("cpu") is None:
         return "cpu"
     return "torch"
@@ -135,6 +138,35 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     y, last_state = result if return_last_state else (result, None)
     out = finish_output(y, u, D, z, dtype_in)
     return (out, last_state) if return_last_state else out
+
+
+@functools.cache
+def _warn_slow_gpu_scan() -> None:
+    """Once a process: a GPU site without the fused kernel trains several times slower."""
+    warnings.warn(f"cmvim: the selective scan runs as plain torch ops on the GPU ({_probe('cuda')}); "
+                  "mamba-ssm's fused kernel is several times faster: pip install 'cmvim[cuda]'", stacklevel=3)
+
+
+@functools.cache
+def _fused_conv():
+    """causal-conv1d's fused kernel, when installed and a GPU is here; else None."""
+    if not torch.cuda.is_available():
+        return None
+    try:
+        from causal_conv1d import causal_conv1d_fn
+    except Exception:  # noqa: BLE001  (its extension raises more than ImportError when built for another CUDA)
+        return None
+    return causal_conv1d_fn
+
+
+def causal_conv1d_silu(x: torch.Tensor, conv: torch.nn.Conv1d) -> torch.Tensor:
+    """SiLU(causal depthwise conv1d(x)), x (b, d, L): causal-conv1d's fused kernel for CUDA tensors
+    where the `cuda` extra installed it (outside vmap: it has no batching rule), else PyTorch's
+    conv with left padding, the reference. Same parameters either way (conv.weight (d, 1, w))."""
+    fused = _fused_conv() if x.is_cuda and not _under_vmap(x) else None
+    if fused is not None:
+        return fused(x.contiguous(), conv.weight.squeeze(1), conv.bias, activation="silu")
+    return torch.nn.functional.silu(conv(x)[..., :x.shape[-1]])
 
 
 def _core(name: str):
