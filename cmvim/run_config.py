@@ -252,6 +252,15 @@ class SecureAggregationConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    keep_last: int | None = 2             # checkpoints kept per phase (None: every round's)
+
+    def __post_init__(self):
+        if self.keep_last is not None and self.keep_last < 1:
+            raise ValueError(f"checkpoints.keep_last must be at least 1 (or null: keep all), got {self.keep_last}")
+
+
+@dataclass
 class EvaluationConfig:
     bootstrap: int = 1000                 # resamples for the AUC's 95 % CI
     histogram_bins: int = 50              # score histograms shared for the pooled AUC
@@ -275,6 +284,7 @@ class RunConfig:
     finetune: FinetuneConfig = field(default_factory=lambda: FinetuneConfig(rounds=3, lr=5e-4))
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    checkpoints: CheckpointConfig = field(default_factory=CheckpointConfig)
     split_fractions: tuple[float, float, float] = SPLIT_FRACTIONS   # train/val/test where the manifest is silent
     personalize: Literal["none", "head", "norm", "head+norm"] = "none"
     use_reports: bool = True

@@ -88,7 +88,7 @@ class FederatedRun:
 
     def _checkpoint(self, phase: str, round_: int, arrays: dict, strategy_state: dict | None = None) -> None:
         Checkpoint(phase, round_, arrays, strategy_state or {}, self.history, self.rejected,
-                   self.central.state()).save(self.ckpt_dir)
+                   self.central.state()).save(self.ckpt_dir, self.cfg.checkpoints.keep_last)
 
     def run_phase(self, phase: str, arrays: dict, done: int, state: dict) -> dict:
         pc = self.cfg.phase(phase)
