@@ -11,6 +11,7 @@ of problem, never a subject id, path or report text) so the server can name the 
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 import traceback
@@ -26,6 +27,7 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from cmvim.config import ConfigError
 from cmvim.data import DataError, SiteData
 from cmvim.device import DeviceError
+from cmvim.durable import write_atomic
 from cmvim.run_config import RunConfig
 from cmvim.privacy import PrivacyBudgetExceeded, SiteLimits, count_release
 from cmvim.protocol import (ARRAYS, CONFIG, HIST_NEG, HIST_POS, METRICS, NUM_EXAMPLES, PHASE, PROXIMAL_MU, ROUND,
@@ -123,11 +125,14 @@ def _handle(msg: Message, context: Context, training: bool) -> Message:
         if not training:
             count_release(task.ledger_path.with_name("releases.json"), task.run_key, policy.max_evaluations)
         shared = msg.content[ARRAYS].to_torch_state_dict() if ARRAYS in msg.content else {}
-        local = context.state[LOCAL_STATE].to_torch_state_dict() if LOCAL_STATE in context.state else {}
+        personal = personal_path(task.ledger_path, task.run_key)
+        local = context.state[LOCAL_STATE].to_torch_state_dict() if LOCAL_STATE in context.state else \
+            load_personal(personal)
         if training:
             result = task.train(phase, round_, shared, local, float(config.get(PROXIMAL_MU, 0.0)))
             if result.local:
                 context.state[LOCAL_STATE] = ArrayRecord(result.local)
+                save_personal(personal, result.local)
             content = RecordDict({ARRAYS: ArrayRecord(result.shared),
                                   METRICS: MetricRecord(flatten_metrics(result.metrics)),
                                   SITE: ConfigRecord({SITE_NAME: name})})
@@ -145,6 +150,37 @@ def _handle(msg: Message, context: Context, training: bool) -> Message:
         log.error("site %s failed:\n%s", name, traceback.format_exc())
         return Message(RecordDict({SITE: ConfigRecord({SITE_NAME: name, SITE_ERROR: public_error(exc)}),
                                    METRICS: MetricRecord({NUM_EXAMPLES: 0})}), reply_to=msg)
+
+
+def personal_path(ledger: Path, run_key: str) -> Path:
+    """Where a run's personalised weights live at the site: beside its privacy ledger (the node's
+    state folder, or the site folder in simulation), named by a hash of the run's key."""
+    return ledger.parent / "personal" / f"{hashlib.sha256(run_key.encode()).hexdigest()[:16]}.pt"
+
+
+def save_personal(path: Path, state: dict) -> None:
+    """The site's own weights (personalize: head/norm), on its disk, atomically, 0600: Flower's
+    context lives in the SuperNode's memory and is lost when it restarts or the server resumes."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    state = {k: v.detach().cpu() for k, v in state.items()}
+    write_atomic(path, lambda handle: torch.save(state, handle))
+
+
+def load_personal(path: Path) -> dict:
+    """The weights save_personal wrote ({} when there are none); a file that cannot be read as
+    tensors is reported and ignored (the run goes on with the global weights)."""
+    if not path.exists():
+        return {}
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values()):
+            log.info("restored this site's personalised weights (%d tensors) from %s", len(state), path)
+            return state
+    except Exception as exc:  # noqa: BLE001 - a damaged file is one warning, not a failed round
+        log.warning("personalised weights at %s unreadable (%s): starting from the global ones", path, exc)
+        return {}
+    log.warning("personalised weights at %s hold no tensors: starting from the global ones", path)
+    return {}
 
 
 def public_error(exc: Exception) -> str:

@@ -24,7 +24,6 @@ import fcntl
 import json
 import math
 import os
-import tempfile
 import warnings
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -37,6 +36,7 @@ from opacus.accountants import RDPAccountant
 from opacus.optimizers import DPOptimizer
 from torch import nn
 
+from .durable import write_atomic
 from .device import FP32, DeviceError, Precision, model_device
 from .engine import train
 from .run_config import RunConfig
@@ -173,22 +173,9 @@ def locked(path: Path):
 
 
 def write_durably(path: Path, data: dict) -> None:
-    """JSON written atomically (temp file 0600 + rename) and fsync'd, file and folder."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    folder = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(folder)                        # the rename itself survives a power cut
-    finally:
-        os.close(folder)
+    """JSON written atomically (0600) and fsync'd, file and folder (cmvim.durable)."""
+    text = json.dumps(data, indent=1).encode()
+    write_atomic(path, lambda handle: handle.write(text))
 
 
 def count_release(path: Path, run: str, limit: int | None) -> int:

@@ -172,7 +172,14 @@ class FinetuneConfig(PhaseConfig):
 
 @dataclass
 class StrategyConfig:
-    name: Literal["fedavg", "fedprox", "fedadam"] = "fedavg"
+    """How the server combines the sites' updates, and how far it trusts them. The robust
+    aggregators are Flower's: fedmedian (coordinate-wise median), fedtrimmedavg (drops the
+    `trim_beta` share of the highest and lowest values per coordinate), krum / multikrum (the
+    update(s) closest to their neighbours; n >= 2 * num_malicious + 3) and bulyan (n >=
+    4 * num_malicious + 3). Whatever the aggregator, the server's guard first drops replies it
+    cannot use (cmvim.server.strategy.Guarded) and bounds what one site can weigh."""
+    name: Literal["fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg", "krum", "multikrum",
+                  "bulyan"] = "fedavg"
     proximal_mu: float = 0.01             # FedProx
     eta: float = 1e-2                     # FedAdam server learning rate
     eta_l: float = 1e-2
@@ -181,8 +188,37 @@ class StrategyConfig:
     tau: float = 1e-3
     fraction_train: float = 1.0
     fraction_evaluate: float = 1.0
+    # quorum and deadlines: a phase waits at most wait_for_sites seconds for min_nodes sites to be
+    # connected (then stops, naming how many are missing); a round waits at most round_timeout
+    # seconds for replies, then aggregates what arrived if at least min_nodes valid updates did
+    # (else the global model stays as it was)
     min_nodes: int = 2
     round_timeout: float = 3600.0
+    wait_for_sites: float = 600.0
+    trim_beta: float = 0.2                # fedtrimmedavg: the share cut at each end
+    num_malicious: int = 1                # krum, multikrum, bulyan: the sites assumed hostile
+    multikrum_select: int = 2             # multikrum: how many updates it averages
+    # what one site can weigh: "examples" (its num-examples, capped at what it reported in its
+    # first round of the phase and at max_examples) or "equal" (every site alike)
+    weighting: Literal["examples", "equal"] = "examples"
+    max_examples: int = 100_000
+    # an update whose distance from the global model is above norm_bound x the round's (lower)
+    # median distance is rejected ("reject") or scaled back to the bound ("clip"); null: no bound
+    norm_bound: float | None = 5.0
+    norm_action: Literal["reject", "clip"] = "reject"
+
+    def __post_init__(self):
+        if not 0.0 <= self.trim_beta < 0.5:
+            raise ValueError(f"strategy.trim_beta must lie in [0, 0.5), got {self.trim_beta}")
+        if self.norm_bound is not None and self.norm_bound <= 1.0:
+            raise ValueError(f"strategy.norm_bound must be above 1 (a multiple of the median update), got {self.norm_bound}")
+        if self.max_examples < 1:
+            raise ValueError(f"strategy.max_examples must be positive, got {self.max_examples}")
+        need = {"krum": 2 * self.num_malicious + 3, "multikrum": 2 * self.num_malicious + 3,
+                "bulyan": 4 * self.num_malicious + 3}.get(self.name)
+        if need is not None and self.min_nodes < need:
+            raise ValueError(f"strategy {self.name} with num_malicious {self.num_malicious} needs at least {need} sites "
+                             f"a round (min_nodes is {self.min_nodes}); use fedmedian or fedtrimmedavg with fewer")
 
 
 @dataclass

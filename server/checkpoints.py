@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,31 +22,13 @@ import numpy as np
 import torch
 
 from cmvim.device import to_cpu
+from cmvim.durable import write_atomic
 
 log = logging.getLogger("cmvim.server")
 
 FORMAT = 2
 PHASES = ("pretrain", "finetune", "evaluate")
 _NAME = re.compile(r"^(pretrain|finetune|evaluate)_round(\d+)\.pt$")
-
-
-def write_atomic(path: Path, write) -> None:
-    """`write(file)` into a temporary sibling, fsync it, rename it over `path`, fsync the folder."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    folder = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
 
 
 def _order(path: Path) -> tuple[int, int]:

@@ -34,6 +34,10 @@ from .strategy import CentralBudgetSpent, make_strategy, restore_strategy_state,
 log = logging.getLogger("cmvim.server")
 
 
+class SitesMissing(RuntimeError):
+    """Too few sites connected before the deadline; the message says how many and which are expected."""
+
+
 class FederatedRun:
     """`baselines`, when given, is called once the federated model is evaluated; what it returns
     ({name: {"sites", "pooled", "mean_auc"}}) is reported beside it (cmvim-sim passes its local,
@@ -86,6 +90,23 @@ class FederatedRun:
     def _connected(self) -> int:
         return len(list(self.grid.get_node_ids()))
 
+    def _wait_for_sites(self, phase: str, poll: float = 1.0) -> None:
+        """Flower's node sampling waits forever for min_nodes sites: wait here, with a deadline."""
+        need, deadline = self.cfg.strategy.min_nodes, time.monotonic() + self.cfg.strategy.wait_for_sites
+        connected = self._connected()
+        if connected < need:
+            say(f"waiting up to {self.cfg.strategy.wait_for_sites:.0f} s for {need} sites ({connected} connected)")
+        while connected < need:
+            if time.monotonic() >= deadline:
+                expected = self.cfg.cohort.site_names
+                names = f" (the run expects {', '.join(expected)})" if expected else ""
+                raise SitesMissing(f"{phase}: {need - connected} of the {need} sites needed (strategy.min_nodes) "
+                                   f"did not connect within {self.cfg.strategy.wait_for_sites:.0f} s "
+                                   f"(strategy.wait_for_sites): {connected} connected{names}. Check that every "
+                                   "site's cmvim-client is running and can reach the server")
+            time.sleep(poll)
+            connected = self._connected()
+
     def _checkpoint(self, phase: str, round_: int, arrays: dict, strategy_state: dict | None = None) -> None:
         Checkpoint(phase, round_, arrays, strategy_state or {}, self.history, self.rejected,
                    self.central.state()).save(self.ckpt_dir, self.cfg.checkpoints.keep_last)
@@ -100,6 +121,7 @@ class FederatedRun:
             say(f"\n== {phase}: skipped: {self.central.stopped} ==")
             return arrays
         evaluate_rounds = phase == "finetune" and self.cfg.evaluation.every_round
+        self._wait_for_sites(phase)
         plan = self.central.start(remaining, later, self._connected())
         strategy = make_strategy(self.cfg.strategy, evaluate=evaluate_rounds, central_dp=self.cfg.central_dp,
                                  sites=self.central.sites, accountant=self.central.accountant)

@@ -1,24 +1,34 @@
-"""Flower's own strategies (FedAvg, FedProx, FedAdam), optionally under Flower's central-DP
-wrappers, guarded.
+"""Flower's own strategies (FedAvg, FedProx, FedAdam, and the robust FedMedian, FedTrimmedAvg,
+Krum, MultiKrum, Bulyan), optionally under Flower's central-DP wrappers, guarded.
 
-The guard wraps the strategy and looks at every reply before it aggregates: a site that
-failed (its reply names it and says why) or that sent a NaN/inf or misshapen update is
-reported by name and left out; the strategy's own aggregation (and DP clipping, noise and
+The guard wraps the strategy and looks at every reply before it aggregates. Left out, each
+reported by site name with the reason: a site that failed (its reply says why); an update with
+NaN/inf values, missing or misshapen parameters; a reply whose num-examples is not a positive
+count; a reply whose metric keys differ from the other sites' (Flower would abort the whole
+round on it); an update farther from the global model than `norm_bound` times the round's median
+distance (or scaled back to it: `norm_action: clip`). What a site weighs is bounded: its
+num-examples, capped at what it reported in its first round of the phase and at
+`max_examples`, or equal weights. The strategy's own aggregation (and DP clipping, noise and
 accounting) then runs on the rest, unchanged. It also keeps the per-site metrics of the last
 round for progress lines.
 """
 from __future__ import annotations
 
 import logging
+import math
+import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterable
 
 import numpy as np
-from flwr.app import Message
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, Metadata, MetricRecord, RecordDict
 from flwr.serverapp import NeighboringRelation, PrivacyConfig, SamplingMethod
 from flwr.serverapp.exception import PrivacyBudgetExhausted
-from flwr.serverapp.strategy import (DifferentialPrivacyClientSideFixedClipping,
-                                     DifferentialPrivacyServerSideFixedClipping, FedAdam, FedAvg, FedProx, Strategy)
+from flwr.serverapp.strategy import (Bulyan, DifferentialPrivacyClientSideFixedClipping,
+                                     DifferentialPrivacyServerSideFixedClipping, FedAdam, FedAvg, FedMedian, FedProx,
+                                     FedTrimmedAvg, Krum, MultiKrum, Strategy)
 from flwr.serverapp.strategy.dp_fixed_clipping import DifferentialPrivacyFixedClippingBase
 
 from cmvim.run_config import CentralDPConfig, StrategyConfig
@@ -87,17 +97,22 @@ class Guarded(Strategy):
     """Wraps a Flower strategy (possibly inside Flower's DP wrapper): replies are screened first.
 
     The inner strategy's own methods run unchanged on what is kept, so Flower's central-DP
-    wrapper and its accountant see a plain FedAvg/FedProx aggregation.
+    wrapper and its accountant see a plain FedAvg/FedProx aggregation. Every kept reply carries
+    protocol.WEIGHT, the weight the strategy averages by (set here, never by a site).
     """
 
-    def __init__(self, inner: Strategy, base: FedAvg, min_replies: int = 1, uniform_weights: bool = False):
+    def __init__(self, inner: Strategy, base: FedAvg, min_replies: int = 1, uniform_weights: bool = False,
+                 cfg: StrategyConfig | None = None):
         super().__init__()
         self.inner, self.base = inner, base        # base: the FedAvg-family strategy at the core
         self.min_replies = min_replies
-        self.uniform_weights = uniform_weights
+        self.cfg = cfg or StrategyConfig()
+        self.uniform_weights = uniform_weights or self.cfg.weighting == "equal"
         self.round_log = RoundLog()
         self.expected_shapes: dict[str, tuple] | None = None
-        self.current: dict[str, np.ndarray] = {}
+        self.current: dict[str, np.ndarray] = {}           # the global model, for DP's zero-update check
+        self.global_arrays: dict[str, np.ndarray] = {}     # the global model the round started from
+        self.declared: dict[str, float] = {}               # site -> num-examples of its first round here
         self.round_offset = 0
 
     def __repr__(self) -> str:
@@ -106,10 +121,15 @@ class Guarded(Strategy):
     def summary(self) -> None:
         self.inner.summary()
 
-    def configure_train(self, server_round, arrays, config, grid):
+    def start_round(self, arrays: ArrayRecord) -> None:
+        """Record the global model a training round starts from (what replies are checked against)."""
         self.expected_shapes = {k: tuple(a.shape) for k, a in arrays.items()}
+        self.global_arrays = {k: a.numpy() for k, a in arrays.items()}
         if isinstance(self.inner, DifferentialPrivacyServerSideFixedClipping):
-            self.current = {k: a.numpy() for k, a in arrays.items()}
+            self.current = self.global_arrays
+
+    def configure_train(self, server_round, arrays, config, grid):
+        self.start_round(arrays)
         try:
             return list(self.inner.configure_train(server_round, arrays, config, grid))
         except PrivacyBudgetExhausted as exc:
@@ -118,8 +138,14 @@ class Guarded(Strategy):
     def configure_evaluate(self, server_round, arrays, config, grid):
         return self.inner.configure_evaluate(server_round, arrays, config, grid)
 
+    def _reject(self, server_round: int, name: str, stage: str, reason: str) -> None:
+        entry = {"round": server_round + self.round_offset, "site": name, "stage": stage, "reason": reason}
+        self.round_log.rejected.append(entry)
+        log.warning("round %d %s: site %s left out: %s", entry["round"], stage, name, reason)
+
     def _screen(self, server_round: int, replies: Iterable[Message], stage: str) -> list[Message]:
-        kept, metrics = [], {}
+        """Each reply on its own: failures, unusable updates, weights that are not counts."""
+        kept = []
         for msg in replies:
             name = site_name(msg)
             if msg.has_error():
@@ -128,37 +154,121 @@ class Guarded(Strategy):
                 error = msg.content.get(SITE, {}).get(SITE_ERROR) if SITE in msg.content else None
                 reason = str(error) if error else (check_update(msg, self.expected_shapes, self.current)
                                                    if stage == "train" else None)
+                if not reason:
+                    count = _metrics(msg).get(NUM_EXAMPLES)
+                    if not isinstance(count, (int, float)) or not math.isfinite(count) or count < 0 or \
+                            (stage == "train" and count == 0):
+                        reason = f"num-examples {count!r} is not a positive count"
             if reason:
-                entry = {"round": server_round + self.round_offset, "site": name, "stage": stage,
-                         "reason": reason}
-                self.round_log.rejected.append(entry)
-                log.warning("round %d %s: site %s left out: %s", entry["round"], stage, name, reason)
+                self._reject(server_round, name, stage, reason)
                 continue
             kept.append(msg)
-            metrics[name] = _metrics(msg)
-        setattr(self.round_log, stage, metrics)
         return kept
+
+    def _same_metric_keys(self, server_round: int, kept: list[Message], stage: str) -> list[Message]:
+        """Flower aggregates metrics key by key and aborts on replies that disagree: the replies
+        whose keys differ from the most common set (ties: the smaller set) are left out."""
+        keys = [frozenset(_metrics(m)) - {WEIGHT} for m in kept]       # WEIGHT: the guard's to set
+        if len(set(keys)) <= 1:
+            return kept
+        counts = Counter(keys)
+        reference = max(counts, key=lambda k: (counts[k], -len(k)))
+        out = []
+        for msg, own in zip(kept, keys):
+            if own == reference:
+                out.append(msg)
+                continue
+            extra, missing = sorted(own - reference), sorted(reference - own)
+            self._reject(server_round, site_name(msg), stage,
+                         "its metrics differ from the other sites' ("
+                         + ", ".join(f"{what} {[k[:40] for k in names[:3]]}" for what, names in
+                                     (("extra", extra), ("missing", missing)) if names) + ")")
+        return out
+
+    def _weigh(self, kept: list[Message], server_round: int) -> None:
+        """protocol.WEIGHT on every kept training reply: 1 (equal weights), or its num-examples
+        capped at its first round's and at max_examples."""
+        for msg in kept:
+            name, count = site_name(msg), float(_metrics(msg)[NUM_EXAMPLES])
+            cap = min(self.declared.setdefault(name, min(count, self.cfg.max_examples)), self.cfg.max_examples)
+            if count > cap:
+                log.warning("round %d: site %s reports %g examples, more than the %g it started with: weighed as %g",
+                            server_round + self.round_offset, name, count, cap, cap)
+            msg.content[METRICS][WEIGHT] = 1 if self.uniform_weights else min(count, cap)
+
+    def _bounded(self, server_round: int, kept: list[Message]) -> list[Message]:
+        """Updates far larger than the round's typical one: rejected, or scaled back to the bound."""
+        if self.cfg.norm_bound is None or len(kept) < 2 or not self.global_arrays or \
+                isinstance(self.inner, DifferentialPrivacyFixedClippingBase):       # DP's clipping bounds them
+            return kept
+        norms = [update_norm(m, self.global_arrays) for m in kept]
+        median = sorted(norms)[(len(norms) - 1) // 2]            # the lower median: with two sites, the smaller
+        if median <= 0:
+            return kept
+        bound = self.cfg.norm_bound * median
+        out = []
+        for msg, norm in zip(kept, norms):
+            if norm <= bound:
+                out.append(msg)
+                continue
+            why = (f"update norm {norm:.3g} is {norm / median:.1f}x the round's median {median:.3g} "
+                   f"(norm_bound {self.cfg.norm_bound:g}x)")
+            if self.cfg.norm_action == "clip":
+                scale = bound / norm
+                arrays = msg.content[ARRAYS]
+                msg.content[ARRAYS] = ArrayRecord({
+                    k: torch.from_numpy((self.global_arrays[k] + scale * (a.numpy() - self.global_arrays[k]))
+                                        .astype(a.numpy().dtype)) for k, a in arrays.items()})
+                self._reject(server_round, site_name(msg), "train", f"clipped to the bound and kept: {why}")
+                out.append(msg)
+            else:
+                self._reject(server_round, site_name(msg), "train", why)
+        return out
+
+    def _log_metrics(self, kept: list[Message], stage: str) -> None:
+        setattr(self.round_log, stage, {site_name(m): _metrics(m) for m in kept})
 
     def aggregate_train(self, server_round, replies):
         kept = self._screen(server_round, list(replies), "train")
+        kept = self._bounded(server_round, self._same_metric_keys(server_round, kept, "train"))
+        self._log_metrics(kept, "train")
         if len(kept) < self.min_replies:
             log.warning("round %d: %d valid update(s), fewer than the %d required: the global model "
                         "is kept as it was", server_round + self.round_offset, len(kept), self.min_replies)
             kept = []       # Flower's DP wrapper still closes the round's pending privacy event
-        if self.uniform_weights:
-            for msg in kept:
-                msg.content[METRICS][WEIGHT] = 1
+        self._weigh(kept, server_round)
         if not kept and not isinstance(self.inner, DifferentialPrivacyFixedClippingBase):
             return None, None
         return self.inner.aggregate_train(server_round, kept)
 
     def aggregate_evaluate(self, server_round, replies):
         kept = self._screen(server_round, list(replies), "evaluate")
-        kept = [m for m in kept if _metrics(m).get(NUM_EXAMPLES, 0) > 0]
-        if self.uniform_weights:
-            for msg in kept:
-                msg.content[METRICS][WEIGHT] = msg.content[METRICS][NUM_EXAMPLES]
+        kept = [m for m in kept if _metrics(m).get(NUM_EXAMPLES, 0) > 0]     # suppressed small cells say 0
+        kept = self._same_metric_keys(server_round, kept, "evaluate")
+        self._log_metrics(kept, "evaluate")
+        for msg in kept:
+            msg.content[METRICS][WEIGHT] = msg.content[METRICS][NUM_EXAMPLES]
         return self.inner.aggregate_evaluate(server_round, kept) if kept else None
+
+
+def training_reply(site: str, node: int, arrays: dict, metrics: dict) -> Message:
+    """A training reply as a site sends it (for the server's aggregation path run in-process:
+    benchmarks and tests that play the sites, honest or not)."""
+    content = RecordDict({ARRAYS: ArrayRecord(arrays),
+                          METRICS: MetricRecord({k: v for k, v in metrics.items() if isinstance(v, (int, float))}),
+                          SITE: ConfigRecord({SITE_NAME: site})})
+    metadata = Metadata(run_id=0, message_id=f"{site}-{node}", src_node_id=node, dst_node_id=0, reply_to_message_id="",
+                        group_id="", created_at=time.time(), ttl=3600.0, message_type=MessageType.TRAIN)
+    return Message(content=content, metadata=metadata)
+
+
+def update_norm(msg: Message, global_arrays: dict[str, np.ndarray]) -> float:
+    """The L2 distance of a reply's parameters from the global model, over every array."""
+    total = 0.0
+    for key, array in msg.content[ARRAYS].items():
+        diff = array.numpy().astype(np.float64) - global_arrays[key]
+        total += float(np.dot(diff.ravel(), diff.ravel()))
+    return math.sqrt(total)
 
 
 def central_accountant(cfg: CentralDPConfig, sites: int):
@@ -180,16 +290,23 @@ def make_strategy(cfg: StrategyConfig, evaluate: bool = True, central_dp: Centra
     dp = central_dp is not None and central_dp.enabled
     common = dict(fraction_train=cfg.fraction_train, fraction_evaluate=cfg.fraction_evaluate if evaluate else 0.0,
                   min_train_nodes=cfg.min_nodes, min_evaluate_nodes=cfg.min_nodes if evaluate else 0,
-                  min_available_nodes=cfg.min_nodes)
+                  min_available_nodes=cfg.min_nodes, weighted_by_key=WEIGHT)     # the guard sets WEIGHT
     if dp:
         # exactly `sites` sites a round (FedAvg samples max(int(fraction * connected), min_train_nodes)):
         # the noise is calibrated for that many, even if another site connects mid-run
-        common.update(weighted_by_key=WEIGHT, fraction_train=1e-9, min_train_nodes=sites,
-                      min_available_nodes=sites)
+        common.update(fraction_train=1e-9, min_train_nodes=sites, min_available_nodes=sites)
+    robust = {"fedmedian": lambda: FedMedian(**common),
+              "fedtrimmedavg": lambda: FedTrimmedAvg(beta=cfg.trim_beta, **common),
+              "krum": lambda: Krum(num_malicious_nodes=cfg.num_malicious, **common),
+              "multikrum": lambda: MultiKrum(num_malicious_nodes=cfg.num_malicious,
+                                             num_nodes_to_select=cfg.multikrum_select, **common),
+              "bulyan": lambda: Bulyan(num_malicious_nodes=cfg.num_malicious, **common)}
     if cfg.name == "fedprox":
         base = FedProx(proximal_mu=cfg.proximal_mu, **common)
     elif cfg.name == "fedadam":
         base = FedAdam(eta=cfg.eta, eta_l=cfg.eta_l, beta_1=cfg.beta_1, beta_2=cfg.beta_2, tau=cfg.tau, **common)
+    elif cfg.name in robust:
+        base = robust[cfg.name]()
     else:
         base = FedAvg(**common)
     inner: Strategy = base
@@ -197,7 +314,7 @@ def make_strategy(cfg: StrategyConfig, evaluate: bool = True, central_dp: Centra
         wrapper = (DifferentialPrivacyServerSideFixedClipping if central_dp.clipping == "server"
                    else DifferentialPrivacyClientSideFixedClipping)
         inner = wrapper(base, central_dp.noise_multiplier, central_dp.clipping_norm, sites, accountant=accountant)
-    return Guarded(inner, base, min_replies=sites if dp else cfg.min_nodes, uniform_weights=dp)
+    return Guarded(inner, base, min_replies=sites if dp else cfg.min_nodes, uniform_weights=dp, cfg=cfg)
 
 
 STATE_ATTRIBUTES = ("current_arrays", "m_t", "v_t")

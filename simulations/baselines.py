@@ -30,16 +30,41 @@ def fedavg(results) -> dict:
             for k in results[0].shared}
 
 
-def train_rounds(cfg: RunConfig, tasks: list[SiteTask], phase: str, shared: dict) -> tuple[dict, dict[str, dict]]:
+def train_rounds(cfg: RunConfig, tasks: list[SiteTask], phase: str, shared: dict,
+                 aggregate=None) -> tuple[dict, dict[str, dict]]:
     """A phase's rounds in this process: one task trains alone (local, centralized), several are
     averaged by FedAvg each round (the federated run without Flower's transport, as benchmarks
-    use it). Returns the shared parameters and each task's own (personalised) ones."""
+    use it), or by `aggregate(phase, round, {site: RoundResult}, shared) -> shared` (e.g.
+    `server_aggregation`). Returns the shared parameters and each task's own (personalised) ones."""
     local = {task.name: {} for task in tasks}
     for round_ in range(1, cfg.phase(phase).rounds + 1):
         results = [task.train(phase, round_, shared, local[task.name]) for task in tasks]
         local = {task.name: result.local for task, result in zip(tasks, results)}
-        shared = results[0].shared if len(results) == 1 else fedavg(results)
+        if aggregate is not None:
+            shared = aggregate(phase, round_, {task.name: r for task, r in zip(tasks, results)}, shared)
+        else:
+            shared = results[0].shared if len(results) == 1 else fedavg(results)
     return shared, local
+
+
+def server_aggregation(strategy_cfg, tamper=None):
+    """An `aggregate` for train_rounds that runs the server's own path: the guard, then the
+    configured Flower strategy (one per phase, as the server makes them). `tamper(site, global,
+    update) -> update` plays a dishonest site. The strategies' rejections: `.rejected`."""
+    from cmvim.server.strategy import make_strategy, training_reply
+    from flwr.app import ArrayRecord
+    strategies: dict = {}
+
+    def aggregate(phase: str, round_: int, results: dict, shared: dict) -> dict:
+        strategy = strategies.setdefault(phase, make_strategy(strategy_cfg, evaluate=False))
+        strategy.start_round(ArrayRecord(shared))
+        replies = [training_reply(name, node, tamper(name, shared, r.shared) if tamper else r.shared, r.metrics)
+                   for node, (name, r) in enumerate(results.items(), start=1)]
+        arrays, _ = strategy.aggregate_train(round_, replies)
+        return arrays.to_torch_state_dict() if arrays is not None else shared
+
+    aggregate.rejected = lambda: [r for s in strategies.values() for r in s.round_log.rejected]
+    return aggregate
 
 
 def _train(task: SiteTask, cfg: RunConfig, say) -> tuple[dict, dict]:

@@ -85,3 +85,52 @@ def test_keep_last_keeps_the_newest_of_each_phase(tmp_path):
     assert run_config({}).checkpoints.keep_last == 2
     with pytest.raises(ValueError, match="keep_last"):
         run_config({"checkpoints": {"keep_last": 0}})
+
+
+def test_a_sites_personalised_weights_survive_a_restart_of_its_node(easy_cohort, tmp_path, monkeypatch):
+    """personalize: head keeps the head at the site. Flower's context (where it lived) dies with
+    the SuperNode; the weights come back from the site's disk (0600) in the next round."""
+    import shutil
+    import time
+    from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, Metadata, RecordDict
+    from cmvim.client import app as client_app
+    from cmvim.protocol import ARRAYS, CONFIG, PHASE, ROUND, RUN_CONFIG, RUN_KEY
+    from cmvim.site_task import SiteTask
+    from cmvim.weights import initial_state
+
+    site = tmp_path / "A"
+    shutil.copytree(easy_cohort / "A", site)
+    cfg = run_config({"model": {"preset": "tiny"}, "preprocess": {"shape": 32, "voxel_size": 6.25},
+                      "personalize": "head", "finetune": {"rounds": 2, "local_epochs": 1, "max_steps": 2}})
+    seen = []
+    real_train = SiteTask.train
+
+    def spy(self, phase, round_, shared, local=None, proximal_mu=0.0):
+        seen.append({k: v.clone() for k, v in (local or {}).items()})
+        return real_train(self, phase, round_, shared, local, proximal_mu)
+    monkeypatch.setattr(SiteTask, "train", spy)
+
+    def round_(context, number):
+        config = ConfigRecord({RUN_CONFIG: cfg.to_json(), PHASE: "finetune", ROUND: 0, "server-round": number,
+                               RUN_KEY: "run-1"})
+        metadata = Metadata(run_id=1, message_id=f"m{number}", src_node_id=1, dst_node_id=7, reply_to_message_id="",
+                            group_id="1", created_at=time.time(), ttl=600.0, message_type=MessageType.TRAIN)
+        shared = {k: v for k, v in initial_state(cfg, "finetune").items() if not k.startswith("head.")}
+        msg = Message(content=RecordDict({ARRAYS: ArrayRecord(shared), CONFIG: config}), metadata=metadata)
+        reply = client_app._handle(msg, context, training=True)
+        assert "error" not in reply.content.get("site", {}), reply.content["site"]
+
+    def node():
+        return Context(run_id=1, node_id=7, node_config={"site": "A", "data-dir": str(site), "state-dir": str(tmp_path / "state")},
+                       state=RecordDict(), run_config={})
+    round_(node(), 1)
+    stored = client_app.personal_path(tmp_path / "state" / "ledger.json", "run-1")
+    assert stored.exists() and stored.stat().st_mode & 0o777 == 0o600
+    saved = torch.load(stored, weights_only=True)
+    assert set(saved) == {"head.weight", "head.bias"} and seen[0] == {}
+    round_(node(), 2)                                   # a new context: the SuperNode restarted
+    assert set(seen[1]) == {"head.weight", "head.bias"}
+    assert all(torch.equal(seen[1][k], saved[k]) for k in saved)
+    stored.write_bytes(b"damaged")                      # a damaged file: one warning, the round goes on
+    round_(node(), 3)
+    assert seen[2] == {}
