@@ -1,86 +1,90 @@
 """`cmvim-client check --data DIR`: is this site folder ready to join a federated run?
 
-Reads the manifest, decodes every scan and report once, and prints what it saw:
-subjects, modalities, labels, splits, the shapes and voxel sizes of the scans,
-and every problem with its row, subject, column, file and what is wrong. This
-runs at the hospital, for the hospital: it shows subject ids; nothing is sent.
-Exit status: 0 ready (problem rows are skipped in training), 1 fatal (no
-usable manifest or no usable subject; with --strict, any problem).
+Loads the site exactly as training does (`SiteData.load`: the manifest, every scan decoded
+and preprocessed with the run's settings, into the same cache training then reads), and
+prints what it saw: subjects, modalities, labels, splits, the shapes and voxel sizes of the
+scans, and every problem with its row, subject, column, file and what is wrong. A row this
+skips is a row training skips, and for the same reason. This runs at the hospital, for the
+hospital: it shows subject ids; nothing is sent.
+Exit status: 0 ready (problem rows are skipped in training), 1 fatal (no usable manifest or
+no usable subject; with --strict, any problem).
 
-The split counts are the run's: give the run config the coordinator shares (`--config`) and
-they are what training will use (its seed and split_fractions, assigned by the same code as
-training); without it, the run config's defaults.
+The run's settings come from the run config the coordinator shares (`--config`): its
+preprocessing, seed and split_fractions; without it, the run config's defaults.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 from collections import Counter
 from pathlib import Path
 
 import nibabel as nib
 
 from cmvim.config import ConfigError
-from cmvim.data import DataError, read_manifest, read_report
-from cmvim.data.site import assign_splits
-from cmvim.data.volumes import load_volume, voxel_sizes
-from cmvim.run_config import SPLIT_FRACTIONS, RunConfig, run_config
+from cmvim.data import DataError, SiteData, read_manifest
+from cmvim.data.volumes import scan_geometry, voxel_sizes
+from cmvim.run_config import RunConfig, run_config
 from cmvim.tables import format_table
+
+
+def manifest_ready(site_dir: Path, out=print) -> int:
+    """Before joining: the manifest reads and has usable rows (0), else why not (1). Light on
+    purpose: the run's preprocessing is not known yet, and `cmvim-client check --config` (the
+    full check) or the first round decodes and preprocesses every scan, row by row."""
+    try:
+        manifest = read_manifest(site_dir)
+    except DataError as err:
+        out(f"FATAL: {err}")
+        return 1
+    if not manifest.entries:
+        out(f"FAILED: manifest.csv has no usable row ({len(manifest.problems)} with problems: "
+            f"cmvim-client check --data {site_dir})")
+        return 1
+    out(f"manifest.csv: {len(manifest.entries)} usable rows, {len(manifest.problems)} with problems "
+        f"(the full check: cmvim-client check --data {site_dir} --config RUN.yaml)")
+    return 0
 
 
 def check_site(site_dir: Path, strict: bool = False, out=print, cfg: RunConfig | None = None) -> int:
     out(f"Site check: {site_dir}")
+    cfg = cfg or RunConfig()
+
+    def progress(n: int, total: int) -> None:
+        if n % 25 == 0:
+            out(f"  checked {n}/{total} rows ...")
     try:
-        manifest = read_manifest(site_dir)
+        with _quiet_data_log():
+            site = SiteData.load(site_dir, cfg.preprocess, seed=cfg.seed, use_reports=cfg.use_reports,
+                                 split_fractions=cfg.split_fractions, progress=progress)
     except DataError as err:
         out(f"\nFATAL: {err}")
         return 1
-    problems: list[DataError] = list(manifest.problems)
+    records, summary = site.records, site.summary
+    problems = sorted(summary.skipped, key=lambda p: (p.row is None, p.row or 0))
     geometry: Counter = Counter()
-    usable = []
-    modality_counts: Counter = Counter()
-    for n, entry in enumerate(manifest.entries, start=1):
-        ok = True
+    for record in records:
         for column in ("mri", "pet"):
-            path = getattr(entry, column)
+            path = getattr(record.entry, column)
             if path is None:
                 continue
             try:
-                volume, affine = load_volume(path, column)
-            except DataError as err:
-                problems.append(err.with_context(subject=entry.subject_id, row=entry.row, column=column))
-                ok = False
+                shape, affine = scan_geometry(path)
+            except Exception:          # changed since it was loaded: its shape is not worth a traceback
                 continue
-            modality_counts[column] += 1
             spacing = "x".join(f"{v:.2g}" for v in voxel_sizes(affine))
-            geometry[(column, "x".join(map(str, volume.shape)), spacing, "".join(nib.aff2axcodes(affine)))] += 1
-        if entry.report is not None:
-            try:
-                read_report(entry.report)
-                modality_counts["report"] += 1
-            except DataError as err:
-                problems.append(err.with_context(subject=entry.subject_id, row=entry.row, column="report"))
-                ok = False
-        if ok:
-            usable.append(entry)
-        if n % 25 == 0:
-            out(f"  checked {n}/{len(manifest.entries)} rows ...")
+            geometry[(column, "x".join(map(str, shape)), spacing, "".join(nib.aff2axcodes(affine)))] += 1
 
-    try:
-        seed, fractions = (cfg.seed, tuple(cfg.split_fractions)) if cfg else (0, SPLIT_FRACTIONS)
-        splits = assign_splits(manifest.entries, seed, fractions)     # as training assigns them
-    except DataError as err:
-        out(f"\nFATAL: {err}")
-        return 1
-    labels = Counter(e.label or "unlabeled" for e in usable)
-    split_counts = Counter(splits[e.subject_id] for e in usable)
-    rows_total = len(manifest.entries) + len(manifest.problems)
-    out(f"manifest.csv: {rows_total} rows, {len(usable)} usable, {rows_total - len(usable)} with problems\n")
+    labels = Counter(r.entry.label or "unlabeled" for r in records)
+    split_counts = Counter(r.split for r in records)
+    out(f"manifest.csv: {summary.rows} rows, {len(records)} usable, {summary.rows - len(records)} with problems\n")
     out(format_table(["what", "count"], [
-        ["subjects", len({e.subject_id for e in usable})],
-        ["visits", len(usable)],
-        ["with MRI", modality_counts["mri"]],
-        ["with PET", modality_counts["pet"]],
-        ["with report", modality_counts["report"]],
+        ["subjects", len({r.entry.subject_id for r in records})],
+        ["visits", len(records)],
+        ["with MRI", len(records)],
+        ["with PET", sum(r.has_pet for r in records)],
+        ["with report", sum(r.report is not None for r in records)],
         *[[f"label {lab}", labels[lab]] for lab in ("CN", "MCI", "AD", "unlabeled") if labels[lab]],
         *[[f"split {s}", split_counts[s]] for s in ("train", "val", "test") if split_counts[s]],
     ]))
@@ -88,22 +92,35 @@ def check_site(site_dir: Path, strict: bool = False, out=print, cfg: RunConfig |
         out("\nShapes and voxel sizes seen")
         out(format_table(["modality", "shape", "voxel mm", "orientation", "files"],
                          [[*key, count] for key, count in sorted(geometry.items())]))
-    if manifest.warnings:
+    if summary.warnings:
         out("\nWarnings")
-        for warning in manifest.warnings:
+        for warning in summary.warnings:
             out(f"  - {warning}")
     if problems:
         out(f"\nProblems ({len(problems)}; these rows are skipped in training)")
         out(format_table(["row", "subject", "column", "problem", "file"],
                          [[p.row, p.subject, p.column, p.problem, _relative(p.file, site_dir)] for p in problems]))
-    fatal = not usable or (strict and problems)
-    if not usable:
+    fatal = not records or (strict and problems)
+    if not records:
         out("\nFAILED: no usable subject in this site folder.")
     elif fatal:
         out(f"\nFAILED (--strict): {len(problems)} problem(s).")
     else:
-        out(f"\nREADY: {len(usable)} subject-visits usable" + (f", {len(problems)} skipped." if problems else "."))
+        out(f"\nREADY: {len(records)} subject-visits usable" + (f", {len(problems)} skipped." if problems else "."))
     return 1 if fatal else 0
+
+
+@contextlib.contextmanager
+def _quiet_data_log():
+    """The loader logs a line per skipped row (row and kind: what a coordinator may see); here the
+    problems table says it all, with subject and file, so those lines would only repeat it."""
+    data_log = logging.getLogger("cmvim.data")
+    level = data_log.level
+    data_log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        data_log.setLevel(level)
 
 
 def _relative(path: str | None, site_dir: Path) -> str:
@@ -118,8 +135,9 @@ def _relative(path: str | None, site_dir: Path) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", type=Path, required=True, help="the site folder (holding manifest.csv)")
     parser.add_argument("--strict", action="store_true", help="exit non-zero on any problem, not only fatal ones")
-    parser.add_argument("--config", type=Path, help="the run config (YAML) the coordinator shares: split counts as "
-                                                   "the run will assign them (default: the run config's defaults)")
+    parser.add_argument("--config", type=Path, help="the run config (YAML) the coordinator shares: preprocessing and "
+                                                   "split counts as the run will do them (default: the run config's "
+                                                   "defaults)")
 
 
 def check_from_args(args: argparse.Namespace) -> int:

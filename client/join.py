@@ -29,7 +29,7 @@ from cmvim.config import ConfigError
 from cmvim.flower_process import Child, flower_env, flower_executable
 
 from .approved_app import POLICY_ENV
-from .check import check_site
+from .check import manifest_ready
 from .policy import load_policy
 
 UNREGISTERED = 4
@@ -157,7 +157,7 @@ def join(args: argparse.Namespace) -> int:
         print(f"cmvim-client: {err}", file=sys.stderr)
         return 2
     print(f"cmvim-client: checking site {args.site} before joining")
-    if check_site(args.data) != 0:
+    if manifest_ready(args.data) != 0:
         print(f"cmvim-client: site {args.site} has fatal data problems (above): not joining", file=sys.stderr)
         return 2
     policy = load_policy(args.policy)

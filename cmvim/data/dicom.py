@@ -26,15 +26,16 @@ from pathlib import Path
 import numpy as np
 
 from cmvim.data.errors import DataError
+from cmvim.data.volumes import MAX_VOXELS
 
-__all__ = ["read_dicom_series", "KINDS"]
+__all__ = ["read_dicom_series", "read_dicom_geometry", "KINDS"]
 
 # the `kind` strings this module raises
 KINDS = (
     "missing folder", "no DICOM files", "not DICOM", "unreadable file", "several series",
     "unsupported compression", "not grayscale", "no geometry", "bad orientation", "not 3D",
     "mixed orientation", "mixed sizes", "mixed pixel spacing", "duplicate slice", "missing slice",
-    "inconsistent spacing", "no pixel data", "bad rescale",
+    "inconsistent spacing", "no pixel data", "bad rescale", "too large",
 )
 
 ORIENTATION_TOL = 1e-4        # max difference between direction cosines of two slices
@@ -83,9 +84,22 @@ def read_dicom_series(folder: str | Path) -> tuple[np.ndarray, np.ndarray]:
     Hidden files and a file named DICOMDIR (or any DICOMDIR by its SOP class) are skipped;
     any other file that is not DICOM is an error, as is a folder with several series.
     """
-    import pydicom  # noqa: F401  (imported here so the package imports without pydicom)
+    slices, step, forced = _read_geometry(Path(folder))
+    volume = _read_pixels(slices, forced)
+    return volume, _affine(slices[0], step)
 
-    folder = Path(folder)
+
+def read_dicom_geometry(folder: str | Path) -> tuple[tuple[int, int, int], np.ndarray]:
+    """`(shape, affine)` of the series in `folder` from its headers alone (no pixel data read),
+    checked as `read_dicom_series` checks them."""
+    slices, step, _ = _read_geometry(Path(folder))
+    return (slices[0].columns, slices[0].rows, len(slices)), _affine(slices[0], step)
+
+
+def _read_geometry(folder: Path) -> tuple[list[_Slice], np.ndarray, dict[Path, bool]]:
+    """The header pass: the series' slices in spatial order, the step between them, and which
+    files were read with force (pydicom is imported where it is used: the package imports
+    without it)."""
     if not folder.is_dir():
         raise DataError("DICOM folder not found (or not a folder)", file=folder, kind="missing folder")
     paths = sorted(p for p in folder.iterdir()
@@ -102,9 +116,13 @@ def read_dicom_series(folder: str | Path) -> tuple[np.ndarray, np.ndarray]:
         raise DataError(f"the series has a single 2D image ({slices[0].label}), not a 3D volume",
                         file=folder, kind="not 3D")
     _check_consistent(folder, slices)
+    voxels = slices[0].rows * slices[0].columns * len(slices)
+    if voxels > MAX_VOXELS:
+        raise DataError(f"the headers claim {len(slices)} slices of {slices[0].rows}x{slices[0].columns} "
+                        f"({voxels:,} voxels), more than the {MAX_VOXELS:,} a scan may have",
+                        file=folder, kind="too large")
     slices, step = _sort_and_check_spacing(folder, slices)
-    volume = _read_pixels(slices, {info.file: info.forced for info in infos})
-    return volume, _affine(slices[0], step)
+    return slices, step, {info.file: info.forced for info in infos}
 
 
 # ----------------------------------------------------------------------------- header pass

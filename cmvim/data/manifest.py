@@ -2,8 +2,9 @@
 
 Header problems (a required column missing, an empty file) are fatal: the
 whole manifest raises. Row problems (a duplicate subject, an unknown label, a
-missing file, a path escaping the site folder) cost that row only; they are
-collected in `Manifest.problems`, every one with its row number and column.
+missing file, a path escaping the site folder, a symlink loop, a DICOM folder holding
+a link out of the site folder) cost that row only; they are collected in
+`Manifest.problems`, every one with its row number and column.
 """
 from __future__ import annotations
 
@@ -124,11 +125,16 @@ def _parse_row(values: dict[str, str], row: int, site_dir: Path, site_root: Path
         relative = Path(text.replace("\\", "/"))
         if relative.is_absolute():
             raise fail(column, f"absolute path {text!r}: paths are relative to the site folder", "path outside site")
-        resolved = (site_dir / relative).resolve()
-        if resolved != site_root and site_root not in resolved.parents:
+        try:
+            resolved = (site_dir / relative).resolve()
+        except (RuntimeError, OSError):            # RuntimeError: python 3.11's Path.resolve on a loop
+            raise fail(column, f"path {text!r}: symlink loop", "symlink loop") from None
+        if not _inside(resolved, site_root):
             raise fail(column, f"path {text!r} leads outside the site folder", "path outside site")
         if check_files and not (site_dir / relative).exists():
             raise fail(column, f"file not found: {text!r}", "missing file")
+        if resolved.is_dir():
+            _check_folder_links(site_dir / relative, text, site_root, column, fail)
         paths[column] = site_dir / relative
     label = values.get("label", "").upper() or None
     if label is not None and label not in LABELS:
@@ -140,3 +146,26 @@ def _parse_row(values: dict[str, str], row: int, site_dir: Path, site_root: Path
                    "unknown split")
     return ManifestEntry(row=row, subject_id=subject, visit=values.get("visit", ""), mri=paths["mri"],
                          pet=paths["pet"], report=paths["report"], label=label, split=split)
+
+
+def _inside(resolved: Path, site_root: Path) -> bool:
+    return resolved == site_root or site_root in resolved.parents
+
+
+def _check_folder_links(folder: Path, text: str, site_root: Path, column: str, fail) -> None:
+    """A DICOM series folder's entries obey the same rule as manifest paths: a link in it that
+    leads out of the site folder (or loops) costs the row, as a path in the manifest would."""
+    try:
+        children = sorted(folder.iterdir())
+    except OSError:
+        return                                     # the reader names an unreadable folder
+    for child in children:
+        if not child.is_symlink():
+            continue
+        try:
+            target = child.resolve()
+        except (RuntimeError, OSError):
+            raise fail(column, f"folder {text!r} holds a symlink loop: {child.name!r}", "symlink loop") from None
+        if not _inside(target, site_root):
+            raise fail(column, f"folder {text!r} holds a link leading outside the site folder: {child.name!r}",
+                       "path outside site")

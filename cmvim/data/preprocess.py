@@ -1,6 +1,7 @@
 """Preprocessing: small composable steps on a subject's volumes, driven by config.
 
-A *subject sample* is a dict ``{"mri": Volume, "pet": Volume | None, "warnings": [...]}``.
+A *subject sample* is a dict ``{"mri": Volume, "pet": Volume | None, "warnings": [...],
+"files": {modality: path}}`` ("files" optional: errors name the file when it is there).
 Each step takes one and returns one, checks what it needs, and touches only
 what it is about (MONAI's dictionary transforms are the model). The default
 pipeline, `build_pipeline(cfg)`:
@@ -26,6 +27,11 @@ from ..model_config import MODALITIES
 from ..run_config import NORMALIZER_NAMES, PreprocessConfig
 from .errors import DataError
 
+# The most voxels a resampling grid may have. Resampling holds ~100 bytes a voxel at its peak
+# (float64 coordinates for every target voxel), so 2**25 voxels is ~3.4 GB; a 1 mm grid over
+# a 320 mm cube fits. A grid past it comes from a voxel size no scanner writes (a header in
+# cm, or 100 mm voxels): refused before allocating, naming the file and the voxel size.
+RESAMPLE_MAX_VOXELS = 2 ** 25
 
 
 @dataclass
@@ -44,6 +50,10 @@ Step = Callable[[Sample], Sample]
 
 def _volumes(sample: Sample):
     return [(m, sample[m]) for m in MODALITIES if sample.get(m) is not None]
+
+
+def _file(sample: Sample, modality: str):
+    return sample.get("files", {}).get(modality)
 
 
 class Reorient:
@@ -116,14 +126,34 @@ class Resample:
         affine[:3, 3] = (lo + hi) / 2 - self.voxel_size * (np.array(shape) - 1) / 2   # centred on the box
         return affine, shape
 
+    def check_grid(self, ref: Volume, shape: Sequence[int], file=None, column: str | None = None) -> None:
+        """A grid the reference's voxel size cannot sensibly give is that scan's problem: refused
+        before anything is allocated for it."""
+        voxels = int(np.prod(shape, dtype=np.int64))
+        size = "x".join(f"{v:.3g}" for v in ref.voxel_size)
+        onto = f"the {self.voxel_size:g} mm grid" if self.voxel_size is not None else "its own grid"
+        grid = "x".join(map(str, shape))
+        if voxels > RESAMPLE_MAX_VOXELS:
+            raise DataError(f"voxel size {size} mm: resampling onto {onto} needs a {grid} grid ({voxels:,} voxels), "
+                            f"more than the {RESAMPLE_MAX_VOXELS:,} allowed; is the voxel size in the header "
+                            "right?", file=file, column=column, kind="bad voxel size")
+        if min(shape) < 2:
+            lo, hi = world_bounds(ref)
+            extent = "x".join(f"{v:.3g}" for v in hi - lo)
+            raise DataError(f"voxel size {size} mm: the scan spans {extent} mm, less than two voxels of {onto}; "
+                            "is the voxel size in the header right?", file=file, column=column,
+                            kind="bad voxel size")
+
     def __call__(self, sample: Sample) -> Sample:
-        ref = sample.get(self.reference) or sample.get("mri")
+        name = self.reference if sample.get(self.reference) is not None else "mri"
+        ref = sample.get(name)
         if ref is None:
             raise DataError(f"no {self.reference} volume to define the resampling grid", kind="missing modality")
         affine, shape = self.target_grid(ref)
-        for modality, vol in _volumes(sample):
-            if vol is ref and self.voxel_size is None:
-                continue
+        targets = [(m, vol) for m, vol in _volumes(sample) if not (vol is ref and self.voxel_size is None)]
+        if targets:
+            self.check_grid(ref, shape, _file(sample, name), name)
+        for modality, vol in targets:
             sample[modality] = resample(vol, affine, shape)
         return sample
 
@@ -206,7 +236,10 @@ class Normalize:
     def __call__(self, sample: Sample) -> Sample:
         for modality, vol in _volumes(sample):
             method = NORMALIZERS[self.cfg.normalize.get(modality, "none")]
-            sample[modality] = Volume(method(vol.data, self.cfg), vol.affine)
+            try:
+                sample[modality] = Volume(method(vol.data, self.cfg), vol.affine)
+            except DataError as err:
+                raise err.with_context(file=_file(sample, modality), column=modality) from None
         return sample
 
 

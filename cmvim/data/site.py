@@ -3,8 +3,11 @@
 `SiteData.load(site_dir, cfg)` reads the manifest, then loads and preprocesses
 every subject once, up front, into the cache. A subject whose files are bad is
 skipped and its error kept in `summary.skipped`, so training never meets a bad
-file mid-run and no subject disappears without a line saying why. Subject ids
-stay in here: datasets hand out opaque integer indices.
+file mid-run and no subject disappears without a line saying why: every bad file
+is one bad row, whatever goes wrong with it (a subject whose visits disagree on
+the split is left out whole, one line per row). `cmvim-client check` runs this
+same load, so it reports what training will skip. Subject ids stay in here:
+datasets hand out opaque integer indices.
 """
 from __future__ import annotations
 
@@ -74,10 +77,35 @@ class SiteSummary:
         }
 
 
+def drop_split_conflicts(entries: list[ManifestEntry], manifest_path: Path | None = None
+                         ) -> tuple[list[ManifestEntry], list[DataError]]:
+    """The entries of subjects whose visits agree on their split, and one problem per row of
+    every subject whose visits do not (that subject is left out; the rest goes on)."""
+    splits: dict[str, set[str]] = {}
+    for e in entries:
+        if e.split is not None:
+            splits.setdefault(e.subject_id, set()).add(e.split)
+    conflicting = {subject for subject, given in splits.items() if len(given) > 1}
+    if not conflicting:
+        return list(entries), []
+    kept, problems = [], []
+    for e in entries:
+        if e.subject_id not in conflicting:
+            kept.append(e)
+            continue
+        visits = "; ".join(f"row {o.row}" + (f" visit {o.visit!r}" if o.visit else "") + f": {o.split or 'no split'}"
+                           for o in entries if o.subject_id == e.subject_id)
+        problems.append(DataError(f"visits of one subject are in different splits ({visits}); the subject is "
+                                  "left out until they share one", file=manifest_path, row=e.row, column="split",
+                                  subject=e.subject_id, kind="split conflict"))
+    return kept, problems
+
+
 def assign_splits(entries: list[ManifestEntry], seed: int, fractions=SPLIT_FRACTIONS) -> dict[str, str]:
     """subject_id -> split. Manifest splits win; the rest by a seeded rule stratified by label.
 
-    Visits of one subject always share a split; a subject whose visits disagree is an error.
+    Visits of one subject always share a split; a subject whose visits disagree is an error
+    (`drop_split_conflicts` takes such subjects out first).
     """
     given: dict[str, str] = {}
     for e in entries:
@@ -121,21 +149,22 @@ class SiteData:
         cfg = cfg or PreprocessConfig()
         start = time.perf_counter()
         manifest = read_manifest(site_dir)           # header problems raise: nothing to train on
+        entries, conflicts = drop_split_conflicts(manifest.entries, site_dir / "manifest.csv")
         summary = SiteSummary(rows=len(manifest.entries) + len(manifest.problems),
-                              skipped=list(manifest.problems), warnings=list(manifest.warnings))
+                              skipped=list(manifest.problems) + conflicts, warnings=list(manifest.warnings))
         cache = VolumeCache(Path(cache_dir) if cache_dir else default_cache_dir(site_dir))
         pipeline = build_pipeline(cfg)
         fingerprint = cfg.fingerprint()
-        splits = assign_splits(manifest.entries, seed, tuple(split_fractions))
+        splits = assign_splits(entries, seed, tuple(split_fractions))
         records: list[Record] = []
-        for n, entry in enumerate(manifest.entries, start=1):
+        for n, entry in enumerate(entries, start=1):
             try:
                 records.append(cls._prepare(entry, len(records), cache, pipeline, fingerprint, site_dir,
                                             splits[entry.subject_id], use_reports, summary))
             except DataError as err:
                 summary.skipped.append(err.with_context(subject=entry.subject_id, row=entry.row))
             if progress:
-                progress(n, len(manifest.entries))
+                progress(n, len(entries))
         summary.loaded = len(records)
         cache.prune(fingerprint, {r.key for r in records})
         summary.seconds = time.perf_counter() - start
@@ -148,25 +177,45 @@ class SiteData:
     @staticmethod
     def _prepare(entry: ManifestEntry, index: int, cache: VolumeCache, pipeline, fingerprint: str, site_dir: Path,
                  split: str, use_reports: bool, summary: SiteSummary) -> Record:
-        report = None
-        if use_reports and entry.report is not None:
-            report = read_report(entry.report)
-        key = cache_key([entry.mri, entry.pet], site_dir, fingerprint)
-        if cache.load(key) is not None:
-            summary.cache_hits += 1
-        else:
-            sample = {}
-            for modality in MODALITIES:
-                path = getattr(entry, modality)
-                if path is not None:
+        """One row, read and preprocessed into the cache. Whatever goes wrong is a DataError
+        naming the file: an unexpected exception (a MemoryError, a reader's bug) too."""
+        files = {m: getattr(entry, m) for m in MODALITIES if getattr(entry, m) is not None}
+        doing, file, column = "reading the report", entry.report, "report"
+        try:
+            report = None
+            if use_reports and entry.report is not None:
+                report = read_report(entry.report)
+            doing, file, column = "reading the scans", entry.mri, "mri"
+            key = cache_key([entry.mri, entry.pet], site_dir, fingerprint)
+            if cache.load(key) is not None:
+                summary.cache_hits += 1
+            else:
+                sample = {"files": files}
+                for modality, path in files.items():
+                    doing, file, column = "reading the scan", path, modality
                     try:
                         sample[modality] = Volume(*load_volume(path, modality))
                     except DataError as err:
                         raise err.with_context(column=modality) from None
-            sample = pipeline(sample)
-            for warning in sample.get("warnings", []):
-                summary.warnings.append(f"manifest row {entry.row}: {warning}")
-            cache.save(key, {m: sample[m].data for m in MODALITIES if sample.get(m) is not None})
+                # steps name the file a problem is in; one they cannot pin on a file is the MRI's
+                doing, file, column = "preprocessing", entry.mri, None
+                try:
+                    sample = pipeline(sample)
+                except DataError as err:
+                    raise err.with_context(file=file) from None
+                for warning in sample.get("warnings", []):
+                    summary.warnings.append(f"manifest row {entry.row}: {warning}")
+                doing, file, column = "writing the cache", cache.root, None
+                cache.save(key, {m: sample[m].data for m in MODALITIES if sample.get(m) is not None})
+        except DataError:
+            raise
+        except Exception as exc:
+            # the traceback goes to the site's debug log only; the row's problem names the file and the type
+            log.debug("manifest row %d: %s while %s", entry.row, type(exc).__name__, doing, exc_info=True)
+            detail = str(exc)
+            detail = f": {detail[:200]}" if detail else ""
+            raise DataError(f"{type(exc).__name__} while {doing}{detail}", file=file, column=column,
+                            kind="out of memory" if isinstance(exc, MemoryError) else "unexpected error") from None
         return Record(index=index, entry=entry, key=key, has_pet=entry.pet is not None, report=report, split=split)
 
     # -- views -------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import logging
+import math
 import zlib
 from pathlib import Path
 
@@ -20,6 +21,10 @@ from .errors import DataError
 log = logging.getLogger("cmvim.data")
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
+# The most voxels a scan's header may claim: 2**28 is 1 GiB as float32, twice a 0.5 mm isotropic
+# whole head (512^3 = 2**27), so a real scan fits and a broken header (30000^3) fails its row
+# before nibabel allocates for it.
+MAX_VOXELS = 2 ** 28
 
 
 def is_nifti(path: Path) -> bool:
@@ -45,7 +50,8 @@ def load_volume(path: str | Path, modality: str | None = None) -> tuple[np.ndarr
 
 def _read_nifti(path: Path, modality: str | None) -> tuple[np.ndarray, np.ndarray]:
     try:
-        image = nib.load(str(path))
+        image = nib.load(str(path))                 # the header only: no voxel is read yet
+        _check_header(image, path)
         data = np.asanyarray(image.dataobj)
     except FileNotFoundError:
         raise DataError("file not found", file=path, kind="missing file") from None
@@ -75,6 +81,35 @@ def _read_nifti(path: Path, modality: str | None) -> tuple[np.ndarray, np.ndarra
     if affine is None or not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
         raise DataError("no usable voxel-to-world affine in the header", file=path, kind="no geometry")
     return data, np.asarray(affine, dtype=np.float64)
+
+
+def _check_header(image, path: Path) -> None:
+    """Refuse a header whose data cannot be there, before allocating for it: a broken header must
+    cost its row, not the site's memory."""
+    header = image.header
+    shape = tuple(int(n) for n in header.get_data_shape())
+    voxels = math.prod(shape)
+    if voxels > MAX_VOXELS:
+        raise DataError(f"header claims shape {shape} ({voxels:,} voxels), more than the {MAX_VOXELS:,} a scan "
+                        "may have: a broken header?", file=path, kind="bad header")
+    if path.name.lower().endswith(".nii"):         # uncompressed: the data must fit in the file
+        offset = int(header.get_data_offset())
+        needed = offset + voxels * header.get_data_dtype().itemsize
+        size = path.stat().st_size
+        if needed > size:
+            raise DataError(f"truncated or header claims {voxels:,} voxels (shape {shape}, "
+                            f"{header.get_data_dtype()}): needs {needed:,} bytes, the file has {size:,}",
+                            file=path, kind="truncated file")
+
+
+def scan_geometry(path: str | Path) -> tuple[tuple[int, int, int], np.ndarray]:
+    """(shape, affine) of a scan from its header(s) alone, without its voxels (for `check`'s table)."""
+    path = Path(path)
+    if path.is_dir():
+        from .dicom import read_dicom_geometry
+        return read_dicom_geometry(path)
+    image = nib.load(str(path))
+    return tuple(int(n) for n in image.shape[:3]), np.asarray(image.affine, dtype=np.float64)
 
 
 def check_volume(volume: np.ndarray, path: Path) -> None:
