@@ -62,6 +62,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--wait-sites", type=int, help="SuperNodes that must be online before the run starts "
                         "(default: the strategy's min_nodes)")
     parser.add_argument("--wait-timeout", type=float, default=3600.0, help="give up waiting for sites after S s")
+    parser.add_argument("--run-timeout", type=float, default=7 * 24 * 3600.0,
+                        help="stop the run if it has not finished after S s (default a week; the run's own rounds "
+                             "have deadlines too: strategy.round_timeout and strategy.wait_for_sites)")
     parser.add_argument("--state-dir", type=Path, help="SuperLink database, logs and Flower's home "
                         "(default: OUT/.superlink)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
@@ -238,6 +241,7 @@ class Coordinator:
     def wait_for_run(self, run_id: str) -> str:
         log = Child([flower_executable("flwr", DeployError), "log", run_id, CONNECTION, "--stream"],
                     env=self.env, prefix="  ")
+        deadline = time.monotonic() + self.args.run_timeout
         try:
             while True:
                 runs = (self.flwr("list", CONNECTION, "--run-id", run_id, check=False) or {}).get("runs", [])
@@ -245,6 +249,10 @@ class Coordinator:
                 if status.startswith("finished"):
                     time.sleep(2)            # let the log stream print the end
                     return status
+                if time.monotonic() > deadline:
+                    self.flwr("stop", run_id, CONNECTION, check=False)
+                    raise DeployError(f"run {run_id} had not finished after {self.args.run_timeout:.0f} s "
+                                      "(--run-timeout): stopped; its checkpoints let it resume (--resume)")
                 time.sleep(3)
         finally:
             log.stop(grace=3)

@@ -196,3 +196,34 @@ def test_a_round_below_the_quorum_keeps_the_global_model():
     strategy.min_replies = 3
     assert aggregate(strategy, [reply("A", 1, honest(0)), reply("B", 2, honest(1))]) is None
     assert aggregate(strategy, [reply("A", 1, honest(0)), reply("B", 2, honest(1)), reply("C", 3, honest(2))]) is not None
+
+
+def test_cmvim_server_stops_a_run_that_outlives_its_deadline(tmp_path, monkeypatch):
+    """The coordinator's wait for the run has a deadline: past it the run is stopped and the
+    error says how to resume."""
+    import argparse
+    from cmvim.server import deploy
+
+    class Stream:            # `flwr log --stream`, not started
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def stop(self, grace=0):
+            pass
+    monkeypatch.setattr(deploy, "Child", Stream)
+    parser = argparse.ArgumentParser()
+    deploy.add_arguments(parser)
+    args = parser.parse_args(["--config", str(tmp_path / "run.yaml"), "--out", str(tmp_path / "out"),
+                              "--run-timeout", "0.2", "--insecure"])
+    coordinator = deploy.Coordinator(args)
+    calls = []
+
+    def flwr(*argv, check=True):
+        calls.append(argv)
+        return {"runs": [{"status": "running"}]} if argv[0] == "list" else {}
+    coordinator.flwr = flwr
+    real_sleep = time.sleep
+    monkeypatch.setattr(deploy.time, "sleep", lambda s: real_sleep(0.05))
+    with pytest.raises(deploy.DeployError, match=r"run 7 had not finished after 0 s \(--run-timeout\): stopped"):
+        coordinator.wait_for_run("7")
+    assert calls[-1][:2] == ("stop", "7")
