@@ -9,7 +9,18 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from sklearn.metrics import roc_auc_score, roc_curve
+
+# scikit-learn is imported where an AUC is computed: a training message never loads it
+
+
+def roc_auc_score(*args, **kwargs) -> float:
+    from sklearn.metrics import roc_auc_score as auc
+    return auc(*args, **kwargs)
+
+
+def roc_curve(*args, **kwargs):
+    from sklearn.metrics import roc_curve as curve
+    return curve(*args, **kwargs)
 
 
 def _safe_auc(labels: np.ndarray, scores: np.ndarray, weights: np.ndarray | None = None) -> float:

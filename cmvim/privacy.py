@@ -31,9 +31,6 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
-from opacus import GradSampleModule
-from opacus.accountants import RDPAccountant
-from opacus.optimizers import DPOptimizer
 from torch import nn
 
 from .durable import write_atomic
@@ -66,6 +63,7 @@ def epsilon(history: Sequence[tuple[float, float, int]], delta: float) -> float:
     steps: dict[tuple[float, float], int] = {}          # RDP adds up over steps: one entry per (noise, rate)
     for s, q, n in history:
         steps[(float(s), float(q))] = steps.get((float(s), float(q)), 0) + int(n)
+    from opacus.accountants import RDPAccountant          # here: a plain training message never loads Opacus
     accountant = RDPAccountant()
     accountant.history = [(s, q, n) for (s, q), n in steps.items()]
     return float(accountant.get_epsilon(delta))
@@ -202,6 +200,8 @@ def dp_train(model: nn.Module, dataset, collate: Callable, loss_fn: Callable, op
     if precision.scaler is not None:
         raise DeviceError("precision fp16 with DP-SGD: a loss scaler would scale the per-sample gradients "
                           "Opacus clips; use bf16 or fp32")
+    from opacus import GradSampleModule                               # here: a plain training message never loads Opacus
+    from opacus.optimizers import DPOptimizer
     generator = torch.Generator().manual_seed(seed)                     # Poisson sampling: on the CPU
     device = model_device(model)
     noise_generator = generator if device.type == "cpu" else torch.Generator(device=device).manual_seed(seed)

@@ -93,3 +93,14 @@ def test_the_checkouts_flower_app_is_the_one_cmvim_server_writes(tmp_path):
         assert app["config"] == APP_CONFIG
         assert app["publisher"] == checkout["tool"]["flwr"]["app"]["publisher"]
     assert written["project"]["version"] == "1.2.3"
+
+
+def test_the_sites_message_path_imports_only_what_a_training_message_needs():
+    """Each message starts a fresh ClientApp process (Flower 1.42): what its import pulls in is
+    paid per message. Opacus, scikit-learn, matplotlib and Ray load only where they are used."""
+    import subprocess
+    import sys
+    code = ("import sys, cmvim.client.app; "
+            "print(' '.join(m for m in ('opacus', 'sklearn', 'matplotlib', 'ray') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "", f"imported on the message path: {out}"
