@@ -150,11 +150,16 @@ class FinetuneConfig(PhaseConfig):
     (docs/science.md): fine-tuning a pretrained encoder under a random head undid what pretraining
     had learned. Under DP-SGD a probe round trains the head alone for `local_epochs`, on the
     privacy plan of every other round.
+
+    `select`: which round's model is final: "last", or "best_val" (early stopping on the
+    validation split: the round with the best mean per-site validation AUC, the latest of equals;
+    needs evaluation.every_round).
     """
     probe_rounds: int = 0
     probe_epochs: int = 100
     probe_lr: float = 1e-3
     layer_decay: float = 1.0
+    select: Literal["last", "best_val"] = "last"
 
     def __post_init__(self):
         if not 0 <= self.probe_rounds <= self.rounds:
@@ -360,6 +365,9 @@ class RunConfig:
             if self.central_dp.enabled:
                 raise ValueError("secure_aggregation with central_dp is not supported: Flower 1.42's SecAgg+ runs on "
                                  "its legacy strategies, its accountant on the new ones (docs/privacy.md)")
+        if self.finetune.select == "best_val" and not self.evaluation.every_round:
+            raise ValueError("finetune.select: best_val needs evaluation.every_round: true (the validation AUC of "
+                             "every round is what it selects by)")
         if self.model.img_size != self.preprocess.shape:
             raise ValueError(f"preprocess.shape ({self.preprocess.shape}) must equal the model's img_size "
                              f"({self.model.img_size})")

@@ -110,3 +110,38 @@ class Checkpoint:
             except CheckpointError as exc:
                 log.warning("checkpoints: skipping %s", exc)
         return None
+
+
+class BestModel:
+    """Early stopping on the validation split (finetune.select: best_val): the fine-tuning round
+    with the best mean per-site validation AUC so far, the latest of equals, kept on disk beside
+    the checkpoints (written like them), so a resumed run still knows it."""
+
+    def __init__(self, folder: Path):
+        self.path = folder / "finetune_best_val.pt"
+        self.round, self.score = 0, float("-inf")
+        if self.path.exists():
+            try:
+                data = torch.load(self.path, map_location="cpu", weights_only=True)
+                self.round, self.score = int(data["round"]), float(data["score"])
+            except Exception as exc:  # noqa: BLE001 - unreadable: start the selection over, said
+                log.warning("checkpoints: %s unreadable (%s); the selection starts over", self.path.name, exc)
+
+    def clear(self) -> None:
+        self.path.unlink(missing_ok=True)
+        self.round, self.score = 0, float("-inf")
+
+    def offer(self, round_: int, score: float, arrays: dict[str, torch.Tensor]) -> bool:
+        """Keep `arrays` if `score` (a mean validation AUC) is at least the best so far."""
+        if not score >= self.score:            # NaN (no site could score) never wins
+            return False
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        payload = {"round": round_, "score": score, "arrays": to_cpu(arrays)}
+        write_atomic(self.path, lambda handle: torch.save(payload, handle))
+        self.round, self.score = round_, score
+        return True
+
+    def arrays(self) -> dict[str, torch.Tensor] | None:
+        if not self.round:
+            return None
+        return dict(torch.load(self.path, map_location="cpu", weights_only=True)["arrays"])

@@ -22,12 +22,12 @@ from flwr.serverapp import Grid
 from cmvim.config import to_dict
 from cmvim.protocol import (ARRAYS, CONFIG, HIST_NEG, HIST_POS, METRICS, PHASE, ROUND, RUN_CONFIG, RUN_KEY,
                             SERVER_ROUND, SITE, SITE_ERROR, SPLIT)
-from cmvim.results import site_entry
+from cmvim.results import mean_auc, site_entry
 from cmvim.run_config import RunConfig
 from cmvim.weights import initial_state
 
 from .central_dp import CentralDP
-from .checkpoints import Checkpoint
+from .checkpoints import BestModel, Checkpoint
 from .report import final_report, progress, say
 from .strategy import CentralBudgetSpent, make_strategy, restore_strategy_state, site_name, strategy_state
 
@@ -61,6 +61,9 @@ class FederatedRun:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         (self.out_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
         ckpt = Checkpoint.latest(self.ckpt_dir) if self.resume else None
+        self.best = BestModel(self.ckpt_dir)
+        if not self.resume:
+            self.best.clear()                   # a previous run's choice in this folder is not this run's
         if self.resume and ckpt is None:
             say(f"resume: no checkpoint in {self.ckpt_dir}; starting from the beginning")
         if ckpt is not None:
@@ -79,6 +82,10 @@ class FederatedRun:
         else:
             arrays, done, state = ckpt.arrays, ckpt.round, ckpt.strategy
         final = self.run_phase("finetune", arrays, done, state)
+        if self.cfg.finetune.select == "best_val" and self.best.round:
+            say(f"finetune: the model of round {self.best.round} is final (best mean validation AUC "
+                f"{self.best.score:.3f}; finetune.select: best_val)")
+            final = self.best.arrays()
         return self.evaluate(final)
 
     def _config(self, phase: str, offset: int, split: str | None = None) -> ConfigRecord:
@@ -155,6 +162,8 @@ class FederatedRun:
                 entry["central_dp"] = self.central.spent()
             self.history.append(entry)
             latest[0] = round_arrays.to_torch_state_dict()
+            if phase == "finetune" and self.cfg.finetune.select == "best_val" and evaluate_rounds:
+                entry["selected"] = self.best.offer(absolute, mean_auc(rlog.evaluate), latest[0])
             self._checkpoint(phase, absolute, latest[0], strategy_state(strategy))
             progress(phase, absolute, pc.rounds, later, entry, phase_seconds, self._connected())
             return None

@@ -37,6 +37,8 @@ def train_rounds(cfg: RunConfig, tasks: list[SiteTask], phase: str, shared: dict
     use it), or by `aggregate(phase, round, {site: RoundResult}, shared) -> shared` (e.g.
     `server_aggregation`). Returns the shared parameters and each task's own (personalised) ones."""
     local = {task.name: {} for task in tasks}
+    select = phase == "finetune" and cfg.finetune.select == "best_val"
+    best = (float("-inf"), shared, local)
     for round_ in range(1, cfg.phase(phase).rounds + 1):
         results = [task.train(phase, round_, shared, local[task.name]) for task in tasks]
         local = {task.name: result.local for task, result in zip(tasks, results)}
@@ -44,7 +46,22 @@ def train_rounds(cfg: RunConfig, tasks: list[SiteTask], phase: str, shared: dict
             shared = aggregate(phase, round_, {task.name: r for task, r in zip(tasks, results)}, shared)
         else:
             shared = results[0].shared if len(results) == 1 else fedavg(results)
-    return shared, local
+        if select:                            # as the federated run selects (server.checkpoints.BestModel)
+            score = validation_auc(tasks, shared, local)
+            if score >= best[0]:
+                best = (score, shared, local)
+    return (best[1], best[2]) if select and best[0] > float("-inf") else (shared, local)
+
+
+def validation_auc(tasks: list[SiteTask], shared: dict, local: dict[str, dict]) -> float:
+    """The mean per-site validation AUC of a model (each task scores its own validation split)."""
+    entries = {}
+    for task in tasks:
+        for site in task.sites:                # the centralized baseline's task pools several sites
+            one = SiteTask(task.cfg, [site], task.name, limits=task.limits, device=str(task.device))
+            entries[f"{task.name}/{site.site_dir.name}"] = site_entry(
+                dict(one.evaluate("finetune", shared, local[task.name], "val").metrics))
+    return mean_auc(entries)
 
 
 def server_aggregation(strategy_cfg, tamper=None):

@@ -134,3 +134,36 @@ def test_a_sites_personalised_weights_survive_a_restart_of_its_node(easy_cohort,
     stored.write_bytes(b"damaged")                      # a damaged file: one warning, the round goes on
     round_(node(), 3)
     assert seen[2] == {}
+
+
+def test_best_val_keeps_the_latest_of_the_best_rounds_and_survives_a_resume(tmp_path):
+    from cmvim.server.checkpoints import BestModel
+    best = BestModel(tmp_path)
+    assert best.arrays() is None
+    for round_, score in ((1, 0.7), (2, 0.9), (3, 0.8), (4, 0.9), (5, float("nan"))):
+        best.offer(round_, score, {"w": torch.full((2,), float(round_))})
+    assert (best.round, best.score) == (4, 0.9)                  # ties: the later round; NaN never wins
+    resumed = BestModel(tmp_path)                                 # a resumed run reads it back
+    assert (resumed.round, resumed.score) == (4, 0.9) and resumed.arrays()["w"][0] == 4.0
+    assert not resumed.offer(6, 0.85, {"w": torch.zeros(2)})
+    resumed.clear()
+    assert BestModel(tmp_path).arrays() is None
+    with pytest.raises(ValueError, match="best_val needs evaluation.every_round"):
+        run_config({"finetune": {"select": "best_val"}, "evaluation": {"every_round": False}})
+
+
+def test_in_process_rounds_select_the_best_validation_round(easy_cohort, monkeypatch):
+    """The baselines and benchmarks select as the federated run does."""
+    from cmvim.simulations import baselines
+    cfg = run_config({"finetune": {"rounds": 3, "select": "best_val"}})
+    scores = iter([0.6, 0.8, 0.7])
+    monkeypatch.setattr(baselines, "validation_auc", lambda tasks, shared, local: next(scores))
+
+    class Task:
+        name = "A"
+
+        def train(self, phase, round_, shared, local):
+            from cmvim.site_task import RoundResult
+            return RoundResult({"w": torch.full((1,), float(round_))}, {}, {"num-examples": 1})
+    shared, _ = baselines.train_rounds(cfg, [Task()], "finetune", {"w": torch.zeros(1)})
+    assert shared["w"][0] == 2.0
