@@ -11,6 +11,7 @@ config asks for; write metrics.json, ROC plots and summary.md to --out.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import logging
 import os
@@ -96,8 +97,7 @@ def run_federated(cfg: RunConfig, out_dir: Path, n_sites: int, resume: bool, ver
 
 def gpu_problem(cfg) -> str | None:
     """Why the config's GPU shares cannot run on this machine (Ray would wait for GPUs forever), or None.
-    Sites get a GPU only through `gpus_per_site`: Ray hides the GPUs from a site without a share,
-    so `device: auto` resolves to the CPU there."""
+    Simulated sites get a GPU only through `gpus_per_site` (see `simulated_device`)."""
     if cfg.gpus_per_site <= 0:
         if cfg.device.startswith("cuda"):
             return f"device {cfg.device} needs gpus_per_site > 0 in a simulation (a share of a GPU for each site)"
@@ -109,6 +109,15 @@ def gpu_problem(cfg) -> str | None:
     if cfg.gpus_per_site > count:
         return f"gpus_per_site {cfg.gpus_per_site:g} is more than the {count} GPU(s) here: no site could start"
     return None
+
+
+def simulated_device(cfg):
+    """Without GPU shares the simulated sites compute on the CPU: `device: auto` must not let
+    every site take the same GPU behind Ray's back (Ray plans to stop hiding GPUs from actors
+    that asked for none)."""
+    if cfg.gpus_per_site <= 0 and cfg.device == "auto":
+        return dataclasses.replace(cfg, device="cpu")
+    return cfg
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -141,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     problem = gpu_problem(cfg)
     if problem:
         parser.error(f"{config_file}: {problem}")
+    cfg = simulated_device(cfg)
     start = time.perf_counter()
     _say(f"cmvim-sim: config {config_file}, results in {out_dir}")
     if not cfg.cohort.path:

@@ -146,8 +146,11 @@ def test_cmvim_client_refuses_a_device_it_does_not_have(tmp_path):
 
 
 def test_simulation_gpu_shares_are_checked_against_the_machine():
-    from cmvim.simulations.cli import gpu_problem
+    from cmvim.simulations.cli import gpu_problem, simulated_device
     assert gpu_problem(run_config({})) is None
+    # without GPU shares every simulated site computes on the CPU, whatever Ray shows it
+    assert simulated_device(run_config({})).device == "cpu"
+    assert simulated_device(run_config({"gpus_per_site": 0.5})).device == "auto"
     if not CUDA:
         assert "no CUDA device" in gpu_problem(run_config({"gpus_per_site": 0.5}))
     assert "gpus_per_site > 0" in gpu_problem(run_config({"device": "cuda"}))
