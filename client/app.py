@@ -31,7 +31,8 @@ from cmvim.durable import write_atomic
 from cmvim.run_config import RunConfig
 from cmvim.privacy import PrivacyBudgetExceeded, SiteLimits, count_release
 from cmvim.protocol import (ARRAYS, CONFIG, HIST_NEG, HIST_POS, METRICS, NUM_EXAMPLES, PHASE, PROXIMAL_MU, ROUND,
-                            RUN_CONFIG, RUN_KEY, SECAGG_MASKED, SERVER_ROUND, SITE, SITE_ERROR, SITE_NAME, SPLIT)
+                            RUN_CONFIG, RUN_KEY, SECAGG_MASKED, SERVER_ROUND, SITE, SITE_ERROR, SITE_NAME, SPLIT,
+                            WORK_SECONDS)
 from cmvim.site_task import SiteTask, SiteTaskError
 
 from .policy import SIMULATED_SITE_POLICY, PolicyRefusal, load_policy
@@ -128,17 +129,22 @@ def _handle(msg: Message, context: Context, training: bool) -> Message:
         personal = personal_path(task.ledger_path, task.run_key)
         local = context.state[LOCAL_STATE].to_torch_state_dict() if LOCAL_STATE in context.state else \
             load_personal(personal)
+        working = time.perf_counter()
         if training:
             result = task.train(phase, round_, shared, local, float(config.get(PROXIMAL_MU, 0.0)))
             if result.local:
                 context.state[LOCAL_STATE] = ArrayRecord(result.local)
                 save_personal(personal, result.local)
-            content = RecordDict({ARRAYS: ArrayRecord(result.shared),
-                                  METRICS: MetricRecord(flatten_metrics(result.metrics)),
+            metrics = flatten_metrics(result.metrics)
+            if not cfg.privacy.enabled:       # under DP-SGD a reply carries its accounting only
+                metrics[WORK_SECONDS] = round(time.perf_counter() - working, 3)
+            content = RecordDict({ARRAYS: ArrayRecord(result.shared), METRICS: MetricRecord(metrics),
                                   SITE: ConfigRecord({SITE_NAME: name})})
         else:
             result = task.evaluate(phase, shared, local, split)
             metrics = flatten_metrics(result.metrics)
+            if metrics.get(NUM_EXAMPLES, 0) > 0:     # a suppressed evaluation says nothing, not even its time
+                metrics[WORK_SECONDS] = round(time.perf_counter() - working, 3)
             if result.histograms is not None:
                 metrics[HIST_POS], metrics[HIST_NEG] = result.histograms
             content = RecordDict({METRICS: MetricRecord(metrics), SITE: ConfigRecord({SITE_NAME: name})})

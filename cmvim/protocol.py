@@ -40,6 +40,8 @@ SECAGG_SITE = "site"               # SecAgg+ rounds: the site's name, in the leg
 NUM_EXAMPLES = "num-examples"      # the subjects a round trained on or an evaluation scored
 HIST_POS = "hist_pos"              # evaluation: histogram of the positive class's scores
 HIST_NEG = "hist_neg"              # evaluation: histogram of the negative class's scores
+WORK_SECONDS = "work-seconds"      # a reply's site work: seconds in training or evaluation (not process start,
+                                   # imports, data loading or waiting): the round's overhead is the rest
 WEIGHT = "aggregation-weight"      # set by the server's strategy only: the weight FedAvg gives a reply
 SUPPRESSED = "suppressed"          # evaluation: 1 when the split is too small to release anything about it
 

@@ -51,7 +51,10 @@ def progress(phase: str, round_: int, total: int, later_rounds: int, entry: dict
         line += " | epsilon " + ", ".join(f"{s} {v:.2f}" for s, v in sorted(eps.items()))
     if "central_dp" in entry:
         line += f" | central epsilon {entry['central_dp']['epsilon']:.2f}"
-    line += f" | {entry['seconds']:.0f}s/round | ETA {fmt_duration(per_round * remaining)}"
+    line += f" | {entry['seconds']:.0f}s/round"
+    if "site_work_seconds" in entry:
+        line += f" (site work {entry['site_work_seconds']:.0f}s, overhead {entry['overhead_seconds']:.0f}s)"
+    line += f" | ETA {fmt_duration(per_round * remaining)}"
     say(line)
     for rejection in entry["rejected"]:
         say(f"    ! site {rejection['site']} left out ({rejection['stage']}): {rejection['reason']}")

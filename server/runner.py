@@ -21,7 +21,7 @@ from flwr.serverapp import Grid
 
 from cmvim.config import to_dict
 from cmvim.protocol import (ARRAYS, CONFIG, HIST_NEG, HIST_POS, METRICS, PHASE, ROUND, RUN_CONFIG, RUN_KEY,
-                            SERVER_ROUND, SITE, SITE_ERROR, SPLIT)
+                            SERVER_ROUND, SITE, SITE_ERROR, SPLIT, WORK_SECONDS)
 from cmvim.results import mean_auc, site_entry
 from cmvim.run_config import RunConfig
 from cmvim.weights import initial_state
@@ -32,6 +32,17 @@ from .report import final_report, progress, say
 from .strategy import CentralBudgetSpent, make_strategy, restore_strategy_state, site_name, strategy_state
 
 log = logging.getLogger("cmvim.server")
+
+
+def round_timing(seconds: float, train: dict, evaluate: dict) -> dict:
+    """A round's wall time split into site work (the slowest site's training, plus the slowest
+    site's validation) and the rest: process starts, imports, data loading, transport, waiting.
+    Empty when the sites do not report their work (under DP-SGD they send accounting only)."""
+    train_work = [m[WORK_SECONDS] for m in train.values() if WORK_SECONDS in m]
+    if not train_work:
+        return {}
+    work = max(train_work) + max((m[WORK_SECONDS] for m in evaluate.values() if WORK_SECONDS in m), default=0.0)
+    return {"site_work_seconds": round(work, 2), "overhead_seconds": round(max(seconds - work, 0.0), 2)}
 
 
 class SitesMissing(RuntimeError):
@@ -157,7 +168,8 @@ class FederatedRun:
             self.rejected.extend(new_rejections)
             entry = {"phase": phase, "round": absolute, "seconds": round(seconds, 2),
                      "train": rlog.train, "evaluate": rlog.evaluate if evaluate_rounds else {},
-                     "rejected": new_rejections}
+                     "rejected": new_rejections, **round_timing(seconds, rlog.train,
+                                                                rlog.evaluate if evaluate_rounds else {})}
             if self.central.active:
                 entry["central_dp"] = self.central.spent()
             self.history.append(entry)

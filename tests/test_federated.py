@@ -74,8 +74,14 @@ def test_three_site_run_pretrain_finetune_evaluate(easy_cohort, tmp_path):
     summary = (out / "summary.md").read_text()
     for site, m in metrics["sites"].items():
         assert f"| {site:<6} | {m['auc']:.3f} |" in summary
-    assert sorted(p.name for p in (out / "checkpoints").glob("*.pt"))[:2] == ["evaluate_round000.pt",
-                                                                             "finetune_round001.pt"]
+    assert sorted(p.name for p in (out / "checkpoints").glob("*.pt")) == [   # checkpoints.keep_last: 2 a phase
+        "evaluate_round000.pt", "finetune_round004.pt", "finetune_round005.pt", "pretrain_round001.pt",
+        "pretrain_round002.pt"]
+    # every round's time split into the slowest site's work and the rest (process starts, transport)
+    for r in metrics["rounds"]:
+        assert 0 < r["site_work_seconds"] <= r["seconds"] and r["overhead_seconds"] >= 0
+        assert all(m["work-seconds"] > 0 for m in r["train"].values())
+    assert "s/round (site work" in proc.stdout
     # what left the sites: aggregate numbers only, no subject ids in the run's record
     subject_ids = [line.split(",")[0] for site in "ABC" for line in
                    (Path(easy_cohort) / site / "manifest.csv").read_text().splitlines()[1:]]

@@ -82,3 +82,12 @@ def test_site_folders_are_found_in_one_place(tmp_path):
     assert list(CohortSpec(path=str(tmp_path), site_names=["C", "A"]).site_folders()) == ["C", "A"]
     with pytest.raises(ValueError, match="cohort.path"):
         CohortSpec().site_folders()
+
+
+def test_a_rounds_time_splits_into_the_slowest_sites_work_and_overhead():
+    from cmvim.server.runner import round_timing
+    train = {"A": {"work-seconds": 4.0}, "B": {"work-seconds": 6.0}}
+    assert round_timing(10.0, train, {"A": {"work-seconds": 1.0}, "B": {"work-seconds": 0.5}}) == {
+        "site_work_seconds": 7.0, "overhead_seconds": 3.0}
+    assert round_timing(10.0, train, {}) == {"site_work_seconds": 6.0, "overhead_seconds": 4.0}
+    assert round_timing(10.0, {"A": {"epsilon": 1.0}}, {}) == {}        # DP: the sites send accounting only
