@@ -116,7 +116,7 @@ def preflight(args: argparse.Namespace) -> None:
         raise JoinError(f"--server {args.server!r}: expected HOST:PORT")
     if not all(c.isalnum() or c in "-_" for c in args.site):
         raise JoinError(f"--site {args.site!r}: use letters, digits, '-' and '_'")
-    if args.device is not None:
+    if getattr(args, "device", None) is not None:
         from cmvim.device import DeviceError, describe, resolve_device
         try:
             args.device_name = describe(resolve_device(args.device))
@@ -138,7 +138,7 @@ def supernode_command(args: argparse.Namespace, runtime_port: int, state: Path) 
     node_config = f'site="{args.site}" data-dir="{args.data.resolve()}" state-dir="{state}"'
     if args.policy is not None:
         node_config += f' policy="{args.policy.resolve()}"'
-    if args.device is not None:
+    if getattr(args, "device", None) is not None:
         node_config += f' device="{args.device}"'
     cmd = [flower_executable("flower-supernode", JoinError), "--superlink", args.server,
            "--node-config", node_config, "--port", str(runtime_port)]
@@ -162,7 +162,7 @@ def join(args: argparse.Namespace) -> int:
         return 2
     policy = load_policy(args.policy)
     print(f"cmvim-client: site policy: {policy}")
-    if args.device is not None:
+    if getattr(args, "device", None) is not None:
         print(f"cmvim-client: computing on {args.device_name} (--device {args.device})")
     if args.insecure:
         print("cmvim-client: WARNING --insecure: no TLS, no node authentication; for tests on one machine only")
