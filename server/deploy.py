@@ -216,6 +216,10 @@ class Coordinator:
     def wait_for_sites(self, wanted: int) -> None:
         deadline, last = time.monotonic() + self.args.wait_timeout, -1
         while True:
+            for child, what in ((self.superlink, "the SuperLink"), (self.proxy, "the proxy on the public port (Caddy)")):
+                if child is not None and child.poll() is not None:
+                    raise DeployError(f"{what} exited (status {child.poll()}) while waiting for sites: see its "
+                                      f"lines above (a port already in use?)")
             online = sum(1 for n in self.nodes() if n.get("status") == "online")
             if online != last:
                 say(f"sites online: {online}/{wanted}")

@@ -227,3 +227,22 @@ def test_cmvim_server_stops_a_run_that_outlives_its_deadline(tmp_path, monkeypat
     with pytest.raises(deploy.DeployError, match=r"run 7 had not finished after 0 s \(--run-timeout\): stopped"):
         coordinator.wait_for_run("7")
     assert calls[-1][:2] == ("stop", "7")
+
+
+def test_cmvim_server_stops_waiting_for_sites_when_its_proxy_died(tmp_path):
+    """Caddy could not bind its port and exited: the sites get 'connection refused' for ever;
+    the coordinator says so instead of waiting out --wait-timeout."""
+    import argparse
+    import subprocess
+    import sys
+    from cmvim.server import deploy
+    parser = argparse.ArgumentParser()
+    deploy.add_arguments(parser)
+    args = parser.parse_args(["--config", str(tmp_path / "run.yaml"), "--out", str(tmp_path / "out"), "--insecure"])
+    coordinator = deploy.Coordinator(args)
+    coordinator.flwr = lambda *argv, check=True: {"nodes": []}
+    dead = subprocess.Popen([sys.executable, "-c", "raise SystemExit(1)"])
+    dead.wait()
+    coordinator.proxy = dead                       # anything with poll(): a Child
+    with pytest.raises(deploy.DeployError, match=r"the proxy on the public port \(Caddy\) exited \(status 1\)"):
+        coordinator.wait_for_sites(3)
