@@ -57,9 +57,11 @@ def validation_auc(tasks: list[SiteTask], shared: dict, local: dict[str, dict]) 
     """The mean per-site validation AUC of a model (each task scores its own validation split)."""
     entries = {}
     for task in tasks:
-        for site in task.sites:                # the centralized baseline's task pools several sites
-            one = SiteTask(task.cfg, [site], task.name, limits=task.limits, device=str(task.device))
-            entries[f"{task.name}/{site.site_dir.name}"] = site_entry(
+        # a task of one site scores itself; the centralized baseline's pooled task, site by site
+        ones = [task] if len(task.sites) == 1 else [
+            SiteTask(task.cfg, [site], task.name, limits=task.limits, device=str(task.device)) for site in task.sites]
+        for one in ones:
+            entries[f"{task.name}/{one.sites[0].site_dir.name}"] = site_entry(
                 dict(one.evaluate("finetune", shared, local[task.name], "val").metrics))
     return mean_auc(entries)
 
