@@ -12,6 +12,7 @@ of problem, never a subject id, path or report text) so the server can name the 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import time
 import traceback
@@ -30,9 +31,10 @@ from cmvim.device import DeviceError
 from cmvim.durable import write_atomic
 from cmvim.run_config import RunConfig
 from cmvim.privacy import PrivacyBudgetExceeded, SiteLimits, count_release
-from cmvim.protocol import (ARRAYS, CONFIG, HIST_NEG, HIST_POS, METRICS, NUM_EXAMPLES, PHASE, PROXIMAL_MU, ROUND,
-                            RUN_CONFIG, RUN_KEY, SECAGG_MASKED, SERVER_ROUND, SITE, SITE_ERROR, SITE_NAME, SPLIT,
-                            WORK_SECONDS)
+from cmvim.calibration import Calibration
+from cmvim.protocol import (ARRAYS, CALIBRATE, CALIBRATION, CONFIG, HIST_NEG, HIST_POS, METRICS, NUM_EXAMPLES, PHASE,
+                            PROXIMAL_MU, ROUND, RUN_CONFIG, RUN_KEY, SECAGG_MASKED, SERVER_ROUND, SITE, SITE_ERROR,
+                            SITE_NAME, SPLIT, WORK_SECONDS)
 from cmvim.site_task import SiteTask, SiteTaskError
 
 from .policy import SIMULATED_SITE_POLICY, PolicyRefusal, load_policy
@@ -141,7 +143,9 @@ def _handle(msg: Message, context: Context, training: bool) -> Message:
             content = RecordDict({ARRAYS: ArrayRecord(result.shared), METRICS: MetricRecord(metrics),
                                   SITE: ConfigRecord({SITE_NAME: name})})
         else:
-            result = task.evaluate(phase, shared, local, split)
+            calibration = (Calibration.from_dict(json.loads(str(config[CALIBRATION]))) if CALIBRATION in config
+                           else None)
+            result = task.evaluate(phase, shared, local, split, calibration, bool(config.get(CALIBRATE, 0)))
             metrics = flatten_metrics(result.metrics)
             if metrics.get(NUM_EXAMPLES, 0) > 0:     # a suppressed evaluation says nothing, not even its time
                 metrics[WORK_SECONDS] = round(time.perf_counter() - working, 3)

@@ -147,3 +147,10 @@ def check_from_args(args: argparse.Namespace) -> int:
         print(f"FATAL: {args.config}: {err}")
         return 1
     return check_site(args.data, strict=args.strict, cfg=cfg)
+
+
+def problems_table(problems: list[DataError], site_dir: Path) -> str:
+    """The rows a load skipped, for the hospital's eyes: row, subject, column, problem, file."""
+    problems = sorted(problems, key=lambda p: (p.row is None, p.row or 0))
+    return format_table(["row", "subject", "column", "problem", "file"],
+                        [[p.row, p.subject, p.column, p.problem, _relative(p.file, site_dir)] for p in problems])

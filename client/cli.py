@@ -2,6 +2,8 @@
 
     cmvim-client keygen --site A --out DIR   this site's SuperNode key pair, made here: send only DIR/sites/A.pub
     cmvim-client check --data DIR       is this site folder ready? (runs locally, sends nothing)
+    cmvim-client predict --model DIR --data DIR --out FILE.csv
+                                        score every subject-visit with a run's exported model (locally)
     cmvim-client --site A --data DIR --server HOST:PORT --root-cert ca.crt --auth-key A.key [--policy FILE]
                                         join a federation as a Flower SuperNode (see docs/deploy.md)
 """
@@ -14,7 +16,7 @@ from pathlib import Path
 from cmvim.cli_util import add_version
 from cmvim.deploy.certs import make_site_keys
 
-from . import check, join
+from . import check, join, predict
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,6 +44,12 @@ def main(argv: list[str] | None = None) -> int:
         add_version(parser)
         args = parser.parse_args(argv[1:])
         return check.check_from_args(args)
+    if argv[:1] == ["predict"]:
+        parser = argparse.ArgumentParser(prog="cmvim-client predict", description=predict.__doc__,
+                                         formatter_class=argparse.RawDescriptionHelpFormatter)
+        predict.add_arguments(parser)
+        add_version(parser)
+        return predict.predict_from_args(parser.parse_args(argv[1:]))
     parser = argparse.ArgumentParser(prog="cmvim-client", description=join.__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="Check a site folder without joining: cmvim-client check --data DIR")

@@ -7,13 +7,15 @@ A training or evaluation message from the server carries
     ARRAYS   ArrayRecord   the shared parameters (the phase's, cmvim.sharing.shared_parameter_names)
     CONFIG   ConfigRecord  PHASE, ROUND, SPLIT, RUN_CONFIG (the run config as JSON), RUN_KEY,
                            SERVER_ROUND (Flower's round counter), PROXIMAL_MU (FedProx only),
-                           SECAGG_NAMES (SecAgg+ rounds: the parameter names, in order)
+                           SECAGG_NAMES (SecAgg+ rounds: the parameter names, in order),
+                           CALIBRATE / CALIBRATION (evaluation: fit the threshold / report at it)
 
 and a site's reply carries
 
     ARRAYS   ArrayRecord   the updated shared parameters (training only)
     METRICS  MetricRecord  NUM_EXAMPLES and aggregate numbers only (loss, acc, auc, ...);
-                           evaluation adds HIST_POS / HIST_NEG (score histograms, never scores)
+                           evaluation adds HIST_POS / HIST_NEG (score histograms, never scores),
+                           the calibration pass LOGIT_POS / LOGIT_NEG (logit histograms)
     SITE     ConfigRecord  SITE_NAME, and SITE_ERROR: a public message when the site failed
 """
 from __future__ import annotations
@@ -35,11 +37,16 @@ PROXIMAL_MU = "proximal-mu"        # FedProx's proximal term, when the strategy 
 SECAGG_NAMES = "secagg-array-names"    # SecAgg+ rounds: the parameter names, in order (legacy records drop them)
 SECAGG_MASKED = "cmvim-secagg-masked"  # set by the site's SecAgg+ mod only: the reply will be masked
 SECAGG_SITE = "site"               # SecAgg+ rounds: the site's name, in the legacy fit reply's metrics
+CALIBRATE = "calibrate"            # evaluation: 1 = also send LOGIT_POS / LOGIT_NEG (the calibration pass on val)
+CALIBRATION = "calibration"        # evaluation: the decision threshold and calibration to report at (JSON of
+                                   # cmvim.calibration.Calibration); absent = threshold 0.5 on the model's scores
 
 # keys in METRICS
 NUM_EXAMPLES = "num-examples"      # the subjects a round trained on or an evaluation scored
 HIST_POS = "hist_pos"              # evaluation: histogram of the positive class's scores
 HIST_NEG = "hist_neg"              # evaluation: histogram of the negative class's scores
+LOGIT_POS = "logit_pos"            # calibration pass: histogram of the positive class's logits (fixed edges)
+LOGIT_NEG = "logit_neg"            # calibration pass: histogram of the negative class's logits
 WORK_SECONDS = "work-seconds"      # a reply's site work: seconds in training or evaluation (not process start,
                                    # imports, data loading or waiting): the round's overhead is the rest
 WEIGHT = "aggregation-weight"      # set by the server's strategy only: the weight FedAvg gives a reply

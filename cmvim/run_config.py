@@ -306,6 +306,16 @@ class EvaluationConfig:
     bootstrap: int = 1000                 # resamples for the AUC's 95 % CI
     histogram_bins: int = 50              # score histograms shared for the pooled AUC
     every_round: bool = True              # validation metrics after each fine-tuning round
+    # the decision threshold stored with the model, chosen on the sites' validation splits
+    # (cmvim.calibration): youden (Youden's J), sensitivity (the highest threshold reaching
+    # target_sensitivity) or fixed (0.5); calibration platt rescales the scores so 0.5 is even odds
+    threshold_rule: Literal["youden", "sensitivity", "fixed"] = "youden"
+    target_sensitivity: float = 0.85
+    calibration: Literal["platt", "none"] = "platt"
+
+    def __post_init__(self):
+        if not 0.0 < self.target_sensitivity <= 1.0:
+            raise ValueError(f"evaluation.target_sensitivity must be in (0, 1], got {self.target_sensitivity}")
 
 
 @dataclass

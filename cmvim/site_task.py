@@ -18,12 +18,13 @@ import numpy as np
 import torch
 
 from . import engine
+from .calibration import Calibration, logit_histograms
 from .data import SiteData
 from .data.views import SiteViews
 from .device import Precision, describe, resolve_device, to_cpu
 from .metrics import binary_metrics, score_histograms
 from .privacy import PrivacyLedger, PrivacyRefused, SiteLimits, Spend, dp_train, planned_noise, privacy_plan
-from .protocol import NUM_EXAMPLES, SUPPRESSED
+from .protocol import LOGIT_NEG, LOGIT_POS, NUM_EXAMPLES, SUPPRESSED
 from .run_config import RunConfig
 from .sharing import SharingError, load_shared, shared_parameter_names, split_shared
 from .weights import build_model
@@ -195,8 +196,11 @@ class SiteTask:
                                 f"{len(set(labels))} class(es): fine-tuning needs both classes")
         return labels
 
-    def evaluate(self, phase: str, shared: State, local: State | None = None, split: str = "test") -> RoundResult:
-        """Pretrain: masked-reconstruction losses on `split`. Finetune: classification metrics."""
+    def evaluate(self, phase: str, shared: State, local: State | None = None, split: str = "test",
+                 calibration: Calibration | None = None, logits: bool = False) -> RoundResult:
+        """Pretrain: masked-reconstruction losses on `split`. Finetune: classification metrics, at
+        `calibration`'s threshold on its calibrated scores (default: 0.5 on the model's own), and
+        with `logits` the logit histograms the coordinator fits the calibration on."""
         model = self._model(phase, shared, local or {})
         k = self.limits.min_cell_count
         if phase == "pretrain":
@@ -218,13 +222,19 @@ class SiteTask:
             return RoundResult({}, {}, {NUM_EXAMPLES: 0})
         positive = probs[:, -1]                  # P(AD): the last class in both tasks
         binary = (labels == self.num_classes - 1).astype(int)
-        return RoundResult({}, {}, *evaluation_metrics(self.cfg, binary, positive))
+        return RoundResult({}, {}, *evaluation_metrics(self.cfg, binary, positive, calibration, logits))
 
 
-def evaluation_metrics(cfg: RunConfig, binary: np.ndarray, positive: np.ndarray) -> tuple[dict, tuple]:
+def evaluation_metrics(cfg: RunConfig, binary: np.ndarray, positive: np.ndarray,
+                       calibration: Calibration | None = None, logits: bool = False) -> tuple[dict, tuple]:
     """What a site reports of a model on its test subjects: the metrics (their count as NUM_EXAMPLES)
-    and the score histograms, never the scores."""
-    metrics = binary_metrics(binary, positive, bootstrap=cfg.evaluation.bootstrap, seed=cfg.seed)
+    at the run's threshold, and the histograms of the (calibrated) scores, never the scores."""
+    calibration = calibration or Calibration()
+    scores = calibration.apply(positive)
+    metrics = binary_metrics(binary, scores, threshold=calibration.threshold, bootstrap=cfg.evaluation.bootstrap,
+                             seed=cfg.seed)
     metrics[NUM_EXAMPLES] = metrics.pop("n")
-    return metrics, score_histograms(binary, positive, cfg.evaluation.histogram_bins)
+    if logits:
+        metrics[LOGIT_POS], metrics[LOGIT_NEG] = logit_histograms(binary, positive)
+    return metrics, score_histograms(binary, scores, cfg.evaluation.histogram_bins)
 

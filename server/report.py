@@ -71,9 +71,10 @@ def privacy_spent(history: list[dict]) -> dict[str, dict]:
 
 
 def final_report(cfg: RunConfig, out_dir: Path, sites: dict, histograms: dict, history: list[dict],
-                 failures: list[dict], elapsed: float, central: CentralDP, baselines: dict | None = None) -> dict:
+                 failures: list[dict], elapsed: float, central: CentralDP, baselines: dict | None = None,
+                 model: dict | None = None) -> dict:
     """metrics.json, the ROC plots and summary.md for the finished run; its table printed. Returns
-    what metrics.json holds."""
+    what metrics.json holds. `model`: where the exported model went and its decision rule."""
     pooled = pooled_entry(histograms)
     lines = [f"- strategy: {cfg.strategy.name}; rounds: pretrain {cfg.pretrain.rounds}, "
              f"finetune {cfg.finetune.rounds} (from a {cfg.finetune_init} encoder); model: {cfg.model.summary()}",
@@ -97,6 +98,14 @@ def final_report(cfg: RunConfig, out_dir: Path, sites: dict, histograms: dict, h
                      f"models each training round (weights quantized to {sa.quantization_range} levels over "
                      f"+-{sa.clipping_range:g} x max_weight {sa.max_weight:g} / num-examples)")
     extra = {}
+    if model:
+        extra["model"] = model
+        decision = model.get("decision", {})
+        lines.append(f"- accuracy, sensitivity and specificity at the decision threshold {decision.get('threshold', 0.5):.3f} "
+                     f"chosen on validation: {decision.get('note', '')}")
+        lines.append(f"- the model: `{model['path']}/` (model.safetensors + config.json); score new subjects at a site "
+                     f"with `cmvim-client predict --model {out_dir / model['path']} --data SITE_DIR --out scores.csv`"
+                     if "path" in model else f"- {model.get('note', 'no model written')}")
     if central.active:
         extra["central_dp"], line = central.summary()
         lines.append(line)

@@ -10,6 +10,7 @@ histograms (never predictions); `report.final_report` writes the results folder.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import time
 from pathlib import Path
@@ -19,12 +20,15 @@ import yaml
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
+from cmvim.calibration import Calibration, fit_calibration
 from cmvim.config import to_dict
-from cmvim.protocol import (ARRAYS, CONFIG, HIST_NEG, HIST_POS, METRICS, PHASE, ROUND, RUN_CONFIG, RUN_KEY,
-                            SERVER_ROUND, SITE, SITE_ERROR, SPLIT, WORK_SECONDS)
+from cmvim.portable import export_model
+from cmvim.protocol import (ARRAYS, CALIBRATE, CALIBRATION, CONFIG, HIST_NEG, HIST_POS, LOGIT_NEG, LOGIT_POS, METRICS,
+                            PHASE, ROUND, RUN_CONFIG, RUN_KEY, SERVER_ROUND, SITE, SITE_ERROR, SPLIT, WORK_SECONDS)
 from cmvim.results import mean_auc, site_entry
 from cmvim.run_config import RunConfig
-from cmvim.weights import initial_state
+from cmvim.sharing import load_shared
+from cmvim.weights import build_model, initial_state
 
 from .central_dp import CentralDP
 from .checkpoints import BestModel, Checkpoint
@@ -232,28 +236,74 @@ class FederatedRun:
                 if cdp.enabled else "")
 
     # -- evaluate --------------------------------------------------------------------------
-    def evaluate(self, arrays: dict) -> dict:
-        say("\n== evaluate: every site scores its own test split with the final model ==")
-        content = RecordDict({ARRAYS: ArrayRecord(arrays), CONFIG: self._config("finetune", 0, "test")})
+    def _ask_sites(self, arrays: dict, split: str, extra: dict, failures: list[dict], stage: str) -> dict[str, dict]:
+        """Every connected site evaluates `arrays` on its `split`: {site: metrics} of those that did;
+        a site that could not is named in `failures` and the rest go on."""
+        content = RecordDict({ARRAYS: ArrayRecord(arrays), CONFIG: self._config("finetune", 0, split)})
         content[CONFIG][SERVER_ROUND] = 0
+        for key, value in extra.items():
+            content[CONFIG][key] = value
         messages = [Message(content=content, message_type=MessageType.EVALUATE, dst_node_id=node)
                     for node in self.grid.get_node_ids()]
         replies = list(self.grid.send_and_receive(messages, timeout=self.cfg.strategy.round_timeout))
-        sites, histograms, failures = {}, {}, []
+        answered = {}
         for reply in replies:
             name = site_name(reply)
             error = None if reply.has_error() else reply.content.get(SITE, {}).get(SITE_ERROR)
             if reply.has_error() or error:
                 reason = str(error) if error else reply.error.reason.splitlines()[0][:200]
-                failures.append({"site": name, "stage": "evaluate", "reason": reason})
-                say(f"    ! site {name} could not evaluate: {reason}")
+                failures.append({"site": name, "stage": stage, "reason": reason})
+                say(f"    ! site {name} could not {stage}: {reason}")
                 continue
-            metrics = dict(reply.content[METRICS].items())
+            answered[name] = dict(reply.content[METRICS].items())
+        return answered
+
+    def calibrate(self, arrays: dict, failures: list[dict]) -> Calibration:
+        """The decision threshold and score calibration of the final model, fitted on the sites'
+        summed validation logit histograms (cmvim.calibration); never a subject's score."""
+        ev = self.cfg.evaluation
+        if ev.threshold_rule == "fixed" and ev.calibration == "none":
+            return Calibration(note="threshold 0.5 on uncalibrated scores (evaluation.threshold_rule: fixed)")
+        say("\n== calibrate: every site scores its validation split; the threshold comes from their histograms ==")
+        answered = self._ask_sites(arrays, "val", {CALIBRATE: 1}, failures, "calibrate")
+        pos = [m[LOGIT_POS] for m in answered.values() if LOGIT_POS in m and LOGIT_NEG in m]
+        neg = [m[LOGIT_NEG] for m in answered.values() if LOGIT_POS in m and LOGIT_NEG in m]
+        if not pos:
+            calibration = Calibration(note="threshold 0.5 on uncalibrated scores (no site sent validation histograms)")
+        else:
+            calibration = fit_calibration([sum(c) for c in zip(*pos)], [sum(c) for c in zip(*neg)],
+                                          ev.threshold_rule, ev.target_sensitivity, ev.calibration == "platt")
+        say(f"    {calibration.note}")
+        return calibration
+
+    def evaluate(self, arrays: dict) -> dict:
+        failures: list[dict] = []
+        calibration = self.calibrate(arrays, failures)
+        say("\n== evaluate: every site scores its own test split with the final model ==")
+        answered = self._ask_sites(arrays, "test", {CALIBRATION: json.dumps(calibration.to_dict())}, failures,
+                                   "evaluate")
+        sites, histograms = {}, {}
+        for name, metrics in answered.items():
             histograms[name] = (metrics.pop(HIST_POS, []), metrics.pop(HIST_NEG, []))
             sites[name] = site_entry(metrics)
+        model_info = self.export(arrays, calibration)
         elapsed = time.perf_counter() - self.started
         baselines = self.baselines() if self.baselines else None
         results = final_report(self.cfg, self.out_dir, sites, histograms, self.history, self.rejected + failures,
-                               elapsed, self.central, baselines)
+                               elapsed, self.central, baselines, model_info)
         self._checkpoint("evaluate", 0, arrays)
         return results
+
+    def export(self, arrays: dict, calibration: Calibration) -> dict:
+        """DIR/model/: the final classifier and its decision rule (cmvim.portable), or why not."""
+        info = {"decision": calibration.to_dict()}
+        if self.cfg.personalize != "none":
+            info["note"] = (f"no model/ written: with personalize {self.cfg.personalize!r} part of every site's model "
+                            "stays at the site, so no single model is the run's")
+            return info
+        model = load_shared(build_model(self.cfg, "finetune"), "finetune", "none", arrays, {})
+        fingerprint = hashlib.sha256(f"{self.run_key}|{self.cfg.to_json()}".encode()).hexdigest()
+        path = export_model(self.out_dir / "model", self.cfg, model.state_dict(), calibration, fingerprint,
+                            extra={"results": {"metrics": "../metrics.json"}})
+        info["path"] = str(path.relative_to(self.out_dir))
+        return info

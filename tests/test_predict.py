@@ -1,0 +1,210 @@
+"""A run's portable model and its decision rule: the threshold and calibration fitted on validation
+histograms, model/ written as safetensors + config.json, and `cmvim-client predict` reproducing the
+run's test metrics at a site from the exported model alone."""
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from sklearn.metrics import roc_auc_score, roc_curve
+
+from cmvim.calibration import Calibration, fit_calibration, logit, logit_edges, logit_histograms
+from cmvim.client.cli import main as client_main
+from cmvim.data import read_manifest
+from cmvim.data.site import assign_splits
+from cmvim.portable import ModelFileError, export_model, load_model
+from cmvim.run_config import run_config
+from cmvim.weights import build_model
+
+
+def _validation(n: int, slope: float, intercept: float, seed: int = 0):
+    """Model logits z and labels drawn so that P(AD | z) = sigmoid(slope * z + intercept)."""
+    rng = np.random.default_rng(seed)
+    z = rng.normal(0.0, 2.0, n)
+    labels = (rng.random(n) < 1 / (1 + np.exp(-(slope * z + intercept)))).astype(int)
+    return labels, 1 / (1 + np.exp(-z))
+
+
+def test_platt_scaling_recovers_the_validation_odds():
+    labels, probabilities = _validation(20_000, slope=0.5, intercept=-1.0)
+    calibration = fit_calibration(*logit_histograms(labels, probabilities), rule="youden")
+    assert calibration.calibrated and calibration.n_val == 20_000
+    assert calibration.a == pytest.approx(0.5, abs=0.05) and calibration.b == pytest.approx(-1.0, abs=0.08)
+    # calibrated: among subjects scored ~0.3, ~30 % have AD
+    scores = calibration.apply(probabilities)
+    band = (scores > 0.25) & (scores < 0.35)
+    assert labels[band].mean() == pytest.approx(0.30, abs=0.04)
+    # a monotone map: the AUC does not move
+    assert roc_auc_score(labels, scores) == pytest.approx(roc_auc_score(labels, probabilities), abs=1e-9)
+
+
+def test_youden_threshold_is_the_best_j_within_a_bin():
+    labels, probabilities = _validation(3_000, slope=1.5, intercept=0.5, seed=1)
+    calibration = fit_calibration(*logit_histograms(labels, probabilities), rule="youden")
+    fpr, tpr, _ = roc_curve(labels, probabilities)
+    best_j = float(np.max(tpr - fpr))
+    predicted = calibration.predict(probabilities).astype(bool)
+    sens, spec = predicted[labels == 1].mean(), (~predicted[labels == 0]).mean()
+    assert sens + spec - 1 == pytest.approx(best_j, abs=0.02)          # binning costs at most a bin's worth
+    assert (sens, spec) == pytest.approx((calibration.val_sensitivity, calibration.val_specificity), abs=1e-9)
+
+
+def test_target_sensitivity_is_the_highest_threshold_that_reaches_it():
+    labels, probabilities = _validation(3_000, slope=1.0, intercept=0.0, seed=2)
+    pos, neg = logit_histograms(labels, probabilities)
+    calibration = fit_calibration(pos, neg, rule="sensitivity", target_sensitivity=0.9)
+    predicted = calibration.predict(probabilities).astype(bool)
+    assert predicted[labels == 1].mean() >= 0.9
+    # the threshold sits on a bin edge; one edge higher and the sensitivity falls below the target
+    edges = logit_edges()
+    i = int(np.argmin(np.abs(calibration.apply(1 / (1 + np.exp(-edges))) - calibration.threshold)))
+    assert (logit(probabilities)[labels == 1] >= edges[i + 1]).mean() < 0.9
+
+
+def test_no_fit_without_both_classes_or_when_asked_for_none():
+    for pos, neg in (([0] * 96, [3] * 96), ([5] * 96, [0] * 96)):
+        calibration = fit_calibration(pos, neg)
+        assert not calibration.calibrated and calibration.threshold == 0.5 and "nothing to fit" in calibration.note
+    labels, probabilities = _validation(500, slope=1.0, intercept=0.0)
+    fixed = fit_calibration(*logit_histograms(labels, probabilities), rule="fixed")
+    assert fixed.threshold == 0.5 and not fixed.calibrated
+    uncalibrated = fit_calibration(*logit_histograms(labels, probabilities), platt=False)
+    assert not uncalibrated.calibrated and np.array_equal(uncalibrated.apply(probabilities), probabilities)
+
+
+def test_a_fit_that_would_reverse_the_ranking_is_refused():
+    labels, probabilities = _validation(2_000, slope=-1.0, intercept=0.0)     # the model is anti-correlated
+    calibration = fit_calibration(*logit_histograms(labels, probabilities))
+    assert not calibration.calibrated and "reverse" in calibration.note
+    assert Calibration.from_dict(json.loads(json.dumps(calibration.to_dict()))) == calibration
+
+
+def _tiny(tmp_path):
+    cfg = run_config({"model": {"preset": "tiny"}, "preprocess": {"shape": 32}})
+    torch.manual_seed(0)
+    model = build_model(cfg, "finetune")
+    calibration = Calibration(a=1.3, b=-0.2, threshold=0.41, rule="youden", calibrated=True, n_val=30)
+    return cfg, model, export_model(tmp_path / "model", cfg, model.state_dict(), calibration, "run-1")
+
+
+def test_exported_model_loads_without_the_run(tmp_path):
+    cfg, model, folder = _tiny(tmp_path)
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
+    meta = json.loads((folder / "config.json").read_text())
+    assert meta["schema_version"] == 1 and meta["labels"] == ["CN", "AD"] and meta["decision"]["threshold"] == 0.41
+    assert meta["run"]["model"]["img_size"] == 32 and meta["run"]["preprocess"]["shape"] == 32
+    assert (folder / "model.safetensors").read_bytes()[8:9] == b"{"             # a safetensors header, not a pickle
+    loaded = load_model(folder)
+    assert loaded.calibration.a == 1.3 and loaded.calibration.threshold == 0.41
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.model.state_dict()[key], value), key
+    batch = {"mri": torch.randn(2, 1, 32, 32, 32), "pet": torch.randn(2, 1, 32, 32, 32),
+             "mri_present": torch.tensor([True, True]), "pet_present": torch.tensor([True, False])}
+    model.eval()
+    with torch.no_grad():
+        assert torch.allclose(loaded.model(batch), model(batch))
+
+
+def test_a_damaged_or_foreign_model_folder_is_named(tmp_path):
+    _, _, folder = _tiny(tmp_path)
+    with pytest.raises(ModelFileError, match="config.json: not found"):
+        load_model(tmp_path / "nowhere")
+    weights = folder / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-3] ^= 0xFF                                                      # one flipped byte in a weight
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ModelFileError, match="do not match the fingerprint"):
+        load_model(folder)
+    meta = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**meta, "schema_version": 99}))
+    with pytest.raises(ModelFileError, match="schema_version 99"):
+        load_model(folder)
+    (folder / "config.json").write_text("{not json")
+    with pytest.raises(ModelFileError, match="not readable JSON"):
+        load_model(folder)
+
+
+def test_predict_refuses_a_missing_model(tmp_path, capsys):
+    site = tmp_path / "A"
+    site.mkdir()
+    code = client_main(["predict", "--model", str(tmp_path / "none"), "--data", str(site), "--out",
+                        str(tmp_path / "s.csv")])
+    assert code == 1 and "FATAL" in capsys.readouterr().out and not (tmp_path / "s.csv").exists()
+
+
+def _read(path: Path) -> list[dict]:
+    with path.open() as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_predict_reproduces_the_runs_test_metrics_from_the_exported_model(easy_cohort, tmp_path, capsys):
+    """A real 3-site simulation with validation splits: the threshold and calibration come from the
+    sites' validation histograms; predict, from model/ alone, gives every site's test AUC,
+    accuracy, sensitivity and specificity that the run reported, and the site's own scores."""
+    from test_federated import run_sim, tiny_config
+    cohort = tmp_path / "cohort"
+    shutil.copytree(easy_cohort, cohort, ignore=shutil.ignore_patterns(".cmvim_cache"))
+    cfg = tiny_config(cohort, split_fractions=[0.5, 0.25, 0.25], pretrain={"rounds": 1},
+                      finetune={"rounds": 4}, evaluation={"every_round": False, "bootstrap": 50})
+    out = tmp_path / "run"
+    proc = run_sim(tmp_path, cfg, out)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "== calibrate:" in proc.stdout
+    metrics = json.loads((out / "metrics.json").read_text())
+    decision = metrics["model"]["decision"]
+    assert decision["rule"] == "youden" and decision["n_val"] >= 20 and decision["calibrated"]
+    assert metrics["model"]["path"] == "model"
+    assert f"threshold {decision['threshold']:.3f}" in (out / "summary.md").read_text()
+    # a training subject's scan damaged after the run: predict names its row and scores the rest
+    entries = read_manifest(cohort / "A").entries
+    splits = assign_splits(entries, cfg["seed"], tuple(cfg["split_fractions"]))
+    damaged = next(e for e in entries if splits[e.subject_id] == "train")
+    damaged.mri.write_bytes(b"not a nifti")
+    capsys.readouterr()
+    for site in "ABC":
+        scores_csv = tmp_path / f"scores_{site}.csv"
+        code = client_main(["predict", "--model", str(out / "model"), "--data", str(cohort / site),
+                            "--out", str(scores_csv)])
+        printed = capsys.readouterr().out
+        assert code == 0, printed
+        rows = _read(scores_csv)
+        manifest_rows = len((cohort / site / "manifest.csv").read_text().splitlines()) - 1
+        if site == "A":
+            assert "Problems (1;" in printed and damaged.subject_id in printed
+            assert len(rows) == manifest_rows - 1 and damaged.subject_id not in {r["subject_id"] for r in rows}
+        else:
+            assert len(rows) == manifest_rows
+        test = [r for r in rows if r["split"] == "test" and r["label"] in ("CN", "AD")]
+        labels = np.array([r["label"] == "AD" for r in test], dtype=int)
+        scores = np.array([float(r["score"]) for r in test])
+        reported = metrics["sites"][site]
+        assert len(test) == reported["n_test"]
+        assert roc_auc_score(labels, scores) == pytest.approx(reported["auc"], abs=1e-4)
+        predicted = np.array([r["predicted"] == "AD" for r in test])
+        assert np.array_equal(predicted, scores >= decision["threshold"])
+        assert (predicted == labels.astype(bool)).mean() == pytest.approx(reported["acc"], abs=1e-9)
+        assert predicted[labels == 1].mean() == pytest.approx(reported["sensitivity"], abs=1e-9)
+        assert (~predicted[labels == 0]).mean() == pytest.approx(reported["specificity"], abs=1e-9)
+        assert {r["predicted"] for r in rows} <= {"CN", "AD"}
+        assert all(0.0 <= float(r["score"]) <= 1.0 for r in rows)
+    # the scores themselves: the site's own evaluation path (SiteTask, the run's final weights from
+    # its checkpoint) gives each test subject the probability predict wrote
+    from cmvim import engine
+    from cmvim.data import SiteData
+    from cmvim.server.checkpoints import Checkpoint
+    from cmvim.site_task import SiteTask
+    run_cfg = run_config(yaml.safe_load((out / "config.yaml").read_text()))
+    arrays = Checkpoint.load(out / "checkpoints" / "evaluate_round000.pt").arrays
+    site = SiteData.load(cohort / "B", run_cfg.preprocess, seed=run_cfg.seed, use_reports=run_cfg.use_reports,
+                         split_fractions=run_cfg.split_fractions)
+    task = SiteTask(run_cfg, [site], "B")
+    dataset = task.views.dataset(["test"], True, augment=False)
+    _, probabilities = engine.predict(task._model("finetune", arrays, {}), task.views.loader(dataset, 4, False, 0))
+    written = {r["subject_id"]: float(r["model_probability"]) for r in _read(tmp_path / "scores_B.csv")}
+    assert len(dataset.records) == metrics["sites"]["B"]["n_test"]
+    for record, probability in zip(dataset.records, probabilities[:, -1]):
+        assert written[record.entry.subject_id] == pytest.approx(probability, abs=2e-6)
