@@ -12,10 +12,10 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Mapping
+from typing import Literal, Mapping, Sequence
 
-from .config import from_dict, load_yaml, to_dict
-from .model_config import MODALITIES, ModelConfig, model_config
+from .config import apply_overrides, from_dict, load_yaml, to_dict
+from .model_config import MODALITIES, ModelConfig, model_config, model_mapping
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
@@ -389,3 +389,10 @@ def run_config(spec: str | Path | Mapping | None = None, **overrides) -> RunConf
     data.update(overrides)
     data["model"] = model_config(data.get("model"))      # a preset name plus overrides -> one parsed ModelConfig
     return from_dict(RunConfig, data, "run")
+
+
+def overridden(data: Mapping, pairs: Sequence[str]) -> dict:
+    """The run config mapping `data` (read from YAML) with the command line's `--set KEY=VALUE`
+    pairs applied (cmvim.config.apply_overrides), before `run_config` parses and checks it; a
+    model section written as a preset name (`model: small`) opens up for `model.depth=2`."""
+    return apply_overrides(data, pairs, short_forms={"model": model_mapping})
