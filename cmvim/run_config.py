@@ -309,6 +309,23 @@ class EvaluationConfig:
 
 
 @dataclass
+class ExampleSubject:
+    """One subject's scans on the coordinator's own disk (synthetic, or a subject who consented):
+    the reconstruction figure shows them. The scans stay there; the paths travel with the run
+    config, which every site receives."""
+    mri: str
+    pet: str | None = None
+
+
+@dataclass
+class FiguresConfig:
+    """The run's figures (cmvim.figures). `example_subject`: whose scans the pretrained model
+    reconstructs in reconstruction.png; null: the first subject-visit of the first site folder
+    under cohort.path when the run has one (cmvim-sim's synthetic cohort), else no such figure."""
+    example_subject: ExampleSubject | None = None
+
+
+@dataclass
 class RunConfig:
     seed: int = 0
     cohort: CohortSpec = field(default_factory=CohortSpec)
@@ -341,6 +358,7 @@ class RunConfig:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)   # sample-level DP-SGD at every site
     central_dp: CentralDPConfig = field(default_factory=CentralDPConfig)   # site-level DP at the server
     secure_aggregation: SecureAggregationConfig = field(default_factory=SecureAggregationConfig)   # SecAgg+
+    figures: FiguresConfig = field(default_factory=FiguresConfig)   # what the results folder's figures show
 
     def __post_init__(self):
         if len(self.split_fractions) != 3 or abs(sum(self.split_fractions) - 1) > 1e-6 or min(self.split_fractions) < 0:

@@ -1,15 +1,23 @@
-"""What a run leaves for a person to look at: the loss and validation AUC curves and the
-TensorBoard logs, from real round histories; and `--set KEY=VALUE` on cmvim-sim and cmvim-server."""
+"""What a run leaves for a person to look at: the loss and validation AUC curves, the TensorBoard
+logs and the pretrained model's reconstruction figure, from real histories, real NIfTI files and
+a real (tiny) model; and `--set KEY=VALUE` on cmvim-sim and cmvim-server."""
 import argparse
+import json
+import math
 import struct
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
 import pytest
+import torch
 import yaml
 
 from cmvim.config import ConfigError, load_yaml
-from cmvim.figures import AUC_FIGURE, LOSS_FIGURE, final_round, mean_series, plot_curves
+from cmvim.figures import (AUC_FIGURE, LOSS_FIGURE, RECONSTRUCTION_FIGURE, draw_reconstruction, final_round,
+                           mean_series, plot_curves, reconstruction_figure)
 from cmvim.run_config import overridden, run_config
+from cmvim.weights import initial_state
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -130,8 +138,138 @@ def test_final_report_writes_the_figures_and_lists_them(tmp_path, capsys):
     for text in ("`roc_A.png`, `roc_B.png`, `roc_pooled.png`", f"`{LOSS_FIGURE}`", f"`{AUC_FIGURE}`",
                  "`tensorboard --logdir tensorboard`"):
         assert text in summary, text
-    assert "reconstruction.png" not in summary                 # not drawn in this folder: not listed
+    assert RECONSTRUCTION_FIGURE not in summary                # not drawn in this folder: not listed
     assert f"tensorboard --logdir {tmp_path / 'tensorboard'}" in capsys.readouterr().out
+
+
+# -- the reconstruction figure --------------------------------------------------------------
+def write_scan(path: Path, seed: int, shape=(40, 48, 40), voxel: float = 4.0) -> Path:
+    """A head-like NIfTI: an ellipsoid with a smooth intensity pattern and a little noise, in mm
+    world space centred on the origin (what the preprocessing pipeline expects of MRI and PET)."""
+    rng = np.random.default_rng(seed)
+    grid = np.indices(shape).astype(np.float32)
+    centre = (np.array(shape) - 1) / 2
+    radius = np.sqrt(sum(((grid[i] - centre[i]) / (shape[i] * 0.38)) ** 2 for i in range(3)))
+    data = np.clip(1 - radius, 0, None) * 100 * (1 + 0.3 * np.sin(grid[0] / 3 + seed)) + rng.normal(0, 1, shape)
+    affine = np.diag([voxel] * 3 + [1.0])
+    affine[:3, 3] = -centre * voxel
+    nib.save(nib.Nifti1Image(data.astype(np.float32), affine), str(path))
+    return path
+
+
+def tiny_cfg(**overrides):
+    return run_config({"model": {"preset": "tiny", **overrides}, "preprocess": {"shape": 32, "voxel_size": 6.25},
+                       "pretrain": {"rounds": 1}})
+
+
+@pytest.mark.parametrize("mask_ratio", [0.75, 0.5])
+def test_reconstruction_figure_masks_the_configured_share(tmp_path, mask_ratio):
+    cfg = tiny_cfg(mask_ratio=mask_ratio)
+    state = initial_state(cfg, "pretrain")
+    mri, pet = write_scan(tmp_path / "t1.nii.gz", 0), write_scan(tmp_path / "fdg.nii.gz", 1)
+    result = reconstruction_figure(cfg, state, mri, pet, tmp_path / "recon.png", seed=3)
+    assert result.path == tmp_path / "recon.png" and is_png(result.path, 30_000)
+    # tiny: 32^3 in 8^3 patches = 64 per modality; mask ratio r masks round(64 r) of them
+    assert result.masked_fraction == {"mri": mask_ratio, "pet": mask_ratio}
+    for m in ("mri", "pet"):
+        assert math.isfinite(result.masked_mse[m]) and result.masked_mse[m] > 0
+        assert math.isfinite(result.baseline_mse[m]) and result.baseline_mse[m] > 0
+    # the masking comes from the seed: the same draw, the same numbers
+    again = reconstruction_figure(cfg, state, mri, pet, tmp_path / "again.png", seed=3)
+    assert again.masked_mse == result.masked_mse
+    # no PET: the MRI alone is drawn
+    alone = reconstruction_figure(cfg, state, mri, None, tmp_path / "mri_only.png")
+    assert set(alone.masked_fraction) == {"mri"} and is_png(alone.path)
+
+
+def test_reconstruction_uses_the_pretrained_weights_and_the_models_masking(tmp_path):
+    """A decoder whose prediction head outputs 0.5 everywhere (weights loaded from the state)
+    reconstructs every masked voxel as 0.5: the error equals the one computed by hand on the
+    preprocessed scan, over the patches the model's masking draws from the seed."""
+    from cmvim.data import Volume, build_pipeline, load_volume
+    from cmvim.model.patch import patchify
+    cfg = tiny_cfg()
+    state = initial_state(cfg, "pretrain")
+    for m in ("mri", "pet"):
+        state[f"decoders.{m}.pred.weight"] = torch.zeros_like(state[f"decoders.{m}.pred.weight"])
+        state[f"decoders.{m}.pred.bias"] = torch.full_like(state[f"decoders.{m}.pred.bias"], 0.5)
+    mri = write_scan(tmp_path / "t1.nii.gz", 0)
+    result = reconstruction_figure(cfg, state, mri, None, tmp_path / "recon.png", seed=11)
+    volume = build_pipeline(cfg.preprocess)({"mri": Volume(*load_volume(mri, "mri"))})["mri"].data
+    values = patchify(torch.from_numpy(volume).reshape(1, 1, 32, 32, 32), 8)[0]      # (64 patches, 8^3)
+    # cmvim.model.patch.random_masking: the MRI's noise is the generator's first draw; 16 patches stay
+    noise = torch.rand(1, 64, generator=torch.Generator().manual_seed(11))
+    masked = torch.argsort(noise, dim=1)[0, 16:]
+    expected = float(((values[masked] - 0.5) ** 2).mean())
+    assert result.masked_mse["mri"] == pytest.approx(expected, rel=1e-5)
+    visible = torch.ones(64, dtype=torch.bool)
+    visible[masked] = False
+    assert result.baseline_mse["mri"] == pytest.approx(
+        float(((values[masked] - values[visible].mean()) ** 2).mean()), rel=1e-5)
+
+
+def write_site(root: Path, name: str, with_pet: bool = True) -> Path:
+    site = root / name
+    site.mkdir(parents=True)
+    write_scan(site / "sub-0001_t1.nii.gz", 0)
+    rows = ["subject_id,mri,pet,label", f"sub-0001,sub-0001_t1.nii.gz,{'sub-0001_fdg.nii.gz' if with_pet else ''},CN"]
+    if with_pet:
+        write_scan(site / "sub-0001_fdg.nii.gz", 1)
+    (site / "manifest.csv").write_text("\n".join(rows) + "\n")
+    return site
+
+
+def test_the_example_subject_comes_from_the_config_or_the_cohort(tmp_path):
+    state = initial_state(tiny_cfg(), "pretrain")
+    said = []
+    # the cohort at the coordinator (cmvim-sim's): the first site's first subject-visit, named by neither
+    write_site(tmp_path / "cohort", "A")
+    cfg = run_config(overridden({"model": "tiny", "preprocess": {"shape": 32, "voxel_size": 6.25}},
+                                [f"cohort.path={tmp_path / 'cohort'}"]))
+    (tmp_path / "run").mkdir()
+    result = draw_reconstruction(cfg, state, tmp_path / "run", say=said.append)
+    assert result.masked_fraction == {"mri": 0.75, "pet": 0.75} and is_png(tmp_path / "run" / RECONSTRUCTION_FIGURE)
+    assert said and "site A's first subject-visit" in said[-1] and "sub-0001" not in said[-1]
+    # figures.example_subject wins, PET optional
+    mri = write_scan(tmp_path / "mine_t1.nii.gz", 5)
+    cfg = run_config(overridden({"model": "tiny", "preprocess": {"shape": 32, "voxel_size": 6.25}},
+                                [f"figures.example_subject.mri={mri}", f"cohort.path={tmp_path / 'cohort'}"]))
+    result = draw_reconstruction(cfg, state, tmp_path / "run", say=said.append)
+    assert set(result.masked_fraction) == {"mri"} and "figures.example_subject" in said[-1]
+    # neither: one line saying how to get the figure, and an earlier run's figure is gone
+    cfg = run_config({"model": "tiny", "preprocess": {"shape": 32, "voxel_size": 6.25}})
+    assert draw_reconstruction(cfg, state, tmp_path / "run", say=said.append) is None
+    assert "figures.example_subject" in said[-1] and not (tmp_path / "run" / RECONSTRUCTION_FIGURE).exists()
+    # a folder that is not a manifest-style site (a BIDS dataset, a broken manifest): skipped, said
+    broken = tmp_path / "bids" / "A"
+    broken.mkdir(parents=True)
+    (broken / "manifest.csv").write_text("participant,t1\n")
+    (broken / "dataset_description.json").write_text("{}")
+    cfg = run_config({"model": "tiny", "preprocess": {"shape": 32, "voxel_size": 6.25},
+                      "cohort": {"path": str(tmp_path / "bids")}})
+    assert draw_reconstruction(cfg, state, tmp_path / "run", say=said.append) is None
+    assert said[-1].startswith("reconstruction figure skipped")
+    # a missing scan: skipped, naming what is wrong but not the subject's file
+    (tmp_path / "cohort" / "A" / "sub-0001_t1.nii.gz").unlink()
+    cfg = run_config({"model": "tiny", "preprocess": {"shape": 32, "voxel_size": 6.25},
+                      "cohort": {"path": str(tmp_path / "cohort")}})
+    assert draw_reconstruction(cfg, state, tmp_path / "run", say=said.append) is None
+    assert said[-1].startswith("reconstruction figure skipped") and "sub-0001" not in said[-1]
+
+
+def test_the_runner_draws_the_figure_and_never_fails_the_run_over_it(tmp_path, capsys):
+    pytest.importorskip("flwr")
+    from cmvim.server.runner import FederatedRun
+    write_site(tmp_path / "cohort", "A", with_pet=False)
+    cfg = run_config({"model": "tiny", "preprocess": {"shape": 32, "voxel_size": 6.25},
+                      "cohort": {"path": str(tmp_path / "cohort")}})
+    run = FederatedRun(cfg, tmp_path / "run", grid=None)
+    run.out_dir.mkdir()
+    run._reconstruction_figure(initial_state(cfg, "pretrain"))
+    assert is_png(tmp_path / "run" / RECONSTRUCTION_FIGURE)
+    run._reconstruction_figure({"not": torch.zeros(1)})                 # weights of another model
+    out = capsys.readouterr().out
+    assert "reconstruction figure not drawn (RuntimeError" in out and "the run goes on" in out
 
 
 # -- --set KEY=VALUE ---------------------------------------------------------------------------
@@ -228,3 +366,37 @@ def test_cmvim_server_submits_the_overridden_config(tmp_path, monkeypatch, capsy
     assert deploy.serve(args) == 2 and "unknown key 'min_node'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         parser.parse_args(["--config", str(config), "--out", str(tmp_path / "out"), "--set", "nothing"])
+
+
+@pytest.mark.slow
+def test_a_simulated_run_leaves_its_figures_and_the_overridden_config(easy_cohort, tmp_path):
+    """cmvim-sim end to end on the tiny model (minutes): --set reaches the run and its config.yaml,
+    and the results folder holds the curves, the reconstruction and the TensorBoard logs."""
+    import os
+    import subprocess
+    import sys
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump({
+        "cohort": {"path": str(easy_cohort)}, "model": {"preset": "tiny"},
+        "preprocess": {"shape": 32, "voxel_size": 6.25}, "split_fractions": [0.6, 0.1, 0.3],
+        "pretrain": {"rounds": 1, "batch_size": 6}, "finetune": {"rounds": 3, "batch_size": 4, "select": "best_val"},
+        "strategy": {"min_nodes": 2}, "evaluation": {"bootstrap": 50, "every_round": True}}))
+    out = tmp_path / "run"
+    env = dict(os.environ, FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.run([sys.executable, "-m", "cmvim.simulations.cli", "--config", str(config), "--out", str(out),
+                           "--set", "finetune.rounds=2", "--set", "pretrain.rounds=2"],
+                          capture_output=True, text=True, timeout=900, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    recorded = yaml.safe_load((out / "config.yaml").read_text())
+    assert (recorded["pretrain"]["rounds"], recorded["finetune"]["rounds"]) == (2, 2)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [(r["phase"], r["round"]) for r in metrics["rounds"]] == [
+        ("pretrain", 1), ("pretrain", 2), ("finetune", 1), ("finetune", 2)]
+    for name in (LOSS_FIGURE, AUC_FIGURE, RECONSTRUCTION_FIGURE):
+        assert is_png(out / name), name
+    assert "reconstruction figure: " in proc.stdout
+    scalars = read_scalars(out / "tensorboard")
+    assert set(scalars["pretrain/loss/A"]) == {1, 2}
+    assert scalars["test/auc/A"][0] == pytest.approx(metrics["sites"]["A"]["auc"])
+    summary = (out / "summary.md").read_text()
+    assert f"`{RECONSTRUCTION_FIGURE}`" in summary and f"`{AUC_FIGURE}`" in summary
