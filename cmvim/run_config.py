@@ -312,7 +312,8 @@ class EvaluationConfig:
 class ExampleSubject:
     """One subject's scans on the coordinator's own disk (synthetic, or a subject who consented):
     the reconstruction figure shows them. The scans stay there; the paths travel with the run
-    config, which every site receives."""
+    config, which every site receives. Give absolute paths: the ServerApp that reads them runs
+    where the SuperLink started it, not necessarily where the config file lies."""
     mri: str
     pet: str | None = None
 
