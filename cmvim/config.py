@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from pathlib import Path
-from typing import Any, Mapping, TypeVar
+from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 import yaml
 
@@ -112,3 +113,58 @@ def load_yaml(path: str | Path) -> dict:
     if not isinstance(data, Mapping):
         raise ConfigError(f"{path}: the top level must be a mapping of keys to values")
     return dict(data)
+
+
+def split_override(pair: str) -> tuple[str, Any]:
+    """`KEY=VALUE` -> (KEY, VALUE read as YAML: `3`, `0.5`, `null`, `[linear]`, `{mri: zscore}`;
+    an empty VALUE is null). ConfigError for a pair without '=' or with an empty key."""
+    key, sep, text = str(pair).partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"{pair!r}: expected KEY=VALUE, with a dotted KEY for a nested setting "
+                          "(e.g. finetune.rounds=3)")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{key}: the value {text!r} is not valid YAML: {exc}") from None
+    if isinstance(value, str) and value == text.strip() and _EXPONENT_FLOAT.fullmatch(value):
+        value = float(value)        # YAML 1.1 (PyYAML) reads 1e-4 as a string: on a command line it means the number
+    return key, value
+
+
+_EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+def apply_overrides(data: Mapping[str, Any], pairs: Sequence[str],
+                    short_forms: Mapping[str, Callable[[Any], dict]] | None = None) -> dict:
+    """A copy of the config mapping `data` with each `KEY=VALUE` of `pairs` set in it, in order,
+    before the mapping is parsed: the values are then checked exactly like the YAML's (an unknown
+    key is the same error, naming it). A dotted key reaches into a section (`finetune.rounds=3`),
+    making it when it is absent. `short_forms` opens up a top-level section written in a short
+    form (the model's preset name) into its mapping before a dotted key reaches into it."""
+    out = _copy(data)
+    for pair in pairs:
+        key, value = split_override(pair)
+        *sections, last = key.split(".")
+        node, where = out, []
+        for part in sections:
+            where.append(part)
+            child = node.get(part)
+            if not isinstance(child, Mapping) and len(where) == 1 and part in (short_forms or {}):
+                child = short_forms[part](child)
+            if child is None:
+                child = {}
+            if not isinstance(child, Mapping):
+                raise ConfigError(f"{key}: {'.'.join(where)} is {child!r}, a value, not a section with keys")
+            node[part] = child = dict(child)
+            node = child
+        node[last] = value
+    return out
+
+
+def _copy(value):
+    if isinstance(value, Mapping):
+        return {k: _copy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_copy(v) for v in value]
+    return value

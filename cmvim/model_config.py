@@ -103,6 +103,18 @@ PRESETS: dict[str, dict] = {
 }
 
 
+def model_mapping(spec: str | Path | Mapping | None) -> dict:
+    """The model section as a mapping: a preset name -> {"preset": name}, a YAML file -> its
+    contents, nothing -> the default preset (tiny)."""
+    if spec is None:
+        return {"preset": "tiny"}
+    if isinstance(spec, Mapping):
+        return dict(spec)
+    if isinstance(spec, Path) or str(spec).endswith((".yaml", ".yml")):
+        return load_yaml(spec)
+    return {"preset": str(spec)}
+
+
 def model_config(spec: str | Path | Mapping | ModelConfig | None = None, **overrides) -> ModelConfig:
     """A ModelConfig from a preset name, a YAML file, or a mapping.
 
@@ -111,14 +123,7 @@ def model_config(spec: str | Path | Mapping | ModelConfig | None = None, **overr
     """
     if isinstance(spec, ModelConfig):
         return dataclasses.replace(spec, **overrides) if overrides else spec
-    if spec is None:
-        data: dict = {"preset": "tiny"}
-    elif isinstance(spec, Mapping):
-        data = dict(spec)
-    elif isinstance(spec, Path) or str(spec).endswith((".yaml", ".yml")):
-        data = load_yaml(spec)
-    else:
-        data = {"preset": str(spec)}
+    data = model_mapping(spec)
     data.update(overrides)
     preset = data.pop("preset", None)
     merged: dict = {}

@@ -3,7 +3,8 @@
     metrics.json      {"sites": {site: {"auc", "auc_ci", "acc", "sensitivity", "specificity", "n_test", ...}},
                        "pooled": {"auc", ...}, "rounds": [...], "config": {...}, "baselines": {...}}
     roc_<site>.png    ROC curve per site (and roc_pooled.png), from the shared score histograms
-    summary.md        the per-site table and what the run was, for a person
+    summary.md        the per-site table and what the run was, for a person, and the figures there
+                      (cmvim.figures' curves and reconstruction, cmvim.tracking's TensorBoard logs)
 """
 from __future__ import annotations
 
@@ -141,9 +142,29 @@ def mean_auc(sites: dict) -> float:
     return float(np.mean(aucs)) if aucs else float("nan")
 
 
+# the results folder's figures, in the order summary.md lists them: (file pattern, what it shows)
+FIGURES = (("roc_*.png", "ROC curves (test split, per site and pooled)"),
+           ("curves_loss.png", "training loss per round, per site and the mean weighted by examples"),
+           ("curves_val_auc.png", "validation AUC per fine-tuning round, the final model's round marked"),
+           ("reconstruction.png", "the pretrained model's reconstruction of one subject's masked scans"))
+
+
+def figures_section(out_dir: Path) -> list[str]:
+    """summary.md's list of the figures and logs present in `out_dir`."""
+    lines = []
+    for pattern, what in FIGURES:
+        found = sorted(out_dir.glob(pattern))
+        if found:
+            lines.append(f"- {what}: " + ", ".join(f"`{p.name}`" for p in found))
+    if any((out_dir / "tensorboard").glob("events.out.tfevents.*")):
+        lines.append("- TensorBoard logs (loss, validation AUC, epsilon, round times per site and round; test "
+                     "AUCs): `tensorboard --logdir tensorboard` in this folder")
+    return ["## Figures", "", *lines, ""] if lines else []
+
+
 def write_summary(out_dir: Path, title: str, table: str, lines: list[str]) -> Path:
     path = out_dir / "summary.md"
     body = [f"# {title}", "", *lines, "", "## Per-site test metrics (AD vs CN)", "", table, "",
-            "ROC curves: " + ", ".join(f"`{p.name}`" for p in sorted(out_dir.glob("roc_*.png"))), ""]
+            *figures_section(out_dir)]
     path.write_text("\n".join(body))
     return path

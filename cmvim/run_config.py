@@ -12,10 +12,10 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Mapping
+from typing import Literal, Mapping, Sequence
 
-from .config import from_dict, load_yaml, to_dict
-from .model_config import MODALITIES, ModelConfig, model_config
+from .config import apply_overrides, from_dict, load_yaml, to_dict
+from .model_config import MODALITIES, ModelConfig, model_config, model_mapping
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
@@ -319,6 +319,24 @@ class EvaluationConfig:
 
 
 @dataclass
+class ExampleSubject:
+    """One subject's scans on the coordinator's own disk (synthetic, or a subject who consented):
+    the reconstruction figure shows them. The scans stay there; the paths travel with the run
+    config, which every site receives. Give absolute paths: the ServerApp that reads them runs
+    where the SuperLink started it, not necessarily where the config file lies."""
+    mri: str
+    pet: str | None = None
+
+
+@dataclass
+class FiguresConfig:
+    """The run's figures (cmvim.figures). `example_subject`: whose scans the pretrained model
+    reconstructs in reconstruction.png; null: the first subject-visit of the first site folder
+    under cohort.path when the run has one (cmvim-sim's synthetic cohort), else no such figure."""
+    example_subject: ExampleSubject | None = None
+
+
+@dataclass
 class RunConfig:
     seed: int = 0
     cohort: CohortSpec = field(default_factory=CohortSpec)
@@ -351,6 +369,7 @@ class RunConfig:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)   # sample-level DP-SGD at every site
     central_dp: CentralDPConfig = field(default_factory=CentralDPConfig)   # site-level DP at the server
     secure_aggregation: SecureAggregationConfig = field(default_factory=SecureAggregationConfig)   # SecAgg+
+    figures: FiguresConfig = field(default_factory=FiguresConfig)   # what the results folder's figures show
 
     def __post_init__(self):
         if len(self.split_fractions) != 3 or abs(sum(self.split_fractions) - 1) > 1e-6 or min(self.split_fractions) < 0:
@@ -399,3 +418,10 @@ def run_config(spec: str | Path | Mapping | None = None, **overrides) -> RunConf
     data.update(overrides)
     data["model"] = model_config(data.get("model"))      # a preset name plus overrides -> one parsed ModelConfig
     return from_dict(RunConfig, data, "run")
+
+
+def overridden(data: Mapping, pairs: Sequence[str]) -> dict:
+    """The run config mapping `data` (read from YAML) with the command line's `--set KEY=VALUE`
+    pairs applied (cmvim.config.apply_overrides), before `run_config` parses and checks it; a
+    model section written as a preset name (`model: small`) opens up for `model.depth=2`."""
+    return apply_overrides(data, pairs, short_forms={"model": model_mapping})

@@ -14,7 +14,8 @@
 2. Registers every site public key in --site-keys (<site>.pub); a key already known is fine.
 3. Waits until --wait-sites SuperNodes are online (default: the strategy's min_nodes).
 4. Submits the cmvim run (`flwr run`) with the config file and the results folder, streams its
-   log, and waits for it to finish.
+   log, and waits for it to finish. With `--set KEY=VALUE` the run gets the config with those
+   settings over the file's, written to STATE-DIR/run-config.yaml (and the results' config.yaml).
 5. Exits 0 only when Flower reports the run `finished:completed` and metrics.json was written
    (`flwr run --stream` exits 0 even on a failed run); otherwise non-zero, saying why.
 The SuperLink it started is stopped by its PID on the way out (unless --keep-running).
@@ -32,11 +33,13 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
+
 import cmvim
-from cmvim.cli_util import free_port
-from cmvim.config import ConfigError
+from cmvim.cli_util import add_set_option, free_port
+from cmvim.config import ConfigError, load_yaml
 from cmvim.flower_process import Child, flower_env, flower_executable
-from cmvim.run_config import run_config
+from cmvim.run_config import overridden, run_config
 
 from .flower_app import write_project
 
@@ -70,6 +73,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     parser.add_argument("--insecure", action="store_true", help="no TLS, no node authentication (local tests only)")
     parser.add_argument("--keep-running", action="store_true", help="leave the SuperLink running after the run")
+    add_set_option(parser)
 
 
 class Coordinator:
@@ -287,14 +291,20 @@ def say(text: str) -> None:
 
 def serve(args: argparse.Namespace) -> int:
     try:
-        cfg = run_config(args.config)
+        data = overridden(load_yaml(args.config), args.set)
+        cfg = run_config(data)
     except (ConfigError, ValueError, OSError) as err:
-        print(f"cmvim-server: --config {args.config}: {err}", file=sys.stderr)
+        where = " with --set " + " ".join(args.set) if args.set else ""
+        print(f"cmvim-server: --config {args.config}{where}: {err}", file=sys.stderr)
         return 2
     coordinator = None
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         coordinator = Coordinator(args)
+        if args.set:        # the ServerApp reads its config from a file: the overridden one
+            args.config = coordinator.state / "run-config.yaml"
+            args.config.write_text(yaml.safe_dump(data, sort_keys=False))
+            say(f"run config with --set {' '.join(args.set)}: {args.config}")
         coordinator.write_connection()
         if not args.superlink:
             coordinator.start_superlink()

@@ -1,15 +1,18 @@
 """What a run tells a person and writes to its results folder: the progress line after every
 round (sites, loss, validation AUC, privacy spent, ETA) and, at the end, the one writer of
-metrics.json, summary.md and the ROC plots, baselines included."""
+metrics.json, summary.md, the ROC plots, the loss and validation AUC curves (cmvim.figures) and
+the TensorBoard logs (cmvim.tracking), baselines included. (reconstruction.png is drawn once
+pretraining ends, by the runner.)"""
 from __future__ import annotations
 
 import math
 from pathlib import Path
 
 from cmvim.config import to_dict
-from cmvim.protocol import NUM_EXAMPLES
+from cmvim.figures import mean_loss, plot_curves
 from cmvim.results import mean_auc, plot_rocs, pooled_entry, site_table, write_metrics, write_summary
 from cmvim.run_config import RunConfig
+from cmvim.tracking import write_tensorboard
 
 from .central_dp import CentralDP
 
@@ -29,8 +32,7 @@ def progress(phase: str, round_: int, total: int, later_rounds: int, entry: dict
     AUC, epsilon, time per round and the ETA of the run; then any site left out and why."""
     train = entry["train"]
     losses = {site: m.get("loss") for site, m in train.items() if m.get("loss") is not None}
-    weights = {site: m.get(NUM_EXAMPLES, 0) for site, m in train.items()}
-    mean = (sum(losses[s] * weights[s] for s in losses) / max(sum(weights[s] for s in losses), 1)) if losses else None
+    mean = mean_loss(train)
     # this phase's recent rounds predict its rest; a later phase is guessed from them too
     remaining = total - round_ + later_rounds
     recent = seconds[1:][-3:] or seconds       # a phase's first round includes starting the workers
@@ -73,8 +75,9 @@ def privacy_spent(history: list[dict]) -> dict[str, dict]:
 def final_report(cfg: RunConfig, out_dir: Path, sites: dict, histograms: dict, history: list[dict],
                  failures: list[dict], elapsed: float, central: CentralDP, baselines: dict | None = None,
                  model: dict | None = None) -> dict:
-    """metrics.json, the ROC plots and summary.md for the finished run; its table printed. Returns
-    what metrics.json holds. `model`: where the exported model went and its decision rule."""
+    """metrics.json, the ROC plots, the curves, the TensorBoard logs and summary.md for the finished
+    run; its table printed. Returns what metrics.json holds. `model`: where the exported model went
+    and its decision rule."""
     pooled = pooled_entry(histograms)
     lines = [f"- strategy: {cfg.strategy.name}; rounds: pretrain {cfg.pretrain.rounds}, "
              f"finetune {cfg.finetune.rounds} (from a {cfg.finetune_init} encoder); model: {cfg.model.summary()}",
@@ -114,10 +117,23 @@ def final_report(cfg: RunConfig, out_dir: Path, sites: dict, histograms: dict, h
                      "AUC " + ", ".join(f"{name} {b['mean_auc']:.3f}" for name, b in baselines.items()))
     path = write_metrics(out_dir, sites, pooled, history, to_dict(cfg), baselines=baselines, failures=failures,
                          summary=lines, extra=extra)
-    plot_rocs(out_dir, histograms, sites)
+    tensorboard = None
+    # pictures for a person: one that cannot be drawn is a line, never a run without its summary
+    for what, draw in (("ROC plots", lambda: plot_rocs(out_dir, histograms, sites)),
+                       ("curves", lambda: plot_curves(out_dir, history, cfg.finetune.probe_rounds, say=say)),
+                       ("TensorBoard logs", lambda: write_tensorboard(out_dir, history, sites, pooled, baselines,
+                                                                      say=say))):
+        try:
+            drawn = draw()
+        except Exception as exc:  # noqa: BLE001 - the metrics are written; a figure is not worth the run
+            say(f"{what} not written ({type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]})")
+            continue
+        if what == "TensorBoard logs":
+            tensorboard = drawn
     table = site_table(sites, pooled, baselines)
     heading = ("federated vs " + " vs ".join(baselines) + " (test AUC per site)") if baselines else "test metrics per site"
     say(f"\n{heading}:\n{table}")
     write_summary(out_dir, "cmvim federated run" + (" with baselines" if baselines else ""), table, lines)
-    say(f"\nresults: {path}, {out_dir / 'summary.md'}, ROC plots roc_*.png")
+    say(f"\nresults: {path}, {out_dir / 'summary.md'} (it lists the figures)"
+        + (f"; TensorBoard: tensorboard --logdir {tensorboard}" if tensorboard else ""))
     return {"sites": sites, "pooled": pooled, "rounds": history, "failures": failures, "baselines": baselines}

@@ -89,6 +89,7 @@ class FederatedRun:
         if ckpt is None or ckpt.phase == "pretrain":
             arrays = ckpt.arrays if ckpt else initial_state(self.cfg, "pretrain")
             pretrained = self.run_phase("pretrain", arrays, ckpt.round if ckpt else 0, ckpt.strategy if ckpt else {})
+            self._reconstruction_figure(pretrained)
             ckpt = None
             arrays = initial_state(self.cfg, "finetune", pretrained)
             done, state = 0, {}
@@ -307,3 +308,14 @@ class FederatedRun:
                             extra={"results": {"metrics": "../metrics.json"}})
         info["path"] = str(path.relative_to(self.out_dir))
         return info
+
+    # -- figures ---------------------------------------------------------------------------
+    def _reconstruction_figure(self, pretrained: dict) -> None:
+        """reconstruction.png from the pretrained weights (cmvim.figures.draw_reconstruction): a
+        figure for a person, so whatever goes wrong is one line and the run goes on."""
+        try:
+            from cmvim.figures import draw_reconstruction
+            draw_reconstruction(self.cfg, pretrained, self.out_dir, say=say)
+        except Exception as exc:  # noqa: BLE001 - never fails the run
+            detail = (str(exc).splitlines() or [""])[0][:200]
+            say(f"reconstruction figure not drawn ({type(exc).__name__}: {detail}); the run goes on")

@@ -3,10 +3,12 @@
     cmvim-sim                                  the default: built-in synthetic cohort, quick.yaml
     cmvim-sim --config simulations/configs/baselines.yaml --out runs/baselines
     cmvim-sim --resume runs/sim                continue a stopped run from its last checkpoint
+    cmvim-sim --set finetune.rounds=3 --set model.depth=2     a setting over the config's (repeatable)
 
 Steps: build (or reuse) the cohort; load and preprocess every site once (cached); run
 pretrain -> finetune -> evaluate with one simulated SuperNode per site; run the baselines the
-config asks for; write metrics.json, ROC plots and summary.md to --out.
+config asks for; write metrics.json, ROC plots, curves, summary.md and TensorBoard logs to --out
+(its config.yaml records the config the run used, --set overrides included).
 """
 from __future__ import annotations
 
@@ -19,10 +21,10 @@ import sys
 import time
 from pathlib import Path
 
-from cmvim.cli_util import add_version
+from cmvim.cli_util import add_set_option, add_version
 from cmvim.config import ConfigError, load_yaml
 from cmvim.data import SiteData
-from cmvim.run_config import RunConfig, run_config
+from cmvim.run_config import RunConfig, overridden, run_config
 
 CONFIGS = Path(__file__).parent / "configs"
 DEFAULT_CONFIG = CONFIGS / "quick.yaml"
@@ -127,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="results folder (default runs/sim)")
     parser.add_argument("--resume", type=Path, help="a stopped run's results folder: continue it")
     parser.add_argument("--verbose", action="store_true", help="Flower's own logs too")
+    add_set_option(parser)
     add_version(parser)
     args = parser.parse_args(argv)
     missing = [name for name in ("ray", "nilearn") if importlib.util.find_spec(name) is None]
@@ -143,16 +146,17 @@ def main(argv: list[str] | None = None) -> int:
     else:
         out_dir = args.out or Path("runs/sim")
         config_file = config_path(args.config) if args.config else DEFAULT_CONFIG
+    where = f"{config_file}" + (" with --set " + " ".join(args.set) if args.set else "")
     try:
-        cfg = run_config(load_yaml(config_file))
+        cfg = run_config(overridden(load_yaml(config_file), args.set))
     except ConfigError as exc:
-        parser.error(f"{config_file}: {exc}")
+        parser.error(f"{where}: {exc}")
     problem = gpu_problem(cfg)
     if problem:
-        parser.error(f"{config_file}: {problem}")
+        parser.error(f"{where}: {problem}")
     cfg = simulated_device(cfg)
     start = time.perf_counter()
-    _say(f"cmvim-sim: config {config_file}, results in {out_dir}")
+    _say(f"cmvim-sim: config {where}, results in {out_dir}")
     if not cfg.cohort.path:
         from .cohort import prepare_cohort
         spec = cfg.cohort
