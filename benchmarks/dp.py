@@ -36,22 +36,11 @@ import torch
 import yaml
 
 from cmvim.config import load_yaml
-from cmvim.run_config import run_config
+from cmvim.run_config import overridden, run_config
 from cmvim.site_task import SiteTask
 from cmvim.weights import initial_state
 from cmvim.simulations.cli import config_path, prepare_sites
 from cmvim.simulations.cohort import prepare_cohort
-
-
-def _apply(data: dict, sets: list[str]) -> dict:
-    for item in sets:
-        key, _, value = item.partition("=")
-        node = data
-        *parents, last = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[last] = yaml.safe_load(value)
-    return data
 
 
 def step_cost(data: dict, threads: int) -> tuple[float, float, int]:
@@ -143,7 +132,7 @@ def main() -> None:
     parser.add_argument("--secagg", action="store_true", help="also the run with SecAgg+ training rounds")
     parser.add_argument("--out", type=Path, default=Path("runs/dp-bench"))
     args = parser.parse_args()
-    data = _apply(load_yaml(config_path(args.config)), args.sets)
+    data = overridden(load_yaml(config_path(args.config)), args.sets)
 
     print(f"config {args.config} {' '.join(args.sets)}; model {data.get('model')}; {args.threads} thread(s)\n")
     if not args.skip_step:
