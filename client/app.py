@@ -88,7 +88,7 @@ def load_task(cfg: RunConfig, name: str, site_dir: Path, device: str | None = No
     """The site's task; `device`: the site's own choice (cmvim-client --device), else the run's."""
     torch.set_num_threads(max(1, cfg.threads_per_site))
     site = SiteData.load(site_dir, cfg.preprocess, seed=cfg.seed, use_reports=cfg.use_reports,
-                           split_fractions=cfg.split_fractions)
+                           split_fractions=cfg.split_fractions, bids=cfg.bids)
     if site.summary.skipped:
         log.warning("site %s: %d subject-visits skipped (see `cmvim-client check --data %s`)",
                     name, len(site.summary.skipped), site_dir)

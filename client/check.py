@@ -1,16 +1,20 @@
 """`cmvim-client check --data DIR`: is this site folder ready to join a federated run?
 
-Loads the site exactly as training does (`SiteData.load`: the manifest, every scan decoded
+Loads the site exactly as training does (`SiteData.load`: the manifest.csv or the BIDS dataset
+the folder is, every scan decoded
 and preprocessed with the run's settings, into the same cache training then reads), and
 prints what it saw: subjects, modalities, labels, splits, the shapes and voxel sizes of the
-scans, and every problem with its row, subject, column, file and what is wrong. A row this
+scans, and every problem with its row (a BIDS dataset: its visit's number), subject, column,
+file and what is wrong. A row this
 skips is a row training skips, and for the same reason. This runs at the hospital, for the
 hospital: it shows subject ids; nothing is sent.
 Exit status: 0 ready (problem rows are skipped in training), 1 fatal (no usable manifest or
 no usable subject; with --strict, any problem).
 
 The run's settings come from the run config the coordinator shares (`--config`): its
-preprocessing, seed and split_fractions; without it, the run config's defaults.
+preprocessing, seed, split_fractions and, for a BIDS dataset, its `bids` section (which column
+holds the diagnosis); without it, the run config's defaults. A progress bar shows on stderr
+when that is a terminal.
 """
 from __future__ import annotations
 
@@ -23,41 +27,44 @@ from pathlib import Path
 import nibabel as nib
 
 from cmvim.config import ConfigError
-from cmvim.data import DataError, SiteData, read_manifest
+from cmvim.data import DataError, SiteData, read_site_folder
 from cmvim.data.volumes import scan_geometry, voxel_sizes
-from cmvim.run_config import RunConfig, run_config
+from cmvim.run_config import BidsConfig, RunConfig, run_config
 from cmvim.tables import format_table
 
 
-def manifest_ready(site_dir: Path, out=print) -> int:
-    """Before joining: the manifest reads and has usable rows (0), else why not (1). Light on
-    purpose: the run's preprocessing is not known yet, and `cmvim-client check --config` (the
-    full check) or the first round decodes and preprocesses every scan, row by row."""
+def manifest_ready(site_dir: Path, out=print, bids: BidsConfig | None = None) -> int:
+    """Before joining: the manifest (manifest.csv or BIDS dataset) reads and has usable rows (0),
+    else why not (1). Light on purpose: the run's preprocessing is not known yet, and
+    `cmvim-client check --config` (the full check) or the first round decodes and preprocesses
+    every scan, row by row."""
     try:
-        manifest = read_manifest(site_dir)
+        manifest = read_site_folder(site_dir, bids)
     except DataError as err:
         out(f"FATAL: {err}")
         return 1
-    if not manifest.entries:
-        out(f"FAILED: manifest.csv has no usable row ({len(manifest.problems)} with problems: "
+    rows = "rows" if manifest.format == "manifest.csv" else "visits"
+    # before joining, a BIDS dataset's label map is the run's to give: a value the default map
+    # lacks may be one the run maps, so those visits do not make the site unfit to join
+    pending = [p for p in manifest.problems if p.kind == "unknown label"] if bids is None and rows == "visits" else []
+    if not manifest.entries and not pending:
+        out(f"FAILED: {manifest.format} has no usable {rows[:-1]} ({len(manifest.problems)} with problems: "
             f"cmvim-client check --data {site_dir})")
         return 1
-    out(f"manifest.csv: {len(manifest.entries)} usable rows, {len(manifest.problems)} with problems "
-        f"(the full check: cmvim-client check --data {site_dir} --config RUN.yaml)")
+    out(f"{manifest.format}: {len(manifest.entries)} usable {rows}, {len(manifest.problems)} with problems"
+        + (f" ({len(pending)} of them labels the default bids.label_map lacks; the run's may map them)"
+           if pending else "")
+        + f" (the full check: cmvim-client check --data {site_dir} --config RUN.yaml)")
     return 0
 
 
 def check_site(site_dir: Path, strict: bool = False, out=print, cfg: RunConfig | None = None) -> int:
     out(f"Site check: {site_dir}")
     cfg = cfg or RunConfig()
-
-    def progress(n: int, total: int) -> None:
-        if n % 25 == 0:
-            out(f"  checked {n}/{total} rows ...")
     try:
         with _quiet_data_log():
             site = SiteData.load(site_dir, cfg.preprocess, seed=cfg.seed, use_reports=cfg.use_reports,
-                                 split_fractions=cfg.split_fractions, progress=progress)
+                                 split_fractions=cfg.split_fractions, bids=cfg.bids, show_progress=True)
     except DataError as err:
         out(f"\nFATAL: {err}")
         return 1
@@ -78,7 +85,10 @@ def check_site(site_dir: Path, strict: bool = False, out=print, cfg: RunConfig |
 
     labels = Counter(r.entry.label or "unlabeled" for r in records)
     split_counts = Counter(r.split for r in records)
-    out(f"manifest.csv: {summary.rows} rows, {len(records)} usable, {summary.rows - len(records)} with problems\n")
+    bids = summary.source != "manifest.csv"
+    rows = "visits" if bids else "rows"
+    out(f"{summary.source}: {summary.rows} {rows}, {len(records)} usable, {summary.rows - len(records)} "
+        "with problems\n")
     out(format_table(["what", "count"], [
         ["subjects", len({r.entry.subject_id for r in records})],
         ["visits", len(records)],
@@ -97,8 +107,8 @@ def check_site(site_dir: Path, strict: bool = False, out=print, cfg: RunConfig |
         for warning in summary.warnings:
             out(f"  - {warning}")
     if problems:
-        out(f"\nProblems ({len(problems)}; these rows are skipped in training)")
-        out(format_table(["row", "subject", "column", "problem", "file"],
+        out(f"\nProblems ({len(problems)}; these {rows} are skipped in training)")
+        out(format_table(["visit #" if bids else "row", "subject", "column", "problem", "file"],
                          [[p.row, p.subject, p.column, p.problem, _relative(p.file, site_dir)] for p in problems]))
     fatal = not records or (strict and problems)
     if not records:
@@ -133,7 +143,9 @@ def _relative(path: str | None, site_dir: Path) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", type=Path, required=True, help="the site folder (holding manifest.csv)")
+    parser.add_argument("--data", type=Path, required=True,
+                        help="the site folder: holding manifest.csv, or a BIDS dataset (dataset_description.json, "
+                             "participants.tsv, sub-*/; docs/bids.md)")
     parser.add_argument("--strict", action="store_true", help="exit non-zero on any problem, not only fatal ones")
     parser.add_argument("--config", type=Path, help="the run config (YAML) the coordinator shares: preprocessing and "
                                                    "split counts as the run will do them (default: the run config's "

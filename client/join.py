@@ -56,7 +56,7 @@ class JoinError(Exception):
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--site", required=True, help="this site's name, as the coordinator knows it (e.g. A)")
-    parser.add_argument("--data", required=True, type=Path, help="the site folder (manifest.csv and scans)")
+    parser.add_argument("--data", required=True, type=Path, help="the site folder (manifest.csv or a BIDS dataset)")
     parser.add_argument("--server", required=True, help="the SuperLink's address, HOST:PORT")
     parser.add_argument("--root-cert", type=Path, help="the federation's CA certificate (ca.crt)")
     parser.add_argument("--auth-key", type=Path, help="this site's SuperNode private key (<site>.key)")

@@ -108,24 +108,72 @@ class PrivacyConfig:
         return self.epsilon_budget if self.epsilon_budget is not None else self.target_epsilon
 
 
+BIDS_LABELS = ("CN", "MCI", "AD")        # cmvim.data.manifest.LABELS (not imported: that package loads torch)
+
+# participants.tsv / sessions.tsv values -> class, compared case-insensitively; BIDS writes a
+# missing value as "n/a" (unlabelled without any entry here)
+DEFAULT_BIDS_LABEL_MAP = {
+    "cn": "CN", "hc": "CN", "nc": "CN", "control": "CN", "controls": "CN", "healthy control": "CN",
+    "normal": "CN", "mci": "MCI", "emci": "MCI", "lmci": "MCI",
+    "ad": "AD", "dementia": "AD", "alzheimer's": "AD", "alzheimers": "AD", "alzheimer's disease": "AD",
+}
+
+
+@dataclass
+class BidsConfig:
+    """How a site folder that is a BIDS dataset gives labels and splits (cmvim.data.bids,
+    docs/bids.md). Sites whose folder holds a manifest.csv ignore it.
+
+    `label_map` entries are added to the defaults above (an entry overrides the default of the
+    same value; a value mapped to null makes it unlabelled); a value the map lacks is that
+    subject's problem, named with the file and line. `sessions_labels`: a
+    sub-X/sub-X_sessions.tsv with `label_column` gives a session's label, winning over
+    participants.tsv for that session (the diagnosis can change between visits)."""
+    label_column: str = "diagnosis"
+    label_map: dict[str, str | None] = field(default_factory=dict)
+    split_column: str = "split"
+    sessions_labels: bool = True
+
+    def __post_init__(self):
+        merged = dict(DEFAULT_BIDS_LABEL_MAP)
+        for value, label in self.label_map.items():
+            label = (str(label).strip().upper() or None) if label is not None else None
+            if label is not None and label not in BIDS_LABELS:
+                raise ValueError(f"bids.label_map: {value!r} maps to {label!r}; map values to "
+                                 f"{', '.join(BIDS_LABELS)} or null (unlabelled)")
+            merged[str(value).strip().lower()] = label
+        self.label_map = merged
+        if not self.label_column.strip() or not self.split_column.strip():
+            raise ValueError("bids.label_column and bids.split_column must name a column")
+
+    def label_of(self, value: str) -> str | None:
+        """The class a table value means (None: unlabelled); KeyError when the map lacks it."""
+        text = value.strip()
+        if text.lower() in ("", "n/a"):
+            return None
+        return self.label_map[text.lower()]
+
+
 @dataclass
 class CohortSpec:
     """Where the sites' data comes from: an existing folder of site folders, or a synthetic cohort."""
-    path: str | None = None               # a folder holding <site>/manifest.csv; None = synthetic
+    path: str | None = None               # a folder of site folders (manifest.csv or BIDS); None = synthetic
     sites: int = 3
     subjects: int = 40
     shape: int = 64
     seed: int = 0
     effect_scale: float = 1.0
-    site_names: list[str] | None = None   # use only these sites (default: every folder with a manifest)
+    site_names: list[str] | None = None   # use only these sites (default: every site folder under path)
 
     def site_folders(self) -> dict[str, Path]:
         """The run's sites, name -> folder: `site_names` under `path`, else every folder there
-        holding a manifest.csv (sorted: a simulated node's partition id indexes this order)."""
+        holding a manifest.csv or a BIDS dataset_description.json (cmvim.data.bids; sorted: a
+        simulated node's partition id indexes this order)."""
         if not self.path:
             raise ValueError("cohort.path is not set: no site folders to find")
         root = Path(self.path)
-        names = self.site_names or sorted(p.name for p in root.iterdir() if (p / "manifest.csv").exists())
+        names = self.site_names or sorted(p.name for p in root.iterdir()
+                                          if (p / "manifest.csv").exists() or (p / "dataset_description.json").exists())
         return {name: root / name for name in names}
 
 
@@ -355,6 +403,7 @@ class RunConfig:
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     checkpoints: CheckpointConfig = field(default_factory=CheckpointConfig)
     split_fractions: tuple[float, float, float] = SPLIT_FRACTIONS   # train/val/test where the manifest is silent
+    bids: BidsConfig = field(default_factory=BidsConfig)   # labels and splits of sites whose folder is BIDS
     personalize: Literal["none", "head", "norm", "head+norm"] = "none"
     use_reports: bool = True
     threads_per_site: int = 1

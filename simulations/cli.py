@@ -47,12 +47,12 @@ def prepare_sites(cfg: RunConfig) -> dict[str, SiteData]:
     """Every site loaded once in this process, so clients only read the cache; problems show now."""
     folders = cfg.cohort.site_folders()
     if not folders:
-        raise SystemExit(f"no site folders (with manifest.csv) in {cfg.cohort.path}")
+        raise SystemExit(f"no site folders (with manifest.csv or a BIDS dataset_description.json) in {cfg.cohort.path}")
     sites = {}
     for name, folder in folders.items():
         start = time.perf_counter()
         site = SiteData.load(folder, cfg.preprocess, seed=cfg.seed, use_reports=cfg.use_reports,
-                           split_fractions=cfg.split_fractions)
+                           split_fractions=cfg.split_fractions, bids=cfg.bids, show_progress=True)
         counts = site.counts()
         _say(f"  site {name}: {counts['visits']} subject-visits ({counts['labels']}), PET {counts['with_pet']}, "
              f"splits {counts['splits']}, {len(site.summary.skipped)} skipped "

@@ -19,8 +19,10 @@ the MNI152 templates (`cmvim.simulations.anatomy`) with
     unlabeled fraction; some sites export DICOM series instead of NIfTI.
 
 Everything is deterministic from the seed. Output: DIR/<site>/manifest.csv and
-files (the site data contract), DIR/cohort.json and a printed summary with the
-effect sizes measured on the written files.
+files (the site data contract), or with format "bids" DIR/<site>/ as a BIDS
+dataset (`write_site_bids`, docs/bids.md: the same subjects and images, NIfTI
+only); DIR/cohort.json and a printed summary with the effect sizes measured on
+the written files.
 """
 from __future__ import annotations
 
@@ -29,6 +31,8 @@ import json
 import math
 import multiprocessing
 import os
+import queue
+import re
 import shutil
 import string
 import tempfile
@@ -36,12 +40,15 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable, Literal
 
 import nibabel as nib
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from cmvim import __version__
+from cmvim.progress import progress_bar
 from cmvim.run_config import RunConfig
 from cmvim.tables import format_table
 
@@ -95,8 +102,11 @@ class CohortConfig:
     name_diagnosis: bool = False        # reports never name the diagnosis unless asked
     effect_scale: float = 1.0           # >1: an easier cohort (tests), <1: harder
     dicom_sites: tuple[str, ...] | None = None   # None: every third site from the second (B, E, ...)
+    format: Literal["manifest", "bids"] = "manifest"   # bids: BIDS datasets, NIfTI only (no DICOM sites)
 
     def __post_init__(self):
+        if self.format not in ("manifest", "bids"):
+            raise ValueError(f"format must be 'manifest' or 'bids', got {self.format!r}")
         if self.sites < 1 or self.sites > 26:
             raise ValueError("sites must be between 1 and 26")
         if self.subjects < 2:
@@ -123,7 +133,7 @@ def site_profiles(cfg: CohortConfig, rng: np.random.Generator) -> list[SiteProfi
             slice_blur_mm=float(rng.choice([0.0, 0.0, 2.0, 4.0])),
             pet_fwhm_mm=float(rng.uniform(6.0, 8.0)),
             pet_scale=float(rng.uniform(0.7, 1.4)),
-            dicom=name in dicom))
+            dicom=name in dicom and cfg.format == "manifest"))
     return profiles
 
 
@@ -296,7 +306,8 @@ def _write_scan(folder: Path, stem: str, volume: np.ndarray, affine: np.ndarray,
 
 
 def write_site(site_dir: Path, site: SiteProfile, subjects: list[Subject], anatomy: Anatomy,
-               rng: np.random.Generator, cfg: CohortConfig) -> list[dict]:
+               rng: np.random.Generator, cfg: CohortConfig, on_subject: Callable[[], None] | None = None
+               ) -> list[dict]:
     site_dir.mkdir(parents=True, exist_ok=True)
     rows = ["subject_id,mri,pet,report,label,age,sex"]
     truth = []
@@ -314,7 +325,49 @@ def write_site(site_dir: Path, site: SiteProfile, subjects: list[Subject], anato
         rows.append(f"{subject.subject_id},{mri},{pet_path},subjects/{subject.subject_id}/report.txt,{label},"
                     f"{subject.age:.0f},{subject.sex}")
         truth.append({**asdict(subject), "mri": mri, "pet": pet_path})
+        if on_subject:
+            on_subject()
     (site_dir / "manifest.csv").write_text("\n".join(rows) + "\n")
+    return truth
+
+
+def bids_participant(subject_id: str) -> str:
+    """A BIDS participant_id: labels are alphanumeric, so the generator's A123456-007 is sub-A123456007."""
+    return "sub-" + re.sub(r"[^A-Za-z0-9]", "", subject_id)
+
+
+def write_site_bids(site_dir: Path, site: SiteProfile, subjects: list[Subject], anatomy: Anatomy,
+                    rng: np.random.Generator, cfg: CohortConfig, on_subject: Callable[[], None] | None = None
+                    ) -> list[dict]:
+    """The site as a BIDS dataset (cmvim.data.bids reads it): the same subjects, images and reports
+    `write_site` writes from the same generator. The generator makes one visit per subject, so
+    there are no sessions; the split column is n/a throughout (the run's seeded rule splits, as
+    for the manifest cohort, whose manifest has no split column)."""
+    site_dir.mkdir(parents=True, exist_ok=True)
+    (site_dir / "dataset_description.json").write_text(json.dumps({
+        "Name": f"cmvim synthetic cohort, site {site.name}", "BIDSVersion": "1.10.0", "DatasetType": "raw",
+        "GeneratedBy": [{"Name": "cmvim-cohort", "Version": __version__}]}, indent=2) + "\n")
+    (site_dir / ".bidsignore").write_text("*_report.txt\n")         # reports are cmvim's, not BIDS files
+    rows = ["participant_id\tage\tsex\tdiagnosis\tsplit"]
+    truth = []
+    for subject in subjects:
+        t1, pet = synthesize(subject, site, anatomy, rng, cfg.effect_scale)
+        participant = bids_participant(subject.subject_id)
+        mri = f"{participant}/anat/{participant}_T1w.nii.gz"
+        pet_path = "" if pet is None else f"{participant}/pet/{participant}_trc-FDG_pet.nii.gz"
+        for relative, volume in ((mri, t1), (pet_path, pet)):
+            if volume is not None:
+                (site_dir / relative).parent.mkdir(parents=True, exist_ok=True)
+                nib.save(nib.Nifti1Image(volume.astype(np.float32), anatomy.affine), str(site_dir / relative))
+        report = write_report(rng, subject.severity * cfg.effect_scale, pet is not None, subject.label,
+                              cfg.report_informativeness, cfg.name_diagnosis)
+        (site_dir / participant / f"{participant}_report.txt").write_text(report + "\n", encoding="utf-8")
+        label = subject.label if subject.labeled else "n/a"
+        rows.append(f"{participant}\t{subject.age:.0f}\t{subject.sex}\t{label}\tn/a")
+        truth.append({**asdict(subject), "mri": mri, "pet": pet_path})
+        if on_subject:
+            on_subject()
+    (site_dir / "participants.tsv").write_text("\n".join(rows) + "\n")
     return truth
 
 
@@ -331,12 +384,17 @@ class CohortSummary:
         rows = []
         for site in self.sites:
             c = self.counts[site.name]
+            form = "BIDS" if self.config.format == "bids" else "DICOM" if site.dicom else "NIfTI"
             rows.append([site.name, c["subjects"], c["CN"], c["MCI"], c["AD"], c["unlabeled"], c["with_pet"],
-                         "DICOM" if site.dicom else "NIfTI", f"{site.intensity_scale:.0f}",
+                         form, f"{site.intensity_scale:.0f}",
                          f"{site.bias_strength:.2f}", f"{site.noise:.3f}", f"{site.slice_blur_mm:.0f}",
                          f"{site.pet_fwhm_mm:.1f}"])
         return format_table(["site", "n", "CN", "MCI", "AD", "unlabeled", "PET", "format", "T1 scale",
                              "bias", "noise", "slice blur mm", "PET FWHM mm"], rows)
+
+
+# each subject written: set by generate_cohort while its progress bar draws (forked workers inherit it)
+_on_subject: Callable[[], None] | None = None
 
 
 def _build_site(job) -> tuple[str, dict, list[dict]]:
@@ -346,7 +404,8 @@ def _build_site(job) -> tuple[str, dict, list[dict]]:
     anatomy = load_anatomy(cfg.shape)
     site_rng = np.random.default_rng([cfg.seed, ord(site.name)])
     subjects = draw_subjects(site, cfg.subjects, site_rng)
-    truth = write_site(out_dir / site.name, site, subjects, anatomy, site_rng, cfg)
+    writer = write_site_bids if cfg.format == "bids" else write_site
+    truth = writer(out_dir / site.name, site, subjects, anatomy, site_rng, cfg, _on_subject)
     counts = {"subjects": len(subjects), "with_pet": sum(s.has_pet for s in subjects),
               "unlabeled": sum(not s.labeled for s in subjects),
               **{c: sum(s.label == c and s.labeled for s in subjects) for c in CLASSES}}
@@ -369,11 +428,8 @@ def generate_cohort(out_dir: str | Path, cfg: CohortConfig | None = None, measur
     profiles = site_profiles(cfg, np.random.default_rng(cfg.seed))
     jobs = [(cfg, site, out_dir, measure) for site in profiles]
     workers = workers or min(len(jobs), os.cpu_count() or 1)
-    if workers > 1:
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
-            results = list(pool.map(_build_site, jobs))
-    else:
-        results = [_build_site(job) for job in jobs]
+    with progress_bar(cfg.sites * cfg.subjects, "writing the cohort", "subject") as bar:
+        results = _build_sites(jobs, workers, bar)
     counts = {name: c for name, c, _ in results}
     summary = CohortSummary(out_dir, cfg, profiles, counts)
     if measure:
@@ -386,13 +442,42 @@ def generate_cohort(out_dir: str | Path, cfg: CohortConfig | None = None, measur
     return summary
 
 
+def _build_sites(jobs: list, workers: int, bar) -> list:
+    """Every site's (name, counts, features), built in `workers` forked processes; each subject
+    written moves the bar (workers report through a queue, only while a bar draws)."""
+    global _on_subject
+    try:
+        if workers <= 1:
+            _on_subject = None if bar.disable else (lambda: bar.update(1))
+            return [_build_site(job) for job in jobs]
+        context = multiprocessing.get_context("fork")
+        written = None if bar.disable else context.Queue()
+        _on_subject = None if written is None else (lambda: written.put(1))
+        with ProcessPoolExecutor(workers, mp_context=context) as pool:
+            futures = [pool.submit(_build_site, job) for job in jobs]
+            while written is not None and not all(f.done() for f in futures):
+                try:
+                    bar.update(written.get(timeout=0.2))
+                except queue.Empty:
+                    pass
+            results = [f.result() for f in futures]
+            if written is not None:
+                bar.update(bar.total - bar.n)    # a worker's last put may land after its future is done
+            return results
+    finally:
+        _on_subject = None
+
+
 def cohort_cache_root() -> Path:
     return Path(os.environ.get("CMVIM_CACHE", Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "cmvim"))
 
 
 def cached_cohort(cfg: CohortConfig, root: Path | None = None) -> Path:
     """The cohort for `cfg`, generated on first use and reused after (keyed by the config)."""
-    key = hashlib.sha256(json.dumps(asdict(cfg), sort_keys=True, default=list).encode()).hexdigest()[:12]
+    spec = asdict(cfg)
+    if spec["format"] == "manifest":
+        del spec["format"]                  # keys of cohorts cached before there was a choice stay valid
+    key = hashlib.sha256(json.dumps(spec, sort_keys=True, default=list).encode()).hexdigest()[:12]
     target = (root or cohort_cache_root()) / "cohorts" / f"cohort-{key}"
     if (target / "cohort.json").exists():
         return target

@@ -3,8 +3,9 @@
     cmvim-cohort --sites 3 --subjects 40 --shape 64 --out cohort/ --seed 0
 
 Each DIR/<site>/ holds manifest.csv and the files it names (the site data
-contract), ready for `cmvim-client check --data DIR/<site>`. DIR/cohort.json
-holds the site profiles, counts and the effect sizes measured on the files.
+contract), or with --format bids a BIDS dataset (docs/bids.md), ready for
+`cmvim-client check --data DIR/<site>`. DIR/cohort.json holds the site
+profiles, counts and the effect sizes measured on the files.
 """
 from __future__ import annotations
 
@@ -35,13 +36,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--effect-scale", type=float, default=1.0, help="scale disease effects (>1: easier)")
     parser.add_argument("--dicom-sites", help="comma-separated sites that export DICOM (default: B, E, ...)")
     parser.add_argument("--workers", type=int, help="processes (default: one per site, up to the core count)")
+    parser.add_argument("--format", choices=("manifest", "bids"), default="manifest",
+                        help="site folders as manifest.csv + files (default), or as BIDS datasets (NIfTI only: "
+                             "--dicom-sites does not apply)")
     args = parser.parse_args(argv)
     try:
         cfg = CohortConfig(sites=args.sites, subjects=args.subjects, shape=args.shape, seed=args.seed,
                            pet_missing=args.pet_missing, unlabeled=args.unlabeled,
                            report_informativeness=args.report_informativeness, name_diagnosis=args.name_diagnosis,
                            effect_scale=args.effect_scale,
-                           dicom_sites=tuple(args.dicom_sites.split(",")) if args.dicom_sites else None)
+                           dicom_sites=tuple(args.dicom_sites.split(",")) if args.dicom_sites else None,
+                           format=args.format)
     except ValueError as exc:
         parser.error(str(exc))
     if args.out.exists() and any(args.out.iterdir()):

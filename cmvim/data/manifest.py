@@ -5,6 +5,9 @@ whole manifest raises. Row problems (a duplicate subject, an unknown label, a
 missing file, a path escaping the site folder, a symlink loop, a DICOM folder holding
 a link out of the site folder) cost that row only; they are collected in
 `Manifest.problems`, every one with its row number and column.
+
+`read_site_folder` is what the rest reads a site through: this manifest.csv, or the BIDS
+dataset the folder is (cmvim.data.bids), as the same entries.
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ import io
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..run_config import BidsConfig
 from .errors import DataError
 
 REQUIRED = ("subject_id", "mri")
@@ -25,7 +29,7 @@ MODALITY_COLUMNS = ("mri", "pet")
 
 @dataclass(frozen=True)
 class ManifestEntry:
-    row: int                       # line number in manifest.csv (the header is row 1)
+    row: int                       # line number in manifest.csv (the header is row 1); BIDS: the visit's number
     subject_id: str
     visit: str                     # "" when the manifest has no visit column
     mri: Path
@@ -41,6 +45,27 @@ class Manifest:
     entries: list[ManifestEntry]
     problems: list[DataError] = field(default_factory=list)    # rows skipped, with why
     warnings: list[str] = field(default_factory=list)          # e.g. unused columns that look like typos
+    format: str = "manifest.csv"                               # or "BIDS dataset" (cmvim.data.bids)
+    path: Path | None = None                                   # the table rows come from: manifest.csv, participants.tsv
+
+
+def read_site_folder(site_dir: str | Path, bids: BidsConfig | None = None, check_files: bool = True) -> Manifest:
+    """A site folder's subject-visits, whichever form it has: manifest.csv, or a BIDS dataset
+    (dataset_description.json; `bids` says where its labels are). When both are there the
+    manifest.csv wins, with a warning: a hospital that wrote one meant it to be read."""
+    from .bids import DESCRIPTION, is_bids, read_bids        # bids builds on this module
+    site_dir = Path(site_dir)
+    if not (site_dir / "manifest.csv").exists():
+        if is_bids(site_dir):
+            return read_bids(site_dir, bids, check_files)
+        if site_dir.is_dir():
+            raise DataError(f"no manifest.csv in the site folder, and no {DESCRIPTION} (a BIDS dataset)",
+                            file=site_dir, kind="missing manifest")
+    manifest = read_manifest(site_dir, check_files)
+    if is_bids(site_dir):
+        manifest.warnings.append(f"the folder is also a BIDS dataset ({DESCRIPTION}); manifest.csv is what is "
+                                 "read: remove it (or move it away) to read the BIDS dataset instead")
+    return manifest
 
 
 def read_manifest(site_dir: str | Path, check_files: bool = True) -> Manifest:
@@ -73,7 +98,7 @@ def read_manifest(site_dir: str | Path, check_files: bool = True) -> Manifest:
     if duplicated:
         raise DataError(f"column(s) appear more than once: {', '.join(duplicated)}", file=path, row=1,
                         kind="bad manifest")
-    manifest = Manifest(site_dir=site_dir, entries=[])
+    manifest = Manifest(site_dir=site_dir, entries=[], path=path)
     known = set(REQUIRED) | set(OPTIONAL)
     for column in header:
         if column and column not in known:

@@ -1,6 +1,7 @@
 """A hospital's site folder as training data: validate, preprocess (cached), split, serve.
 
-`SiteData.load(site_dir, cfg)` reads the manifest, then loads and preprocesses
+`SiteData.load(site_dir, cfg)` reads the manifest (manifest.csv, or the BIDS dataset the
+folder is: `read_site_folder`), then loads and preprocesses
 every subject once, up front, into the cache. A subject whose files are bad is
 skipped and its error kept in `summary.skipped`, so training never meets a bad
 file mid-run and no subject disappears without a line saying why: every bad file
@@ -24,9 +25,10 @@ from torch.utils.data import Dataset
 
 from .cache import VolumeCache, cache_key, default_cache_dir
 from .errors import DataError
-from .manifest import LABELS, SPLITS, ManifestEntry, read_manifest
+from .manifest import LABELS, SPLITS, ManifestEntry, read_site_folder
 from ..model_config import MODALITIES
-from ..run_config import SPLIT_FRACTIONS, PreprocessConfig
+from ..progress import progress_bar
+from ..run_config import SPLIT_FRACTIONS, BidsConfig, PreprocessConfig
 from .preprocess import Volume, build_pipeline
 from .reports import read_report, tokenize_reports
 from .volumes import load_volume
@@ -63,6 +65,7 @@ class SiteSummary:
     warnings: list[str] = field(default_factory=list)
     cache_hits: int = 0
     seconds: float = 0.0
+    source: str = "manifest.csv"          # what the rows came from: "manifest.csv" or "BIDS dataset"
 
     def counts(self, records: list[Record]) -> dict:
         """Aggregates only: safe to send off-site."""
@@ -144,19 +147,26 @@ class SiteData:
     @classmethod
     def load(cls, site_dir: str | Path, cfg: PreprocessConfig | None = None, cache_dir: str | Path | None = None,
              seed: int = 0, use_reports: bool = True, split_fractions=SPLIT_FRACTIONS,
-             progress: Callable[[int, int], None] | None = None) -> "SiteData":
+             progress: Callable[[int, int], None] | None = None, bids: BidsConfig | None = None,
+             show_progress: bool = False) -> "SiteData":
+        """`progress(n, total)` is called after each row; `show_progress` draws a bar on stderr
+        when that is a terminal (commands a person watches; never the ClientApp: its output may
+        be collected off-site). `bids`: labels and splits of a BIDS site folder (default: the
+        run config's defaults)."""
         site_dir = Path(site_dir)
         cfg = cfg or PreprocessConfig()
         start = time.perf_counter()
-        manifest = read_manifest(site_dir)           # header problems raise: nothing to train on
-        entries, conflicts = drop_split_conflicts(manifest.entries, site_dir / "manifest.csv")
+        manifest = read_site_folder(site_dir, bids)  # header problems raise: nothing to train on
+        entries, conflicts = drop_split_conflicts(manifest.entries, manifest.path)
         summary = SiteSummary(rows=len(manifest.entries) + len(manifest.problems),
-                              skipped=list(manifest.problems) + conflicts, warnings=list(manifest.warnings))
+                              skipped=list(manifest.problems) + conflicts, warnings=list(manifest.warnings),
+                              source=manifest.format)
         cache = VolumeCache(Path(cache_dir) if cache_dir else default_cache_dir(site_dir))
         pipeline = build_pipeline(cfg)
         fingerprint = cfg.fingerprint()
         splits = assign_splits(entries, seed, tuple(split_fractions))
         records: list[Record] = []
+        bar = progress_bar(len(entries), "preprocessing", "visit") if show_progress else None
         for n, entry in enumerate(entries, start=1):
             try:
                 records.append(cls._prepare(entry, len(records), cache, pipeline, fingerprint, site_dir,
@@ -165,6 +175,10 @@ class SiteData:
                 summary.skipped.append(err.with_context(subject=entry.subject_id, row=entry.row))
             if progress:
                 progress(n, len(entries))
+            if bar is not None:
+                bar.update(1)
+        if bar is not None:
+            bar.close()
         summary.loaded = len(records)
         cache.prune(fingerprint, {r.key for r in records})
         summary.seconds = time.perf_counter() - start
