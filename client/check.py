@@ -108,8 +108,7 @@ def check_site(site_dir: Path, strict: bool = False, out=print, cfg: RunConfig |
             out(f"  - {warning}")
     if problems:
         out(f"\nProblems ({len(problems)}; these {rows} are skipped in training)")
-        out(format_table(["visit #" if bids else "row", "subject", "column", "problem", "file"],
-                         [[p.row, p.subject, p.column, p.problem, _relative(p.file, site_dir)] for p in problems]))
+        out(problems_table(problems, site_dir, bids))
     fatal = not records or (strict and problems)
     if not records:
         out("\nFAILED: no usable subject in this site folder.")
@@ -161,8 +160,9 @@ def check_from_args(args: argparse.Namespace) -> int:
     return check_site(args.data, strict=args.strict, cfg=cfg)
 
 
-def problems_table(problems: list[DataError], site_dir: Path) -> str:
-    """The rows a load skipped, for the hospital's eyes: row, subject, column, problem, file."""
+def problems_table(problems: list[DataError], site_dir: Path, bids: bool = False) -> str:
+    """The rows a load skipped, for the hospital's eyes: row (a BIDS dataset's visit number),
+    subject, column, problem, file."""
     problems = sorted(problems, key=lambda p: (p.row is None, p.row or 0))
-    return format_table(["row", "subject", "column", "problem", "file"],
+    return format_table(["visit #" if bids else "row", "subject", "column", "problem", "file"],
                         [[p.row, p.subject, p.column, p.problem, _relative(p.file, site_dir)] for p in problems])

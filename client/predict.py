@@ -63,13 +63,13 @@ def predict_from_args(args: argparse.Namespace, out=print) -> int:
         with _quiet_data_log():           # the problems table below says it all
             site = SiteData.load(args.data, cfg.preprocess, cache_dir=args.cache_dir, seed=cfg.seed,
                                  use_reports=cfg.use_reports, split_fractions=cfg.split_fractions,
-                                 **_reader_options(cfg))
+                                 bids=cfg.bids, show_progress=True)
     except DataError as err:
         out(f"FATAL: {err}")
         return 1
     if site.summary.skipped:
         out(f"Problems ({len(site.summary.skipped)}; these rows are not scored)")
-        out(problems_table(site.summary.skipped, args.data))
+        out(problems_table(site.summary.skipped, args.data, site.summary.source != "manifest.csv"))
     if not site.records:
         out("FAILED: no usable subject-visit in the site folder: nothing scored")
         return 1
@@ -82,11 +82,6 @@ def predict_from_args(args: argparse.Namespace, out=print) -> int:
         out("\nOn the folder's labelled visits (AD vs CN), at the model's threshold")
         out(format_table(["split", "n", "AUC", "acc", "sens", "spec"], summary))
     return 0
-
-
-def _reader_options(cfg) -> dict:
-    """How the training run read site folders, where this cmvim reads them that way too."""
-    return {"bids": cfg.bids} if hasattr(cfg, "bids") else {}
 
 
 def score_site(portable, site: SiteData, device, precision: Precision, batch_size: int = 8
