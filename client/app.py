@@ -35,6 +35,7 @@ from cmvim.calibration import Calibration
 from cmvim.protocol import (ARRAYS, CALIBRATE, CALIBRATION, CONFIG, HIST_NEG, HIST_POS, METRICS, NUM_EXAMPLES, PHASE,
                             PROXIMAL_MU, ROUND, RUN_CONFIG, RUN_KEY, SECAGG_MASKED, SERVER_ROUND, SITE, SITE_ERROR,
                             SITE_NAME, SPLIT, WORK_SECONDS)
+from cmvim.sharing import pack
 from cmvim.site_task import SiteTask, SiteTaskError
 
 from .policy import SIMULATED_SITE_POLICY, PolicyRefusal, load_policy
@@ -140,7 +141,7 @@ def _handle(msg: Message, context: Context, training: bool) -> Message:
             metrics = flatten_metrics(result.metrics)
             if not cfg.privacy.enabled:       # under DP-SGD a reply carries its accounting only
                 metrics[WORK_SECONDS] = round(time.perf_counter() - working, 3)
-            content = RecordDict({ARRAYS: ArrayRecord(result.shared), METRICS: MetricRecord(metrics),
+            content = RecordDict({ARRAYS: ArrayRecord(pack(result.shared)), METRICS: MetricRecord(metrics),
                                   SITE: ConfigRecord({SITE_NAME: name})})
         else:
             calibration = (Calibration.from_dict(json.loads(str(config[CALIBRATION]))) if CALIBRATION in config

@@ -1,5 +1,14 @@
-"""Which parameters travel between the server and the sites in each phase, and how a site's
-model is put together from them and taken apart again."""
+"""Which parameters travel between the server and the sites in each phase, how a site's model is
+put together from them and taken apart again, and how they travel: packed into one vector.
+
+Why packed: Flower 1.42 sends every array of a message as its own object, fetched or pushed with
+its own HTTPS request through the Fleet API (and the ServerApp's own requests to the SuperLink);
+the pretraining model's ~250 tensors made ~1,000 requests a round over three sites, three
+quarters of a deployed round's time (docs/benchmarks/deploy.md). One float32 vector is one
+object (Flower chunks it at 5 MB). Both ends know the layout without sending it: the shared
+parameters of the phase's model, in state-dict order, from the run config the message carries.
+Aggregation is unchanged: FedAvg, FedProx, FedAdam, the robust strategies, the norm bound, DP
+clipping and SecAgg+ all work elementwise or on the flattened update already."""
 from __future__ import annotations
 
 from typing import Mapping
@@ -30,6 +39,36 @@ def shared_parameter_names(model: nn.Module, phase: str, personalize: str = "non
     return shared
 
 
+PACKED = "cmvim.packed"            # the ArrayRecord key of the one vector a message's parameters travel as
+
+
+def pack(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The parameters as one float32 vector, in `state`'s order (every CMViM parameter is float32)."""
+    if not state:
+        return {}
+    return {PACKED: torch.cat([v.detach().to("cpu", torch.float32).reshape(-1) for v in state.values()])}
+
+
+def unpack(arrays: Mapping[str, torch.Tensor], layout: Mapping[str, torch.Size]) -> dict[str, torch.Tensor]:
+    """Named tensors of `layout` (name -> shape, in order) from a packed message; arrays that
+    travelled by name (an older peer, a test) are returned as they are."""
+    if PACKED not in arrays:
+        return dict(arrays)
+    vector = torch.as_tensor(arrays[PACKED]).reshape(-1)
+    sizes = [int(torch.Size(shape).numel()) for shape in layout.values()]
+    if vector.numel() != sum(sizes):
+        raise SharingError(f"the packed parameters hold {vector.numel()} values, the model expects {sum(sizes)} "
+                           f"in {len(sizes)} tensors: are both ends running the same model config?")
+    return {name: part.reshape(shape).clone()
+            for (name, shape), part in zip(layout.items(), torch.split(vector, sizes))}
+
+
+def shared_layout(model: nn.Module, phase: str, personalize: str = "none") -> dict[str, torch.Size]:
+    """What a packed message of `phase` holds: the shared parameters' names and shapes, in order."""
+    state = model.state_dict()
+    return {name: state[name].shape for name in shared_parameter_names(model, phase, personalize)}
+
+
 class SharingError(ValueError):
     """What the server sent does not fit the site's model; the message names parameters and
     shapes only, so it may cross the network."""
@@ -38,7 +77,8 @@ class SharingError(ValueError):
 def load_shared(model: nn.Module, phase: str, personalize: str, shared: Mapping[str, torch.Tensor],
                 local: Mapping[str, torch.Tensor]) -> nn.Module:
     """`model` with the server's shared parameters and the site's own (personalised) ones loaded,
-    after checking that every shared parameter came and every value fits."""
+    after checking that every shared parameter came and every value fits. `shared` may be packed."""
+    shared = unpack(shared, shared_layout(model, phase, personalize))
     state = model.state_dict()
     missing = [k for k in shared_parameter_names(model, phase, personalize) if k not in shared]
     if missing:

@@ -27,7 +27,7 @@ from cmvim.protocol import (ARRAYS, CALIBRATE, CALIBRATION, CONFIG, HIST_NEG, HI
                             PHASE, ROUND, RUN_CONFIG, RUN_KEY, SERVER_ROUND, SITE, SITE_ERROR, SPLIT, WORK_SECONDS)
 from cmvim.results import mean_auc, site_entry
 from cmvim.run_config import RunConfig
-from cmvim.sharing import load_shared
+from cmvim.sharing import load_shared, pack, shared_layout, unpack
 from cmvim.weights import build_model, initial_state
 
 from .central_dp import CentralDP
@@ -70,6 +70,7 @@ class FederatedRun:
         self.started = time.perf_counter()
         self.run_key = hashlib.sha256(f"{self.out_dir.resolve()}|{cfg.to_json()}".encode()).hexdigest()[:16]
         self.central = CentralDP(cfg.central_dp, cfg.strategy.min_nodes)
+        self._layouts: dict[str, dict] = {}
 
     # -- phases -----------------------------------------------------------------------------
     def run(self) -> dict:
@@ -109,6 +110,23 @@ class FederatedRun:
         if split:
             record[SPLIT] = split
         return record
+
+    # -- what travels: the phase's shared parameters packed into one vector (cmvim.sharing) ----
+    def _layout(self, phase: str) -> dict:
+        if phase not in self._layouts:
+            self._layouts[phase] = shared_layout(build_model(self.cfg, phase), phase, self.cfg.personalize)
+        return self._layouts[phase]
+
+    def _send(self, arrays: dict, phase: str) -> ArrayRecord:
+        layout = self._layout(phase)
+        missing = [name for name in layout if name not in arrays]
+        if missing:
+            raise RuntimeError(f"{phase}: the global model lacks {len(missing)} shared parameter(s) of the run's model "
+                               f"(first: {missing[0]}): a checkpoint from another model config?")
+        return ArrayRecord(pack({name: arrays[name] for name in layout}))
+
+    def _received(self, record: ArrayRecord, phase: str) -> dict:
+        return unpack(record.to_torch_state_dict(), self._layout(phase))
 
     def _connected(self) -> int:
         return len(list(self.grid.get_node_ids()))
@@ -178,7 +196,7 @@ class FederatedRun:
             if self.central.active:
                 entry["central_dp"] = self.central.spent()
             self.history.append(entry)
-            latest[0] = round_arrays.to_torch_state_dict()
+            latest[0] = self._received(round_arrays, phase)
             if phase == "finetune" and self.cfg.finetune.select == "best_val" and evaluate_rounds:
                 entry["selected"] = self.best.offer(absolute, mean_auc(rlog.evaluate), latest[0])
             self._checkpoint(phase, absolute, latest[0], strategy_state(strategy))
@@ -188,7 +206,7 @@ class FederatedRun:
         if self.cfg.secure_aggregation.enabled:
             return self._secure_rounds(strategy, arrays, remaining, phase, done, after_round)
         try:
-            result = strategy.start(grid=self.grid, initial_arrays=ArrayRecord(arrays), num_rounds=remaining,
+            result = strategy.start(grid=self.grid, initial_arrays=self._send(arrays, phase), num_rounds=remaining,
                                     timeout=self.cfg.strategy.round_timeout, train_config=self._config(phase, done),
                                     evaluate_config=self._config(phase, done, "val"), evaluate_fn=after_round)
         except CentralBudgetSpent as exc:
@@ -197,7 +215,7 @@ class FederatedRun:
             return latest[0]
         # Flower's Result.arrays stays an empty record when no round aggregated (every round
         # had too few valid updates): then the phase's starting model is still the global one
-        final = result.arrays.to_torch_state_dict() if result.arrays is not None else {}
+        final = self._received(result.arrays, phase) if result.arrays is not None else {}
         return final if final else arrays
 
     def _secure_rounds(self, strategy, arrays: dict, rounds: int, phase: str, done: int, after_round) -> dict:
@@ -209,7 +227,7 @@ class FederatedRun:
         timeout = self.cfg.strategy.round_timeout
         aggregator = SecureAggregator(self.grid, self.context, self.cfg.secure_aggregation, self.cfg.strategy.min_nodes,
                                       timeout)
-        record = ArrayRecord(arrays)
+        record = self._send(arrays, phase)
         try:
             for server_round in range(1, rounds + 1):
                 new, sites, dropouts = aggregator.round(server_round, record, self._config(phase, done))
@@ -227,7 +245,7 @@ class FederatedRun:
                 after_round(server_round, record)
         finally:
             aggregator.close()
-        return record.to_torch_state_dict()
+        return self._received(record, phase)
 
     def _privacy_label(self) -> str:
         cdp = self.cfg.central_dp
@@ -240,7 +258,7 @@ class FederatedRun:
     def _ask_sites(self, arrays: dict, split: str, extra: dict, failures: list[dict], stage: str) -> dict[str, dict]:
         """Every connected site evaluates `arrays` on its `split`: {site: metrics} of those that did;
         a site that could not is named in `failures` and the rest go on."""
-        content = RecordDict({ARRAYS: ArrayRecord(arrays), CONFIG: self._config("finetune", 0, split)})
+        content = RecordDict({ARRAYS: self._send(arrays, "finetune"), CONFIG: self._config("finetune", 0, split)})
         content[CONFIG][SERVER_ROUND] = 0
         for key, value in extra.items():
             content[CONFIG][key] = value
