@@ -286,7 +286,8 @@ class RunFailed(Exception):
     """The deployment's run did not complete; the message says why (and where the logs are)."""
 
 
-def deploy(cohort: Path, cfg_path: Path, work: Path, tag: str, timeout: float, server_debug: bool) -> tuple[dict, float]:
+def deploy(cohort: Path, cfg_path: Path, work: Path, tag: str, timeout: float, server_debug: bool,
+           cold: bool = False) -> tuple[dict, float]:
     work.mkdir(parents=True, exist_ok=True)
     certs, out = work / "certs", work / "results"
     subprocess.run([sys.executable, "-m", "cmvim.deploy.certs", "--out", str(certs), "--server-name", "localhost",
@@ -313,7 +314,7 @@ def deploy(cohort: Path, cfg_path: Path, work: Path, tag: str, timeout: float, s
             procs[site] = Proc(site, [str(BIN / "cmvim-client"), "--site", site, "--data", str(cohort / site),
                                       "--server", f"127.0.0.1:{port}", "--root-cert", str(certs / "ca.crt"),
                                       "--auth-key", str(certs / "sites" / f"{site}.key"),
-                                      "--state-dir", str(work / f"node-{site}")],
+                                      "--state-dir", str(work / f"node-{site}"), *(["--cold"] if cold else [])],
                                work / f"{site}.log", base_env(tag, **debug))
         deadline = time.time() + 240
         while server.seen("sites online: 3/3") is None:
@@ -544,6 +545,8 @@ def report(args, cfg: dict, micro_: dict | None, run: dict, result: dict, total:
         f"{cfg['pretrain'].get('batch_size')}; finetune {args.finetune_rounds} x {cfg['finetune'].get('local_epochs')} "
         f"epoch(s), batch {cfg['finetune'].get('batch_size')}; validation every round: "
         f"{cfg['evaluation'].get('every_round', True)}")
+    say("sites: " + ("cmvim-client --cold (a process per message, Flower's default)" if args.cold else
+                     "cmvim-client's warm site worker (one process per site, data and imports kept)"))
     say(f"deployment {total:.0f} s (cmvim-server start to every process stopped); whole benchmark {runtime:.0f} s")
     for i, failure in enumerate(failures, 1):
         say(f"attempt {i} failed: {failure}")
@@ -701,6 +704,8 @@ def main() -> None:
     parser.add_argument("--attempts", type=int, default=2, help="deployments to try when one fails (default 2)")
     parser.add_argument("--no-server-debug", action="store_true",
                         help="no FLWR_LOG_LEVEL=DEBUG for the coordinator (its side of the breakdown is then lost)")
+    parser.add_argument("--cold", action="store_true",
+                        help="the sites run every message in a fresh process (cmvim-client --cold): the 'before'")
     parser.add_argument("--keep", type=Path, help="keep the logs and results here (default: a temporary folder)")
     args = parser.parse_args()
     args.shape = args.shape or (48 if args.preset == "small" else 32)
@@ -726,7 +731,7 @@ def main() -> None:
         for attempt in range(1, args.attempts + 1):
             try:
                 run, total = deploy(cohort, cfg_path, work / f"attempt-{attempt}", tag, args.timeout,
-                                    not args.no_server_debug)
+                                    not args.no_server_debug, args.cold)
                 break
             except RunFailed as err:
                 failures.append(str(err).splitlines()[0])

@@ -16,6 +16,7 @@ import json
 import logging
 import time
 import traceback
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,7 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
-from cmvim.config import ConfigError
+from cmvim.config import ConfigError, to_dict
 from cmvim.data import DataError, SiteData
 from cmvim.device import DeviceError
 from cmvim.durable import write_atomic
@@ -85,11 +86,33 @@ def ledger_path(context: Context, site_dir: Path) -> Path:
     return (Path(str(state)) if state else site_dir / ".cmvim_privacy") / "ledger.json"
 
 
+_SITES: OrderedDict[tuple, SiteData] = OrderedDict()
+KEPT_SITES = 8                     # a simulation's worker process serves several sites
+
+
+def site_data(cfg: RunConfig, site_dir: Path) -> SiteData:
+    """The site's data as the run reads it, kept between messages in a process that serves several
+    (the warm site worker, a simulation's workers): read again when the run's data settings or the
+    folder's index (manifest.csv, participants.tsv) change."""
+    index = [site_dir / name for name in ("manifest.csv", "participants.tsv", "dataset_description.json")]
+    key = (str(site_dir.resolve()), cfg.preprocess.fingerprint(), cfg.seed, cfg.use_reports,
+           tuple(cfg.split_fractions), json.dumps(to_dict(cfg.bids), sort_keys=True),
+           tuple(p.stat().st_mtime_ns if p.exists() else None for p in index))
+    if key in _SITES:
+        _SITES.move_to_end(key)
+        return _SITES[key]
+    site = SiteData.load(site_dir, cfg.preprocess, seed=cfg.seed, use_reports=cfg.use_reports,
+                         split_fractions=cfg.split_fractions, bids=cfg.bids)
+    _SITES[key] = site
+    while len(_SITES) > KEPT_SITES:
+        _SITES.popitem(last=False)
+    return site
+
+
 def load_task(cfg: RunConfig, name: str, site_dir: Path, device: str | None = None) -> SiteTask:
     """The site's task; `device`: the site's own choice (cmvim-client --device), else the run's."""
     torch.set_num_threads(max(1, cfg.threads_per_site))
-    site = SiteData.load(site_dir, cfg.preprocess, seed=cfg.seed, use_reports=cfg.use_reports,
-                           split_fractions=cfg.split_fractions, bids=cfg.bids)
+    site = site_data(cfg, site_dir)
     if site.summary.skipped:
         log.warning("site %s: %d subject-visits skipped (see `cmvim-client check --data %s`)",
                     name, len(site.summary.skipped), site_dir)

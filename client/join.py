@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import secrets
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -72,6 +74,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--insecure", action="store_true",
                         help="no TLS and no node authentication (testing on one machine only)")
     parser.add_argument("--max-restarts", type=int, default=None, help="give up after this many restarts")
+    parser.add_argument("--cold", action="store_true",
+                        help="run every message in a fresh process, as Flower does by default, instead of the warm "
+                             "site worker (slower: each message imports torch and reads the site's data again)")
     parser.add_argument("--auth-retries", type=int, default=12,
                         help="retries, 10 s apart, while the server refuses this site's key (default 12: the "
                              "coordinator may be registering it, or still sees this site's previous SuperNode)")
@@ -134,14 +139,69 @@ def install_guard(folder: Path) -> Path:
     return folder
 
 
-def supernode_command(args: argparse.Namespace, runtime_port: int, state: Path) -> list[str]:
+def worker_secret(state: Path) -> Path:
+    """The secret the SuperNode and the site worker share (0600): only this site's processes may
+    take its tasks from the SuperNode's local Runtime API."""
+    path = state / "worker.secret"
+    path.unlink(missing_ok=True)                       # a fresh one each start
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(secrets.token_bytes(32))
+    return path
+
+
+def worker_command(runtime_port: int, secret: Path, policy: Path | None) -> list[str]:
+    cmd = [sys.executable, "-m", "cmvim.client.worker", "--runtime-api-address", f"127.0.0.1:{runtime_port}",
+           "--auth-secret-file", str(secret)]
+    return cmd + (["--policy", str(policy.resolve())] if policy is not None else [])
+
+
+class WorkerSupervisor:
+    """The warm site worker (cmvim.client.worker), started again whenever it exits until stopped:
+    a crash costs the message it was running (a failed site-round for the server), not the run."""
+
+    def __init__(self, cmd: list[str], env: dict, site: str, log_path: Path):
+        self.cmd, self.env, self.site, self.log_path = cmd, env, site, log_path
+        self.child: Child | None = None
+        self.stopped = threading.Event()
+        self.starts = 0
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        backoff = 1.0
+        while not self.stopped.is_set():
+            self.starts += 1
+            started = time.monotonic()
+            self.child = Child(self.cmd, env=self.env, prefix=f"[{self.site} worker] ", log_path=self.log_path)
+            code = self.child.wait()
+            if self.stopped.is_set():
+                return
+            if time.monotonic() - started > 60:
+                backoff = 1.0
+            print(f"cmvim-client: site {self.site}'s worker exited (status {code}); starting it again in "
+                  f"{backoff:.0f} s", flush=True)
+            self.stopped.wait(backoff)
+            backoff = min(backoff * 2, 30.0)
+
+    def stop(self) -> None:
+        self.stopped.set()
+        if self.child is not None:
+            self.child.stop()
+        self.thread.join(timeout=15)
+
+
+def supernode_command(args: argparse.Namespace, runtime_port: int, state: Path, secret: Path | None = None
+                      ) -> list[str]:
     node_config = f'site="{args.site}" data-dir="{args.data.resolve()}" state-dir="{state}"'
     if args.policy is not None:
         node_config += f' policy="{args.policy.resolve()}"'
     if getattr(args, "device", None) is not None:
         node_config += f' device="{args.device}"'
     cmd = [flower_executable("flower-supernode", JoinError), "--superlink", args.server,
-           "--node-config", node_config, "--port", str(runtime_port)]
+           "--node-config", node_config, "--host", "127.0.0.1", "--port", str(runtime_port)]
+    if secret is not None:            # the warm site worker takes the tasks: the SuperNode starts no process
+        cmd += ["--isolation", "process", "--superexec-auth-secret-file", str(secret)]
     if args.insecure:
         cmd.append("--insecure")
     else:
@@ -185,47 +245,58 @@ def join(args: argparse.Namespace) -> int:
 
     child: Child | None = None
     stopping = []
+    worker: WorkerSupervisor | None = None
+    secret = None if args.cold else worker_secret(state)
 
     def stop(signum, frame):
         stopping.append(signum)
         if child is not None:
             child.stop()
+        if worker is not None:
+            worker.stop()
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     restarts, backoff, auth_failures = 0, 2.0, 0
-    while True:
-        print(f"cmvim-client: site {args.site} connecting to {args.server} (log: {state / 'supernode.log'})",
-              flush=True)
-        child = Child(supernode_command(args, runtime_port, state), env=env, prefix=f"[{args.site}] ",
-                      log_path=state / "supernode.log", on_line=watch)
-        started = time.monotonic()
-        code = child.wait()
-        child.stop()                         # the SuperExec and ClientApp processes it started
-        if stopping:
-            print(f"cmvim-client: site {args.site} stopped")
-            return 0
-        if fatal:
-            meaning, status = fatal.pop()
-            if status != UNREGISTERED or auth_failures >= args.auth_retries:
-                print(f"cmvim-client: site {args.site} cannot join: {meaning}", file=sys.stderr)
-                return status
-            auth_failures += 1
-            print(f"cmvim-client: {meaning} (attempt {auth_failures}/{args.auth_retries + 1}); "
-                  f"trying again in {AUTH_RETRY_SECONDS:.0f} s", flush=True)
-            time.sleep(AUTH_RETRY_SECONDS)
+    try:
+        while True:
+            print(f"cmvim-client: site {args.site} connecting to {args.server} (log: {state / 'supernode.log'})",
+                  flush=True)
+            child = Child(supernode_command(args, runtime_port, state, secret), env=env, prefix=f"[{args.site}] ",
+                          log_path=state / "supernode.log", on_line=watch)
+            if secret is not None and worker is None:
+                worker = WorkerSupervisor(worker_command(runtime_port, secret, args.policy), env, args.site,
+                                          state / "worker.log")
+            started = time.monotonic()
+            code = child.wait()
+            child.stop()                         # the SuperExec and ClientApp processes it started
+            if stopping:
+                print(f"cmvim-client: site {args.site} stopped")
+                return 0
+            if fatal:
+                meaning, status = fatal.pop()
+                if status != UNREGISTERED or auth_failures >= args.auth_retries:
+                    print(f"cmvim-client: site {args.site} cannot join: {meaning}", file=sys.stderr)
+                    return status
+                auth_failures += 1
+                print(f"cmvim-client: {meaning} (attempt {auth_failures}/{args.auth_retries + 1}); "
+                      f"trying again in {AUTH_RETRY_SECONDS:.0f} s", flush=True)
+                time.sleep(AUTH_RETRY_SECONDS)
+                if stopping:
+                    return 0
+                continue
+            restarts += 1
+            if args.max_restarts is not None and restarts > args.max_restarts:
+                print(f"cmvim-client: the SuperNode exited {restarts} times (last status {code}); giving up",
+                      file=sys.stderr)
+                return 1
+            if time.monotonic() - started > 300:
+                backoff = 2.0                    # it ran a while: start the backoff afresh
+            print(f"cmvim-client: the SuperNode exited (status {code}); reconnecting in {backoff:.0f} s", flush=True)
+            time.sleep(backoff)
+            backoff = min(backoff * 2, 60.0)
             if stopping:
                 return 0
-            continue
-        restarts += 1
-        if args.max_restarts is not None and restarts > args.max_restarts:
-            print(f"cmvim-client: the SuperNode exited {restarts} times (last status {code}); giving up",
-                  file=sys.stderr)
-            return 1
-        if time.monotonic() - started > 300:
-            backoff = 2.0                    # it ran a while: start the backoff afresh
-        print(f"cmvim-client: the SuperNode exited (status {code}); reconnecting in {backoff:.0f} s", flush=True)
-        time.sleep(backoff)
-        backoff = min(backoff * 2, 60.0)
-        if stopping:
-            return 0
+    finally:
+        if worker is not None:
+            worker.stop()

@@ -221,12 +221,14 @@ def test_deployment_with_secure_aggregation(cohort, tmp_path):
     assert not metrics.get("failures") and set(metrics["sites"]) == {"A", "B", "C"}
 
 
-@pytest.mark.slow          # ~1-2 min: a SuperLink, one site, one refused run
-def test_a_site_refuses_an_app_bundle_that_ships_code(cohort, tmp_path):
+@pytest.mark.slow          # ~1-2 min each: a SuperLink, one site, one refused run
+@pytest.mark.parametrize("mode", ["warm", "cold"])
+def test_a_site_refuses_an_app_bundle_that_ships_code(cohort, tmp_path, mode):
     """The attack: whoever can submit a run ships a ClientApp with the site policy's check removed
     (a `cmvim` package inside the bundle, which Flower would put first on the import path). The
-    site's guard refuses the bundle before Flower installs or imports it: the shipped code never
-    runs (it would leave a marker file), and the refusal names the bundle's hash."""
+    site refuses the bundle before anything of it is installed or imported - the warm site worker
+    (the default) and the `flwr-clientapp` guard (--cold) alike: the shipped code never runs (it
+    would leave a marker file), and the refusal names the bundle's hash."""
     from argparse import Namespace
 
     from cmvim.server.deploy import CONNECTION, Coordinator
@@ -250,20 +252,81 @@ def test_a_site_refuses_an_app_bundle_that_ships_code(cohort, tmp_path):
         coordinator.write_connection()
         coordinator.start_superlink()
         site = start([str(BIN / "cmvim-client"), "--site", "A", "--data", str(cohort / "A"), "--server",
-                      f"127.0.0.1:{port}", "--insecure", "--state-dir", str(tmp_path / "node-A")], site_log)
+                      f"127.0.0.1:{port}", "--insecure", "--state-dir", str(tmp_path / "node-A"),
+                      *(["--cold"] if mode == "cold" else [])], site_log)
         coordinator.wait_for_sites(1)
         answer = coordinator.flwr("run", str(evil), CONNECTION, "--run-config",
                                   f'config-file="{args.config}" out-dir="{tmp_path / "evil-out"}"')
         run_id = str(answer["run-id"])
-        wait_for(lambda: "site refused app bundle sha256" in (tmp_path / "node-A" / "supernode.log").read_text(),
-                 240, "the site's refusal", [site])
+        wait_for(lambda: "site refused app bundle sha256" in site_log.read_text(), 240, "the site's refusal", [site])
         coordinator.flwr("run", "stop", run_id, CONNECTION, check=False)
     finally:
         if site is not None:
             stop(site)
         coordinator.stop()
-    text = (tmp_path / "node-A" / "supernode.log").read_text()
+    text = (tmp_path / "node-A" / ("worker.log" if mode == "warm" else "supernode.log")).read_text()
     assert "it carries files (cmvim/__init__.py" in text
     assert not marker.exists()                       # the shipped code never ran
     assert oct((tmp_path / "node-A" / "supernode.log").stat().st_mode & 0o777) == "0o600"
     assert oct((tmp_path / "node-A").stat().st_mode & 0o777) == "0o700"
+
+
+def _worker_pids(state: Path) -> list[int]:
+    """PIDs of the site worker that reads `state`'s secret: found by its command line, killed by PID."""
+    secret = str(state / "worker.secret")
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"cmvim.client.worker" in cmdline and secret.encode() in cmdline:
+            pids.append(int(proc.name))
+    return pids
+
+
+@pytest.mark.slow          # ~2 min: a SuperLink, two sites, four short rounds
+def test_a_killed_site_worker_is_started_again_and_the_site_goes_on(cohort, tmp_path):
+    """The warm site worker dies in the middle of a task (SIGKILL: no clean-up). cmvim-client
+    starts it again; that round goes on without the site (or with it, if the reply made it), and
+    the site trains in the rounds after it, from the same SuperNode, in the same run."""
+    config = run_yaml(tmp_path, pretrain_rounds=4, finetune_epochs=1, min_nodes=1, round_timeout=60)
+    data = yaml.safe_load(config.read_text())
+    data["pretrain"]["local_epochs"] = 4                  # a task long enough to be killed in
+    config.write_text(yaml.safe_dump(data))
+    port, out = free_port(), tmp_path / "results"
+    logs = {name: tmp_path / f"{name}.log" for name in ("A", "B", "server")}
+    procs: list[subprocess.Popen] = []
+    try:
+        for site in "AB":
+            procs.append(start([str(BIN / "cmvim-client"), "--site", site, "--data", str(cohort / site), "--server",
+                                f"127.0.0.1:{port}", "--insecure", "--state-dir", str(tmp_path / f"node-{site}")],
+                               logs[site]))
+        server = start([str(BIN / "cmvim-server"), "--config", str(config), "--out", str(out), "--insecure",
+                        "--address", f"127.0.0.1:{port}", "--wait-sites", "2"], logs["server"])
+        procs.append(server)
+        worker_log = tmp_path / "node-A" / "worker.log"
+        # the second task A starts is pretraining round 2: kill the worker while it runs
+        wait_for(lambda: worker_log.exists() and worker_log.read_text().count(" started") >= 2, 300,
+                 "site A's second task", procs)
+        killed = _worker_pids(tmp_path / "node-A")
+        assert len(killed) == 1
+        os.kill(killed[0], signal.SIGKILL)
+        wait_for(lambda: "worker exited" in logs["A"].read_text(), 60, "cmvim-client noticing", procs)
+        wait_for(lambda: len(_worker_pids(tmp_path / "node-A")) == 1, 60, "a new site worker", procs)
+        assert _worker_pids(tmp_path / "node-A") != killed
+        server.wait(600)
+        assert server.returncode == 0, logs["server"].read_text()[-4000:]
+    finally:
+        for proc in procs:
+            stop(proc)
+    metrics = json.loads((out / "metrics.json").read_text())
+    rounds = metrics["rounds"]
+    assert [(r["phase"], r["round"]) for r in rounds][:4] == [("pretrain", i) for i in range(1, 5)]
+    assert "A" in rounds[0]["train"]                               # before the kill
+    assert "A" in rounds[3]["train"] and "A" in rounds[4]["train"]   # after it: pretraining round 4, fine-tuning
+    assert worker_log.read_text().count("cmvim site worker: ready") >= 2 or \
+        logs["A"].read_text().count("cmvim site worker: ready") >= 2
+    assert not _worker_pids(tmp_path / "node-A") and not _worker_pids(tmp_path / "node-B")

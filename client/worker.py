@@ -1,0 +1,143 @@
+"""The warm site worker: one long-lived process that runs every message of a site's SuperNode.
+
+Flower 1.42's SuperNode hands each message to a fresh `flwr-clientapp` process (through its
+SuperExec): interpreter start, FAB install, `import torch, flwr, cmvim`, the numba kernel's cache,
+the site's data read and checked again, then one message and exit - most of a deployed round
+(docs/benchmarks/deploy.md). `cmvim-client` instead starts the SuperNode in Flower's `process`
+isolation mode, where the SuperNode launches nothing and an outside SuperExec takes its tasks,
+and runs this worker as that SuperExec: it asks the SuperNode for the next task (Flower's Runtime
+API on 127.0.0.1, AcquireTask signed with a secret only this site's processes can read) and runs
+it here, in this process, with everything already imported and the site's data already loaded.
+
+What a message runs is unchanged: the app bundle is checked against the site policy exactly as
+the `flwr-clientapp` guard checks it (cmvim.client.approved_app: a bundle that carries no code and
+names cmvim's ClientApp, or an approved hash), then the ClientApp this site installed,
+`cmvim.client.app`, handles it with the same policy check, privacy ledger and release counts, and
+its context (the site's personalised state) goes back to the SuperNode as Flower's own runner
+sends it. A task that fails here is answered with Flower's error reply, as a crashed
+`flwr-clientapp` would be; if the worker itself dies, `cmvim-client` starts it again and the
+SuperNode's next task finds it (the lost message is a failed site-round for the server, which goes
+on with the other sites).
+
+    python -m cmvim.client.worker --runtime-api-address 127.0.0.1:PORT --auth-secret-file FILE [--policy FILE]
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+log = logging.getLogger("cmvim.client.worker")
+
+POLL_SECONDS = 0.2          # asking a local API for the next task: cheap, and it bounds the pickup delay
+READY = "cmvim site worker: ready"
+
+
+def _runtime_client(address: str, interceptors: list):
+    from flwr.supercore.retry import make_simple_http_retry_invoker
+    from flwr.supercore.runtime import RuntimeHttpClient
+    return RuntimeHttpClient.from_server_address(server_address=address, insecure=True, root_certificates=None,
+                                                 interceptors=interceptors,
+                                                 retry_invoker=make_simple_http_retry_invoker())
+
+
+def run_task(address: str, token: str, policy_file: str | None) -> str:
+    """One task, as Flower's `flwr-clientapp` runs it, in this process: pull the message and context,
+    check the bundle, run the installed ClientApp, push the reply and the context. Returns the status."""
+    from flwr.app import Message
+    from flwr.app.error import Error
+    from flwr.common.constant import ErrorCode, SubStatus
+    from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
+    from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
+    from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
+
+    from .app import app as client_app
+    from .approved_app import check_bundle
+    from .policy import load_policy
+
+    client = _runtime_client(address, [RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
+                                       RuntimeTokenHttpInterceptor(token)])
+    heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
+    message = context = reply = None
+    status, details = SubStatus.FAILED, "ClientApp task failed"
+    try:
+        heartbeat.start()
+        message, context, _run, fab = pull_task_input(client)
+        check_bundle(fab.content, load_policy(policy_file))       # the same rule as the flwr-clientapp guard
+        reply = client_app(message=message, context=context)
+        status, details = SubStatus.COMPLETED, ""
+    except Exception as exc:  # noqa: BLE001 - answered as Flower answers a failed ClientApp; the worker goes on
+        log.error("task failed: %s: %s", type(exc).__name__, exc, exc_info=True)
+        details = f"{type(exc)}:<'{exc}'>"
+        if message is not None:
+            reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=details), reply_to=message)
+    finally:
+        try:
+            if reply is not None and context is not None:
+                push_message(client, reply, context)
+        finally:
+            push_task_output(client, context, status, details)
+            if heartbeat.is_running:
+                heartbeat.stop()
+            client.close()
+    return status
+
+
+def serve(address: str, secret: bytes, policy_file: str | None, stop: threading.Event | None = None) -> None:
+    """Take the SuperNode's tasks one at a time until `stop` is set (or the process is stopped)."""
+    from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=E0611
+    from flwr.supercore.constant import TaskType
+    from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor, SuperExecAuthHttpInterceptor
+
+    import cmvim.client.app  # noqa: F401 - torch, flwr and cmvim imported once, before the first task
+    stop = stop or threading.Event()
+    client = _runtime_client(address, [
+        RuntimeVersionHttpInterceptor(component_name="SuperExec"),
+        SuperExecAuthHttpInterceptor(master_secret=secret, protected_methods=frozenset(
+            {"/flwr.proto.Runtime/AcquireTask"}))])
+    print(READY, flush=True)
+    try:
+        while not stop.is_set():
+            answer = client.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP],
+                                                           agentapp_fab_hashes=[]))
+            if answer.HasField("task") and answer.token:
+                log.info("task %d started", answer.task.task_id)
+                started = time.perf_counter()
+                status = run_task(address, answer.token, policy_file)
+                log.info("task %d %s in %.1f s", answer.task.task_id, status, time.perf_counter() - started)
+            else:
+                stop.wait(POLL_SECONDS)
+    finally:
+        client.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m cmvim.client.worker", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runtime-api-address", required=True, help="the SuperNode's Runtime API, 127.0.0.1:PORT")
+    parser.add_argument("--auth-secret-file", required=True, type=Path,
+                        help="the SuperExec secret the SuperNode was started with (0600, in the site's state folder)")
+    parser.add_argument("--policy", help="the site policy (default: CMVIM_SITE_POLICY, else the default policy)")
+    args = parser.parse_args(argv)
+    host = args.runtime_api_address.rsplit(":", 1)[0]
+    if host not in ("127.0.0.1", "localhost", "[::1]"):
+        print(f"cmvim site worker: the Runtime API must be on this machine's loopback, not {host}", file=sys.stderr)
+        return 2
+    secret = args.auth_secret_file.read_bytes()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)        # a line per poll otherwise
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    from .approved_app import POLICY_ENV
+    serve(args.runtime_api_address, secret, args.policy or os.environ.get(POLICY_ENV) or None, stop)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
