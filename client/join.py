@@ -33,6 +33,7 @@ from cmvim.flower_process import Child, flower_env, flower_executable
 from .approved_app import POLICY_ENV
 from .check import manifest_ready
 from .policy import load_policy
+from .supernode import POLL_ENV
 
 UNREGISTERED = 4
 AUTH_RETRY_SECONDS = 10.0
@@ -74,6 +75,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--insecure", action="store_true",
                         help="no TLS and no node authentication (testing on one machine only)")
     parser.add_argument("--max-restarts", type=int, default=None, help="give up after this many restarts")
+    parser.add_argument("--poll-interval", type=float, default=1.0,
+                        help="seconds between the SuperNode's requests for work while the server has none (default 1; "
+                             "Flower's own is 3): the delay before each message is picked up")
     parser.add_argument("--cold", action="store_true",
                         help="run every message in a fresh process, as Flower does by default, instead of the warm "
                              "site worker (slower: each message imports torch and reads the site's data again)")
@@ -198,7 +202,9 @@ def supernode_command(args: argparse.Namespace, runtime_port: int, state: Path, 
         node_config += f' policy="{args.policy.resolve()}"'
     if getattr(args, "device", None) is not None:
         node_config += f' device="{args.device}"'
-    cmd = [flower_executable("flower-supernode", JoinError), "--superlink", args.server,
+    flower_executable("flower-supernode", JoinError)          # flwr is installed here
+    # Flower's SuperNode, polling the coordinator every --poll-interval s (cmvim.client.supernode)
+    cmd = [sys.executable, "-m", "cmvim.client.supernode", "--superlink", args.server,
            "--node-config", node_config, "--host", "127.0.0.1", "--port", str(runtime_port)]
     if secret is not None:            # the warm site worker takes the tasks: the SuperNode starts no process
         cmd += ["--isolation", "process", "--superexec-auth-secret-file", str(secret)]
@@ -235,6 +241,7 @@ def join(args: argparse.Namespace) -> int:
     # bundle against the site policy before Flower installs or imports any of it
     env["PATH"] = os.pathsep.join([str(install_guard(state / "bin")), env["PATH"]])
     env[POLICY_ENV] = str(args.policy.resolve()) if args.policy is not None else ""
+    env[POLL_ENV] = str(args.poll_interval)
     runtime_port = args.runtime_port or free_port()
     fatal: list[tuple[str, int]] = []
 

@@ -88,6 +88,9 @@ def run_task(address: str, token: str, policy_file: str | None) -> str:
     return status
 
 
+_busy = threading.Event()          # set while a task runs: a stop request then waits for its reply
+
+
 def serve(address: str, secret: bytes, policy_file: str | None, stop: threading.Event | None = None) -> None:
     """Take the SuperNode's tasks one at a time until `stop` is set (or the process is stopped)."""
     from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=E0611
@@ -108,7 +111,11 @@ def serve(address: str, secret: bytes, policy_file: str | None, stop: threading.
             if answer.HasField("task") and answer.token:
                 log.info("task %d started", answer.task.task_id)
                 started = time.perf_counter()
-                status = run_task(address, answer.token, policy_file)
+                _busy.set()
+                try:
+                    status = run_task(address, answer.token, policy_file)
+                finally:
+                    _busy.clear()
                 log.info("task %d %s in %.1f s", answer.task.task_id, status, time.perf_counter() - started)
             else:
                 stop.wait(POLL_SECONDS)
@@ -132,8 +139,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)        # a line per poll otherwise
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
+
+    def on_signal(*_):
+        stop.set()
+        if not _busy.is_set():          # idle (or retrying a SuperNode that is gone): leave now
+            raise SystemExit(0)
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
     from .approved_app import POLICY_ENV
     serve(args.runtime_api_address, secret, args.policy or os.environ.get(POLICY_ENV) or None, stop)
     return 0

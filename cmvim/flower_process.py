@@ -107,3 +107,26 @@ def flower_env(home, extra_path: bool = True) -> dict:
     if extra_path:
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     return env
+
+
+class _CappedSleep:
+    """The `time` module as a Flower module sees it, with every sleep capped at `cap` seconds."""
+
+    def __init__(self, cap: float):
+        import time
+        self._time, self.cap = time, cap
+
+    def __getattr__(self, name):
+        return getattr(self._time, name)
+
+    def sleep(self, seconds: float) -> None:
+        self._time.sleep(min(seconds, self.cap))
+
+
+def shorten_polls(module, cap: float) -> None:
+    """Flower 1.42 waits a hard-coded 3 s between polls on both ends of every message: the SuperNode
+    when the SuperLink had nothing for it (flwr.supernode.start_client_internal), the ServerApp
+    between asking for replies (flwr.superlink.grid.http_grid). With the warm site worker a small
+    model's round is a few seconds of work, so those waits were most of it. This caps the sleeps
+    of `module` (one of those two) at `cap` seconds, in this process only."""
+    module.time = _CappedSleep(cap)

@@ -138,7 +138,8 @@ def test_cmvim_client_refuses_a_device_it_does_not_have(tmp_path):
     args = argparse.Namespace(insecure=True, root_cert=None, auth_key=None, policy=None, server="127.0.0.1:9092",
                               site="A", data=tmp_path, device="cpu")
     preflight(args)
-    assert 'device="cpu"' in supernode_command(args, 9094, tmp_path)[4]
+    command = supernode_command(args, 9094, tmp_path)
+    assert 'device="cpu"' in command[command.index("--node-config") + 1]
     if not CUDA:
         args.device = "cuda:0"
         with pytest.raises(JoinError, match="--device: .*no CUDA device"):

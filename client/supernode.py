@@ -1,0 +1,23 @@
+"""`python -m cmvim.client.supernode ARGS`: Flower's `flower-supernode` (same arguments), polling the
+SuperLink every `CMVIM_SUPERNODE_POLL` seconds (default 1) when it has nothing for this site,
+instead of Flower's hard-coded 3 s (cmvim.flower_process.shorten_polls): the pick-up delay of every
+message, a large share of a round once the site worker is warm. `cmvim-client --poll-interval`
+sets it; each poll is one small HTTPS request to the coordinator."""
+from __future__ import annotations
+
+import os
+
+POLL_ENV = "CMVIM_SUPERNODE_POLL"
+
+
+def main() -> None:
+    from flwr.supernode import start_client_internal
+    from flwr.supernode.cli.flower_supernode import flower_supernode
+
+    from cmvim.flower_process import shorten_polls
+    shorten_polls(start_client_internal, float(os.environ.get(POLL_ENV, "1.0")))
+    flower_supernode()
+
+
+if __name__ == "__main__":
+    main()
