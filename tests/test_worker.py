@@ -1,0 +1,73 @@
+"""The warm site worker's channel: a real SuperNode in process isolation (as cmvim-client starts it)
+hands tasks only to a caller that signs with the site's secret. The attack: another local process
+(another user on the hospital's machine) asks the SuperNode's Runtime API for the site's work."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("flwr")
+
+from cmvim.cli_util import free_port  # noqa: E402
+from cmvim.flower_process import Child, flower_env  # noqa: E402
+
+
+ACQUIRE = """
+import sys
+from flwr.proto.runtime_pb2 import AcquireTaskRequest
+from flwr.supercore.constant import TaskType
+from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor, SuperExecAuthHttpInterceptor
+from cmvim.client.worker import _runtime_client
+client = _runtime_client(sys.argv[1], [RuntimeVersionHttpInterceptor(component_name="SuperExec"),
+    SuperExecAuthHttpInterceptor(master_secret=open(sys.argv[2], "rb").read(),
+                                 protected_methods=frozenset({"/flwr.proto.Runtime/AcquireTask"}))])
+answer = client.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP], agentapp_fab_hashes=[]))
+print("ANSWERED", "task" if answer.HasField("task") else "no task")
+"""
+
+
+def _acquire(port: int, secret_file: Path) -> subprocess.CompletedProcess:
+    """Ask for the site's next task as a separate local process would (Flower's client ends its own
+    process with SIGINT when the server answers 401, so the asking runs in its own process)."""
+    return subprocess.run([sys.executable, "-c", ACQUIRE, f"127.0.0.1:{port}", str(secret_file)],
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_only_the_sites_secret_takes_its_tasks(tmp_path):
+    from cmvim.client.join import worker_secret
+    state = tmp_path / "node"
+    state.mkdir(mode=0o700)
+    secret_file = worker_secret(state)
+    assert oct(secret_file.stat().st_mode & 0o777) == "0o600" and len(secret_file.read_bytes()) == 32
+    port = free_port()
+    node = Child([sys.executable, "-m", "cmvim.client.supernode", "--insecure", "--superlink",
+                  f"127.0.0.1:{free_port()}", "--isolation", "process", "--superexec-auth-secret-file",
+                  str(secret_file), "--host", "127.0.0.1", "--port", str(port), "--max-retries", "1000"],
+                 env=flower_env(tmp_path / "home"), echo=False, log_path=tmp_path / "supernode.log")
+    try:
+        deadline = time.time() + 90
+        answer = _acquire(port, secret_file)
+        while "ANSWERED" not in answer.stdout and time.time() < deadline:     # the Runtime API is starting
+            time.sleep(1)
+            answer = _acquire(port, secret_file)
+        assert "ANSWERED no task" in answer.stdout, answer.stderr[-2000:] + "\n".join(node.lines[-20:])
+        for wrong in (os.urandom(32), b"x"):
+            forged = tmp_path / "forged.secret"
+            forged.write_bytes(wrong)
+            refused = _acquire(port, forged)
+            assert refused.returncode != 0 and "ANSWERED" not in refused.stdout
+            assert "401 Unauthorized" in refused.stderr, refused.stderr[-2000:]
+    finally:
+        node.stop()
+    assert node.poll() is not None
+
+
+def test_a_fresh_secret_at_every_start(tmp_path):
+    from cmvim.client.join import worker_secret
+    first = worker_secret(tmp_path).read_bytes()
+    assert worker_secret(tmp_path).read_bytes() != first
