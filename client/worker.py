@@ -98,6 +98,8 @@ def serve(address: str, secret: bytes, policy_file: str | None, stop: threading.
     from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor, SuperExecAuthHttpInterceptor
 
     import cmvim.client.app  # noqa: F401 - torch, flwr and cmvim imported once, before the first task
+    from cmvim.flower_process import shorten_object_backoff
+    shorten_object_backoff()                       # the message's objects: retried after 0.1 s, not 1 s
     stop = stop or threading.Event()
     client = _runtime_client(address, [
         RuntimeVersionHttpInterceptor(component_name="SuperExec"),

@@ -130,3 +130,27 @@ def shorten_polls(module, cap: float) -> None:
     model's round is a few seconds of work, so those waits were most of it. This caps the sleeps
     of `module` (one of those two) at `cap` seconds, in this process only."""
     module.time = _CappedSleep(cap)
+
+
+def shorten_object_backoff(initial: float = 0.1, cap: float = 1.0) -> None:
+    """Flower 1.42 pulls a message's objects with a backoff of 1 s doubling to 10 s when one is not
+    there yet (the sender is still pushing it): on a small model's round, a second or more per
+    message waiting for an object that arrived milliseconds later. Start at `initial`, cap at `cap`
+    (flwr.supercore.inflatable.inflatable_utils' pulls, this process only)."""
+    import inspect
+
+    from flwr.supercore.inflatable import inflatable_utils
+
+    # as many tries as give the same patience as Flower's (500 tries at up to 10 s)
+    wanted = {"initial_backoff": initial, "backoff_cap": cap, "max_tries_per_object": int(500 * 10 / cap)}
+    for name in ("pull_objects", "pull_and_inflate_object_from_tree"):
+        function = getattr(inflatable_utils, name, None)
+        if function is None:
+            continue
+        parameters = list(inspect.signature(function).parameters.values())
+        if function.__kwdefaults__:
+            function.__kwdefaults__.update({k: v for k, v in wanted.items() if k in function.__kwdefaults__})
+        positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+                      and p.default is not p.empty]
+        if function.__defaults__ and len(function.__defaults__) == len(positional):
+            function.__defaults__ = tuple(wanted.get(p.name, d) for p, d in zip(positional, function.__defaults__))
