@@ -109,27 +109,32 @@ def flower_env(home, extra_path: bool = True) -> dict:
     return env
 
 
-class _CappedSleep:
-    """The `time` module as a Flower module sees it, with every sleep capped at `cap` seconds."""
+class _ScaledSleep:
+    """The `time` module as a Flower module sees it, with every sleep scaled by `factor`."""
 
-    def __init__(self, cap: float):
+    def __init__(self, factor: float):
         import time
-        self._time, self.cap = time, cap
+        self._time, self.factor = time, factor
 
     def __getattr__(self, name):
         return getattr(self._time, name)
 
     def sleep(self, seconds: float) -> None:
-        self._time.sleep(min(seconds, self.cap))
+        self._time.sleep(seconds * self.factor)
 
 
-def shorten_polls(module, cap: float) -> None:
+FLOWER_POLL = 3.0           # Flower 1.42's hard-coded poll on both ends of a message
+
+
+def shorten_polls(module, poll: float) -> None:
     """Flower 1.42 waits a hard-coded 3 s between polls on both ends of every message: the SuperNode
-    when the SuperLink had nothing for it (flwr.supernode.start_client_internal), the ServerApp
-    between asking for replies (flwr.superlink.grid.http_grid). With the warm site worker a small
-    model's round is a few seconds of work, so those waits were most of it. This caps the sleeps
-    of `module` (one of those two) at `cap` seconds, in this process only."""
-    module.time = _CappedSleep(cap)
+    when the SuperLink had nothing for it, then 0.5 s between looks for the reply to send
+    (flwr.supernode.start_client_internal), the ServerApp between asking for replies
+    (flwr.superlink.grid.http_grid). With the warm site worker a small model's round is a few
+    seconds of work, so those waits were most of it. This scales the sleeps of `module` (one of
+    those two) so its 3 s poll becomes `poll` seconds (and the rest in proportion), in this process
+    only."""
+    module.time = _ScaledSleep(min(1.0, poll / FLOWER_POLL))
 
 
 def shorten_object_backoff(initial: float = 0.1, cap: float = 1.0) -> None:
