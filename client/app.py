@@ -86,24 +86,40 @@ def ledger_path(context: Context, site_dir: Path) -> Path:
     return (Path(str(state)) if state else site_dir / ".cmvim_privacy") / "ledger.json"
 
 
-_SITES: OrderedDict[tuple, SiteData] = OrderedDict()
+_SITES: OrderedDict[tuple, tuple[SiteData, tuple]] = OrderedDict()
 KEPT_SITES = 8                     # a simulation's worker process serves several sites
+
+
+def _files_signature(site_dir: Path, site: SiteData | None) -> tuple:
+    """What must not have changed for a kept SiteData to stand: the folder and its index files, and
+    every scan and report it read (size and mtime, as the preprocessing cache keys them)."""
+    paths = [site_dir, *(site_dir / name for name in ("manifest.csv", "participants.tsv", "dataset_description.json"))]
+    if site is not None:
+        paths += [p for r in site.records for p in (r.entry.mri, r.entry.pet, r.entry.report) if p is not None]
+    signature = []
+    for path in paths:
+        try:
+            stat = path.stat()
+            signature.append((stat.st_size, stat.st_mtime_ns))
+        except OSError:
+            signature.append(None)
+    return tuple(signature)
 
 
 def site_data(cfg: RunConfig, site_dir: Path) -> SiteData:
     """The site's data as the run reads it, kept between messages in a process that serves several
-    (the warm site worker, a simulation's workers): read again when the run's data settings or the
-    folder's index (manifest.csv, participants.tsv) change."""
-    index = [site_dir / name for name in ("manifest.csv", "participants.tsv", "dataset_description.json")]
+    (the warm site worker, a simulation's workers): read again when the run's data settings change
+    or any file it read did (a scan replaced or damaged mid-run is read, and reported, again)."""
     key = (str(site_dir.resolve()), cfg.preprocess.fingerprint(), cfg.seed, cfg.use_reports,
-           tuple(cfg.split_fractions), json.dumps(to_dict(cfg.bids), sort_keys=True),
-           tuple(p.stat().st_mtime_ns if p.exists() else None for p in index))
+           tuple(cfg.split_fractions), json.dumps(to_dict(cfg.bids), sort_keys=True))
     if key in _SITES:
-        _SITES.move_to_end(key)
-        return _SITES[key]
+        site, signature = _SITES[key]
+        if _files_signature(site_dir, site) == signature:
+            _SITES.move_to_end(key)
+            return site
     site = SiteData.load(site_dir, cfg.preprocess, seed=cfg.seed, use_reports=cfg.use_reports,
                          split_fractions=cfg.split_fractions, bids=cfg.bids)
-    _SITES[key] = site
+    _SITES[key] = (site, _files_signature(site_dir, site))
     while len(_SITES) > KEPT_SITES:
         _SITES.popitem(last=False)
     return site

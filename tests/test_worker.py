@@ -71,3 +71,35 @@ def test_a_fresh_secret_at_every_start(tmp_path):
     from cmvim.client.join import worker_secret
     first = worker_secret(tmp_path).read_bytes()
     assert worker_secret(tmp_path).read_bytes() != first
+
+
+def _site(tmp_path: Path, n: int = 4) -> Path:
+    import nibabel as nib
+    import numpy as np
+    site = tmp_path / "A"
+    site.mkdir()
+    rows = ["subject_id,mri,label"]
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        nib.save(nib.Nifti1Image(rng.random((32, 32, 32)).astype(np.float32), np.diag([6.0, 6.0, 6.0, 1.0])),
+                 site / f"s{i}.nii.gz")
+        rows.append(f"s{i},s{i}.nii.gz,{'AD' if i % 2 else 'CN'}")
+    (site / "manifest.csv").write_text("\n".join(rows) + "\n")
+    return site
+
+
+def test_a_warm_process_keeps_the_sites_data_until_a_file_it_read_changes(tmp_path):
+    """The warm worker (and a simulation's worker) keeps the loaded site between messages; a scan
+    replaced or damaged mid-run is read again, and a damaged one is reported, not trained on."""
+    from cmvim.client.app import site_data
+    from cmvim.run_config import run_config
+    cfg = run_config({"model": {"preset": "tiny"}, "preprocess": {"shape": 32}})
+    site_dir = _site(tmp_path)
+    first = site_data(cfg, site_dir)
+    assert site_data(cfg, site_dir) is first and len(first.records) == 4
+    other = run_config({"model": {"preset": "tiny"}, "preprocess": {"shape": 32}, "seed": 7})
+    assert site_data(other, site_dir) is not first                       # another run's splits
+    (site_dir / "s1.nii.gz").write_bytes(b"not a nifti any more")
+    again = site_data(cfg, site_dir)
+    assert again is not first and len(again.records) == 3
+    assert [e.row for e in again.summary.skipped] == [3]
