@@ -19,7 +19,6 @@ from typing import Mapping
 
 import torch
 
-from . import __version__
 from .calibration import Calibration
 from .config import ConfigError, to_dict
 from .run_config import RunConfig, run_config
@@ -51,6 +50,8 @@ def export_model(out_dir: Path, cfg: RunConfig, state: Mapping[str, torch.Tensor
                  run_fingerprint: str, extra: dict | None = None) -> Path:
     """Write `out_dir` (model.safetensors + config.json); the classifier's full state dict in `state`."""
     from safetensors.torch import save_file
+
+    from . import __version__
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
@@ -86,6 +87,7 @@ def load_model(model_dir: str | Path) -> PortableModel:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    from . import __version__
     from .model import CMViMClassifier
     model_dir = Path(model_dir)
     config_path, weights_path = model_dir / CONFIG_FILE, model_dir / WEIGHTS_FILE
