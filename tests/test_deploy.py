@@ -95,10 +95,10 @@ def outsider(tmp_path: Path, port: int, ca: Path, key: Path) -> None:
         assert answer.get("success") is False and "403 Forbidden" in answer.get("error-message", ""), (command, answer)
 
 
-PRETRAIN_ROUNDS = 60
+PRETRAIN_ROUNDS = 40
 
 
-@pytest.mark.slow          # ~4 min on 2 cores (60 short rounds: long enough for a restart); .ci/run runs it
+@pytest.mark.slow          # ~5 min on 2 cores (40 short rounds: a restarted site is back after ~7); .ci/run runs it
 def test_deployment_with_tls_node_auth_policy_and_a_restarted_site(cohort, tmp_path):
     certs, other = tmp_path / "certs", tmp_path / "other-keys"
     made = subprocess.run([sys.executable, "-m", "cmvim.deploy.certs", "--out", str(certs), "--server-name", "localhost",
