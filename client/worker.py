@@ -35,6 +35,7 @@ from pathlib import Path
 log = logging.getLogger("cmvim.client.worker")
 
 POLL_SECONDS = 0.2          # asking a local API for the next task: cheap, and it bounds the pickup delay
+STOP_GRACE = 10.0           # a stop during a task: this long to finish and reply, then the process ends
 READY = "cmvim site worker: ready"
 
 
@@ -146,6 +147,11 @@ def main(argv: list[str] | None = None) -> int:
         stop.set()
         if not _busy.is_set():          # idle (or retrying a SuperNode that is gone): leave now
             raise SystemExit(0)
+        # in a task: let it reply, but never outlive the stop by more than STOP_GRACE (when
+        # cmvim-client was killed, the SuperNode is gone too and the task's retries would not end)
+        timer = threading.Timer(STOP_GRACE, os._exit, args=(0,))
+        timer.daemon = True
+        timer.start()
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     from .approved_app import POLICY_ENV

@@ -103,3 +103,38 @@ def test_a_warm_process_keeps_the_sites_data_until_a_file_it_read_changes(tmp_pa
     again = site_data(cfg, site_dir)
     assert again is not first and len(again.records) == 3
     assert [e.row for e in again.summary.skipped] == [3]
+
+
+STUCK = """
+import sys, time
+import cmvim.client.worker as worker
+worker.STOP_GRACE = 2.0
+
+def stuck(address, secret, policy_file, stop):          # a task whose SuperNode is gone: its retries never end
+    worker._busy.set()
+    print("busy", flush=True)
+    while True:
+        time.sleep(0.1)
+
+worker.serve = stuck
+sys.exit(worker.main(["--runtime-api-address", "127.0.0.1:1", "--auth-secret-file", sys.argv[1]]))
+"""
+
+
+def test_a_stopped_worker_does_not_outlive_its_task_by_more_than_the_grace(tmp_path):
+    """cmvim-client killed mid-task: the worker gets SIGTERM (its parent's death signal) while its
+    task retries a SuperNode that is gone. It must end, not linger as an orphan."""
+    import signal
+    secret = tmp_path / "secret"
+    secret.write_bytes(os.urandom(32))
+    proc = subprocess.Popen([sys.executable, "-c", STUCK, str(secret)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "busy"
+        started = time.time()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+        assert 1.5 < time.time() - started < 10                      # it waited for the task, then left
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
