@@ -15,7 +15,6 @@ A round history entry is the coordinator's record of one round (server/runner.py
 """
 from __future__ import annotations
 
-import importlib.util
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +23,7 @@ from typing import Callable
 import numpy as np
 
 from .protocol import NUM_EXAMPLES
-from .results import mean_auc
+from .results import mean_auc, pyplot
 from .run_config import RunConfig
 
 PHASES = ("pretrain", "finetune")
@@ -86,17 +85,6 @@ def final_round(history: list[dict]) -> tuple[int, str] | None:
     if selected:
         return selected[-1], "best validation AUC"
     return rounds[-1]["round"], "last round"
-
-
-def pyplot(what: str, say: Callable[[str], None] = print):
-    """matplotlib's pyplot on the file-only backend, or None, saying in one line that `what` is not drawn."""
-    if importlib.util.find_spec("matplotlib") is None:
-        say(f"{what} not drawn: matplotlib is not installed (pip install 'cmvim[server]')")
-        return None
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
 
 
 def _draw_series(ax, series: dict[str, Series], mean: Series, mean_label: str) -> None:
@@ -206,21 +194,21 @@ def example_subject(cfg: RunConfig, say: Callable[[str], None] = print) -> tuple
         say("reconstruction figure: no example subject; set figures.example_subject: {mri: PATH, pet: PATH} "
             "(a synthetic or consenting subject on the coordinator's disk) to get reconstruction.png")
         return None
-    from .data import read_manifest
+    from .data import read_site_folder
     try:
         folders = cfg.cohort.site_folders()
         name, folder = next(iter(folders.items()))
-        manifest = read_manifest(folder)
+        manifest = read_site_folder(folder, cfg.bids)
         entry = manifest.entries[0]
     except StopIteration:
-        say(f"reconstruction figure skipped: no site folder with a manifest.csv under cohort.path {cfg.cohort.path}")
+        say(f"reconstruction figure skipped: no site folder (manifest.csv or BIDS) under cohort.path {cfg.cohort.path}")
         return None
     except IndexError:
-        say(f"reconstruction figure skipped: site {name}'s manifest.csv has no usable row")
+        say(f"reconstruction figure skipped: site {name}'s folder has no usable subject-visit")
         return None
-    except Exception as exc:  # noqa: BLE001 - a BIDS folder or an unreadable manifest: no figure, said
-        say(f"reconstruction figure skipped: the first site folder under cohort.path could not be read as a "
-            f"manifest ({type(exc).__name__}); set figures.example_subject to choose the scans")
+    except Exception as exc:  # noqa: BLE001 - an unreadable site folder: no figure, said
+        say(f"reconstruction figure skipped: the first site folder under cohort.path could not be read "
+            f"({type(exc).__name__}); set figures.example_subject to choose the scans")
         return None
     return entry.mri, entry.pet, f"site {name}'s first subject-visit"
 

@@ -142,20 +142,11 @@ def shorten_object_backoff(initial: float = 0.1, cap: float = 1.0) -> None:
     there yet (the sender is still pushing it): on a small model's round, a second or more per
     message waiting for an object that arrived milliseconds later. Start at `initial`, cap at `cap`
     (flwr.supercore.inflatable.inflatable_utils' pulls, this process only)."""
-    import inspect
-
     from flwr.supercore.inflatable import inflatable_utils
 
     # as many tries as give the same patience as Flower's (500 tries at up to 10 s)
     wanted = {"initial_backoff": initial, "backoff_cap": cap, "max_tries_per_object": int(500 * 10 / cap)}
-    for name in ("pull_objects", "pull_and_inflate_object_from_tree"):
-        function = getattr(inflatable_utils, name, None)
-        if function is None:
-            continue
-        parameters = list(inspect.signature(function).parameters.values())
-        if function.__kwdefaults__:
-            function.__kwdefaults__.update({k: v for k, v in wanted.items() if k in function.__kwdefaults__})
-        positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
-                      and p.default is not p.empty]
-        if function.__defaults__ and len(function.__defaults__) == len(positional):
-            function.__defaults__ = tuple(wanted.get(p.name, d) for p, d in zip(positional, function.__defaults__))
+    for name in ("pull_objects", "pull_and_inflate_object_from_tree"):       # keyword-only defaults in 1.42
+        defaults = getattr(getattr(inflatable_utils, name, None), "__kwdefaults__", None)
+        if defaults:
+            defaults.update({k: v for k, v in wanted.items() if k in defaults})

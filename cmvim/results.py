@@ -12,6 +12,7 @@ import importlib.util
 import json
 import math
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -73,15 +74,22 @@ def write_metrics(out_dir: Path, sites: dict, pooled: dict, rounds: list, config
     return path
 
 
-def plot_rocs(out_dir: Path, histograms: dict[str, tuple[list, list]], sites: dict) -> list[Path]:
-    """roc_<site>.png per site and pooled; none, saying so, where matplotlib is not installed."""
+def pyplot(what: str, say: Callable[[str], None] = print):
+    """matplotlib's pyplot on the file-only backend, or None, saying in one line that `what` is not drawn."""
     if importlib.util.find_spec("matplotlib") is None:
-        print("ROC plots not drawn: matplotlib is not installed (pip install 'cmvim[server]'); "
-              "the AUCs are in metrics.json and summary.md", flush=True)
-        return []
+        say(f"{what} not drawn: matplotlib is not installed (pip install 'cmvim[server]')")
+        return None
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_rocs(out_dir: Path, histograms: dict[str, tuple[list, list]], sites: dict) -> list[Path]:
+    """roc_<site>.png per site and pooled; none, saying so, where matplotlib is not installed."""
+    plt = pyplot("ROC plots (the AUCs are in metrics.json and summary.md)", lambda text: print(text, flush=True))
+    if plt is None:
+        return []
 
     paths = []
     curves = dict(histograms)

@@ -72,6 +72,15 @@ def privacy_spent(history: list[dict]) -> dict[str, dict]:
     return spent
 
 
+def _drawn(what: str, draw):
+    """`draw()`'s result, or None with one line saying why `what` was not written."""
+    try:
+        return draw()
+    except Exception as exc:  # noqa: BLE001 - the metrics are written; a figure is not worth the run
+        say(f"{what} not written ({type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]})")
+        return None
+
+
 def final_report(cfg: RunConfig, out_dir: Path, sites: dict, histograms: dict, history: list[dict],
                  failures: list[dict], elapsed: float, central: CentralDP, baselines: dict | None = None,
                  model: dict | None = None) -> dict:
@@ -117,19 +126,11 @@ def final_report(cfg: RunConfig, out_dir: Path, sites: dict, histograms: dict, h
                      "AUC " + ", ".join(f"{name} {b['mean_auc']:.3f}" for name, b in baselines.items()))
     path = write_metrics(out_dir, sites, pooled, history, to_dict(cfg), baselines=baselines, failures=failures,
                          summary=lines, extra=extra)
-    tensorboard = None
     # pictures for a person: one that cannot be drawn is a line, never a run without its summary
-    for what, draw in (("ROC plots", lambda: plot_rocs(out_dir, histograms, sites)),
-                       ("curves", lambda: plot_curves(out_dir, history, cfg.finetune.probe_rounds, say=say)),
-                       ("TensorBoard logs", lambda: write_tensorboard(out_dir, history, sites, pooled, baselines,
-                                                                      say=say))):
-        try:
-            drawn = draw()
-        except Exception as exc:  # noqa: BLE001 - the metrics are written; a figure is not worth the run
-            say(f"{what} not written ({type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]})")
-            continue
-        if what == "TensorBoard logs":
-            tensorboard = drawn
+    _drawn("ROC plots", lambda: plot_rocs(out_dir, histograms, sites))
+    _drawn("curves", lambda: plot_curves(out_dir, history, cfg.finetune.probe_rounds, say=say))
+    tensorboard = _drawn("TensorBoard logs", lambda: write_tensorboard(out_dir, history, sites, pooled, baselines,
+                                                                          say=say))
     table = site_table(sites, pooled, baselines)
     heading = ("federated vs " + " vs ".join(baselines) + " (test AUC per site)") if baselines else "test metrics per site"
     say(f"\n{heading}:\n{table}")

@@ -25,7 +25,7 @@ from cmvim.config import to_dict
 from cmvim.portable import export_model
 from cmvim.protocol import (ARRAYS, CALIBRATE, CALIBRATION, CONFIG, HIST_NEG, HIST_POS, LOGIT_NEG, LOGIT_POS, METRICS,
                             PHASE, ROUND, RUN_CONFIG, RUN_KEY, SERVER_ROUND, SITE, SITE_ERROR, SPLIT, WORK_SECONDS)
-from cmvim.results import mean_auc, site_entry
+from cmvim.results import mean_auc, site_entry, summed_histograms
 from cmvim.run_config import RunConfig
 from cmvim.sharing import load_shared, pack, shared_layout, unpack
 from cmvim.weights import build_model, initial_state
@@ -285,13 +285,13 @@ class FederatedRun:
             return Calibration(note="threshold 0.5 on uncalibrated scores (evaluation.threshold_rule: fixed)")
         say("\n== calibrate: every site scores its validation split; the threshold comes from their histograms ==")
         answered = self._ask_sites(arrays, "val", {CALIBRATE: 1}, failures, "calibrate")
-        pos = [m[LOGIT_POS] for m in answered.values() if LOGIT_POS in m and LOGIT_NEG in m]
-        neg = [m[LOGIT_NEG] for m in answered.values() if LOGIT_POS in m and LOGIT_NEG in m]
-        if not pos:
+        histograms = {name: (m[LOGIT_POS], m[LOGIT_NEG]) for name, m in answered.items()
+                      if LOGIT_POS in m and LOGIT_NEG in m}
+        if not histograms:
             calibration = Calibration(note="threshold 0.5 on uncalibrated scores (no site sent validation histograms)")
         else:
-            calibration = fit_calibration([sum(c) for c in zip(*pos)], [sum(c) for c in zip(*neg)],
-                                          ev.threshold_rule, ev.target_sensitivity, ev.calibration == "platt")
+            calibration = fit_calibration(*summed_histograms(histograms), ev.threshold_rule, ev.target_sensitivity,
+                                          ev.calibration == "platt")
         say(f"    {calibration.note}")
         return calibration
 

@@ -240,7 +240,7 @@ def test_the_example_subject_comes_from_the_config_or_the_cohort(tmp_path):
     cfg = run_config({"model": "tiny", "preprocess": {"shape": 32, "voxel_size": 6.25}})
     assert draw_reconstruction(cfg, state, tmp_path / "run", say=said.append) is None
     assert "figures.example_subject" in said[-1] and not (tmp_path / "run" / RECONSTRUCTION_FIGURE).exists()
-    # a folder that is not a manifest-style site (a BIDS dataset, a broken manifest): skipped, said
+    # a site folder that cannot be read (a broken manifest.csv, which wins over the BIDS files): skipped, said
     broken = tmp_path / "bids" / "A"
     broken.mkdir(parents=True)
     (broken / "manifest.csv").write_text("participant,t1\n")
