@@ -414,7 +414,6 @@ def main() -> None:
     data.pop("baselines", None)
     val = data.get("split_fractions", [0.6, 0.1, 0.3])[1]
     data["split_fractions"] = [round(1 - args.test_fraction - val, 6), val, args.test_fraction]
-    data["evaluation"] = {**data.get("evaluation", {}), "every_round": False}
     preprocess = data.setdefault("preprocess", {})
     field_of_view = preprocess.get("shape", 48) * preprocess.get("voxel_size", 4.0)
     preprocess.update(shape=args.shape, voxel_size=field_of_view / args.shape)
