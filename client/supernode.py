@@ -1,9 +1,10 @@
-"""`python -m cmvim.client.supernode ARGS`: Flower's `flower-supernode` (same arguments), polling the
-SuperLink every `CMVIM_SUPERNODE_POLL` seconds (default 1) when it has nothing for this site,
-instead of Flower's hard-coded 3 s (cmvim.flower_process.shorten_polls): the pick-up delay of every
-message, a large share of a round once the site worker is warm; and retrying an object the server
-is still uploading after 0.1 s, not 1 s (shorten_object_backoff). `cmvim-client --poll-interval`
-sets it; each poll is one small HTTPS request to the coordinator."""
+"""`python -m cmvim.client.supernode ARGS`: Flower's `flower-supernode` (same arguments), asking the
+SuperLink for work 0.1 s after this site last replied, the wait growing with the time since up to
+`CMVIM_SUPERNODE_POLL` seconds (default 1) for an idle site, instead of Flower's hard-coded 3 s
+(cmvim.flower_process.quicken_supernode): the pick-up delay of every message, a large share of a
+round once the site worker is warm; and retrying an object the server is still uploading after
+0.1 s, not 1 s (shorten_object_backoff). `cmvim-client --poll-interval` sets the idle poll; each
+poll is one small HTTPS request to the coordinator."""
 from __future__ import annotations
 
 import os
@@ -15,8 +16,8 @@ def main() -> None:
     from flwr.supernode import start_client_internal
     from flwr.supernode.cli.flower_supernode import flower_supernode
 
-    from cmvim.flower_process import shorten_object_backoff, shorten_polls
-    shorten_polls(start_client_internal, float(os.environ.get(POLL_ENV, "1.0")))
+    from cmvim.flower_process import quicken_supernode, shorten_object_backoff
+    quicken_supernode(start_client_internal, float(os.environ.get(POLL_ENV, "1.0")))
     shorten_object_backoff()
     flower_supernode()
 

@@ -34,7 +34,7 @@ from pathlib import Path
 
 log = logging.getLogger("cmvim.client.worker")
 
-POLL_SECONDS = 0.2          # asking a local API for the next task: cheap, and it bounds the pickup delay
+POLL_FAST, POLL_SLOW = 0.02, 0.2   # asking the local API for the next task: 20 ms after a task, growing to 0.2 s
 STOP_GRACE = 10.0           # a stop during a task: this long to finish and reply, then the process ends
 READY = "cmvim site worker: ready"
 
@@ -99,9 +99,10 @@ def serve(address: str, secret: bytes, policy_file: str | None, stop: threading.
     from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor, SuperExecAuthHttpInterceptor
 
     import cmvim.client.app  # noqa: F401 - torch, flwr and cmvim imported once, before the first task
-    from cmvim.flower_process import shorten_object_backoff
+    from cmvim.flower_process import Backoff, shorten_object_backoff
     shorten_object_backoff()                       # the message's objects: retried after 0.1 s, not 1 s
     stop = stop or threading.Event()
+    idle = Backoff(POLL_FAST, POLL_SLOW)           # the next message of a round comes soon after a reply
     client = _runtime_client(address, [
         RuntimeVersionHttpInterceptor(component_name="SuperExec"),
         SuperExecAuthHttpInterceptor(master_secret=secret, protected_methods=frozenset(
@@ -119,9 +120,10 @@ def serve(address: str, secret: bytes, policy_file: str | None, stop: threading.
                     status = run_task(address, answer.token, policy_file)
                 finally:
                     _busy.clear()
+                    idle.mark()
                 log.info("task %d %s in %.1f s", answer.task.task_id, status, time.perf_counter() - started)
             else:
-                stop.wait(POLL_SECONDS)
+                stop.wait(idle.interval())
     finally:
         client.close()
 

@@ -109,32 +109,91 @@ def flower_env(home, extra_path: bool = True) -> dict:
     return env
 
 
-class _ScaledSleep:
-    """The `time` module as a Flower module sees it, with every sleep scaled by `factor`."""
+class Backoff:
+    """A poll's wait that is short right after activity and grows with the time since it, up to
+    `slow`: clamp(ratio x seconds since `mark()`, fast, slow) (a relative backoff). Right after a
+    site replied, the next message of a round is usually a second or two away; an idle
+    federation's polls slow back down to `slow` within slow/ratio seconds."""
 
-    def __init__(self, factor: float):
+    def __init__(self, fast: float, slow: float, ratio: float = 0.1, clock=None):
         import time
-        self._time, self.factor = time, factor
+        self.fast, self.slow, self.ratio = fast, max(fast, slow), ratio
+        self.clock = clock or time.monotonic
+        self.last = self.clock()
+
+    def mark(self) -> None:
+        self.last = self.clock()
+
+    def interval(self) -> float:
+        return min(self.slow, max(self.fast, self.ratio * (self.clock() - self.last)))
+
+
+class _PollSleep:
+    """The `time` module as a Flower module sees it, with its hard-coded waits replaced: a sleep
+    of `s` seconds for which `rules` has a Backoff sleeps that Backoff's interval; any other sleep is
+    left as it is."""
+
+    def __init__(self, rules: dict[float, Backoff]):
+        import time
+        self._time, self.rules = time, rules
 
     def __getattr__(self, name):
         return getattr(self._time, name)
 
     def sleep(self, seconds: float) -> None:
-        self._time.sleep(seconds * self.factor)
+        rule = self.rules.get(seconds)
+        self._time.sleep(rule.interval() if rule is not None else seconds)
+
+
+def _marking(function, *backoffs: Backoff):
+    """`function`, marking every one of `backoffs` when it is called and when it returns."""
+    import functools
+
+    def mark():
+        for backoff in backoffs:
+            backoff.mark()
+
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        mark()
+        try:
+            return function(*args, **kwargs)
+        finally:
+            mark()
+    wrapper.__wrapped_by_cmvim__ = True
+    return wrapper
 
 
 FLOWER_POLL = 3.0           # Flower 1.42's hard-coded poll on both ends of a message
+FLOWER_REPLY_WAIT = 0.5     # the SuperNode's look for the reply to send (in memory, this process)
 
 
-def shorten_polls(module, poll: float) -> None:
-    """Flower 1.42 waits a hard-coded 3 s between polls on both ends of every message: the SuperNode
-    when the SuperLink had nothing for it, then 0.5 s between looks for the reply to send
-    (flwr.supernode.start_client_internal), the ServerApp between asking for replies
-    (flwr.superlink.grid.http_grid). With the warm site worker a small model's round is a few
-    seconds of work, so those waits were most of it. This scales the sleeps of `module` (one of
-    those two) so its 3 s poll becomes `poll` seconds (and the rest in proportion), in this process
-    only."""
-    module.time = _ScaledSleep(min(1.0, poll / FLOWER_POLL))
+def quicken_supernode(module, poll: float, fast: float = 0.1) -> Backoff:
+    """Flower 1.42's SuperNode (flwr.supernode.start_client_internal, `module`) asks the SuperLink for
+    work every hard-coded 3 s when there was none, and looks for the reply to send every 0.5 s.
+    With the warm site worker a small model's round is a few seconds of work, so those waits were
+    most of it. Here, in this process only: the ask for work waits `fast` s right after the site
+    last sent a reply, growing with the time since (Backoff: ratio 0.1) back to `poll` s for an
+    idle site (each ask is one HTTPS request to the coordinator); the look for the reply (a
+    memory lookup) waits 10 ms growing to 0.2 s. Returns the activity clock (marked when a reply
+    starts and ends)."""
+    activity, reply = Backoff(fast, poll), Backoff(0.01, 0.2)
+    module.time = _PollSleep({FLOWER_POLL: activity, FLOWER_REPLY_WAIT: reply})
+    if not getattr(module._push_messages, "__wrapped_by_cmvim__", False):
+        module._push_messages = _marking(module._push_messages, activity, reply)
+    return activity
+
+
+def quicken_server_polls(http_grid, poll: float, fast: float = 0.05) -> Backoff:
+    """Flower 1.42's ServerApp (flwr.superlink.grid.http_grid, `http_grid`) asks the SuperLink for the
+    sites' replies every hard-coded 3 s. Here: `fast` s right after it sent the messages, growing
+    with the time since (Backoff: ratio 0.1) to `poll` s; a request on the coordinator's loopback."""
+    activity = Backoff(fast, poll)
+    http_grid.time = _PollSleep({FLOWER_POLL: activity})
+    grid = http_grid.HttpGrid
+    if not getattr(grid.send_and_receive, "__wrapped_by_cmvim__", False):
+        grid.send_and_receive = _marking(grid.send_and_receive, activity)
+    return activity
 
 
 def shorten_object_backoff(initial: float = 0.1, cap: float = 1.0) -> None:

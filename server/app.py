@@ -19,7 +19,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from cmvim.config import load_yaml
-from cmvim.flower_process import shorten_object_backoff, shorten_polls
+from cmvim.flower_process import quicken_server_polls, shorten_object_backoff
 from .flower_app import APP_CONFIG
 from cmvim.run_config import RunConfig, run_config
 
@@ -30,11 +30,12 @@ SERVER_POLL_ENV = "CMVIM_SERVER_POLL"
 
 
 def _collect_replies_sooner() -> None:
-    """The ServerApp asks the SuperLink for the sites' replies every CMVIM_SERVER_POLL s (default
-    0.5, on the coordinator's loopback) instead of Flower's hard-coded 3 s
-    (cmvim.flower_process.shorten_polls), and retries an object a site is still uploading after 0.1 s."""
+    """The ServerApp asks the SuperLink for the sites' replies 0.05 s after sending a round's
+    messages, the wait growing with the time since up to CMVIM_SERVER_POLL s (default 0.5; on the
+    coordinator's loopback) instead of Flower's hard-coded 3 s (cmvim.flower_process.quicken_server_polls),
+    and retries an object a site is still uploading after 0.1 s."""
     from flwr.superlink.grid import http_grid
-    shorten_polls(http_grid, float(os.environ.get(SERVER_POLL_ENV, "0.5")))
+    quicken_server_polls(http_grid, float(os.environ.get(SERVER_POLL_ENV, "0.5")))
     shorten_object_backoff()
 
 
