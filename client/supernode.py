@@ -3,7 +3,7 @@ SuperLink for work 0.1 s after this site last replied, the wait growing with the
 `CMVIM_SUPERNODE_POLL` seconds (default 1) for an idle site, instead of Flower's hard-coded 3 s
 (cmvim.flower_process.quicken_supernode): the pick-up delay of every message, a large share of a
 round once the site worker is warm; and retrying an object the server is still uploading after
-0.1 s, not 1 s (shorten_object_backoff). `cmvim-client --poll-interval` sets the idle poll; each
+0.05 s, not 1 s (shorten_object_backoff). `cmvim-client --poll-interval` sets the idle poll; each
 poll is one small HTTPS request to the coordinator."""
 from __future__ import annotations
 

@@ -196,10 +196,11 @@ def quicken_server_polls(http_grid, poll: float, fast: float = 0.05) -> Backoff:
     return activity
 
 
-def shorten_object_backoff(initial: float = 0.1, cap: float = 1.0) -> None:
+def shorten_object_backoff(initial: float = 0.05, cap: float = 0.5) -> None:
     """Flower 1.42 pulls a message's objects with a backoff of 1 s doubling to 10 s when one is not
     there yet (the sender is still pushing it): on a small model's round, a second or more per
-    message waiting for an object that arrived milliseconds later. Start at `initial`, cap at `cap`
+    message waiting for an object that arrived milliseconds later (a doubling backoff waits up to
+    as long again as the object took). Start at `initial`, cap at `cap`
     (flwr.supercore.inflatable.inflatable_utils' pulls, this process only)."""
     from flwr.supercore.inflatable import inflatable_utils
 

@@ -92,3 +92,32 @@ def test_the_server_asks_for_replies_quickly_after_sending(monkeypatch):
     assert module.time.rules[FLOWER_POLL].interval() == 0.5
     assert grid_class().send_and_receive([1, 2]) == [1, 2]
     assert module.time.rules[FLOWER_POLL].interval() == 0.05
+
+
+def test_an_object_still_being_uploaded_is_fetched_soon_after_it_arrives():
+    """Flower retries an object not there yet after 1 s, doubling to 10 s; shortened, an object
+    that arrives 0.3 s late is in hand well before Flower's first retry."""
+    from flwr.supercore.inflatable import inflatable_utils
+    from flwr.supercore.inflatable.inflatable_utils import ObjectUnavailableError, pull_objects
+
+    from cmvim.flower_process import shorten_object_backoff
+    functions = [pull_objects, inflatable_utils.pull_and_inflate_object_from_tree]
+    saved = [dict(f.__kwdefaults__) for f in functions]
+    try:
+        shorten_object_backoff(0.05, 0.5)
+        assert pull_objects.__kwdefaults__["initial_backoff"] == 0.05
+        assert pull_objects.__kwdefaults__["backoff_cap"] == 0.5
+        # the same patience as Flower's: 500 tries at up to 10 s
+        assert pull_objects.__kwdefaults__["max_tries_per_object"] * 0.5 == 500 * 10
+        start = time.monotonic()
+
+        def pull(object_id):
+            if time.monotonic() - start < 0.3:
+                raise ObjectUnavailableError(object_id)
+            return b"content"
+        assert inflatable_utils.pull_objects(["a"], pull) == {"a": b"content"}
+        assert time.monotonic() - start < 0.8
+    finally:
+        for function, defaults in zip(functions, saved):
+            function.__kwdefaults__.clear()
+            function.__kwdefaults__.update(defaults)
