@@ -90,8 +90,8 @@ def fit_calibration(pos, neg, rule: str = "youden", target_sensitivity: float = 
         raise ValueError(f"threshold rule {rule!r}: choose from {', '.join(RULES)}")
     pos, neg = np.asarray(pos, dtype=float), np.asarray(neg, dtype=float)
     n_pos, n_neg = int(pos.sum()), int(neg.sum())
-    if rule == "fixed" or n_pos == 0 or n_neg == 0:
-        why = ("evaluation.threshold_rule: fixed" if rule == "fixed"
+    if n_pos == 0 or n_neg == 0 or (rule == "fixed" and not platt):
+        why = ("evaluation.threshold_rule: fixed, calibration: none" if rule == "fixed" and (n_pos and n_neg)
                else f"the validation splits hold {n_pos} AD and {n_neg} CN subjects: nothing to fit")
         return Calibration(n_val=n_pos + n_neg, note=f"threshold 0.5 on uncalibrated scores ({why})")
     edges = logit_edges()
@@ -109,7 +109,10 @@ def fit_calibration(pos, neg, rule: str = "youden", target_sensitivity: float = 
     candidates = calibration.apply(1.0 / (1.0 + np.exp(-edges)))
     tpr = np.r_[np.cumsum(pos[::-1])[::-1], 0.0] / n_pos        # share of AD at or above edge i
     fpr = np.r_[np.cumsum(neg[::-1])[::-1], 0.0] / n_neg
-    if rule == "youden":
+    if rule == "fixed":                             # 0.5 on the calibrated scores
+        i = int(np.flatnonzero(candidates >= 0.5).min()) if (candidates >= 0.5).any() else len(candidates) - 1
+        chosen = "evaluation.threshold_rule: fixed"
+    elif rule == "youden":
         j = tpr - fpr
         best = np.flatnonzero(j >= j.max() - 1e-12)
         i = int(best[len(best) // 2])               # ties (a gap between the classes): its middle, not an end
@@ -118,7 +121,7 @@ def fit_calibration(pos, neg, rule: str = "youden", target_sensitivity: float = 
         reaching = np.flatnonzero(tpr >= target_sensitivity)
         i = int(reaching.max())                     # the highest threshold that keeps the sensitivity
         chosen = f"target sensitivity {target_sensitivity:g}"
-    threshold = float(np.clip(candidates[i], 0.0, 1.0))
+    threshold = 0.5 if rule == "fixed" else float(np.clip(candidates[i], 0.0, 1.0))
     return Calibration(a=float(a), b=float(b), threshold=threshold, rule=rule, calibrated=calibrated,
                        n_val=n_pos + n_neg, val_sensitivity=float(tpr[i]), val_specificity=float(1 - fpr[i]),
                        note=f"{note}; threshold {threshold:.3f} ({chosen} on {n_pos + n_neg} validation subjects)")

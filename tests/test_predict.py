@@ -70,10 +70,27 @@ def test_no_fit_without_both_classes_or_when_asked_for_none():
         calibration = fit_calibration(pos, neg)
         assert not calibration.calibrated and calibration.threshold == 0.5 and "nothing to fit" in calibration.note
     labels, probabilities = _validation(500, slope=1.0, intercept=0.0)
-    fixed = fit_calibration(*logit_histograms(labels, probabilities), rule="fixed")
-    assert fixed.threshold == 0.5 and not fixed.calibrated
+    fixed = fit_calibration(*logit_histograms(labels, probabilities), rule="fixed", platt=False)
+    assert fixed.threshold == 0.5 and not fixed.calibrated and "calibration: none" in fixed.note
     uncalibrated = fit_calibration(*logit_histograms(labels, probabilities), platt=False)
     assert not uncalibrated.calibrated and np.array_equal(uncalibrated.apply(probabilities), probabilities)
+
+
+def test_a_fixed_threshold_still_gets_calibrated_scores():
+    """threshold_rule fixed with calibration platt: 0.5 on Platt-calibrated scores, i.e. even odds."""
+    labels, probabilities = _validation(4_000, slope=0.5, intercept=-1.0)
+    fixed = fit_calibration(*logit_histograms(labels, probabilities), rule="fixed")
+    assert fixed.calibrated and fixed.threshold == 0.5 and fixed.rule == "fixed"
+    assert abs(fixed.a - 0.5) < 0.05 and abs(fixed.b + 1.0) < 0.08
+    # the validation sensitivity/specificity reported are the rule's at the first bin edge whose
+    # calibrated score reaches 0.5; the exact rule's lie between that edge and the one below
+    edges = logit_edges()
+    i = int(np.flatnonzero(fixed.apply(1 / (1 + np.exp(-edges))) >= 0.5).min())
+    z, ad = logit(probabilities), labels == 1
+    assert fixed.val_sensitivity == pytest.approx((z[ad] >= edges[i]).mean())
+    assert fixed.val_specificity == pytest.approx((z[~ad] < edges[i]).mean())
+    exact = fixed.apply(probabilities) >= 0.5
+    assert (z[ad] >= edges[i]).mean() <= exact[ad].mean() <= (z[ad] >= edges[i - 1]).mean()
 
 
 def test_a_fit_that_would_reverse_the_ranking_is_refused():
