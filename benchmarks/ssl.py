@@ -31,6 +31,7 @@ sys.path[:] = [p for p in sys.path if not p.rstrip("/").endswith("benchmarks")] 
 
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
+import hashlib  # noqa: E402
 import json  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -181,14 +182,29 @@ def linear_scores(cfg: RunConfig, sites: dict[str, SiteData], features, seed: in
 
 # -- the benchmark ---------------------------------------------------------------------------------
 
-def read_rows(out: Path) -> list[dict]:
-    """The rows measured so far (one JSON object a line in <out>/benchmarks/ssl_rows.jsonl)."""
+def recipe_key(cfg: RunConfig, cohort: CohortConfig) -> str:
+    """What a row was measured under: the run config (its seed aside: each row names its own) and the
+    benchmark cohort. Rows of another recipe are never mixed into a table or taken as done."""
+    config = {k: v for k, v in json.loads(cfg.to_json()).items() if k != "seed"}
+    text = json.dumps({"config": config, "cohort": repr(cohort)}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def read_rows(out: Path, recipe: str) -> list[dict]:
+    """The rows measured so far under `recipe` (one JSON object a line in <out>/benchmarks/ssl_rows.jsonl);
+    rows of another recipe are left out, and counted."""
     path = out / "benchmarks" / "ssl_rows.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    other = [r for r in rows if r.get("recipe") != recipe]
+    if other:
+        say(f"{len(other)} row(s) in {path} were measured under another recipe (run config or cohort; "
+            f"this one is {recipe}): left out")
+    return [r for r in rows if r.get("recipe") == recipe]
 
 
 def run(cfg: RunConfig, cohort: CohortConfig, seeds: list[int], fractions: list[float], variants: list[str],
         modes: list[str], out: Path) -> list[dict]:
+    recipe = recipe_key(cfg, cohort)
     sites = load_sites(cfg, cohort)
     counts = {n: len(s.subset("train", True)) for n, s in sites.items()}
     tests = {n: len(s.subset("test", True)) for n, s in sites.items()}
@@ -196,7 +212,7 @@ def run(cfg: RunConfig, cohort: CohortConfig, seeds: list[int], fractions: list[
     rows_path = out / "benchmarks" / "ssl_rows.jsonl"
     rows_path.parent.mkdir(parents=True, exist_ok=True)
     done = {(row["seed"], row["variant"], row["mode"], row["fraction"]): row
-            for row in read_rows(out)}     # resume: keep what an earlier run measured
+            for row in read_rows(out, recipe)}     # resume: keep what an earlier run measured
     rows = list(done.values())
     for seed in seeds:
         base = run_config({**json.loads(cfg.to_json()), "seed": seed})
@@ -221,7 +237,7 @@ def run(cfg: RunConfig, cohort: CohortConfig, seeds: list[int], fractions: list[
                                         initial_state(base, "finetune", pretrained))
                     tuned = test_scores(base, sites, classifier_scores(base, state))
                     probed = probe_scores(base, labelled, pretrained, seed)
-                    row = {"seed": seed, "variant": variant, "mode": mode, "fraction": fraction,
+                    row = {"seed": seed, "variant": variant, "mode": mode, "fraction": fraction, "recipe": recipe,
                            "finetuned": mean_site_auc(tuned), "probe": mean_site_auc(probed),
                            "scores": {"finetuned": _plain(tuned), "probe": _plain(probed)},
                            "labelled": sum(len(s.subset("train", True)) for s in labelled.values()),
@@ -407,6 +423,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "docs")
     parser.add_argument("--report-only", action="store_true",
                         help="write the tables and the plot from the rows already measured (a run in parts)")
+    parser.add_argument("--recipe", action="store_true",
+                        help="print the recipe key rows are measured under (run config + cohort) and stop")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     data = load_yaml(args.config)
@@ -421,15 +439,18 @@ def main() -> None:
     if args.quick:
         args.seeds, args.fractions = args.seeds[:1], [0.25, 1.0]
         data["pretrain"] = {**data.get("pretrain", {}), "rounds": 2}
-        data["finetune"] = {**data.get("finetune", {}), "rounds": 2}
+        data["finetune"] = {**data.get("finetune", {}), "rounds": 2, "probe_rounds": 1}
         args.subjects = min(args.subjects, 60)
     cfg = run_config(data)
     cohort = CohortConfig(sites=args.sites, subjects=args.subjects, shape=64, seed=args.cohort_seed,
                           effect_scale=args.effect_scale)
+    if args.recipe:
+        print(recipe_key(cfg, cohort))
+        return
     args.out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     if args.report_only:                   # the tables from the rows measured so far; nothing is trained
-        rows = read_rows(args.out)
+        rows = read_rows(args.out, recipe_key(cfg, cohort))
     else:
         rows = run(cfg, cohort, args.seeds, args.fractions, args.variants, args.modes, args.out)
     rows = [r for r in rows if r["seed"] in args.seeds and r["fraction"] in args.fractions
