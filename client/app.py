@@ -35,7 +35,7 @@ from cmvim.privacy import PrivacyBudgetExceeded, SiteLimits, count_release
 from cmvim.calibration import Calibration
 from cmvim.protocol import (ARRAYS, CALIBRATE, CALIBRATION, CONFIG, HIST_NEG, HIST_POS, METRICS, NUM_EXAMPLES, PHASE,
                             PROXIMAL_MU, ROUND, RUN_CONFIG, RUN_KEY, SECAGG_MASKED, SERVER_ROUND, SITE, SITE_ERROR,
-                            SITE_NAME, SPLIT, WORK_SECONDS)
+                            SITE_NAME, SPLIT, VAL_ERROR, VAL_METRICS, VALIDATE, WORK_SECONDS)
 from cmvim.sharing import pack
 from cmvim.site_task import SiteTask, SiteTaskError
 
@@ -173,6 +173,8 @@ def _handle(msg: Message, context: Context, training: bool) -> Message:
             load_personal(personal)
         working = time.perf_counter()
         if training:
+            carried = (carried_validation(task, policy, cfg, phase, shared, local, name, round_ - 1)
+                       if config.get(VALIDATE, 0) else None)
             result = task.train(phase, round_, shared, local, float(config.get(PROXIMAL_MU, 0.0)))
             if result.local:
                 context.state[LOCAL_STATE] = ArrayRecord(result.local)
@@ -182,16 +184,13 @@ def _handle(msg: Message, context: Context, training: bool) -> Message:
                 metrics[WORK_SECONDS] = round(time.perf_counter() - working, 3)
             content = RecordDict({ARRAYS: ArrayRecord(pack(result.shared)), METRICS: MetricRecord(metrics),
                                   SITE: ConfigRecord({SITE_NAME: name})})
+            if isinstance(carried, dict):
+                content[VAL_METRICS] = MetricRecord(carried)
+            elif carried is not None:
+                content[SITE][VAL_ERROR] = carried
         else:
-            calibration = (Calibration.from_dict(json.loads(str(config[CALIBRATION]))) if CALIBRATION in config
-                           else None)
-            result = task.evaluate(phase, shared, local, split, calibration, bool(config.get(CALIBRATE, 0)))
-            metrics = flatten_metrics(result.metrics)
-            if metrics.get(NUM_EXAMPLES, 0) > 0:     # a suppressed evaluation says nothing, not even its time
-                metrics[WORK_SECONDS] = round(time.perf_counter() - working, 3)
-            if result.histograms is not None:
-                metrics[HIST_POS], metrics[HIST_NEG] = result.histograms
-            content = RecordDict({METRICS: MetricRecord(metrics), SITE: ConfigRecord({SITE_NAME: name})})
+            content = RecordDict({METRICS: MetricRecord(scored(task, config, phase, shared, local, split)),
+                                  SITE: ConfigRecord({SITE_NAME: name})})
         if "data-dir" in context.node_config:          # deployment: the hospital's console shows progress
             print(f"cmvim: site {name}: {phase} {'train' if training else 'evaluate'} round {round_} done in "
                   f"{time.perf_counter() - started:.1f} s", flush=True)
@@ -200,6 +199,34 @@ def _handle(msg: Message, context: Context, training: bool) -> Message:
         log.error("site %s failed:\n%s", name, traceback.format_exc())
         return Message(RecordDict({SITE: ConfigRecord({SITE_NAME: name, SITE_ERROR: public_error(exc)}),
                                    METRICS: MetricRecord({NUM_EXAMPLES: 0})}), reply_to=msg)
+
+
+def scored(task: SiteTask, config: ConfigRecord, phase: str, shared: dict, local: dict, split: str) -> dict:
+    """An evaluation's reply metrics: aggregate numbers, the work's seconds, score histograms."""
+    working = time.perf_counter()
+    calibration = Calibration.from_dict(json.loads(str(config[CALIBRATION]))) if CALIBRATION in config else None
+    result = task.evaluate(phase, shared, local, split, calibration, bool(config.get(CALIBRATE, 0)))
+    metrics = flatten_metrics(result.metrics)
+    if metrics.get(NUM_EXAMPLES, 0) > 0:     # a suppressed evaluation says nothing, not even its time
+        metrics[WORK_SECONDS] = round(time.perf_counter() - working, 3)
+    if result.histograms is not None:
+        metrics[HIST_POS], metrics[HIST_NEG] = result.histograms
+    return metrics
+
+
+def carried_validation(task: SiteTask, policy, cfg: RunConfig, phase: str, shared: dict, local: dict, name: str,
+                       round_: int) -> dict | str:
+    """The previous round's validation, carried in this training message (evaluation.carry_validation):
+    the received model scored on the validation split before it trains, under the same policy
+    check and release count as a validation message of its own. Its metrics, or why it failed
+    (public): a failed validation is reported and the training goes on."""
+    try:
+        policy.check(cfg, phase, False, "val")
+        count_release(task.ledger_path.with_name("releases.json"), task.run_key, policy.max_evaluations)
+        return scored(task, ConfigRecord(), phase, shared, local, "val")
+    except Exception as exc:  # noqa: BLE001 - the validation's failure is its own; the training goes on
+        log.error("site %s: the validation of %s round %d failed:\n%s", name, phase, round_, traceback.format_exc())
+        return public_error(exc)
 
 
 def personal_path(ledger: Path, run_key: str) -> Path:

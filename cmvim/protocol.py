@@ -38,8 +38,12 @@ SECAGG_NAMES = "secagg-array-names"    # SecAgg+ rounds: the parameter names, in
 SECAGG_MASKED = "cmvim-secagg-masked"  # set by the site's SecAgg+ mod only: the reply will be masked
 SECAGG_SITE = "site"               # SecAgg+ rounds: the site's name, in the legacy fit reply's metrics
 CALIBRATE = "calibrate"            # evaluation: 1 = also send LOGIT_POS / LOGIT_NEG (the calibration pass on val)
+VALIDATE = "validate-first"        # training: 1 = first score the received model on the validation split (the
+                                   # previous round's validation, carried in this round's message: one exchange)
 CALIBRATION = "calibration"        # evaluation: the decision threshold and calibration to report at (JSON of
                                    # cmvim.calibration.Calibration); absent = threshold 0.5 on the model's scores
+
+VAL_METRICS = "val-metrics"        # MetricRecord in a training reply to VALIDATE: the validation's metrics
 
 # keys in METRICS
 NUM_EXAMPLES = "num-examples"      # the subjects a round trained on or an evaluation scored
@@ -55,3 +59,4 @@ SUPPRESSED = "suppressed"          # evaluation: 1 when the split is too small t
 # keys in SITE
 SITE_NAME = "name"
 SITE_ERROR = "error"
+VAL_ERROR = "val-error"            # a training reply to VALIDATE: why the validation failed (public; training went on)

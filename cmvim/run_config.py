@@ -354,6 +354,10 @@ class EvaluationConfig:
     bootstrap: int = 1000                 # resamples for the AUC's 95 % CI
     histogram_bins: int = 50              # score histograms shared for the pooled AUC
     every_round: bool = True              # validation metrics after each fine-tuning round
+    # round r's validation travels in round r+1's training message (the site scores the model it
+    # receives before training it): one exchange a round instead of two, the same numbers; the
+    # last round's validation is an exchange of its own. Not with secure aggregation.
+    carry_validation: bool = True
     # the decision threshold stored with the model, chosen on the sites' validation splits
     # (cmvim.calibration): youden (Youden's J), sensitivity (the highest threshold reaching
     # target_sensitivity) or fixed (0.5); calibration platt rescales the scores so 0.5 is even odds

@@ -27,9 +27,10 @@ def fmt_duration(seconds: float) -> str:
 
 
 def progress(phase: str, round_: int, total: int, later_rounds: int, entry: dict, seconds: list[float],
-             connected: int) -> None:
+             connected: int, earlier: dict | None = None) -> None:
     """The round's line: sites that trained, their loss (mean weighted by examples), validation
-    AUC, epsilon, time per round and the ETA of the run; then any site left out and why."""
+    AUC (`earlier`: the previous round's entry, whose validation this round's training carried),
+    epsilon, time per round and the ETA of the run; then any site left out and why."""
     train = entry["train"]
     losses = {site: m.get("loss") for site, m in train.items() if m.get("loss") is not None}
     mean = mean_loss(train)
@@ -44,10 +45,11 @@ def progress(phase: str, round_: int, total: int, later_rounds: int, entry: dict
         line += "loss kept at the sites (DP)"        # under DP a site sends only its accounting
     else:
         line += "no updates"
-    if entry["evaluate"]:
-        aucs = [m["auc"] for m in entry["evaluate"].values() if isinstance(m.get("auc"), float) and math.isfinite(m["auc"])]
+    for validated, label in ((earlier, f" (round {round_ - 1})"), (entry, "")):
+        aucs = [m["auc"] for m in (validated or {}).get("evaluate", {}).values()
+                if isinstance(m.get("auc"), float) and math.isfinite(m["auc"])]
         if aucs:
-            line += f" | val AUC {sum(aucs) / len(aucs):.3f}"
+            line += f" | val AUC{label} {sum(aucs) / len(aucs):.3f}"
     eps = {site: m["epsilon"] for site, m in train.items() if "epsilon" in m}
     if eps:
         line += " | epsilon " + ", ".join(f"{s} {v:.2f}" for s, v in sorted(eps.items()))

@@ -24,7 +24,8 @@ from cmvim.calibration import Calibration, fit_calibration
 from cmvim.config import to_dict
 from cmvim.portable import export_model
 from cmvim.protocol import (ARRAYS, CALIBRATE, CALIBRATION, CONFIG, HIST_NEG, HIST_POS, LOGIT_NEG, LOGIT_POS, METRICS,
-                            PHASE, ROUND, RUN_CONFIG, RUN_KEY, SERVER_ROUND, SITE, SITE_ERROR, SPLIT, WORK_SECONDS)
+                            NUM_EXAMPLES, PHASE, ROUND, RUN_CONFIG, RUN_KEY, SERVER_ROUND, SITE, SITE_ERROR, SPLIT,
+                            WORK_SECONDS)
 from cmvim.results import mean_auc, site_entry, summed_histograms
 from cmvim.run_config import RunConfig
 from cmvim.sharing import load_shared, pack, shared_layout, unpack
@@ -167,6 +168,9 @@ class FederatedRun:
         strategy = make_strategy(self.cfg.strategy, evaluate=evaluate_rounds, central_dp=self.cfg.central_dp,
                                  sites=self.central.sites, accountant=self.central.accountant)
         strategy.round_offset = done
+        strategy.carry_validation = (evaluate_rounds and self.cfg.evaluation.carry_validation
+                                     and not self.cfg.secure_aggregation.enabled)
+        strategy.last_round = remaining
         restore_strategy_state(strategy, state)
         say(f"\n== {phase}: rounds {done + 1}-{pc.rounds}, strategy {self.cfg.strategy.name}"
             f"{self._privacy_label()}, {self._connected()} sites connected ==")
@@ -176,6 +180,12 @@ class FederatedRun:
         phase_seconds: list[float] = []
         latest = [arrays]           # the global model after the last round (kept if central DP stops the phase)
         seen = [0]                  # rejections already reported
+        select = phase == "finetune" and self.cfg.finetune.select == "best_val" and evaluate_rounds
+
+        def validated(entry: dict, metrics: dict, arrays_: dict) -> None:
+            entry["evaluate"] = metrics
+            if select:
+                entry["selected"] = self.best.offer(entry["round"], mean_auc(metrics), arrays_)
 
         def after_round(server_round: int, round_arrays: ArrayRecord):
             if server_round == 0:
@@ -189,18 +199,25 @@ class FederatedRun:
             new_rejections = [{"phase": phase, **r} for r in rlog.rejected[seen[0]:]]
             seen[0] = len(rlog.rejected)
             self.rejected.extend(new_rejections)
+            # carried validation: this round's training replies validated the previous round's model
+            # (its entry, in this run's history or a resumed one's, gets its numbers now); this
+            # round's own validation comes with the next round, or now if this round is the last
+            earlier = self._entry(phase, absolute - 1) if rlog.carried is not None else None
+            if earlier is not None:
+                validated(earlier, rlog.carried, latest[0])           # the model the sites validated
+            own = evaluate_rounds and not (strategy.carry_validation and server_round < remaining)
+            evaluated = rlog.evaluate if own else {}
             entry = {"phase": phase, "round": absolute, "seconds": round(seconds, 2),
-                     "train": rlog.train, "evaluate": rlog.evaluate if evaluate_rounds else {},
-                     "rejected": new_rejections, **round_timing(seconds, rlog.train,
-                                                                rlog.evaluate if evaluate_rounds else {})}
+                     "train": rlog.train, "evaluate": {}, "rejected": new_rejections,
+                     **round_timing(seconds, rlog.train, evaluated)}
             if self.central.active:
                 entry["central_dp"] = self.central.spent()
             self.history.append(entry)
             latest[0] = self._received(round_arrays, phase)
-            if phase == "finetune" and self.cfg.finetune.select == "best_val" and evaluate_rounds:
-                entry["selected"] = self.best.offer(absolute, mean_auc(rlog.evaluate), latest[0])
+            if own:
+                validated(entry, evaluated, latest[0])
             self._checkpoint(phase, absolute, latest[0], strategy_state(strategy))
-            progress(phase, absolute, pc.rounds, later, entry, phase_seconds, self._connected())
+            progress(phase, absolute, pc.rounds, later, entry, phase_seconds, self._connected(), earlier)
             return None
 
         if self.cfg.secure_aggregation.enabled:
@@ -212,11 +229,21 @@ class FederatedRun:
         except CentralBudgetSpent as exc:
             say(f"    ! {self.central.budget_spent()}; no further training, the model of the last round is final")
             log.info("central DP: %s", exc)
+            last = self._entry(phase, done + len(phase_seconds))
+            if strategy.carry_validation and last is not None and not last["evaluate"]:
+                # its validation was to come with the next round's training, which will not be sent
+                say(f"    validating round {last['round']} on its own (its validation was to travel with the next round)")
+                scored = self._ask_sites(latest[0], "val", {}, self.rejected, "validate")
+                validated(last, {site: m for site, m in scored.items() if m.get(NUM_EXAMPLES, 0) > 0}, latest[0])
             return latest[0]
         # Flower's Result.arrays stays an empty record when no round aggregated (every round
         # had too few valid updates): then the phase's starting model is still the global one
         final = self._received(result.arrays, phase) if result.arrays is not None else {}
         return final if final else arrays
+
+    def _entry(self, phase: str, round_: int) -> dict | None:
+        """The history entry of a phase's round (this run's, or the resumed run's)."""
+        return next((e for e in reversed(self.history) if e["phase"] == phase and e["round"] == round_), None)
 
     def _secure_rounds(self, strategy, arrays: dict, rounds: int, phase: str, done: int, after_round) -> dict:
         """The phase's rounds with training through SecAgg+ (cmvim.server.secagg); validation, progress

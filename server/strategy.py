@@ -32,7 +32,8 @@ from flwr.serverapp.strategy import (Bulyan, DifferentialPrivacyClientSideFixedC
 from flwr.serverapp.strategy.dp_fixed_clipping import DifferentialPrivacyFixedClippingBase
 
 from cmvim.run_config import CentralDPConfig, StrategyConfig
-from cmvim.protocol import ARRAYS, METRICS, NUM_EXAMPLES, SITE, SITE_ERROR, SITE_NAME, WEIGHT
+from cmvim.protocol import (ARRAYS, METRICS, NUM_EXAMPLES, SITE, SITE_ERROR, SITE_NAME, VAL_ERROR, VAL_METRICS, VALIDATE,
+                            WEIGHT)
 
 log = logging.getLogger("cmvim.server")
 
@@ -43,6 +44,7 @@ class RoundLog:
     train: dict[str, dict] = field(default_factory=dict)        # site -> metrics
     evaluate: dict[str, dict] = field(default_factory=dict)
     rejected: list[dict] = field(default_factory=list)          # {"round", "site", "stage", "reason"}
+    carried: dict[str, dict] | None = None     # the previous round's validation, carried in this round's training
 
 
 SUPERLINK_NODE_ID = 1      # the sender of the error replies Flower's SuperLink makes for lost nodes
@@ -114,6 +116,11 @@ class Guarded(Strategy):
         self.global_arrays: dict[str, np.ndarray] = {}     # the global model the round started from
         self.declared: dict[str, float] = {}               # site -> num-examples of its first round here
         self.round_offset = 0
+        # evaluation.carry_validation: a training round's messages ask the sites to validate the model
+        # they carry first (when it is an earlier round's: absolute round > 1); only the phase's last
+        # round (`last_round`, Flower's round counter) sends validation messages of its own
+        self.carry_validation = False
+        self.last_round = 0
 
     def __repr__(self) -> str:
         return f"Guarded({self.inner!r})"
@@ -128,14 +135,22 @@ class Guarded(Strategy):
         if isinstance(self.inner, DifferentialPrivacyServerSideFixedClipping):
             self.current = self.global_arrays
 
+    def carries(self, server_round: int) -> bool:
+        """Whether this round's training messages carry the previous round's validation."""
+        return self.carry_validation and server_round + self.round_offset > 1
+
     def configure_train(self, server_round, arrays, config, grid):
         self.start_round(arrays)
+        if self.carries(server_round):
+            config = ConfigRecord({**config, VALIDATE: 1})       # a copy: Flower reuses the phase's record
         try:
             return list(self.inner.configure_train(server_round, arrays, config, grid))
         except PrivacyBudgetExhausted as exc:
             raise CentralBudgetSpent(str(exc)) from exc
 
     def configure_evaluate(self, server_round, arrays, config, grid):
+        if self.carry_validation and server_round < self.last_round:
+            return []                   # validated by the sites at the start of the next round's training
         return self.inner.configure_evaluate(server_round, arrays, config, grid)
 
     def _reject(self, server_round: int, name: str, stage: str, reason: str) -> None:
@@ -228,8 +243,36 @@ class Guarded(Strategy):
     def _log_metrics(self, kept: list[Message], stage: str) -> None:
         setattr(self.round_log, stage, {site_name(m): _metrics(m) for m in kept})
 
+    def _carried(self, server_round: int, replies: list[Message]) -> None:
+        """round_log.carried: the validation of the previous round that the training replies carry
+        (taken out of them: Flower's aggregation wants one MetricRecord a reply), screened like
+        validation replies of their own; a site whose validation failed is named with why."""
+        self.round_log.carried = None
+        if not self.carries(server_round):
+            return
+        earlier, carried = server_round - 1, []
+        for msg in replies:
+            if msg.has_error():
+                continue                     # the training's failure is reported by the training's screen
+            record = msg.content.get(VAL_METRICS) if VAL_METRICS in msg.content else None
+            if record is not None:
+                del msg.content[VAL_METRICS]
+                carried.append(_carrier(msg, record))
+                continue
+            site = msg.content.get(SITE) if SITE in msg.content else None
+            error = site.get(VAL_ERROR) if site is not None else None
+            if not (site is not None and SITE_ERROR in site):        # a failed training is reported as such
+                self._reject(earlier, site_name(msg), "evaluate",
+                             str(error) if error else "the training reply carries no validation")
+        kept = self._screen(earlier, carried, "evaluate")
+        kept = [m for m in kept if _metrics(m).get(NUM_EXAMPLES, 0) > 0]     # suppressed small cells say 0
+        kept = self._same_metric_keys(earlier, kept, "evaluate")
+        self.round_log.carried = {site_name(m): _metrics(m) for m in kept}
+
     def aggregate_train(self, server_round, replies):
-        kept = self._screen(server_round, list(replies), "train")
+        replies = list(replies)
+        self._carried(server_round, replies)
+        kept = self._screen(server_round, replies, "train")
         kept = self._bounded(server_round, self._same_metric_keys(server_round, kept, "train"))
         self._log_metrics(kept, "train")
         if len(kept) < self.min_replies:
@@ -249,6 +292,16 @@ class Guarded(Strategy):
         for msg in kept:
             msg.content[METRICS][WEIGHT] = msg.content[METRICS][NUM_EXAMPLES]
         return self.inner.aggregate_evaluate(server_round, kept) if kept else None
+
+
+def _carrier(msg: Message, record: MetricRecord) -> Message:
+    """A training reply's carried validation as a validation reply of its own (same sender)."""
+    content = RecordDict({METRICS: record, SITE: ConfigRecord({SITE_NAME: site_name(msg)})})
+    metadata = Metadata(run_id=msg.metadata.run_id, message_id=msg.metadata.message_id,
+                        src_node_id=msg.metadata.src_node_id, dst_node_id=msg.metadata.dst_node_id,
+                        reply_to_message_id=msg.metadata.reply_to_message_id, group_id=msg.metadata.group_id,
+                        created_at=msg.metadata.created_at, ttl=msg.metadata.ttl, message_type=MessageType.EVALUATE)
+    return Message(content=content, metadata=metadata)
 
 
 def training_reply(site: str, node: int, arrays: dict, metrics: dict) -> Message:
