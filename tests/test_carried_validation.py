@@ -89,16 +89,22 @@ def test_carried_validation_gives_the_same_run_in_fewer_exchanges(easy_cohort, t
         results = FederatedRun(_cfg(easy_cohort, carry), tmp_path / str(carry), grid).run()
         runs[carry] = (grid, results, json.loads((tmp_path / str(carry) / "metrics.json").read_text()))
     (plain, _, before), (carried, _, after) = runs[False], runs[True]
-    # the same numbers: every round's training and validation, the selected round, the test scores
+    # the same numbers: every round's training and validation, the selected round, the test scores.
+    # Equal to float rounding, not bit for bit: the same training after a different sequence of
+    # work in the process can differ in the 8th digit (seen after other tests ran: MKL's kernels
+    # depend on how the tensors lie in memory), far below anything a recipe change moves
     for old, new in zip(before["rounds"], after["rounds"], strict=True):
         assert (old["phase"], old["round"]) == (new["phase"], new["round"])
         for site in old["train"]:
-            assert new["train"][site]["loss"] == old["train"][site]["loss"]
+            assert new["train"][site]["loss"] == pytest.approx(old["train"][site]["loss"], rel=1e-5)
         assert set(new["evaluate"]) == set(old["evaluate"]) == {"A", "B", "C"}
         for site, metrics in old["evaluate"].items():
-            assert new["evaluate"][site]["auc"] == metrics["auc"]
+            assert new["evaluate"][site]["auc"] == pytest.approx(metrics["auc"], abs=1e-6)
         assert new.get("selected") == old.get("selected")
-    assert after["sites"] == before["sites"] and after["pooled"] == before["pooled"]
+    for site, metrics in before["sites"].items():
+        assert after["sites"][site]["auc"] == pytest.approx(metrics["auc"], abs=1e-6)
+        assert after["sites"][site]["n_test"] == metrics["n_test"]
+    assert after["pooled"]["auc"] == pytest.approx(before["pooled"]["auc"], abs=1e-6)
     # the exchanges: 3 training + 3 validation + calibration + test before; 3 training (the 2nd and
     # 3rd carrying the validation of the round before) + the last round's validation + 2 after
     assert [(k, v) for k, _, v in plain.exchanges] == [
