@@ -264,10 +264,7 @@ class Guarded(Strategy):
             if not (site is not None and SITE_ERROR in site):        # a failed training is reported as such
                 self._reject(earlier, site_name(msg), "evaluate",
                              str(error) if error else "the training reply carries no validation")
-        kept = self._screen(earlier, carried, "evaluate")
-        kept = [m for m in kept if _metrics(m).get(NUM_EXAMPLES, 0) > 0]     # suppressed small cells say 0
-        kept = self._same_metric_keys(earlier, kept, "evaluate")
-        self.round_log.carried = {site_name(m): _metrics(m) for m in kept}
+        self.round_log.carried = {site_name(m): _metrics(m) for m in self._validations(earlier, carried)}
 
     def aggregate_train(self, server_round, replies):
         replies = list(replies)
@@ -284,10 +281,14 @@ class Guarded(Strategy):
             return None, None
         return self.inner.aggregate_train(server_round, kept)
 
-    def aggregate_evaluate(self, server_round, replies):
-        kept = self._screen(server_round, list(replies), "evaluate")
+    def _validations(self, server_round: int, replies: list[Message]) -> list[Message]:
+        """The validation replies that count: not failed, not suppressed, the common metric keys."""
+        kept = self._screen(server_round, replies, "evaluate")
         kept = [m for m in kept if _metrics(m).get(NUM_EXAMPLES, 0) > 0]     # suppressed small cells say 0
-        kept = self._same_metric_keys(server_round, kept, "evaluate")
+        return self._same_metric_keys(server_round, kept, "evaluate")
+
+    def aggregate_evaluate(self, server_round, replies):
+        kept = self._validations(server_round, list(replies))
         self._log_metrics(kept, "evaluate")
         for msg in kept:
             msg.content[METRICS][WEIGHT] = msg.content[METRICS][NUM_EXAMPLES]
