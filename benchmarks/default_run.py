@@ -87,19 +87,25 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2])
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "default-seeds")
     parser.add_argument("--inprocess", action="store_true", help="FedAvg rounds in this process, no Flower transport")
+    parser.add_argument("--inits", nargs="+", choices=["pretrained", "fresh"], default=["pretrained", "fresh"],
+                        help="which runs a seed makes (the table needs both; one alone prints its lines)")
     args = parser.parse_args()
     base = load_yaml(config_path(args.config))
     rows, results = [], {}
     for seed in args.seeds:
-        for init in ("pretrained", "fresh"):
+        for init in args.inits:
             data = {**base, "seed": seed, "finetune_init": init, "baselines": ["linear"]}
             results[(seed, init)] = run_inprocess(data) if args.inprocess else run(data, args.out / f"seed{seed}-{init}")
             r = results[(seed, init)]
             print(f"seed {seed} {init:10s}: mean per-site AUC {r['mean_auc']:.3f} (pooled {r['pooled_auc']:.3f}), "
                   f"linear {r['linear']:.3f} [{r['minutes']:.1f} min]", flush=True)
+        if len(args.inits) < 2:
+            continue
         pre, fresh = results[(seed, "pretrained")], results[(seed, "fresh")]
         rows.append([seed, pre["mean_auc"], fresh["mean_auc"], pre["mean_auc"] - fresh["mean_auc"], pre["linear"],
                      pre["mean_auc"] - pre["linear"], round(pre["minutes"], 1)])
+    if not rows:
+        return
     columns = np.array([r[1:6] for r in rows], dtype=float)
     mean, sd = columns.mean(axis=0), columns.std(axis=0, ddof=1) if len(rows) > 1 else np.zeros(5)
     rows.append(["mean ± sd"] + [f"{m:.3f} ± {s:.3f}" for m, s in zip(mean, sd)] + [""])

@@ -46,7 +46,7 @@ from cmvim.config import load_yaml                                       # noqa:
 from cmvim.data import SiteData, make_loader                             # noqa: E402
 from cmvim.run_config import CohortSpec, RunConfig, run_config                       # noqa: E402
 from cmvim.linear import collect, encoder_features, fit_logistic, positive_scores, regional_means  # noqa: E402
-from cmvim.model import CMViMClassifier                                  # noqa: E402
+from cmvim.model import CMViMClassifier, LossConfig                      # noqa: E402
 from cmvim.site_task import SiteTask                      # noqa: E402
 from cmvim.weights import initial_state                      # noqa: E402
 from cmvim.tables import format_table                                    # noqa: E402
@@ -105,7 +105,7 @@ def variant_config(cfg: RunConfig, variant: str) -> RunConfig:
     weights = VARIANTS[variant]
     if weights is None:
         return cfg
-    paper = cfg.model.loss
+    paper = LossConfig()                    # the paper's weights, whatever the run config's own are
     names = ("intra", "inter", "report")
     loss = {n: (getattr(paper, n) if w == "paper" else w) for n, w in zip(names, weights)}
     data = json.loads(cfg.to_json())
@@ -185,6 +185,10 @@ def linear_scores(cfg: RunConfig, sites: dict[str, SiteData], features, seed: in
 # settings that change how a federated run's messages travel, not what this benchmark computes (it
 # runs its rounds in process): left out of the recipe key, so adding one keeps the rows measured
 NOT_RECIPE = {("evaluation", "carry_validation")}
+# what every row sets itself (variant_config: the contrastive weights and the reports of its variant),
+# so the run config's own value does not change what a row measures; hashed at the paper's values
+PER_VARIANT = {("model", "loss", "intra"): 0.05, ("model", "loss", "inter"): 0.05,
+               ("model", "loss", "report"): 0.05, ("use_reports",): True}
 
 
 def recipe_key(cfg: RunConfig, cohort: CohortConfig) -> str:
@@ -193,6 +197,12 @@ def recipe_key(cfg: RunConfig, cohort: CohortConfig) -> str:
     config = {k: v for k, v in json.loads(cfg.to_json()).items() if k != "seed"}
     for section, key in NOT_RECIPE:
         config.get(section, {}).pop(key, None)
+    for path, value in PER_VARIANT.items():
+        *parents, key = path
+        node = config
+        for name in parents:
+            node = node.setdefault(name, {})
+        node[key] = value
     text = json.dumps({"config": config, "cohort": repr(cohort)}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 

@@ -1,0 +1,51 @@
+"""benchmarks/ssl.py's bookkeeping: which weights a variant pretrains with, and which rows a
+resumed run or a table may take as measured under the same recipe."""
+import importlib.util
+from pathlib import Path
+
+from cmvim.config import load_yaml
+from cmvim.run_config import run_config
+from cmvim.simulations.cohort import CohortConfig
+
+ROOT = Path(__file__).parents[1]
+
+
+def _benchmark():
+    spec = importlib.util.spec_from_file_location("ssl_benchmark", ROOT / "benchmarks" / "ssl.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _with(data: dict, section: str, **values) -> dict:
+    return {**data, section: {**data.get(section, {}), **values}}
+
+
+def test_variants_pretrain_with_the_papers_weights_whatever_the_run_config_says():
+    ssl = _benchmark()
+    data = load_yaml(ROOT / "simulations" / "configs" / "quick.yaml")
+    loss = {"intra": 0.0, "inter": 0.0, "report": 0.0}
+    mae_only_run = run_config({**data, "model": {**data["model"], "loss": loss}, "use_reports": False})
+    full = ssl.variant_config(mae_only_run, "cmvim")
+    assert (full.model.loss.intra, full.model.loss.inter, full.model.loss.report, full.use_reports) == \
+        (0.05, 0.05, 0.05, True)
+    intra = ssl.variant_config(mae_only_run, "mae+intra")
+    assert (intra.model.loss.intra, intra.model.loss.inter, intra.model.loss.report, intra.use_reports) == \
+        (0.05, 0.0, 0.0, False)
+    assert ssl.variant_config(mae_only_run, "fresh") is mae_only_run
+
+
+def test_the_recipe_key_ignores_what_every_row_sets_itself_and_nothing_else():
+    ssl = _benchmark()
+    data = load_yaml(ROOT / "simulations" / "configs" / "quick.yaml")
+    cohort = CohortConfig(sites=3, subjects=20, shape=64, seed=1)
+    key = ssl.recipe_key(run_config(data), cohort)
+    loss = {**data["model"].get("loss", {}), "inter": 0.0, "report": 0.0}
+    same = [{**data, "model": {**data["model"], "loss": loss}, "use_reports": False},
+            _with(data, "evaluation", carry_validation=False), {**data, "seed": 7}]
+    for variant in same:
+        assert ssl.recipe_key(run_config(variant), cohort) == key
+    other = [_with(data, "finetune", lr=3e-4), _with(data, "pretrain", rounds=3)]
+    for variant in other:
+        assert ssl.recipe_key(run_config(variant), cohort) != key
+    assert ssl.recipe_key(run_config(data), CohortConfig(sites=3, subjects=20, shape=64, seed=2)) != key
