@@ -45,7 +45,7 @@ def test_the_recipe_key_ignores_what_every_row_sets_itself_and_nothing_else():
             _with(data, "evaluation", carry_validation=False), {**data, "seed": 7}]
     for variant in same:
         assert ssl.recipe_key(run_config(variant), cohort) == key
-    other = [_with(data, "finetune", lr=3e-4), _with(data, "pretrain", rounds=3)]
+    other = [_with(data, "finetune", lr=5e-4), _with(data, "pretrain", rounds=3)]
     for variant in other:
         assert ssl.recipe_key(run_config(variant), cohort) != key
     assert ssl.recipe_key(run_config(data), CohortConfig(sites=3, subjects=20, shape=64, seed=2)) != key
