@@ -2,7 +2,8 @@
 the built-in cohort) with the pretrained encoder and with `finetune_init: fresh`, over seeds,
 beside the linear baseline each run computes on the same splits.
 
-    PYTHONPATH=. python benchmarks/default_run.py [--seeds 0 1 2] [--config quick.yaml] [--out runs/default-seeds]
+    PYTHONPATH=. python benchmarks/default_run.py [--seeds 0 1 2] [--config quick.yaml] [--set KEY=VALUE ...]
+        [--inits pretrained fresh] [--out runs/default-seeds]
 
 A seed changes the model's initialisation, the augmentations and the train/val/test split (the
 cohort stays the default one), so the spread over seeds includes the split's. Prints one row a
@@ -31,6 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from cmvim.config import load_yaml          # noqa: E402
+from cmvim.run_config import overridden     # noqa: E402
 from cmvim.tables import format_table       # noqa: E402
 from cmvim.simulations.cli import config_path          # noqa: E402
 
@@ -87,10 +89,12 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2])
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "default-seeds")
     parser.add_argument("--inprocess", action="store_true", help="FedAvg rounds in this process, no Flower transport")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a setting over the config's, as cmvim-sim --set (repeatable)")
     parser.add_argument("--inits", nargs="+", choices=["pretrained", "fresh"], default=["pretrained", "fresh"],
                         help="which runs a seed makes (the table needs both; one alone prints its lines)")
     args = parser.parse_args()
-    base = load_yaml(config_path(args.config))
+    base = overridden(load_yaml(config_path(args.config)), args.set)
     rows, results = [], {}
     for seed in args.seeds:
         for init in args.inits:

@@ -53,6 +53,8 @@ from cmvim.tables import format_table                                    # noqa:
 from cmvim.simulations.baselines import train_rounds                           # noqa: E402
 from cmvim.simulations.cohort import CohortConfig, cached_cohort               # noqa: E402
 
+CONTRASTIVE = ("intra", "inter", "report")
+PAPER = LossConfig()        # the paper's weights ("paper" below), whatever the run config's own are
 VARIANTS = {                # contrastive weights (intra, inter, report) per pretraining variant
     "fresh": None,
     "mae": (0.0, 0.0, 0.0),
@@ -105,9 +107,7 @@ def variant_config(cfg: RunConfig, variant: str) -> RunConfig:
     weights = VARIANTS[variant]
     if weights is None:
         return cfg
-    paper = LossConfig()                    # the paper's weights, whatever the run config's own are
-    names = ("intra", "inter", "report")
-    loss = {n: (getattr(paper, n) if w == "paper" else w) for n, w in zip(names, weights)}
+    loss = {n: (getattr(PAPER, n) if w == "paper" else w) for n, w in zip(CONTRASTIVE, weights)}
     data = json.loads(cfg.to_json())
     data["model"] = {**data["model"], "loss": {**data["model"].get("loss", {}), **loss}}
     data["use_reports"] = bool(weights[2])
@@ -185,10 +185,10 @@ def linear_scores(cfg: RunConfig, sites: dict[str, SiteData], features, seed: in
 # settings that change how a federated run's messages travel, not what this benchmark computes (it
 # runs its rounds in process): left out of the recipe key, so adding one keeps the rows measured
 NOT_RECIPE = {("evaluation", "carry_validation")}
-# what every row sets itself (variant_config: the contrastive weights and the reports of its variant),
-# so the run config's own value does not change what a row measures; hashed at the paper's values
-PER_VARIANT = {("model", "loss", "intra"): 0.05, ("model", "loss", "inter"): 0.05,
-               ("model", "loss", "report"): 0.05, ("use_reports",): True}
+# what a pretraining variant sets itself (variant_config: its contrastive weights and reports) and
+# fine-tuning never reads, so the run config's own value does not change what a row measures;
+# hashed at the paper's values
+PER_VARIANT = {**{("model", "loss", n): getattr(PAPER, n) for n in CONTRASTIVE}, ("use_reports",): True}
 
 
 def recipe_key(cfg: RunConfig, cohort: CohortConfig) -> str:
