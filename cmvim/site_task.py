@@ -216,13 +216,23 @@ class SiteTask:
         if len(binary) and min(int(binary.sum()), int(len(binary) - binary.sum())) < k:
             # a small cell: nothing about it leaves, not even how many (decided before the model runs)
             return RoundResult({}, {}, {NUM_EXAMPLES: 0, SUPPRESSED: 1})
-        labels, probs = engine.predict(model, self.views.loader(dataset, self.cfg.finetune.batch_size, False, 0),
-                                       self.precision)
+        labels, probs = self._predict(model, dataset)
         if len(labels) == 0:
             return RoundResult({}, {}, {NUM_EXAMPLES: 0})
         positive = probs[:, -1]                  # P(AD): the last class in both tasks
         binary = (labels == self.num_classes - 1).astype(int)
         return RoundResult({}, {}, *evaluation_metrics(self.cfg, binary, positive, calibration, logits))
+
+
+    def predict(self, shared: State, local: State | None = None, split: str = "val") -> tuple[np.ndarray, np.ndarray]:
+        """The fine-tuned model's (is AD 0/1, P(AD)) on the labelled subjects of `split`, in this
+        process: for benchmarks that score rounds (nothing here leaves the site)."""
+        labels, probs = self._predict(self._model("finetune", shared, local or {}),
+                                      self.views.dataset([split], True, augment=False))
+        return (labels == self.num_classes - 1).astype(int), probs[:, -1] if len(labels) else np.zeros(0)
+
+    def _predict(self, model: torch.nn.Module, dataset) -> tuple[np.ndarray, np.ndarray]:
+        return engine.predict(model, self.views.loader(dataset, self.cfg.finetune.batch_size, False, 0), self.precision)
 
 
 def evaluation_metrics(cfg: RunConfig, binary: np.ndarray, positive: np.ndarray,

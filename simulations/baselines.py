@@ -31,11 +31,12 @@ def fedavg(results) -> dict:
 
 
 def train_rounds(cfg: RunConfig, tasks: list[SiteTask], phase: str, shared: dict,
-                 aggregate=None) -> tuple[dict, dict[str, dict]]:
+                 aggregate=None, after_round=None) -> tuple[dict, dict[str, dict]]:
     """A phase's rounds in this process: one task trains alone (local, centralized), several are
     averaged by FedAvg each round (the federated run without Flower's transport, as benchmarks
     use it), or by `aggregate(phase, round, {site: RoundResult}, shared) -> shared` (e.g.
-    `server_aggregation`). Returns the shared parameters and each task's own (personalised) ones."""
+    `server_aggregation`). `after_round(round, shared, local)` sees every round's global model
+    (benchmarks score them). Returns the shared parameters and each task's own (personalised) ones."""
     local = {task.name: {} for task in tasks}
     select = phase == "finetune" and cfg.finetune.select == "best_val"
     best = (float("-inf"), shared, local)
@@ -46,6 +47,8 @@ def train_rounds(cfg: RunConfig, tasks: list[SiteTask], phase: str, shared: dict
             shared = aggregate(phase, round_, {task.name: r for task, r in zip(tasks, results)}, shared)
         else:
             shared = results[0].shared if len(results) == 1 else fedavg(results)
+        if after_round is not None:
+            after_round(round_, shared, local)
         if select:                            # as the federated run selects (server.checkpoints.BestModel)
             score = validation_auc(tasks, shared, local)
             if score >= best[0]:
