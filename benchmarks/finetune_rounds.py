@@ -49,6 +49,7 @@ from cmvim.tables import format_table       # noqa: E402
 from cmvim.simulations.cli import config_path          # noqa: E402
 
 FINETUNE_ONLY = ("finetune", "finetune_init", "baselines", "modality_dropout")   # what pretraining never reads
+WINDOW = 6              # the rounds over which the round-to-round change is read (the default's fine-tuning rounds)
 RULES = ("mean per-site val AUC (default)", "pooled val AUC", "pooled val log-loss", "last round",
          "last probe round", "oracle (best test round)")
 
@@ -190,6 +191,11 @@ def report(results: list[dict]) -> str:
     for r in results:
         test = [site_mean_auc(x["test"]) for x in r["rounds"]]
         lines.append(f"seed {r['seed']} (linear {r['linear']:.3f}) test AUC by round: " + " ".join(f"{t:.3f}" for t in test))
+    steps = np.concatenate([np.abs(np.diff([site_mean_auc(x["test"]) for x in r["rounds"][-(WINDOW + 1):]]))
+                            for r in results])
+    if len(steps):
+        lines.append(f"test AUC from one round to the next over the last {WINDOW} rounds: mean change {steps.mean():.3f}, "
+                     f"largest {steps.max():.3f}")
     rows = []
     for rule in RULES:
         picked = [selections(r["rounds"], r["probe_rounds"])[rule] for r in results]

@@ -68,6 +68,14 @@ def test_each_rule_picks_the_round_its_score_says():
     assert picked[bench.RULES[2]] == int(np.argmin(losses))
     assert bench.pooled_auc(rounds[3]["val"]) == pytest.approx(15 / 16)
     assert picked[bench.RULES[1]] == 3          # rounds 2 and 4 tie at 15/16: the latest
+    # the report: per rule the chosen round's test AUC, its gap to the baseline and the round (1-based)
+    table = bench.report([{"seed": 7, "linear": 0.9, "probe_rounds": 2, "rounds": rounds}])
+    default_row = next(line for line in table.splitlines() if line.startswith(f"| {bench.RULES[0]}"))
+    cells = [c.strip() for c in default_row.strip("|").split("|")]
+    assert cells[1:] == ["0.000", "-0.900 ± 0.000", "0", "0.000", "4"]      # round 4's test: both sites reversed
+    oracle_row = next(line for line in table.splitlines() if line.startswith(f"| {bench.RULES[5]}"))
+    assert [c.strip() for c in oracle_row.strip("|").split("|")][1:] == ["1.000", "+0.100 ± 0.000", "1", "1.000", "2"]
+    assert "mean change 0.417, largest 0.875" in table      # test AUC 0.75, 1, 0.875, 0
 
 
 def test_a_site_that_cannot_score_never_wins_the_selection():
