@@ -1,4 +1,7 @@
 """Fixtures shared by the federated-run tests."""
+import importlib.util
+from pathlib import Path
+
 import pytest
 
 from cmvim.simulations.cohort import CohortConfig, cached_cohort
@@ -12,3 +15,15 @@ EASY = {"sites": 3, "subjects": 60, "shape": 32, "seed": 2, "effect_scale": 5.0,
 @pytest.fixture(scope="session")
 def easy_cohort(tmp_path_factory):
     return cached_cohort(CohortConfig(**EASY), root=tmp_path_factory.mktemp("cache"))
+
+
+@pytest.fixture
+def load_benchmark():
+    """`load_benchmark("ssl")`: a script of benchmarks/ as a module (they are scripts, not a package)."""
+    def load(name: str):
+        path = Path(__file__).parents[1] / "benchmarks" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(f"{name}_benchmark", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    return load

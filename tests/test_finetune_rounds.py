@@ -1,7 +1,6 @@
 """benchmarks/finetune_rounds.py: the rules that choose the final fine-tuning round, on rounds
 whose scores are worked out by hand; the embedding-readout diagnostic; SiteTask.predict against
 the site's own evaluation; train_rounds' per-round hook."""
-import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -17,16 +16,6 @@ from cmvim.simulations.toy import synthetic_batch
 from cmvim.site_task import SiteTask
 from cmvim.weights import initial_state
 
-ROOT = Path(__file__).parents[1]
-
-
-def _benchmark():
-    spec = importlib.util.spec_from_file_location("finetune_rounds", ROOT / "benchmarks" / "finetune_rounds.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 # two sites, 2 AD + 2 CN each: labels [1, 1, 0, 0]
 PERFECT, ONE_SWAP, SWAPPED = [0.9, 0.8, 0.2, 0.1], [0.9, 0.3, 0.4, 0.1], [0.2, 0.1, 0.9, 0.8]
 LABELS = [1, 1, 0, 0]
@@ -36,8 +25,8 @@ def _split(a, b):
     return {"A": [LABELS, a], "B": [LABELS, b]}
 
 
-def test_each_rule_picks_the_round_its_score_says():
-    bench = _benchmark()
+def test_each_rule_picks_the_round_its_score_says(load_benchmark):
+    bench = load_benchmark("finetune_rounds")
     rounds = [
         # round 1: site A perfect, B reversed: per-site mean 0.5
         {"val": _split(PERFECT, SWAPPED), "test": _split(ONE_SWAP, ONE_SWAP)},
@@ -78,14 +67,14 @@ def test_each_rule_picks_the_round_its_score_says():
     assert "mean change 0.417, largest 0.875" in table      # test AUC 0.75, 1, 0.875, 0
 
 
-def test_a_site_that_cannot_score_never_wins_the_selection():
-    bench = _benchmark()
+def test_a_site_that_cannot_score_never_wins_the_selection(load_benchmark):
+    bench = load_benchmark("finetune_rounds")
     assert bench._latest_best([0.7, float("nan"), 0.6]) == 0
     assert bench._latest_best([float("nan"), float("nan")]) == 1     # nothing scored: the last round
 
 
-def test_the_embedding_readout_skips_the_encoder_blocks_and_is_undone_afterwards():
-    bench = _benchmark()
+def test_the_embedding_readout_skips_the_encoder_blocks_and_is_undone_afterwards(load_benchmark):
+    bench = load_benchmark("finetune_rounds")
     mc = model_config("tiny", readout="factorized", head_rank=2)
     batch = synthetic_batch(mc, 3, seed=1)
     with bench.embedding_readout():

@@ -1,6 +1,5 @@
 """benchmarks/ssl.py's bookkeeping: which weights a variant pretrains with, and which rows a
 resumed run or a table may take as measured under the same recipe."""
-import importlib.util
 from pathlib import Path
 
 from cmvim.config import load_yaml
@@ -10,19 +9,12 @@ from cmvim.simulations.cohort import CohortConfig
 ROOT = Path(__file__).parents[1]
 
 
-def _benchmark():
-    spec = importlib.util.spec_from_file_location("ssl_benchmark", ROOT / "benchmarks" / "ssl.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _with(data: dict, section: str, **values) -> dict:
     return {**data, section: {**data.get(section, {}), **values}}
 
 
-def test_variants_pretrain_with_the_papers_weights_whatever_the_run_config_says():
-    ssl = _benchmark()
+def test_variants_pretrain_with_the_papers_weights_whatever_the_run_config_says(load_benchmark):
+    ssl = load_benchmark("ssl")
     data = load_yaml(ROOT / "simulations" / "configs" / "quick.yaml")
     loss = {"intra": 0.0, "inter": 0.0, "report": 0.0}
     mae_only_run = run_config({**data, "model": {**data["model"], "loss": loss}, "use_reports": False})
@@ -35,8 +27,8 @@ def test_variants_pretrain_with_the_papers_weights_whatever_the_run_config_says(
     assert ssl.variant_config(mae_only_run, "fresh") is mae_only_run
 
 
-def test_the_recipe_key_ignores_what_every_row_sets_itself_and_nothing_else():
-    ssl = _benchmark()
+def test_the_recipe_key_ignores_what_every_row_sets_itself_and_nothing_else(load_benchmark):
+    ssl = load_benchmark("ssl")
     data = load_yaml(ROOT / "simulations" / "configs" / "quick.yaml")
     cohort = CohortConfig(sites=3, subjects=20, shape=64, seed=1)
     key = ssl.recipe_key(run_config(data), cohort)
