@@ -223,7 +223,6 @@ class SiteTask:
         binary = (labels == self.num_classes - 1).astype(int)
         return RoundResult({}, {}, *evaluation_metrics(self.cfg, binary, positive, calibration, logits))
 
-
     def predict(self, shared: State, local: State | None = None, split: str = "val") -> tuple[np.ndarray, np.ndarray]:
         """The fine-tuned model's (is AD 0/1, P(AD)) on the labelled subjects of `split`, in this
         process: for benchmarks that score rounds (nothing here leaves the site)."""
