@@ -278,6 +278,7 @@ QUICK = Path(__file__).parents[1] / "simulations" / "configs" / "quick.yaml"
 
 def test_set_overrides_reach_the_parsed_config():
     data = load_yaml(QUICK)
+    untouched = load_yaml(QUICK)
     cfg = run_config(overridden(data, ["finetune.rounds=8", "model.depth=2", "baselines=[linear, local]",
                                        "strategy.norm_bound=null", "pretrain.lr=2e-3", "device=cuda:0"]))
     assert (cfg.finetune.rounds, cfg.model.depth, cfg.baselines) == (8, 2, ["linear", "local"])
@@ -286,7 +287,7 @@ def test_set_overrides_reach_the_parsed_config():
     # checked like the file: 3 rounds cannot hold the file's 5 probe rounds
     with pytest.raises(ConfigError, match="probe_rounds must lie between 0 and finetune.rounds"):
         run_config(overridden(data, ["finetune.rounds=3"]))
-    assert data["finetune"]["rounds"] == 11                                   # the file's mapping untouched
+    assert data == untouched and data["finetune"]["rounds"] != 8               # the file's mapping untouched
     # a model given as a preset name opens up for a dotted key; no model section means the default preset
     assert run_config(overridden({"model": "tiny"}, ["model.depth=3"])).model.depth == 3
     tiny = run_config(overridden({}, ["model.depth=3"])).model
