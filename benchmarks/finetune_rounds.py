@@ -44,6 +44,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from cmvim.config import load_yaml          # noqa: E402
+from cmvim.metrics import auc_or_nan        # noqa: E402
 from cmvim.run_config import overridden     # noqa: E402
 from cmvim.tables import format_table       # noqa: E402
 from cmvim.simulations.cli import config_path          # noqa: E402
@@ -59,15 +60,18 @@ def key(data: dict, *drop: str) -> str:
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def _auc(labels, scores) -> float:
-    from sklearn.metrics import roc_auc_score
-    labels = np.asarray(labels)
-    return float(roc_auc_score(labels, scores)) if 0 < labels.sum() < len(labels) else float("nan")
+def seed_data(data: dict, seed: int) -> dict:
+    return {**data, "seed": seed, "baselines": []}
+
+
+def rounds_path(cache: Path, data: dict, seed: int, readout: str) -> Path:
+    """Where one seed's scored rounds of this config and readout are cached."""
+    return cache / f"rounds-{key({**seed_data(data, seed), 'readout': readout})}-seed{seed}.json"
 
 
 def site_mean_auc(split: dict) -> float:
     """Mean over sites of the per-site AUC; `split`: {site: [labels, scores]}."""
-    aucs = [_auc(*v) for v in split.values()]
+    aucs = [auc_or_nan(*v) for v in split.values()]
     aucs = [a for a in aucs if np.isfinite(a)]
     return float(np.mean(aucs)) if aucs else float("nan")
 
@@ -78,7 +82,7 @@ def _pooled(split: dict) -> tuple[np.ndarray, np.ndarray]:
 
 
 def pooled_auc(split: dict) -> float:
-    return _auc(*_pooled(split))
+    return auc_or_nan(*_pooled(split))
 
 
 def pooled_log_loss(split: dict) -> float:
@@ -148,9 +152,9 @@ def run_seed(data: dict, seed: int, readout: str, cache: Path) -> dict:
     from cmvim.simulations.cohort import prepare_cohort
 
     torch.set_num_threads(1)
-    data = {**data, "seed": seed, "baselines": []}
-    pretrain_key, variant_key = key(data, *FINETUNE_ONLY), key({**data, "readout": readout})
-    out_path = cache / f"rounds-{variant_key}-seed{seed}.json"
+    out_path = rounds_path(cache, data, seed, readout)
+    data = seed_data(data, seed)
+    pretrain_key = key(data, *FINETUNE_ONLY)
     if out_path.exists():
         return json.loads(out_path.read_text())
     cache.mkdir(parents=True, exist_ok=True)
@@ -187,19 +191,18 @@ def run_seed(data: dict, seed: int, readout: str, cache: Path) -> dict:
 
 
 def report(results: list[dict]) -> str:
-    lines = []
-    for r in results:
-        test = [site_mean_auc(x["test"]) for x in r["rounds"]]
-        lines.append(f"seed {r['seed']} (linear {r['linear']:.3f}) test AUC by round: " + " ".join(f"{t:.3f}" for t in test))
-    steps = np.concatenate([np.abs(np.diff([site_mean_auc(x["test"]) for x in r["rounds"][-(WINDOW + 1):]]))
-                            for r in results])
+    tests = [[site_mean_auc(x["test"]) for x in r["rounds"]] for r in results]
+    chosen = [selections(r["rounds"], r["probe_rounds"]) for r in results]
+    lines = [f"seed {r['seed']} (linear {r['linear']:.3f}) test AUC by round: " + " ".join(f"{t:.3f}" for t in test)
+             for r, test in zip(results, tests)]
+    steps = np.concatenate([np.abs(np.diff(test[-(WINDOW + 1):])) for test in tests])
     if len(steps):
         lines.append(f"test AUC from one round to the next over the last {WINDOW} rounds: mean change {steps.mean():.3f}, "
                      f"largest {steps.max():.3f}")
     rows = []
     for rule in RULES:
-        picked = [selections(r["rounds"], r["probe_rounds"])[rule] for r in results]
-        aucs = np.array([site_mean_auc(r["rounds"][i]["test"]) for r, i in zip(results, picked)])
+        picked = [c[rule] for c in chosen]
+        aucs = np.array([test[i] for test, i in zip(tests, picked)])
         gaps = aucs - np.array([r["linear"] for r in results])
         sd = gaps.std(ddof=1) if len(gaps) > 1 else 0.0
         rows.append([rule, f"{aucs.mean():.3f}", f"{gaps.mean():+.3f} ± {sd:.3f}", int((gaps >= -0.03).sum()),
@@ -224,7 +227,7 @@ def main() -> None:
     results = []
     for seed in args.seeds:
         if args.report_only:
-            path = args.cache / f"rounds-{key({**data, 'seed': seed, 'baselines': [], 'readout': args.readout})}-seed{seed}.json"
+            path = rounds_path(args.cache, data, seed, args.readout)
             if path.exists():
                 results.append(json.loads(path.read_text()))
             continue

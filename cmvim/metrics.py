@@ -23,7 +23,8 @@ def roc_curve(*args, **kwargs):
     return curve(*args, **kwargs)
 
 
-def _safe_auc(labels: np.ndarray, scores: np.ndarray, weights: np.ndarray | None = None) -> float:
+def auc_or_nan(labels: np.ndarray, scores: np.ndarray, weights: np.ndarray | None = None) -> float:
+    """ROC AUC of 0/1 labels; NaN where it is undefined (one class only)."""
     if len(np.unique(labels)) < 2:
         return float("nan")
     return float(roc_auc_score(labels, scores, sample_weight=weights))
@@ -37,7 +38,7 @@ def binary_metrics(labels, scores, threshold: float = 0.5, bootstrap: int = 1000
     positives, negatives = labels == 1, labels == 0
     out = {
         "n": int(len(labels)), "n_pos": int(positives.sum()), "n_neg": int(negatives.sum()),
-        "auc": _safe_auc(labels, scores),
+        "auc": auc_or_nan(labels, scores),
         "acc": float((predicted == positives).mean()) if len(labels) else float("nan"),
         "sensitivity": float(predicted[positives].mean()) if positives.any() else float("nan"),
         "specificity": float((~predicted[negatives]).mean()) if negatives.any() else float("nan"),
@@ -88,7 +89,7 @@ def _histogram_samples(pos, neg) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def auc_from_histograms(pos, neg) -> float:
     """AUC of binned scores (ties inside a bin count one half), e.g. the sum of every site's histograms."""
     labels, scores, weights = _histogram_samples(pos, neg)
-    return _safe_auc(labels, scores, weights)
+    return auc_or_nan(labels, scores, weights)
 
 
 def roc_from_histograms(pos, neg) -> tuple[np.ndarray, np.ndarray]:
