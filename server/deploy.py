@@ -44,6 +44,7 @@ from cmvim.run_config import overridden, run_config
 from .flower_app import write_project
 
 CONNECTION = "cmvim"
+STATUS_POLL = 30.0           # s between `flwr list` asks for the run's status while its log streams
 
 
 class DeployError(Exception):
@@ -247,21 +248,29 @@ class Coordinator:
         return str(run_id)
 
     def wait_for_run(self, run_id: str) -> str:
+        """Stream the run's log and return its final status. The status is asked (`flwr list`: a new
+        interpreter importing flwr, ~1 s of a core) when the log stream ends, which it does when the
+        run finishes, and otherwise only every STATUS_POLL s in case the stream died: asked every 3 s,
+        it took a third of a core from the sites and the SuperLink on a shared machine."""
         log = Child([flower_executable("flwr", DeployError), "log", run_id, CONNECTION, "--stream"],
                     env=self.env, prefix="  ")
         deadline = time.monotonic() + self.args.run_timeout
+        asked = -float("inf")
         try:
             while True:
-                runs = (self.flwr("list", CONNECTION, "--run-id", run_id, check=False) or {}).get("runs", [])
-                status = runs[0].get("status", "") if runs else ""
-                if status.startswith("finished"):
-                    time.sleep(2)            # let the log stream print the end
-                    return status
-                if time.monotonic() > deadline:
+                now = time.monotonic()
+                if log.poll() is not None or now - asked >= STATUS_POLL:
+                    asked = now
+                    runs = (self.flwr("list", CONNECTION, "--run-id", run_id, check=False) or {}).get("runs", [])
+                    status = runs[0].get("status", "") if runs else ""
+                    if status.startswith("finished"):
+                        time.sleep(2 if log.poll() is None else 0)      # let the log stream print the end
+                        return status
+                if now > deadline:
                     self.flwr("stop", run_id, CONNECTION, check=False)
                     raise DeployError(f"run {run_id} had not finished after {self.args.run_timeout:.0f} s "
                                       "(--run-timeout): stopped; its checkpoints let it resume (--resume)")
-                time.sleep(3)
+                time.sleep(1 if log.poll() is None else 3)     # the stream over, the run not yet: ask every 3 s
         finally:
             log.stop(grace=3)
 

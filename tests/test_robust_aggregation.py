@@ -208,6 +208,9 @@ def test_cmvim_server_stops_a_run_that_outlives_its_deadline(tmp_path, monkeypat
         def __init__(self, *args, **kwargs):
             pass
 
+        def poll(self):
+            return None
+
         def stop(self, grace=0):
             pass
     monkeypatch.setattr(deploy, "Child", Stream)
@@ -227,6 +230,42 @@ def test_cmvim_server_stops_a_run_that_outlives_its_deadline(tmp_path, monkeypat
     with pytest.raises(deploy.DeployError, match=r"run 7 had not finished after 0 s \(--run-timeout\): stopped"):
         coordinator.wait_for_run("7")
     assert calls[-1][:2] == ("stop", "7")
+
+
+def test_cmvim_server_asks_the_run_status_when_the_log_stream_ends_not_every_few_seconds(tmp_path, monkeypatch):
+    """`flwr list` is a new interpreter importing flwr (~1 s of a core): while the run's log
+    streams the coordinator asks it only every STATUS_POLL s, and at once when the stream ends
+    (which it does when the run finishes)."""
+    import argparse
+    from cmvim.server import deploy
+    clock = {"t": 0.0}
+    monkeypatch.setattr(deploy.time, "monotonic", lambda: clock["t"])
+    monkeypatch.setattr(deploy.time, "sleep", lambda s: clock.__setitem__("t", clock["t"] + s))
+    ends_at = 95.0                                     # the run (and its log stream) ends 95 s in
+
+    class Stream:
+        def __init__(self, *args, **kwargs):
+            self.stopped = False
+
+        def poll(self):
+            return 0 if clock["t"] >= ends_at else None
+
+        def stop(self, grace=0):
+            self.stopped = True
+    monkeypatch.setattr(deploy, "Child", Stream)
+    parser = argparse.ArgumentParser()
+    deploy.add_arguments(parser)
+    args = parser.parse_args(["--config", str(tmp_path / "run.yaml"), "--out", str(tmp_path / "out"), "--insecure"])
+    coordinator = deploy.Coordinator(args)
+    asked = []
+
+    def flwr(*argv, check=True):
+        asked.append(clock["t"])
+        return {"runs": [{"status": "finished:completed" if clock["t"] >= ends_at else "running"}]}
+    coordinator.flwr = flwr
+    assert coordinator.wait_for_run("7") == "finished:completed"
+    # asked at the start, every 30 s while streaming (30, 60, 90), and once when the stream ended
+    assert asked == [0.0, 30.0, 60.0, 90.0, 95.0]
 
 
 def test_cmvim_server_stops_waiting_for_sites_when_its_proxy_died(tmp_path):
