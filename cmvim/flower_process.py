@@ -175,9 +175,10 @@ def quicken_supernode(module, poll: float, fast: float = 0.1) -> Backoff:
     most of it. Here, in this process only: the ask for work waits `fast` s right after the site
     last sent a reply, growing with the time since (Backoff: ratio 0.1) back to `poll` s for an
     idle site (each ask is one HTTPS request to the coordinator); the look for the reply (a
-    memory lookup) waits 10 ms growing to 0.2 s. Returns the activity clock (marked when a reply
-    starts and ends)."""
-    activity, reply = Backoff(fast, poll), Backoff(0.01, 0.2)
+    lookup in this process's memory, free) every 10 ms, so a reply leaves within 10 ms of the
+    site's work ending (it waited up to 0.2 s after a long task before). Returns the activity
+    clock (marked when a reply starts and ends)."""
+    activity, reply = Backoff(fast, poll), Backoff(0.01, 0.01)
     module.time = _PollSleep({FLOWER_POLL: activity, FLOWER_REPLY_WAIT: reply})
     if not getattr(module._push_messages, "__wrapped_by_cmvim__", False):
         module._push_messages = _marking(module._push_messages, activity, reply)

@@ -3,8 +3,14 @@
     cmvim-server --config run.yaml --out results/ --certs certs/ --site-keys certs/sites/ --wait-sites 3
 
 1. Starts a Flower SuperLink with TLS (certs/ca.crt, server.crt, server.key) and SuperNode
-   authentication on, runtime dependency installation off, its state in a SQLite file under
-   --state-dir (so registrations survive a restart). The SuperLink listens on the coordinator's
+   authentication on, runtime dependency installation off, its state in memory (Flower's
+   `:flwr-in-memory:`): every request a site makes (a message, each of its objects, a heartbeat)
+   was a SQLite transaction on disk, half of a deployed round's overhead on a small model
+   (docs/benchmarks/deploy.md), and under load the file stayed locked and failed runs. Nothing in
+   that state outlives a run: the site keys are registered again from --site-keys at every start
+   (step 2), a restarted coordinator resumes from its own checkpoints (--resume), and the sites'
+   SuperNodes, refused by a SuperLink that no longer knows their node, reconnect and are let in
+   with their registered key (cmvim-client starts them again). The SuperLink listens on the coordinator's
    loopback only: Flower 1.42 serves its Fleet API (sites), Control API (registering keys,
    submitting and stopping runs) and Runtime API on one port, and its Control API has no login
    in the open edition. The public --address is Caddy (a TLS reverse proxy, the [server]
@@ -44,6 +50,7 @@ from cmvim.run_config import overridden, run_config
 from .flower_app import write_project
 
 CONNECTION = "cmvim"
+SUPERLINK_STATE = ":flwr-in-memory:"     # Flower's in-memory LinkState and ObjectStore: see step 1 above
 STATUS_POLL = 30.0           # s between `flwr list` asks for the run's status while its log streams
 
 
@@ -69,7 +76,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run-timeout", type=float, default=7 * 24 * 3600.0,
                         help="stop the run if it has not finished after S s (default a week; the run's own rounds "
                              "have deadlines too: strategy.round_timeout and strategy.wait_for_sites)")
-    parser.add_argument("--state-dir", type=Path, help="SuperLink database, logs and Flower's home "
+    parser.add_argument("--state-dir", type=Path, help="the SuperLink's logs, Flower's home and the proxy's config "
                         "(default: OUT/.superlink)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     parser.add_argument("--insecure", action="store_true", help="no TLS, no node authentication (local tests only)")
@@ -81,7 +88,7 @@ class Coordinator:
     def __init__(self, args: argparse.Namespace):
         self.args = args
         self.state = (args.state_dir or args.out / ".superlink").expanduser().resolve()
-        self.state.mkdir(mode=0o700, parents=True, exist_ok=True)      # the SuperLink's database and logs
+        self.state.mkdir(mode=0o700, parents=True, exist_ok=True)      # the SuperLink's logs, Flower's home
         self.state.chmod(0o700)
         self.env = flower_env(self.state / "flwr-home")
         # the app Flower runs: a one-file project naming the installed deployment app (no checkout needed)
@@ -121,7 +128,7 @@ class Coordinator:
     def start_superlink(self) -> None:
         port = self.address.rpartition(":")[2]
         cmd = [flower_executable("flower-superlink", DeployError), "--host", "127.0.0.1", "--port", port,
-               "--database", str(self.state / "superlink.db"), "--disable-runtime-dependency-installation"]
+               "--database", SUPERLINK_STATE, "--disable-runtime-dependency-installation"]
         if self.args.insecure:
             cmd.append("--insecure")
         else:

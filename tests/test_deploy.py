@@ -338,3 +338,41 @@ def test_a_killed_site_worker_is_started_again_and_the_site_goes_on(cohort, tmp_
     assert worker_log.read_text().count("cmvim site worker: ready") >= 2 or \
         logs["A"].read_text().count("cmvim site worker: ready") >= 2
     assert not _worker_pids(tmp_path / "node-A") and not _worker_pids(tmp_path / "node-B")
+
+
+@pytest.mark.slow          # ~3 min: two sites, a coordinator stopped after round 2 and started again
+def test_a_restarted_coordinator_gets_its_sites_back_and_resumes(cohort, tmp_path):
+    """The SuperLink keeps its state in memory: a restarted coordinator knows no node. It registers
+    the site keys again from --site-keys, the sites' SuperNodes (refused with their old node id, or
+    cut off) reconnect with their key, and the run resumes from the checkpoint with both sites."""
+    certs = tmp_path / "certs"
+    subprocess.run([sys.executable, "-m", "cmvim.deploy.certs", "--out", str(certs), "--server-name", "localhost",
+                    "--sites", "A", "B"], cwd=REPO, check=True, capture_output=True)
+    config = run_yaml(tmp_path, pretrain_rounds=6, finetune_epochs=1, min_nodes=2, round_timeout=120)
+    port, out = free_port(), tmp_path / "results"
+    logs = {name: tmp_path / f"{name}.log" for name in ("A", "B", "server", "server2")}
+    server_cmd = [str(BIN / "cmvim-server"), "--config", str(config), "--out", str(out), "--certs", str(certs),
+                  "--site-keys", str(certs / "sites"), "--address", f"127.0.0.1:{port}", "--wait-sites", "2"]
+    procs: list[subprocess.Popen] = []
+    try:
+        for site in "AB":
+            procs.append(start(client_cmd(site, cohort / site, port, certs, certs / "sites" / f"{site}.key",
+                                          tmp_path / f"node-{site}"), logs[site]))
+        server = start(server_cmd, logs["server"])
+        procs.append(server)
+        wait_for(lambda: (out / "checkpoints" / "pretrain_round002.pt").exists(), 300, "pretrain round 2", procs)
+        stop(server)                                           # SIGTERM: cmvim-server stops its SuperLink
+        assert server.returncode is not None
+        time.sleep(2)
+        again = start([*server_cmd, "--resume"], logs["server2"])
+        procs.append(again)
+        again.wait(600)
+        assert again.returncode == 0, logs["server2"].read_text()[-4000:]
+    finally:
+        for proc in procs:
+            stop(proc)
+    metrics = json.loads((out / "metrics.json").read_text())
+    rounds = metrics["rounds"]
+    assert [(r["phase"], r["round"]) for r in rounds] == [("pretrain", i) for i in range(1, 7)] + [("finetune", 1)]
+    assert set(rounds[-2]["train"]) == {"A", "B"} and set(rounds[-1]["train"]) == {"A", "B"}
+    assert "registered site A" in logs["server2"].read_text()
