@@ -17,8 +17,11 @@ and fine-tuning rounds, then prints
                heavy packages that imports), SiteData.load warm and cold, building the model, the
                numba scan kernel's first call (compile vs cache load)
 
-The last line is `overhead: N% of round time` (N: the median round). A deployment whose run
-fails (under load the SuperLink's SQLite database can stay locked and fail the run) is reported
+Before the last line, a table by kind of round (pretraining, the probe rounds, the other
+fine-tuning rounds, all): the median round's overhead and the kind's overhead as a share of its
+whole round time. The last line is `overhead: N% of round time` (N: the median round of all). A
+deployment whose run fails (with its state in a SQLite file, as cmvim-server kept it until
+2026-12-01, the SuperLink's database could stay locked under load and fail the run) is reported
 with its cause and tried again (--attempts). Every process is started in its own session with a
 marker in its environment, stopped by its PID (its process group when it does not stop), and
 looked for afterwards: a survivor is reported and killed by PID. Results: docs/benchmarks/deploy.md.
@@ -639,9 +642,44 @@ def report(args, cfg: dict, micro_: dict | None, run: dict, result: dict, total:
     if leftovers:
         say("")
         say("PROCESSES LEFT BEHIND (killed by PID now): " + "; ".join(leftovers))
+    say("")
+    say("By kind of round (overhead = wall - the slowest site's work; per round, and of the kind's whole "
+        "round time):")
+    say("")
+    for line in phase_table(result["rounds"], int(cfg["finetune"].get("probe_rounds") or 0)):
+        say(line)
     over = [100 * (r["wall"] - r["work"]) / r["wall"] for r in result["rounds"] if r["wall"] and r["work"] is not None]
     say("")
     say(f"overhead: {statistics.median(over):.0f}% of round time")
+
+
+def phase_table(rounds: list[dict], probe_rounds: int) -> list[str]:
+    """The by-kind table's lines: per kind of round, the median (and range) of the rounds' overhead
+    shares, and the kind's overhead as a share of its whole round time."""
+    lines = ["| rounds | n | overhead % per round: median (min-max) | wall s | overhead s | overhead % of their time |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for label, rows in phase_groups(rounds, probe_rounds):
+        shares = [100 * (r["wall"] - r["work"]) / r["wall"] for r in rows]
+        wall, work = sum(r["wall"] for r in rows), sum(r["work"] for r in rows)
+        lines.append(f"| {label} | {len(rows)} | {statistics.median(shares):.0f} % ({min(shares):.0f}-{max(shares):.0f} %) "
+                     f"| {wall:.1f} | {wall - work:.1f} | {pct(wall - work, wall)} |")
+    return lines
+
+
+def phase_groups(rounds: list[dict], probe_rounds: int) -> list[tuple[str, list[dict]]]:
+    """The measured rounds by kind: pretraining, the probe rounds (the head alone), the other
+    fine-tuning rounds, and all of them; a kind with no measured round is left out."""
+    done = [r for r in rounds if r["wall"] and r["work"] is not None]
+
+    def kind(row: dict) -> str:
+        phase, number = row["name"].rsplit(" ", 1)
+        if phase != "finetune":
+            return phase
+        return "finetune (probe)" if int(number) <= probe_rounds else "finetune"
+    groups = [(label, [r for r in done if kind(r) == key]) for label, key in (
+        ("pretraining", "pretrain"), ("fine-tuning, probe rounds (the head alone)", "finetune (probe)"),
+        ("fine-tuning, the other rounds", "finetune"))]
+    return [g for g in groups if g[1]] + ([("all rounds", done)] if done else [])
 
 
 def report_micro(m: dict) -> None:

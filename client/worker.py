@@ -92,6 +92,28 @@ def run_task(address: str, token: str, policy_file: str | None) -> str:
 _busy = threading.Event()          # set while a task runs: a stop request then waits for its reply
 
 
+def warm_up() -> str:
+    """Load the selective-scan kernel before the first task: one forward and backward of a small
+    Vim mixer (the call the model makes) on the device a run with `device: auto` uses. On the CPU
+    that is numba's compiled kernel, from its disk cache in ~1 s, compiled in ~20 s on a site's
+    very first start; on a GPU the CUDA context and mamba-ssm's kernels. Without it the first
+    message of a run paid this inside its round. A failure is logged and left to the first task,
+    which reports it to the server in its own words. Returns what was done, for the log."""
+    import torch
+
+    from cmvim.device import resolve_device
+    from cmvim.model.vim import BiMamba
+    started = time.perf_counter()
+    try:
+        device = resolve_device("auto")
+        mixer = BiMamba(d_model=16, d_state=4).to(device)
+        mixer(torch.randn(1, 8, 16, device=device)).sum().backward()
+    except Exception as exc:  # noqa: BLE001 - the first task meets the same problem and reports it
+        log.warning("scan kernel warm-up failed (%s: %s); the first task will load it", type(exc).__name__, exc)
+        return "scan kernel warm-up failed"
+    return f"scan kernel ready on {device.type} in {time.perf_counter() - started:.1f} s"
+
+
 def serve(address: str, secret: bytes, policy_file: str | None, stop: threading.Event | None = None) -> None:
     """Take the SuperNode's tasks one at a time until `stop` is set (or the process is stopped)."""
     from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=E0611
@@ -99,6 +121,7 @@ def serve(address: str, secret: bytes, policy_file: str | None, stop: threading.
     from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor, SuperExecAuthHttpInterceptor
 
     import cmvim.client.app  # noqa: F401 - torch, flwr and cmvim imported once, before the first task
+    log.info(warm_up())
     from cmvim.flower_process import Backoff, shorten_object_backoff
     shorten_object_backoff(0.02, 0.2)              # the message's objects, from this machine's SuperNode: 20 ms, not 1 s
     stop = stop or threading.Event()

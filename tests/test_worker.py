@@ -138,3 +138,35 @@ def test_a_stopped_worker_does_not_outlive_its_task_by_more_than_the_grace(tmp_p
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+WARM_UP = """
+import json
+from cmvim.ssm import cpu_kernel
+kernels = (cpu_kernel._forward_kernel, cpu_kernel._backward_kernel)
+before = [len(k.signatures) for k in kernels]
+from cmvim.client.worker import warm_up
+said = warm_up()
+after = [len(k.signatures) for k in kernels]
+# what a task then runs: pretraining and the classifier, forward and backward, on the tiny model
+from cmvim.model import CMViM, CMViMClassifier, model_config
+from cmvim.simulations.toy import synthetic_batch
+mc = model_config("tiny")
+CMViM(mc)(synthetic_batch(mc, 2, seed=0)).loss.backward()
+CMViMClassifier(mc)(synthetic_batch(mc, 2, seed=1)).sum().backward()
+print(json.dumps({"said": said, "before": before, "after": after,
+                  "task": [len(k.signatures) for k in kernels]}))
+"""
+
+
+def test_the_worker_loads_the_scan_kernel_before_its_first_task():
+    """The warm-up (run before the worker takes tasks) loads every scan kernel signature a task's
+    model then calls: the first message of a run no longer pays numba's cache load (or compile)."""
+    pytest.importorskip("numba")
+    proc = subprocess.run([sys.executable, "-c", WARM_UP], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import json
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["said"].startswith("scan kernel ready on cpu in ")
+    assert out["before"] == [0, 0] and out["after"][0] >= 1 and out["after"][1] >= 1
+    assert out["task"] == out["after"]            # the model's calls needed nothing the warm-up had not loaded
