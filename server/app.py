@@ -31,10 +31,11 @@ SERVER_POLL_ENV = "CMVIM_SERVER_POLL"
 
 def _collect_replies_sooner() -> None:
     """The ServerApp asks the SuperLink for the sites' replies 0.05 s after sending a round's
-    messages, the wait growing with the time since up to CMVIM_SERVER_POLL s (default 0.2: a request
-    on the coordinator's loopback to a SuperLink with its state in memory, a few ms of its time;
-    the last reply of a round waited 0.25 s on average at 0.5) instead of Flower's hard-coded 3 s (cmvim.flower_process.quicken_server_polls),
-    and retries an object a site is still uploading after 0.05 s."""
+    messages, the wait growing with the time since up to CMVIM_SERVER_POLL s instead of Flower's
+    hard-coded 3 s (cmvim.flower_process.quicken_server_polls), and retries an object a site is
+    still uploading after 0.05 s. Default 0.2 s: each ask is a request on the coordinator's
+    loopback to a SuperLink with its state in memory, a few ms of its time; at 0.5 s a round's
+    last reply waited 0.25 s on average to be collected."""
     from flwr.superlink.grid import http_grid
     quicken_server_polls(http_grid, float(os.environ.get(SERVER_POLL_ENV, "0.2")))
     shorten_object_backoff()
