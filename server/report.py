@@ -57,7 +57,8 @@ def progress(phase: str, round_: int, total: int, later_rounds: int, entry: dict
         line += f" | central epsilon {entry['central_dp']['epsilon']:.2f}"
     line += f" | {entry['seconds']:.0f}s/round"
     if "site_work_seconds" in entry:
-        line += f" (site work {entry['site_work_seconds']:.0f}s, overhead {entry['overhead_seconds']:.0f}s)"
+        queued = f", {entry['sites_at_once']} sites at a time" if "sites_at_once" in entry else ""
+        line += f" (site work {entry['site_work_seconds']:.0f}s{queued}, overhead {entry['overhead_seconds']:.0f}s)"
     line += f" | ETA {fmt_duration(per_round * remaining)}"
     say(line)
     for rejection in entry["rejected"]:

@@ -39,15 +39,35 @@ from .strategy import CentralBudgetSpent, make_strategy, restore_strategy_state,
 log = logging.getLogger("cmvim.server")
 
 
-def round_timing(seconds: float, train: dict, evaluate: dict) -> dict:
-    """A round's wall time split into site work (the slowest site's training, plus the slowest
-    site's validation) and the rest: process starts, imports, data loading, transport, waiting.
-    Empty when the sites do not report their work (under DP-SGD they send accounting only)."""
+def packed_seconds(works: list[float], slots: int | None) -> float:
+    """How long `works` (one per site) take on `slots` sites running at once: the slowest one when
+    every site has its own slot (a deployment), else the longest-first packing of the works onto
+    the slots (a simulation with fewer worker processes than sites queues them)."""
+    if not works:
+        return 0.0
+    if slots is None or slots >= len(works):
+        return max(works)
+    loads = [0.0] * max(1, slots)
+    for work in sorted(works, reverse=True):
+        loads[loads.index(min(loads))] += work
+    return max(loads)
+
+
+def round_timing(seconds: float, train: dict, evaluate: dict, slots: int | None = None) -> dict:
+    """A round's wall time split into site work and the rest (process starts, imports, transport,
+    waiting). Site work: the slowest site's training plus the slowest site's validation, or with
+    `slots` (a simulation running that many sites at once) the sites' works packed onto the
+    slots, so that sites queued behind each other for the machine's cores count as work, not as
+    overhead. Empty when the sites do not report their work (under DP-SGD they send accounting only)."""
     train_work = [m[WORK_SECONDS] for m in train.values() if WORK_SECONDS in m]
     if not train_work:
         return {}
-    work = max(train_work) + max((m[WORK_SECONDS] for m in evaluate.values() if WORK_SECONDS in m), default=0.0)
-    return {"site_work_seconds": round(work, 2), "overhead_seconds": round(max(seconds - work, 0.0), 2)}
+    work = packed_seconds(train_work, slots) + packed_seconds(
+        [m[WORK_SECONDS] for m in evaluate.values() if WORK_SECONDS in m], slots)
+    timing = {"site_work_seconds": round(work, 2), "overhead_seconds": round(max(seconds - work, 0.0), 2)}
+    if slots is not None and slots < len(train_work):
+        timing["sites_at_once"] = slots
+    return timing
 
 
 class SitesMissing(RuntimeError):
@@ -60,8 +80,9 @@ class FederatedRun:
     centralized and linear baselines)."""
 
     def __init__(self, cfg: RunConfig, out_dir: Path, grid: Grid, resume: bool = False, context: Context | None = None,
-                 baselines: Callable[[], dict] | None = None):
+                 baselines: Callable[[], dict] | None = None, site_slots: int | None = None):
         self.cfg, self.out_dir, self.grid = cfg, Path(out_dir), grid
+        self.site_slots = site_slots    # sites that can work at once (a simulation's workers); None: all
         self.context = context          # the ServerApp's Flower context: SecAgg+ runs on Flower's legacy machinery
         self.ckpt_dir = self.out_dir / "checkpoints"
         self.resume = resume
@@ -209,7 +230,7 @@ class FederatedRun:
             evaluated = rlog.evaluate if own else {}
             entry = {"phase": phase, "round": absolute, "seconds": round(seconds, 2),
                      "train": rlog.train, "evaluate": {}, "rejected": new_rejections,
-                     **round_timing(seconds, rlog.train, evaluated)}
+                     **round_timing(seconds, rlog.train, evaluated, self.site_slots)}
             if self.central.active:
                 entry["central_dp"] = self.central.spent()
             self.history.append(entry)

@@ -80,9 +80,15 @@ def run_federated(cfg: RunConfig, out_dir: Path, n_sites: int, resume: bool, ver
         flwr_logger.setLevel(logging.WARNING)
     server_app = ServerApp()
 
+    cores = os.cpu_count() or 1
+    slots = max(1, cores // max(1, cfg.threads_per_site))      # Ray runs this many sites at once
+    if cfg.gpus_per_site > 0:
+        import torch
+        slots = min(slots, max(1, int(torch.cuda.device_count() / cfg.gpus_per_site)))
+
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
-        FederatedRun(cfg, out_dir, grid, resume=resume, context=context, baselines=baselines).run()
+        FederatedRun(cfg, out_dir, grid, resume=resume, context=context, baselines=baselines, site_slots=slots).run()
 
     def baselines() -> dict | None:
         if not (cfg.baselines and sites):
@@ -90,7 +96,6 @@ def run_federated(cfg: RunConfig, out_dir: Path, n_sites: int, resume: bool, ver
         from .baselines import run_baselines
         return run_baselines(cfg, sites, cfg.baselines, say=_say)
 
-    cores = os.cpu_count() or 1
     backend = {"client_resources": {"num_cpus": max(1, cfg.threads_per_site), "num_gpus": float(cfg.gpus_per_site)},
                "init_args": {"num_cpus": cores, "include_dashboard": False, "logging_level": "error"}}
     run_simulation(server_app=server_app, client_app=client_app, num_supernodes=n_sites, backend_config=backend,

@@ -91,3 +91,19 @@ def test_a_rounds_time_splits_into_the_slowest_sites_work_and_overhead():
         "site_work_seconds": 7.0, "overhead_seconds": 3.0}
     assert round_timing(10.0, train, {}) == {"site_work_seconds": 6.0, "overhead_seconds": 4.0}
     assert round_timing(10.0, {"A": {"epsilon": 1.0}}, {}) == {}        # DP: the sites send accounting only
+
+
+def test_in_a_simulation_sites_queued_for_the_cores_count_as_work_not_overhead():
+    """Three sites on two worker slots: two work at once, the third after one of them; the round's
+    site work is that packing (longest first), not the slowest single site."""
+    from cmvim.server.runner import packed_seconds, round_timing
+    assert packed_seconds([4.0, 6.0, 5.0], 2) == 9.0        # 6 | 5 + 4
+    assert packed_seconds([4.0, 6.0, 5.0], 1) == 15.0
+    assert packed_seconds([4.0, 6.0, 5.0], 3) == packed_seconds([4.0, 6.0, 5.0], None) == 6.0
+    assert packed_seconds([], 2) == 0.0
+    train = {"A": {"work-seconds": 4.0}, "B": {"work-seconds": 6.0}, "C": {"work-seconds": 5.0}}
+    evaluate = {s: {"work-seconds": 1.0} for s in "ABC"}
+    assert round_timing(20.0, train, evaluate, slots=2) == {
+        "site_work_seconds": 11.0, "overhead_seconds": 9.0, "sites_at_once": 2}     # 9 + (1 | 1 + 1)
+    assert round_timing(20.0, train, evaluate, slots=3) == round_timing(20.0, train, evaluate) == {
+        "site_work_seconds": 7.0, "overhead_seconds": 13.0}
