@@ -3,7 +3,7 @@
     cmvim-server --config run.yaml --out results/ --certs certs/ --site-keys certs/sites/ --wait-sites 3
 
 1. Starts a Flower SuperLink with TLS (certs/ca.crt, server.crt, server.key) and SuperNode
-   authentication on, runtime dependency installation off, its state in memory (Flower's
+   authentication on, runtime dependency installation off, its state in memory (Flower's default,
    `:flwr-in-memory:`): every request a site makes (a message, each of its objects, a heartbeat)
    was a SQLite transaction on disk, half of a deployed round's overhead on a small model
    (docs/benchmarks/deploy.md), and under load the file stayed locked and failed runs. Nothing in
