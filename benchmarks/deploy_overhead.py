@@ -648,9 +648,8 @@ def report(args, cfg: dict, micro_: dict | None, run: dict, result: dict, total:
     say("")
     for line in phase_table(result["rounds"], int(cfg["finetune"].get("probe_rounds") or 0)):
         say(line)
-    over = [100 * (r["wall"] - r["work"]) / r["wall"] for r in result["rounds"] if r["wall"] and r["work"] is not None]
     say("")
-    say(f"overhead: {statistics.median(over):.0f}% of round time")
+    say(f"overhead: {statistics.median(overhead_shares(measured(result['rounds']))):.0f}% of round time")
 
 
 def phase_table(rounds: list[dict], probe_rounds: int) -> list[str]:
@@ -659,17 +658,27 @@ def phase_table(rounds: list[dict], probe_rounds: int) -> list[str]:
     lines = ["| rounds | n | overhead % per round: median (min-max) | wall s | overhead s | overhead % of their time |",
              "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for label, rows in phase_groups(rounds, probe_rounds):
-        shares = [100 * (r["wall"] - r["work"]) / r["wall"] for r in rows]
+        shares = overhead_shares(rows)
         wall, work = sum(r["wall"] for r in rows), sum(r["work"] for r in rows)
         lines.append(f"| {label} | {len(rows)} | {statistics.median(shares):.0f} % ({min(shares):.0f}-{max(shares):.0f} %) "
                      f"| {wall:.1f} | {wall - work:.1f} | {pct(wall - work, wall)} |")
     return lines
 
 
+def measured(rounds: list[dict]) -> list[dict]:
+    """The rounds with both a wall time and the sites' work."""
+    return [r for r in rounds if r["wall"] and r["work"] is not None]
+
+
+def overhead_shares(rows: list[dict]) -> list[float]:
+    """Each round's overhead (wall - the slowest site's work) as a percentage of its wall time."""
+    return [100 * (r["wall"] - r["work"]) / r["wall"] for r in rows]
+
+
 def phase_groups(rounds: list[dict], probe_rounds: int) -> list[tuple[str, list[dict]]]:
     """The measured rounds by kind: pretraining, the probe rounds (the head alone), the other
     fine-tuning rounds, and all of them; a kind with no measured round is left out."""
-    done = [r for r in rounds if r["wall"] and r["work"] is not None]
+    done = measured(rounds)
 
     def kind(row: dict) -> str:
         phase, number = row["name"].rsplit(" ", 1)

@@ -80,8 +80,8 @@ def run_federated(cfg: RunConfig, out_dir: Path, n_sites: int, resume: bool, ver
         flwr_logger.setLevel(logging.WARNING)
     server_app = ServerApp()
 
-    cores = os.cpu_count() or 1
-    slots = max(1, cores // max(1, cfg.threads_per_site))      # Ray runs this many sites at once
+    cores, per_site = os.cpu_count() or 1, max(1, cfg.threads_per_site)
+    slots = max(1, cores // per_site)                           # Ray runs this many sites at once
     if cfg.gpus_per_site > 0:
         import torch
         slots = min(slots, max(1, int(torch.cuda.device_count() / cfg.gpus_per_site)))
@@ -96,7 +96,7 @@ def run_federated(cfg: RunConfig, out_dir: Path, n_sites: int, resume: bool, ver
         from .baselines import run_baselines
         return run_baselines(cfg, sites, cfg.baselines, say=_say)
 
-    backend = {"client_resources": {"num_cpus": max(1, cfg.threads_per_site), "num_gpus": float(cfg.gpus_per_site)},
+    backend = {"client_resources": {"num_cpus": per_site, "num_gpus": float(cfg.gpus_per_site)},
                "init_args": {"num_cpus": cores, "include_dashboard": False, "logging_level": "error"}}
     run_simulation(server_app=server_app, client_app=client_app, num_supernodes=n_sites, backend_config=backend,
                    verbose_logging=verbose)
