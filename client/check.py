@@ -32,6 +32,8 @@ from cmvim.data.volumes import scan_geometry, voxel_sizes
 from cmvim.run_config import BidsConfig, RunConfig, run_config
 from cmvim.tables import format_table
 
+from . import qc
+
 
 def manifest_ready(site_dir: Path, out=print, bids: BidsConfig | None = None) -> int:
     """Before joining: the manifest (manifest.csv or BIDS dataset) reads and has usable rows (0),
@@ -58,9 +60,24 @@ def manifest_ready(site_dir: Path, out=print, bids: BidsConfig | None = None) ->
     return 0
 
 
-def check_site(site_dir: Path, strict: bool = False, out=print, cfg: RunConfig | None = None) -> int:
+def preprocessing_line(cfg: RunConfig) -> str:
+    """What the run's preprocessing does to a scan, in one line."""
+    p = cfg.preprocess
+    grid = f"model grid {p.shape}^3 at {p.voxel_size if p.voxel_size is not None else 2.0:g} mm"
+    if p.spatial == "template":
+        extraction = (f"brain mask +{p.registration.brain_margin_mm:g} mm" if p.registration.brain_margin_mm
+                      else "brain mask")
+        bias = "N4, " if p.registration.bias_correction else ""
+        return (f"Preprocessing: spatial template: T1 -> MNI152 2009a ({bias}affine, 12 dof), PET -> its T1 (rigid, "
+                f"6 dof), one interpolation, {extraction}; {grid}")
+    return f"Preprocessing: spatial none: scans taken as already in template space (no registration); {grid}"
+
+
+def check_site(site_dir: Path, strict: bool = False, out=print, cfg: RunConfig | None = None,
+               qc_dir: Path | None = None, qc_visits: int = 12) -> int:
     out(f"Site check: {site_dir}")
     cfg = cfg or RunConfig()
+    out(preprocessing_line(cfg))
     try:
         with _quiet_data_log():
             site = SiteData.load(site_dir, cfg.preprocess, seed=cfg.seed, use_reports=cfg.use_reports,
@@ -102,6 +119,23 @@ def check_site(site_dir: Path, strict: bool = False, out=print, cfg: RunConfig |
         out("\nShapes and voxel sizes seen")
         out(format_table(["modality", "shape", "voxel mm", "orientation", "files"],
                          [[*key, count] for key, count in sorted(geometry.items())]))
+    if cfg.preprocess.spatial == "template" and (records or problems):
+        visits = qc.site_qc(site)
+        if any(v.measures for v in visits):
+            out("\nRegistration quality (correlations inside the template's brain; head scale: the affine's, "
+                "1 = the template's size)")
+            out(qc.summary_table(visits, site))
+            lines = qc.outlier_lines(visits)
+            if lines:
+                out(f"Visits that stand out from this site's others (robust z beyond {qc.OUTLIER_Z:g}; used, but "
+                    "look at them" + (f": {qc_dir}" if qc_dir else ": --qc DIR draws them") + ")")
+                for line in lines:
+                    out(f"  - {line}")
+        if qc_dir is not None:
+            for path in qc.write_qc(qc_dir, site, visits, qc_visits, site_dir.name):
+                out(f"wrote {path}")
+    elif qc_dir is not None:
+        out(f"\n--qc: nothing to draw: preprocess.spatial is {cfg.preprocess.spatial} (no registration)")
     if summary.warnings:
         out("\nWarnings")
         for warning in summary.warnings:
@@ -149,6 +183,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, help="the run config (YAML) the coordinator shares: preprocessing and "
                                                    "split counts as the run will do them (default: the run config's "
                                                    "defaults)")
+    parser.add_argument("--qc", type=Path, metavar="DIR",
+                        help="write DIR/qc_<site>.png (registered slices with the template's outline, flagged visits "
+                             "in red) and DIR/qc_<site>.tsv (every visit's registration measures); needs matplotlib "
+                             "(pip install 'cmvim[qc]')")
+    parser.add_argument("--qc-visits", type=int, default=12, metavar="N",
+                        help="visits in the QC picture: every flagged one, then others spread over the site (default 12)")
 
 
 def check_from_args(args: argparse.Namespace) -> int:
@@ -157,7 +197,7 @@ def check_from_args(args: argparse.Namespace) -> int:
     except ConfigError as err:
         print(f"FATAL: {args.config}: {err}")
         return 1
-    return check_site(args.data, strict=args.strict, cfg=cfg)
+    return check_site(args.data, strict=args.strict, cfg=cfg, qc_dir=args.qc, qc_visits=args.qc_visits)
 
 
 def problems_table(problems: list[DataError], site_dir: Path, bids: bool = False) -> str:

@@ -32,7 +32,7 @@ from cmvim.metrics import binary_metrics
 from cmvim.portable import ModelFileError, load_model
 from cmvim.tables import format_table
 
-from .check import _quiet_data_log, problems_table
+from .check import _quiet_data_log, preprocessing_line, problems_table
 
 COLUMNS = ["subject_id", "visit", "split", "label", "score", "predicted", "model_probability"]
 
@@ -59,6 +59,7 @@ def predict_from_args(args: argparse.Namespace, out=print) -> int:
         out(f"FATAL: {err}")
         return 1
     cfg = portable.cfg
+    out(preprocessing_line(cfg) + " (the model's own, from its config.json)")
     try:
         with _quiet_data_log():           # the problems table below says it all
             site = SiteData.load(args.data, cfg.preprocess, cache_dir=args.cache_dir, seed=cfg.seed,

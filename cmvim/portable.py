@@ -23,7 +23,10 @@ from .calibration import Calibration
 from .config import ConfigError, to_dict
 from .run_config import RunConfig, run_config
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# version 1 (before preprocess.spatial existed) scored scans already in template space: read as
+# spatial none, so an older model keeps scoring new subjects exactly as it was trained
+READABLE_VERSIONS = (1, 2)
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 # the run config sections a model's scores depend on: what predict rebuilds
@@ -100,11 +103,14 @@ def load_model(model_dir: str | Path) -> PortableModel:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ModelFileError(f"{config_path}: not readable JSON ({exc})") from None
     version = meta.get("schema_version") if isinstance(meta, dict) else None
-    if version != SCHEMA_VERSION:
+    if version not in READABLE_VERSIONS:
         raise ModelFileError(f"{config_path}: schema_version {version!r}; this cmvim ({__version__}) reads "
-                             f"version {SCHEMA_VERSION}")
+                             f"versions {', '.join(map(str, READABLE_VERSIONS))}")
     try:
-        cfg = run_config(dict(meta["run"]))
+        settings = dict(meta["run"])
+        if version == 1:
+            settings["preprocess"] = {"spatial": "none", **dict(settings.get("preprocess") or {})}
+        cfg = run_config(settings)
         calibration = Calibration.from_dict(dict(meta["decision"]))
     except (KeyError, TypeError, ValueError) as exc:
         raise ModelFileError(f"{config_path}: {exc}") from None

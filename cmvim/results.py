@@ -77,7 +77,7 @@ def write_metrics(out_dir: Path, sites: dict, pooled: dict, rounds: list, config
 def pyplot(what: str, say: Callable[[str], None] = print):
     """matplotlib's pyplot on the file-only backend, or None, saying in one line that `what` is not drawn."""
     if importlib.util.find_spec("matplotlib") is None:
-        say(f"{what} not drawn: matplotlib is not installed (pip install 'cmvim[server]')")
+        say(f"{what} not drawn: matplotlib is not installed (pip install 'cmvim[server]', or at a site 'cmvim[qc]')")
         return None
     import matplotlib
     matplotlib.use("Agg")

@@ -33,17 +33,47 @@ NORMALIZER_NAMES = ("percentile", "zscore", "suvr", "none")   # cmvim.data.prepr
 
 
 @dataclass
+class RegistrationConfig:
+    """`spatial: template` (cmvim.data.registration, docs/preprocessing.md): how scans are brought
+    into template space and when a registration counts as failed."""
+    bias_correction: bool = True                      # N4 on the T1 before registering it
+    brain_margin_mm: float = 4.0                      # brain extraction: the template's brain mask dilated this much
+    # quality control: a visit outside these is a bad row naming the scan and the measure
+    min_t1_similarity: float = 0.6                    # registered T1 vs template T1, correlation inside the brain
+    min_pet_similarity: float = 0.4                   # registered PET vs template grey matter, correlation
+    head_scale_range: tuple[float, float] = (0.75, 1.35)   # the affine's scale factors (head size vs template)
+
+    def __post_init__(self):
+        if self.brain_margin_mm < 0:
+            raise ValueError(f"registration.brain_margin_mm must be 0 or more, got {self.brain_margin_mm}")
+        low, high = self.head_scale_range
+        if not 0 < low < 1 < high:
+            raise ValueError(f"registration.head_scale_range must satisfy 0 < low < 1 < high, got {self.head_scale_range}")
+        for name in ("min_t1_similarity", "min_pet_similarity"):
+            if not -1 <= getattr(self, name) <= 1:
+                raise ValueError(f"registration.{name} is a correlation: between -1 and 1, got {getattr(self, name)}")
+
+
+@dataclass
 class PreprocessConfig:
+    # template: scans as scanners write them (skull on, head anywhere, PET not co-registered) are
+    # registered to the MNI152 template at the site (T1 affine, PET rigid to its T1, brain extracted,
+    # checked); none: scans already in template space, resampled in world coordinates as they are
+    spatial: Literal["template", "none"] = "template"
     shape: int = 64                                   # cubic model input, shape^3 voxels
-    voxel_size: float | None = 3.0                    # mm; None keeps the reference's own grid
-    reference: Literal["mri", "pet"] = "mri"          # whose grid the others are resampled onto
+    voxel_size: float | None = 3.0                    # mm; None keeps the reference's own grid (template: 2 mm)
+    reference: Literal["mri", "pet"] = "mri"          # spatial none: whose grid the others are resampled onto
     # FDG as SUVR (the field's reading); percentile clipping scored at chance (docs/science.md)
     normalize: dict[str, str] = field(default_factory=lambda: {"mri": "zscore", "pet": "suvr"})
     percentiles: tuple[float, float] = (0.5, 99.5)    # for "percentile": clip and scale to [0, 1]
     foreground: float = 0.1                           # "zscore", "suvr": brain mask = voxels > foreground * p99
-    min_overlap: float = 0.5                          # warn when MRI/PET boxes overlap less than this
+    min_overlap: float = 0.5                          # spatial none: warn when MRI/PET boxes overlap less than this
+    registration: RegistrationConfig = field(default_factory=RegistrationConfig)
 
     def __post_init__(self):
+        if self.spatial not in ("template", "none"):
+            raise ValueError(f"spatial: choose template (scans as scanners write them) or none (already in "
+                             f"template space), got {self.spatial!r}")
         for modality, method in self.normalize.items():
             if modality not in MODALITIES:
                 raise ValueError(f"normalize: unknown modality {modality!r}")
@@ -163,6 +193,9 @@ class CohortSpec:
     shape: int = 64
     seed: int = 0
     effect_scale: float = 1.0
+    # synthetic: template (MNI space, brain only) or scanner (skull on, heads posed, PET apart from its
+    # T1: what a hospital's archive holds; cmvim.simulations.scanner)
+    space: Literal["template", "scanner"] = "template"
     site_names: list[str] | None = None   # use only these sites (default: every site folder under path)
 
     def site_folders(self) -> dict[str, Path]:

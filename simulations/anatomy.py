@@ -25,7 +25,7 @@ from scipy import ndimage
 
 from cmvim.data.preprocess import Volume, resample
 
-TEMPLATE_FILES = {
+TEMPLATE_FILES_1MM = {
     "t1": "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz",
     "gm": "mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz",
     "wm": "mni_icbm152_wm_tal_nlin_sym_09a_converted.nii.gz",
@@ -98,7 +98,7 @@ def _ellipsoids(affine: np.ndarray, shape: tuple[int, int, int], items, edge_mm:
 @functools.lru_cache(maxsize=4)
 def load_anatomy(shape: int) -> Anatomy:
     folder = template_dir()
-    images = {k: nib.load(str(folder / f)) for k, f in TEMPLATE_FILES.items()}
+    images = {k: nib.load(str(folder / f)) for k, f in TEMPLATE_FILES_1MM.items()}
     src_affine = images["t1"].affine
     target = grid_affine(shape)
     voxel = FOV_MM / shape
@@ -122,3 +122,38 @@ def load_anatomy(shape: int) -> Anatomy:
                                 & (regions["ventricle_box"] > 0.5)).astype(np.float32)
     return Anatomy(shape=shape, affine=target, t1=t1, gm=gm, wm=wm, csf=csf, brain=head, regions=regions,
                    ventricles=ventricles.astype(np.float32))
+
+
+def write_site_templates(folder: Path) -> dict[str, Path]:
+    """The files `cmvim.data.registration` registers scans to (cmvim/data/templates/): the ICBM152
+    2009a T1, brain mask and grey-matter map on a 2 mm grid (enough for a 4 mm model grid), as
+    uint8. A site installs them with cmvim; nilearn (where they come from) is only the simulator's.
+
+        python -c "from pathlib import Path; from cmvim.simulations.anatomy import write_site_templates as w; w(Path('cmvim/data/templates'))"
+
+    The brain mask is the anatomy's: grey + white matter above 0.3, closed, holes filled (so the
+    ventricles are in), the same rule as `load_anatomy`'s head mask."""
+    from cmvim.data.registration import TEMPLATE_FILES
+    source = template_dir()
+    images = {k: nib.load(str(source / f)) for k, f in TEMPLATE_FILES_1MM.items()}
+    affine_1mm = images["t1"].affine
+    t1, gm, wm = (np.asarray(images[k].dataobj, dtype=np.float32) for k in ("t1", "gm", "wm"))
+    brain = ndimage.binary_fill_holes(ndimage.binary_closing((gm + wm) / 255.0 > 0.3, iterations=2))
+    shape = tuple(int(n) // 2 + 1 for n in t1.shape)          # 197 x 233 x 189 at 1 mm -> 99 x 117 x 95 at 2 mm
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    affine[:3, 3] = affine_1mm[:3, 3]
+
+    def downsampled(data: np.ndarray) -> np.ndarray:            # 2 mm FWHM low-pass, then every other voxel
+        return ndimage.affine_transform(ndimage.gaussian_filter(data, 2.0 / 2.355), np.diag([2.0] * 3),
+                                        output_shape=shape, order=1)
+
+    arrays = {"t1": downsampled(t1), "gm": downsampled(gm),
+              "brain": (downsampled(brain.astype(np.float32)) > 0.5).astype(np.float32)}
+    folder.mkdir(parents=True, exist_ok=True)
+    written = {}
+    for name, file in TEMPLATE_FILES.items():
+        image = nib.Nifti1Image(np.clip(np.round(arrays[name]), 0, 255).astype(np.uint8), affine)
+        image.header.set_xyzt_units("mm")
+        written[name] = folder / file
+        nib.save(image, str(written[name]))
+    return written

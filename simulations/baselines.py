@@ -108,10 +108,11 @@ def _evaluate(cfg: RunConfig, sites: dict[str, SiteData], shared: dict, local: d
     return {"sites": entries, "pooled": pooled, "mean_auc": mean_auc(entries), "model": name_of_model}
 
 
-def _linear(cfg: RunConfig, sites: dict[str, SiteData]) -> dict:
-    """The linear baseline: fit once on every site's labelled train + val subjects pooled (its own
-    cross-validation picks the L2 strength, as the deep model's validation split picks its round),
-    then every site scores its own test split."""
+def linear_test_scores(cfg: RunConfig, sites: dict[str, SiteData]) -> tuple[dict[str, tuple], int]:
+    """The linear baseline's fit and scores: fit once on every site's labelled train + val subjects
+    pooled (its own cross-validation picks the L2 strength, as the deep model's validation split
+    picks its round), then every site scores its own test split. Returns ({site: (is AD 0/1,
+    P(AD)) of its test subjects}, the number of training subjects); benchmarks keep the scores."""
     num_classes = cfg.model.num_classes
 
     def features(site: SiteData, splits: list[str]):
@@ -123,18 +124,27 @@ def _linear(cfg: RunConfig, sites: dict[str, SiteData]) -> dict:
     x = np.concatenate([p[0] for p in parts if len(p[0])])
     y = np.concatenate([p[1] for p in parts if len(p[1])])
     model = fit_logistic(x, (y == num_classes - 1).astype(int), cfg.linear, seed=cfg.seed)
-    entries, histograms = {}, {}
+    scores = {}
     for name, site in sites.items():
         x_test, y_test = features(site, ["test"])
-        if len(y_test) == 0:
+        scores[name] = ((y_test == num_classes - 1).astype(int), positive_scores(model, x_test) if len(y_test)
+                        else np.zeros(0))
+    return scores, int(len(y))
+
+
+def _linear(cfg: RunConfig, sites: dict[str, SiteData]) -> dict:
+    """The linear baseline (`linear_test_scores`), as the run reports it: per-site metrics only."""
+    scores, n_train = linear_test_scores(cfg, sites)
+    entries, histograms = {}, {}
+    for name, (binary, positive) in scores.items():
+        if len(binary) == 0:
             entries[name] = {"n_test": 0}
             continue
-        scores, binary = positive_scores(model, x_test), (y_test == num_classes - 1).astype(int)
-        metrics, histograms[name] = evaluation_metrics(cfg, binary, scores)
+        metrics, histograms[name] = evaluation_metrics(cfg, binary, positive)
         entries[name] = site_entry(metrics)
     return {"sites": entries, "pooled": pooled_entry(histograms), "mean_auc": mean_auc(entries),
             "model": f"logistic regression (L2, {cfg.linear.folds}-fold CV) on {cfg.linear.grid}^3 regional means "
-                     f"per modality", "n_train": int(len(y))}
+                     f"per modality", "n_train": n_train}
 
 
 def run_baselines(cfg: RunConfig, sites: dict[str, SiteData], which: list[str], say=print) -> dict:

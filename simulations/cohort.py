@@ -52,11 +52,14 @@ from cmvim.progress import progress_bar
 from cmvim.run_config import RunConfig
 from cmvim.tables import format_table
 
-from .anatomy import Anatomy, load_anatomy
+from .anatomy import FOV_MM, Anatomy, load_anatomy
 from .dicom_export import write_dicom_series
+from .measure import image_features
 from .reports import write_report
+from .scanner import ScannerProfile, scanner_profile, scanner_scans
 
 CLASSES = ("CN", "MCI", "AD")
+POSES_FILE = "poses.json"        # per site, per T1 path: template -> scan transforms (the known answers)
 
 # Effect sizes at severity 1 (a typical AD subject); MCI subjects sit around 0.45.
 # Sources in docs/cohort.md.
@@ -70,6 +73,7 @@ EFFECTS = {
     "pet_temporoparietal": 0.17,
     "pet_hippocampus": 0.10,
 }
+PET_COUNTS = 200.0               # counts per unit uptake: the PET's Poisson (count-like) noise
 AGE_GM_LOSS_PER_YEAR = 0.0025    # ~0.25 %/year cortical GM loss in ageing
 AGE_VENTRICLE_PER_YEAR = 0.03    # ~3 %/year ventricular growth in ageing
 
@@ -88,6 +92,7 @@ class SiteProfile:
     pet_fwhm_mm: float
     pet_scale: float
     dicom: bool
+    scanner: ScannerProfile | None = None      # its scanners' grids, in a scanner-space cohort
 
 
 @dataclass
@@ -103,8 +108,13 @@ class CohortConfig:
     effect_scale: float = 1.0           # >1: an easier cohort (tests), <1: harder
     dicom_sites: tuple[str, ...] | None = None   # None: every third site from the second (B, E, ...)
     format: Literal["manifest", "bids"] = "manifest"   # bids: BIDS datasets, NIfTI only (no DICOM sites)
+    # template: scans in MNI space, brain only (research-ready); scanner: the same subjects as scanners
+    # write them (skull, posed heads, PET apart from its T1, scanner grids: cmvim.simulations.scanner)
+    space: Literal["template", "scanner"] = "template"
 
     def __post_init__(self):
+        if self.space not in ("template", "scanner"):
+            raise ValueError(f"space must be 'template' or 'scanner', got {self.space!r}")
         if self.format not in ("manifest", "bids"):
             raise ValueError(f"format must be 'manifest' or 'bids', got {self.format!r}")
         if self.sites < 1 or self.sites > 26:
@@ -133,7 +143,9 @@ def site_profiles(cfg: CohortConfig, rng: np.random.Generator) -> list[SiteProfi
             slice_blur_mm=float(rng.choice([0.0, 0.0, 2.0, 4.0])),
             pet_fwhm_mm=float(rng.uniform(6.0, 8.0)),
             pet_scale=float(rng.uniform(0.7, 1.4)),
-            dicom=name in dicom and cfg.format == "manifest"))
+            dicom=name in dicom and cfg.format == "manifest",
+            # from a generator of its own: a scanner-space cohort draws the same sites as a template one
+            scanner=scanner_profile(cfg.seed, name, FOV_MM / cfg.shape) if cfg.space == "scanner" else None))
     return profiles
 
 
@@ -154,10 +166,12 @@ def _torch(a: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
 
 
-def smooth_field(rng: np.random.Generator, shape: int, coarse: int, channels: int) -> torch.Tensor:
-    """A smooth random field (channels, S, S, S) ~ N(0, 1) at low spatial frequency."""
+def smooth_field(rng: np.random.Generator, shape: int | tuple[int, int, int], coarse: int, channels: int
+                 ) -> torch.Tensor:
+    """A smooth random field (channels, *shape) ~ N(0, 1) at low spatial frequency (an int shape: a cube)."""
+    size = (shape,) * 3 if isinstance(shape, int) else tuple(shape)
     noise = torch.from_numpy(rng.standard_normal((1, channels, coarse, coarse, coarse)).astype(np.float32))
-    return F.interpolate(noise, size=(shape,) * 3, mode="trilinear", align_corners=True)[0]
+    return F.interpolate(noise, size=size, mode="trilinear", align_corners=True)[0]
 
 
 def gaussian_blur(volume: torch.Tensor, sigmas_vox: tuple[float, float, float]) -> torch.Tensor:
@@ -176,8 +190,13 @@ def gaussian_blur(volume: torch.Tensor, sigmas_vox: tuple[float, float, float]) 
     return out[0, 0]
 
 
-def warp(maps: torch.Tensor, rng: np.random.Generator, scale: float, deform_mm: float, anatomy: Anatomy) -> torch.Tensor:
-    """Apply one smooth random deformation + head-size scaling + small pose change to (C, S, S, S) maps."""
+def warp(maps: torch.Tensor, rng: np.random.Generator, scale: float, deform_mm: float, anatomy: Anatomy
+         ) -> tuple[torch.Tensor, np.ndarray]:
+    """Apply one smooth random deformation + head-size scaling + small pose change to (C, S, S, S) maps.
+
+    Returns the warped maps and the affine part of the warp as a 4x4 matrix in template world mm:
+    where a template point lands in the subject (the smooth deformation, a mean-zero ~1.5 mm
+    displacement, is not in it). Scanner-space cohorts compose their poses with it (`scanner`)."""
     shape = anatomy.shape
     angles = np.deg2rad(rng.uniform(-2, 2, 3))          # residual registration error: volumes are in MNI space
     cx, cy, cz = np.cos(angles)
@@ -190,7 +209,19 @@ def warp(maps: torch.Tensor, rng: np.random.Generator, scale: float, deform_mm: 
     grid = F.affine_grid(theta, [1, maps.shape[0], shape, shape, shape], align_corners=True)
     displacement = smooth_field(rng, shape, 5, 3).permute(1, 2, 3, 0) * (deform_mm / (anatomy.voxel_mm * shape / 2))
     grid = grid + displacement[None]
-    return F.grid_sample(maps[None], grid, mode="bilinear", padding_mode="zeros", align_corners=True)[0]
+    warped = F.grid_sample(maps[None], grid, mode="bilinear", padding_mode="zeros", align_corners=True)[0]
+    # theta acts on normalised (k, j, i) coordinates (grid_sample's x is the last axis): in world
+    # (x, y, z) mm about the grid centre c, a subject point x shows the template at
+    # c + M (x - c) + d; so a template point y lands at c + M^-1 (y - c - d)
+    flip = np.eye(3)[::-1]
+    half = anatomy.voxel_mm * (shape - 1) / 2
+    m = flip @ theta[0, :, :3].double().numpy() @ flip
+    d = half * flip @ theta[0, :, 3].double().numpy()
+    centre = anatomy.affine[:3, :3] @ np.full(3, (shape - 1) / 2) + anatomy.affine[:3, 3]
+    template_to_subject = np.eye(4)
+    template_to_subject[:3, :3] = np.linalg.inv(m)
+    template_to_subject[:3, 3] = centre - np.linalg.inv(m) @ (centre + d)
+    return warped, template_to_subject
 
 
 def scale_about_centroid(volume: torch.Tensor, factor: float, anatomy: Anatomy) -> torch.Tensor:
@@ -210,9 +241,23 @@ def scale_about_centroid(volume: torch.Tensor, factor: float, anatomy: Anatomy) 
     return out
 
 
+@dataclass
+class SubjectImages:
+    """One subject's scans on the anatomy grid (template space, scanner-like units), and the
+    ingredients a scanner-space writer poses (`cmvim.simulations.scanner`)."""
+    t1: np.ndarray
+    pet: np.ndarray | None
+    t1_tissue: torch.Tensor              # T1 contrast alone: before slice blur, bias field and noise
+    pet_uptake: torch.Tensor | None      # uptake blurred to the site's PET resolution, before counts and scale
+    pet_gain: float                      # counts -> the written PET's units
+    pet_counts: float                    # counts per unit of uptake (the Poisson noise's level)
+    brain: torch.Tensor                  # the subject's brain (the warped template head mask)
+    template_to_subject: np.ndarray      # 4x4, template mm -> this subject's anatomy (affine part of its warp)
+
+
 def synthesize(subject: Subject, site: SiteProfile, anatomy: Anatomy, rng: np.random.Generator,
-               effect_scale: float) -> tuple[np.ndarray, np.ndarray | None]:
-    """(T1, PET or None) on the anatomy grid, in scanner-like units."""
+               effect_scale: float) -> SubjectImages:
+    """The subject's T1 and PET (None without one) on the anatomy grid, in scanner-like units."""
     s = subject.severity * effect_scale
     age = subject.age - 70.0
     regions = {k: _torch(v) for k, v in anatomy.regions.items()}
@@ -245,24 +290,26 @@ def synthesize(subject: Subject, site: SiteProfile, anatomy: Anatomy, rng: np.ra
     head_scale = (1.02 if subject.sex == "M" else 0.99) * (1 + 0.02 * rng.standard_normal())
     outside = _torch(anatomy.t1) * (1 - head)
     pet_regions = ("pcc_precuneus", "temporoparietal", "hippocampus")
-    maps = warp(torch.stack([gm, wm, csf, outside, head] + [regions[r] for r in pet_regions]), rng, head_scale,
-                1.5, anatomy)
+    maps, template_to_subject = warp(torch.stack([gm, wm, csf, outside, head] + [regions[r] for r in pet_regions]),
+                                     rng, head_scale, 1.5, anatomy)
     gm, wm, csf, outside, head = maps[:5]
     warped_regions = dict(zip(pet_regions, maps[5:]))
 
     # T1: tissue contrast (WM bright, GM grey, CSF dark) and a subject's own contrast
     contrast = np.array([1.0, 0.62, 0.2]) * (1 + 0.03 * rng.standard_normal(3))
-    t1 = contrast[0] * wm + contrast[1] * gm + contrast[2] * csf + 0.8 * outside
+    tissue = contrast[0] * wm + contrast[1] * gm + contrast[2] * csf + 0.8 * outside
     sigma_vox = site.slice_blur_mm / 2.355 / anatomy.voxel_mm
-    t1 = gaussian_blur(t1, (0.0, 0.0, sigma_vox))
+    t1 = gaussian_blur(tissue, (0.0, 0.0, sigma_vox))
     bias = torch.exp(site.bias_strength * smooth_field(rng, anatomy.shape, 3, 1)[0])
     t1 = t1 * bias * site.intensity_scale
     noise = site.noise * site.intensity_scale
     t1 = torch.sqrt((t1 + noise * torch.from_numpy(rng.standard_normal(t1.shape).astype(np.float32))) ** 2
                     + (noise * torch.from_numpy(rng.standard_normal(t1.shape).astype(np.float32))) ** 2)  # Rician
 
+    images = SubjectImages(t1=t1.numpy(), pet=None, t1_tissue=tissue, pet_uptake=None, pet_gain=0.0,
+                           pet_counts=PET_COUNTS, brain=head, template_to_subject=template_to_subject)
     if not subject.has_pet:
-        return t1.numpy(), None
+        return images
     # FDG PET: uptake GM > WM > CSF, times the hypometabolism pattern
     uptake = 1.0 * gm + 0.3 * wm + 0.05 * csf
     hypo = torch.zeros_like(uptake) + 0.003 * max(age, 0)
@@ -270,11 +317,13 @@ def synthesize(subject: Subject, site: SiteProfile, anatomy: Anatomy, rng: np.ra
                            ("hippocampus", "pet_hippocampus")):
         hypo = hypo + warped_regions[region] * EFFECTS[effect] * s * (1 + 0.2 * rng.standard_normal())
     uptake = uptake * (1 - hypo.clamp(0, 0.6))
-    pet = gaussian_blur(uptake, (site.pet_fwhm_mm / 2.355 / anatomy.voxel_mm,) * 3)
-    counts = 200.0                                                        # count-like (Poisson) noise
-    pet = torch.poisson(pet.clamp(min=0) * counts, generator=torch.Generator().manual_seed(int(rng.integers(2**31))))
-    pet = pet / counts * site.pet_scale * (1 + 0.1 * rng.standard_normal()) * 5000
-    return t1.numpy(), pet.numpy()
+    blurred = gaussian_blur(uptake, (site.pet_fwhm_mm / 2.355 / anatomy.voxel_mm,) * 3)
+    pet = torch.poisson(blurred.clamp(min=0) * PET_COUNTS,
+                        generator=torch.Generator().manual_seed(int(rng.integers(2**31))))
+    jitter = 1 + 0.1 * rng.standard_normal()
+    images.pet = (pet / PET_COUNTS * site.pet_scale * jitter * 5000).numpy()      # this order: cohorts stay bit-equal
+    images.pet_uptake, images.pet_gain = blurred, site.pet_scale * jitter * 5000 / PET_COUNTS
+    return images
 
 
 # -- subjects, sites, writing ------------------------------------------------------------------
@@ -305,18 +354,53 @@ def _write_scan(folder: Path, stem: str, volume: np.ndarray, affine: np.ndarray,
     return f"subjects/{subject_id}/{name}"
 
 
+@dataclass
+class Scans:
+    """A subject's scans as written: arrays, their affines, and where each puts the template
+    (4x4, template mm -> the scan's world mm: the known answer a registration is scored on)."""
+    t1: np.ndarray
+    t1_affine: np.ndarray
+    pet: np.ndarray | None
+    pet_affine: np.ndarray | None
+    template_to_mri: np.ndarray
+    template_to_pet: np.ndarray | None
+    features: dict | None                # scanner space: disease measures of the template-space images
+
+    def truth(self) -> dict:
+        return {"template_to_mri": self.template_to_mri.tolist(),
+                "template_to_pet": None if self.template_to_pet is None else self.template_to_pet.tolist()}
+
+
+def subject_scans(subject: Subject, index: int, site: SiteProfile, anatomy: Anatomy, rng: np.random.Generator,
+                  cfg: CohortConfig) -> Scans:
+    """Synthesise one subject and place it in the cohort's space. Scanner space draws from a
+    generator of its own (seed, site, subject): both spaces hold the same subjects."""
+    images = synthesize(subject, site, anatomy, rng, cfg.effect_scale)
+    if cfg.space == "template":
+        subject_to_world = images.template_to_subject
+        return Scans(images.t1, anatomy.affine, images.pet, None if images.pet is None else anatomy.affine,
+                     subject_to_world, None if images.pet is None else subject_to_world, None)
+    # the written scans are not in template space: the disease measures come from the images they are posed from
+    features = image_features(images.t1, images.pet, anatomy)
+    scans = scanner_scans(images, anatomy, site.scanner, site,
+                          np.random.default_rng([cfg.seed, ord(site.name), index, 0x5CA]))
+    return Scans(scans.t1, scans.t1_affine, scans.pet, scans.pet_affine, scans.template_to_mri,
+                 scans.template_to_pet, features)
+
+
 def write_site(site_dir: Path, site: SiteProfile, subjects: list[Subject], anatomy: Anatomy,
                rng: np.random.Generator, cfg: CohortConfig, on_subject: Callable[[], None] | None = None
                ) -> list[dict]:
     site_dir.mkdir(parents=True, exist_ok=True)
     rows = ["subject_id,mri,pet,report,label,age,sex"]
     truth = []
-    for subject in subjects:
-        t1, pet = synthesize(subject, site, anatomy, rng, cfg.effect_scale)
+    for index, subject in enumerate(subjects):
+        scans = subject_scans(subject, index, site, anatomy, rng, cfg)
+        pet = scans.pet
         folder = site_dir / "subjects" / subject.subject_id
         folder.mkdir(parents=True, exist_ok=True)
-        mri = _write_scan(folder, "t1", t1, anatomy.affine, "MR", site.dicom, subject.subject_id)
-        pet_path = "" if pet is None else _write_scan(folder, "fdg_pet", pet, anatomy.affine, "PT", site.dicom,
+        mri = _write_scan(folder, "t1", scans.t1, scans.t1_affine, "MR", site.dicom, subject.subject_id)
+        pet_path = "" if pet is None else _write_scan(folder, "fdg_pet", pet, scans.pet_affine, "PT", site.dicom,
                                                       subject.subject_id)
         report = write_report(rng, subject.severity * cfg.effect_scale, pet is not None, subject.label,
                               cfg.report_informativeness, cfg.name_diagnosis)
@@ -324,7 +408,7 @@ def write_site(site_dir: Path, site: SiteProfile, subjects: list[Subject], anato
         label = subject.label if subject.labeled else ""
         rows.append(f"{subject.subject_id},{mri},{pet_path},subjects/{subject.subject_id}/report.txt,{label},"
                     f"{subject.age:.0f},{subject.sex}")
-        truth.append({**asdict(subject), "mri": mri, "pet": pet_path})
+        truth.append({**asdict(subject), "mri": mri, "pet": pet_path, **scans.truth(), "features": scans.features})
         if on_subject:
             on_subject()
     (site_dir / "manifest.csv").write_text("\n".join(rows) + "\n")
@@ -350,21 +434,22 @@ def write_site_bids(site_dir: Path, site: SiteProfile, subjects: list[Subject], 
     (site_dir / ".bidsignore").write_text("*_report.txt\n")         # reports are cmvim's, not BIDS files
     rows = ["participant_id\tage\tsex\tdiagnosis\tsplit"]
     truth = []
-    for subject in subjects:
-        t1, pet = synthesize(subject, site, anatomy, rng, cfg.effect_scale)
+    for index, subject in enumerate(subjects):
+        scans = subject_scans(subject, index, site, anatomy, rng, cfg)
+        pet = scans.pet
         participant = bids_participant(subject.subject_id)
         mri = f"{participant}/anat/{participant}_T1w.nii.gz"
         pet_path = "" if pet is None else f"{participant}/pet/{participant}_trc-FDG_pet.nii.gz"
-        for relative, volume in ((mri, t1), (pet_path, pet)):
+        for relative, volume, affine in ((mri, scans.t1, scans.t1_affine), (pet_path, pet, scans.pet_affine)):
             if volume is not None:
                 (site_dir / relative).parent.mkdir(parents=True, exist_ok=True)
-                nib.save(nib.Nifti1Image(volume.astype(np.float32), anatomy.affine), str(site_dir / relative))
+                nib.save(nib.Nifti1Image(volume.astype(np.float32), affine), str(site_dir / relative))
         report = write_report(rng, subject.severity * cfg.effect_scale, pet is not None, subject.label,
                               cfg.report_informativeness, cfg.name_diagnosis)
         (site_dir / participant / f"{participant}_report.txt").write_text(report + "\n", encoding="utf-8")
         label = subject.label if subject.labeled else "n/a"
         rows.append(f"{participant}\t{subject.age:.0f}\t{subject.sex}\t{label}\tn/a")
-        truth.append({**asdict(subject), "mri": mri, "pet": pet_path})
+        truth.append({**asdict(subject), "mri": mri, "pet": pet_path, **scans.truth(), "features": scans.features})
         if on_subject:
             on_subject()
     (site_dir / "participants.tsv").write_text("\n".join(rows) + "\n")
@@ -397,8 +482,9 @@ class CohortSummary:
 _on_subject: Callable[[], None] | None = None
 
 
-def _build_site(job) -> tuple[str, dict, list[dict]]:
-    """One site, in a worker process: draw, synthesise and write its subjects, then measure the files."""
+def _build_site(job) -> tuple[str, dict, list[dict], dict]:
+    """One site, in a worker process: draw, synthesise and write its subjects, then measure the
+    files. Returns (site, counts, measures per subject, poses per T1 path)."""
     cfg, site, out_dir, measure = job
     torch.set_num_threads(1)                     # one site per core
     anatomy = load_anatomy(cfg.shape)
@@ -412,9 +498,11 @@ def _build_site(job) -> tuple[str, dict, list[dict]]:
     features = []
     if measure:
         from .measure import subject_features
-        features = [{"site": site.name, "label": r["label"], **subject_features(out_dir / site.name, r, anatomy)}
-                    for r in truth]
-    return site.name, counts, features
+        features = [{"site": site.name, "label": r["label"],
+                     **(r["features"] or subject_features(out_dir / site.name, r, anatomy))} for r in truth]
+    poses = {r["mri"]: {"template_to_mri": r["template_to_mri"], "pet": r["pet"] or None,
+                        "template_to_pet": r["template_to_pet"]} for r in truth}
+    return site.name, counts, features, poses
 
 
 def generate_cohort(out_dir: str | Path, cfg: CohortConfig | None = None, measure: bool = True,
@@ -430,11 +518,13 @@ def generate_cohort(out_dir: str | Path, cfg: CohortConfig | None = None, measur
     workers = workers or min(len(jobs), os.cpu_count() or 1)
     with progress_bar(cfg.sites * cfg.subjects, "writing the cohort", "subject") as bar:
         results = _build_sites(jobs, workers, bar)
-    counts = {name: c for name, c, _ in results}
+    counts = {name: c for name, c, _, _ in results}
     summary = CohortSummary(out_dir, cfg, profiles, counts)
     if measure:
         from .measure import summarize_effects
-        summary.effects = summarize_effects([row for _, _, rows in results for row in rows])
+        summary.effects = summarize_effects([row for _, _, rows, _ in results for row in rows])
+    # the known answers: where each scan puts the template (what benchmarks/registration.py scores)
+    (out_dir / POSES_FILE).write_text(json.dumps({name: poses for name, _, _, poses in results}) + "\n")
     summary.seconds = time.perf_counter() - start
     (out_dir / "cohort.json").write_text(json.dumps({
         "config": asdict(cfg), "sites": [asdict(p) for p in profiles], "counts": counts,
@@ -475,8 +565,9 @@ def cohort_cache_root() -> Path:
 def cached_cohort(cfg: CohortConfig, root: Path | None = None) -> Path:
     """The cohort for `cfg`, generated on first use and reused after (keyed by the config)."""
     spec = asdict(cfg)
-    if spec["format"] == "manifest":
-        del spec["format"]                  # keys of cohorts cached before there was a choice stay valid
+    for key, first in (("format", "manifest"), ("space", "template")):
+        if spec[key] == first:
+            del spec[key]                   # keys of cohorts cached before there was a choice stay valid
     key = hashlib.sha256(json.dumps(spec, sort_keys=True, default=list).encode()).hexdigest()[:12]
     target = (root or cohort_cache_root()) / "cohorts" / f"cohort-{key}"
     if (target / "cohort.json").exists():
@@ -503,5 +594,6 @@ def prepare_cohort(cfg: RunConfig) -> RunConfig:
         return cfg
     spec = cfg.cohort
     cfg.cohort.path = str(cached_cohort(CohortConfig(sites=spec.sites, subjects=spec.subjects, shape=spec.shape,
-                                                     seed=spec.seed, effect_scale=spec.effect_scale)))
+                                                     seed=spec.seed, effect_scale=spec.effect_scale,
+                                                     space=spec.space)))
     return cfg

@@ -39,6 +39,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--format", choices=("manifest", "bids"), default="manifest",
                         help="site folders as manifest.csv + files (default), or as BIDS datasets (NIfTI only: "
                              "--dicom-sites does not apply)")
+    parser.add_argument("--space", choices=("template", "scanner"), default="template",
+                        help="template: scans in MNI space, brain only (default); scanner: the same subjects as "
+                             "scanners write them: skull, scalp and neck, heads posed +-15 degrees and +-30 mm, world "
+                             "origins up to 100 mm from the brain, scanner voxel orders (LPS, sagittal, ...) and "
+                             "anisotropic voxels, PET posed apart from its T1 on its own grid (docs/cohort.md); "
+                             "DIR/poses.json holds every scan's true template transform")
     args = parser.parse_args(argv)
     try:
         cfg = CohortConfig(sites=args.sites, subjects=args.subjects, shape=args.shape, seed=args.seed,
@@ -46,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
                            report_informativeness=args.report_informativeness, name_diagnosis=args.name_diagnosis,
                            effect_scale=args.effect_scale,
                            dicom_sites=tuple(args.dicom_sites.split(",")) if args.dicom_sites else None,
-                           format=args.format)
+                           format=args.format, space=args.space)
     except ValueError as exc:
         parser.error(str(exc))
     if args.out.exists() and any(args.out.iterdir()):

@@ -1,4 +1,5 @@
-"""Effect sizes measured on the WRITTEN cohort files, read back through cmvim.data.
+"""Effect sizes measured on the WRITTEN cohort files, read back through cmvim.data (a scanner-space
+cohort: on the template-space images its scans were posed from, before skull and pose).
 
 What a neuroimager would check on a real cohort, in template space:
   hippocampal tissue partial-volume tissue signal in the hippocampal region (T1 scaled from
@@ -21,7 +22,14 @@ GM_LEVEL, CSF_LEVEL = 0.62, 0.2        # T1 contrast relative to WM, as synthesi
 
 
 def subject_features(site_dir: Path, record: dict, anatomy: Anatomy) -> dict:
+    """The measures of one subject's written files (template space)."""
     t1, _ = load_volume(site_dir / record["mri"], "mri")
+    pet = load_volume(site_dir / record["pet"], "pet")[0] if record["pet"] else None
+    return image_features(t1, pet, anatomy)
+
+
+def image_features(t1: np.ndarray, pet: np.ndarray | None, anatomy: Anatomy) -> dict:
+    """The measures of one subject's template-space T1 and PET (None: no PET) on the anatomy grid."""
     wm_ref = np.median(t1[anatomy.wm > 0.9])
     rel = t1 / wm_ref
     voxel_ml = anatomy.voxel_mm ** 3 / 1000
@@ -33,8 +41,7 @@ def subject_features(site_dir: Path, record: dict, anatomy: Anatomy) -> dict:
                 # ventricles are surrounded by white matter: CSF fraction scaled from WM (0) to CSF (1)
                 "ventricles_ml": float(np.clip((1.0 - rel[box]) / (1.0 - CSF_LEVEL), 0, 1).sum() * voxel_ml),
                 "wm_intensity": float(wm_ref)}
-    if record["pet"]:
-        pet, _ = load_volume(site_dir / record["pet"], "pet")
+    if pet is not None:
         reference = pet[anatomy.regions["cerebellum"] > 0.5].mean()
         features["pcc_suvr"] = float(pet[anatomy.regions["pcc_precuneus"] > 0.5].mean() / reference)
     return features

@@ -32,7 +32,7 @@ SHAPE = (20, 24, 20)                     # 2 mm voxels: a 40x48x40 mm box, 10-12
 def run_yaml(tmp_path) -> Path:
     """The run config the coordinator shares; check and training both read it."""
     path = tmp_path / "run.yaml"
-    path.write_text(yaml.safe_dump({"preprocess": {"shape": 32, "voxel_size": 4.0}}))
+    path.write_text(yaml.safe_dump({"preprocess": {"spatial": "none", "shape": 32, "voxel_size": 4.0}}))
     return path
 
 

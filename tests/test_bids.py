@@ -25,8 +25,8 @@ from test_data import brain_like, save_nifti
 
 SHAPE = (16, 16, 16)
 T1_AFFINE = np.diag([4.0, 4.0, 4.0, 1.0])          # a 64 mm box
-PREPROCESS = PreprocessConfig(shape=16, voxel_size=4.0)
-RUN = {"preprocess": {"shape": 32, "voxel_size": 4.0}}     # the tiny model's input, as a run config gives it
+PREPROCESS = PreprocessConfig(spatial="none", shape=16, voxel_size=4.0)
+RUN = {"preprocess": {"spatial": "none", "shape": 32, "voxel_size": 4.0}}     # the tiny model's input, as a run config gives it
 
 
 def bids_site(root: Path, participants: list[str], header: str = "participant_id\tage\tdiagnosis\tsplit") -> Path:
@@ -273,7 +273,9 @@ def _on_a_terminal(args: list[str]) -> str:
 
 def test_check_draws_a_progress_bar_on_a_terminal_only(tmp_path):
     site = good_bids(tmp_path / "site")
-    command = [sys.executable, "-m", "cmvim.client.cli", "check", "--data", str(site)]
+    config = tmp_path / "run.yaml"                          # these small volumes are no heads: template space
+    config.write_text("preprocess: {spatial: none, shape: 32}\n")
+    command = [sys.executable, "-m", "cmvim.client.cli", "check", "--data", str(site), "--config", str(config)]
     drawn = _on_a_terminal(command)
     assert "preprocessing:" in drawn and "/8 [" in drawn and "visit/s" in drawn
     piped = subprocess.run(command, capture_output=True, text=True, timeout=120)
@@ -323,7 +325,7 @@ def test_a_simulation_trains_on_bids_site_folders(tmp_path):
                                          format="bids"), measure=False)
     assert (cohort / "A" / "dataset_description.json").exists() and not (cohort / "A" / "manifest.csv").exists()
     cfg = {"seed": 0, "cohort": {"path": str(cohort)}, "model": {"preset": "tiny"},
-           "preprocess": {"shape": 32, "voxel_size": 6.25}, "split_fractions": [0.6, 0.0, 0.4],
+           "preprocess": {"spatial": "none", "shape": 32, "voxel_size": 6.25}, "split_fractions": [0.6, 0.0, 0.4],
            "pretrain": {"rounds": 1, "local_epochs": 1, "batch_size": 6},
            "finetune": {"rounds": 2, "local_epochs": 2, "batch_size": 4, "lr": 0.002},
            "modality_dropout": 0.0, "strategy": {"name": "fedavg", "min_nodes": 2},

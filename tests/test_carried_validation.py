@@ -75,7 +75,7 @@ class LocalGrid:
 def _cfg(cohort, carry: bool, **extra) -> object:
     return run_config({
         "seed": 0, "cohort": {"path": str(cohort)}, "model": {"preset": "tiny"},
-        "preprocess": {"shape": 32, "voxel_size": 6.25}, "split_fractions": [0.5, 0.2, 0.3],
+        "preprocess": {"spatial": "none", "shape": 32, "voxel_size": 6.25}, "split_fractions": [0.5, 0.2, 0.3],
         "pretrain": {"rounds": 0}, "finetune": {"rounds": 3, "local_epochs": 1, "batch_size": 4, "lr": 0.002,
                                                 "select": "best_val"},
         "finetune_init": "fresh", "modality_dropout": 0.0, "strategy": {"name": "fedavg", "min_nodes": 3},

@@ -100,7 +100,7 @@ def test_a_sites_personalised_weights_survive_a_restart_of_its_node(easy_cohort,
 
     site = tmp_path / "A"
     shutil.copytree(easy_cohort / "A", site)
-    cfg = run_config({"model": {"preset": "tiny"}, "preprocess": {"shape": 32, "voxel_size": 6.25},
+    cfg = run_config({"model": {"preset": "tiny"}, "preprocess": {"spatial": "none", "shape": 32, "voxel_size": 6.25},
                       "personalize": "head", "finetune": {"rounds": 2, "local_epochs": 1, "max_steps": 2}})
     seen = []
     real_train = SiteTask.train

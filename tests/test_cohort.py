@@ -26,7 +26,7 @@ def test_every_site_loads_through_the_data_layer(cohort, tmp_path):
     assert [s.name for s in summary.sites] == ["A", "B"]
     assert summary.sites[1].dicom and not summary.sites[0].dicom        # B exports DICOM, as a PACS would
     for site in summary.sites:
-        data = SiteData.load(out / site.name, PreprocessConfig(shape=32, voxel_size=None), cache_dir=tmp_path / site.name)
+        data = SiteData.load(out / site.name, PreprocessConfig(spatial="none", shape=32, voxel_size=None), cache_dir=tmp_path / site.name)
         assert data.summary.skipped == [] and data.summary.warnings == []
         counts = data.counts()
         assert counts["visits"] == 16 and counts["with_pet"] == summary.counts[site.name]["with_pet"]

@@ -226,7 +226,7 @@ def test_check_overlap_warns_when_pet_is_elsewhere():
 
 # -- site loading, cache, datasets ---------------------------------------------------------------
 
-CFG = PreprocessConfig(shape=24, voxel_size=4.0)
+CFG = PreprocessConfig(spatial="none", shape=24, voxel_size=4.0)
 
 
 def test_site_loads_skips_bad_subjects_and_reports_every_skip(tmp_path):
@@ -264,7 +264,7 @@ def test_cache_serves_later_loads_and_invalidates_on_change(tmp_path, monkeypatc
     torch.testing.assert_close(second.dataset()[0]["mri"], first.dataset()[0]["mri"])
     monkeypatch.undo()
 
-    changed = SiteData.load(site, PreprocessConfig(shape=24, voxel_size=3.0))     # config change
+    changed = SiteData.load(site, PreprocessConfig(spatial="none", shape=24, voxel_size=3.0))     # config change
     assert changed.summary.cache_hits == 0
     scan = site / "scans/sub1_t1.nii.gz"
     save_nifti(scan, brain_like(seed=42))                                           # file change
@@ -278,7 +278,7 @@ def test_the_cache_keeps_one_entry_per_subject_and_config(tmp_path):
     preprocessing config's entries stay (another run may use them); so does nothing else."""
     site = write_site(tmp_path / "site", n=4)
     cache = site / ".cmvim_cache"
-    other = PreprocessConfig(shape=24, voxel_size=3.0)
+    other = PreprocessConfig(spatial="none", shape=24, voxel_size=3.0)
     SiteData.load(site, CFG)
     SiteData.load(site, other)
     assert len(list(cache.glob("*.npz"))) == 8
@@ -333,11 +333,13 @@ def test_augmentation_moves_mri_and_pet_together(tmp_path):
 def test_check_command_prints_table_and_exit_codes(tmp_path, capsys):
     from cmvim.client.cli import main
     site = write_site(tmp_path / "site", n=4, extra_rows=["BAD-1,scans/none.nii.gz,,,CN"])
-    assert main(["check", "--data", str(site)]) == 0
+    config = tmp_path / "run.yaml"                   # the blobs here are no heads: taken as in template space
+    config.write_text("preprocess: {spatial: none, shape: 32}\n")
+    assert main(["check", "--data", str(site), "--config", str(config)]) == 0
     out = capsys.readouterr().out
-    assert "manifest.csv: 5 rows, 4 usable, 1 with problems" in out
+    assert "manifest.csv: 5 rows, 4 usable, 1 with problems" in out and "spatial none" in out
     assert "| mri      | 40x48x40" in out and "file not found: 'scans/none.nii.gz'" in out
-    assert main(["check", "--data", str(site), "--strict"]) == 1
+    assert main(["check", "--data", str(site), "--config", str(config), "--strict"]) == 1
     capsys.readouterr()
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -357,7 +359,7 @@ def test_site_with_dicom_series_loads_and_a_gapped_series_is_skipped(tmp_path):
     (site / "manifest.csv").write_text("subject_id,mri,label\nA,A/ct,CN\nB,B/ct,AD\n")
     volume, affine = load_volume(site / "A" / "ct")
     assert volume.shape == (16, 16, 5) and abs(abs(affine[2, 2]) - 2.5) < 1e-6
-    data = SiteData.load(site, PreprocessConfig(shape=16, voxel_size=None, normalize={"mri": "percentile"}))
+    data = SiteData.load(site, PreprocessConfig(spatial="none", shape=16, voxel_size=None, normalize={"mri": "percentile"}))
     assert data.summary.loaded == 1
     (err,) = data.summary.skipped
     assert (err.subject, err.row, err.column, err.kind) == ("B", 3, "mri", "missing slice")
@@ -386,10 +388,10 @@ def test_check_shows_the_splits_the_run_will_use(tmp_path, capsys):
     site = write_site(tmp_path / "site", n=20)
     for seed, fractions in [(0, [0.7, 0.1, 0.2]), (3, [0.4, 0.2, 0.4])]:
         config = tmp_path / f"run{seed}.yaml"
-        config.write_text(yaml.safe_dump({"seed": seed, "split_fractions": fractions, "preprocess": {"shape": 32}}))
+        config.write_text(yaml.safe_dump({"seed": seed, "split_fractions": fractions, "preprocess": {"spatial": "none", "shape": 32}}))
         assert main(["check", "--data", str(site), "--config", str(config)]) == 0
         shown = {m.group(1): int(m.group(2)) for m in re.finditer(r"\| split (\w+) +\| +(\d+)", capsys.readouterr().out)}
-        loaded = SiteData.load(site, PreprocessConfig(shape=16, voxel_size=None), seed=seed, split_fractions=fractions)
+        loaded = SiteData.load(site, PreprocessConfig(spatial="none", shape=16, voxel_size=None), seed=seed, split_fractions=fractions)
         assert shown == loaded.counts()["splits"]
     bad = tmp_path / "bad.yaml"
     bad.write_text("split_fractons: [0.5, 0.25, 0.25]\n")

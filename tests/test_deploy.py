@@ -61,7 +61,7 @@ def run_yaml(tmp_path: Path, pretrain_rounds: int, finetune_epochs: int, min_nod
     """The coordinator's run config: the tiny model, one fine-tuning round."""
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump({
-        "seed": 0, "model": {"preset": "tiny"}, "preprocess": {"shape": 32, "voxel_size": 6.25},
+        "seed": 0, "model": {"preset": "tiny"}, "preprocess": {"spatial": "none", "shape": 32, "voxel_size": 6.25},
         "split_fractions": [0.6, 0.0, 0.4], "modality_dropout": 0.0,
         "pretrain": {"rounds": pretrain_rounds, "local_epochs": 1, "batch_size": 6},
         "finetune": {"rounds": 1, "local_epochs": finetune_epochs, "batch_size": 4, "lr": 0.002},

@@ -120,7 +120,7 @@ def test_a_site_task_trains_on_its_device_in_bf16_and_shares_cpu_tensors(easy_co
     from cmvim.site_task import SiteTask
     from cmvim.weights import initial_state
     cfg = run_config({"cohort": {"path": str(easy_cohort)}, "model": {"preset": "tiny"},
-                      "preprocess": {"shape": 32, "voxel_size": 6.25}, "precision": "bf16", "device": "cpu",
+                      "preprocess": {"spatial": "none", "shape": 32, "voxel_size": 6.25}, "precision": "bf16", "device": "cpu",
                       "pretrain": {"rounds": 1, "batch_size": 8, "max_steps": 2}})
     site = SiteData.load(Path(easy_cohort) / "A", cfg.preprocess, seed=0)
     task = SiteTask(cfg, [site], "A")

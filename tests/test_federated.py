@@ -28,7 +28,7 @@ def tiny_config(cohort_path: Path, **overrides) -> dict:
         "seed": 0,
         "cohort": {"path": str(cohort_path)},
         "model": {"preset": "tiny"},
-        "preprocess": {"shape": 32, "voxel_size": 6.25},
+        "preprocess": {"spatial": "none", "shape": 32, "voxel_size": 6.25},
         "split_fractions": [0.6, 0.0, 0.4],
         "pretrain": {"rounds": 2, "local_epochs": 1, "batch_size": 6, "lr": 0.001},
         "finetune": {"rounds": 5, "local_epochs": 3, "batch_size": 4, "lr": 0.002},

@@ -19,7 +19,7 @@ def test_quick_config_loads_and_typos_are_named():
     with pytest.raises(ConfigError, match="'fedsgd' is not one of"):
         run_config({"strategy": {"name": "fedsgd"}})
     with pytest.raises(ConfigError, match="must equal the model's img_size"):
-        run_config({"preprocess": {"shape": 64}})
+        run_config({"preprocess": {"spatial": "none", "shape": 64}})
 
 
 def test_the_default_run_config_is_a_valid_one():

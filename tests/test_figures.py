@@ -158,7 +158,7 @@ def write_scan(path: Path, seed: int, shape=(40, 48, 40), voxel: float = 4.0) ->
 
 
 def tiny_cfg(**overrides):
-    return run_config({"model": {"preset": "tiny", **overrides}, "preprocess": {"shape": 32, "voxel_size": 6.25},
+    return run_config({"model": {"preset": "tiny", **overrides}, "preprocess": {"spatial": "none", "shape": 32, "voxel_size": 6.25},
                        "pretrain": {"rounds": 1}})
 
 
@@ -224,7 +224,7 @@ def test_the_example_subject_comes_from_the_config_or_the_cohort(tmp_path):
     said = []
     # the cohort at the coordinator (cmvim-sim's): the first site's first subject-visit, named by neither
     write_site(tmp_path / "cohort", "A")
-    cfg = run_config(overridden({"model": "tiny", "preprocess": {"shape": 32, "voxel_size": 6.25}},
+    cfg = run_config(overridden({"model": "tiny", "preprocess": {"spatial": "none", "shape": 32, "voxel_size": 6.25}},
                                 [f"cohort.path={tmp_path / 'cohort'}"]))
     (tmp_path / "run").mkdir()
     result = draw_reconstruction(cfg, state, tmp_path / "run", say=said.append)
@@ -232,12 +232,12 @@ def test_the_example_subject_comes_from_the_config_or_the_cohort(tmp_path):
     assert said and "site A's first subject-visit" in said[-1] and "sub-0001" not in said[-1]
     # figures.example_subject wins, PET optional
     mri = write_scan(tmp_path / "mine_t1.nii.gz", 5)
-    cfg = run_config(overridden({"model": "tiny", "preprocess": {"shape": 32, "voxel_size": 6.25}},
+    cfg = run_config(overridden({"model": "tiny", "preprocess": {"spatial": "none", "shape": 32, "voxel_size": 6.25}},
                                 [f"figures.example_subject.mri={mri}", f"cohort.path={tmp_path / 'cohort'}"]))
     result = draw_reconstruction(cfg, state, tmp_path / "run", say=said.append)
     assert set(result.masked_fraction) == {"mri"} and "figures.example_subject" in said[-1]
     # neither: one line saying how to get the figure, and an earlier run's figure is gone
-    cfg = run_config({"model": "tiny", "preprocess": {"shape": 32, "voxel_size": 6.25}})
+    cfg = run_config({"model": "tiny", "preprocess": {"spatial": "none", "shape": 32, "voxel_size": 6.25}})
     assert draw_reconstruction(cfg, state, tmp_path / "run", say=said.append) is None
     assert "figures.example_subject" in said[-1] and not (tmp_path / "run" / RECONSTRUCTION_FIGURE).exists()
     # a site folder that cannot be read (a broken manifest.csv, which wins over the BIDS files): skipped, said
@@ -245,13 +245,13 @@ def test_the_example_subject_comes_from_the_config_or_the_cohort(tmp_path):
     broken.mkdir(parents=True)
     (broken / "manifest.csv").write_text("participant,t1\n")
     (broken / "dataset_description.json").write_text("{}")
-    cfg = run_config({"model": "tiny", "preprocess": {"shape": 32, "voxel_size": 6.25},
+    cfg = run_config({"model": "tiny", "preprocess": {"spatial": "none", "shape": 32, "voxel_size": 6.25},
                       "cohort": {"path": str(tmp_path / "bids")}})
     assert draw_reconstruction(cfg, state, tmp_path / "run", say=said.append) is None
     assert said[-1].startswith("reconstruction figure skipped")
     # a missing scan: skipped, naming what is wrong but not the subject's file
     (tmp_path / "cohort" / "A" / "sub-0001_t1.nii.gz").unlink()
-    cfg = run_config({"model": "tiny", "preprocess": {"shape": 32, "voxel_size": 6.25},
+    cfg = run_config({"model": "tiny", "preprocess": {"spatial": "none", "shape": 32, "voxel_size": 6.25},
                       "cohort": {"path": str(tmp_path / "cohort")}})
     assert draw_reconstruction(cfg, state, tmp_path / "run", say=said.append) is None
     assert said[-1].startswith("reconstruction figure skipped") and "sub-0001" not in said[-1]
@@ -261,7 +261,7 @@ def test_the_runner_draws_the_figure_and_never_fails_the_run_over_it(tmp_path, c
     pytest.importorskip("flwr")
     from cmvim.server.runner import FederatedRun
     write_site(tmp_path / "cohort", "A", with_pet=False)
-    cfg = run_config({"model": "tiny", "preprocess": {"shape": 32, "voxel_size": 6.25},
+    cfg = run_config({"model": "tiny", "preprocess": {"spatial": "none", "shape": 32, "voxel_size": 6.25},
                       "cohort": {"path": str(tmp_path / "cohort")}})
     run = FederatedRun(cfg, tmp_path / "run", grid=None)
     run.out_dir.mkdir()
@@ -322,7 +322,7 @@ def test_cmvim_sim_runs_the_overridden_config(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(cli, "run_federated", run_federated)
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump({"cohort": {"path": str(tmp_path)}, "model": "tiny",
-                                      "preprocess": {"shape": 32}, "finetune": {"rounds": 5}}))
+                                      "preprocess": {"spatial": "none", "shape": 32}, "finetune": {"rounds": 5}}))
     code = cli.main(["--config", str(config), "--out", str(tmp_path / "out"), "--set", "finetune.rounds=2",
                      "--set", "model.depth=1", "--set", "baselines=[linear]"])
     assert code == 1                                 # the fake run wrote no metrics.json
@@ -352,7 +352,7 @@ def test_cmvim_server_submits_the_overridden_config(tmp_path, monkeypatch, capsy
     monkeypatch.setattr(deploy.Coordinator, "submit", submit)
     monkeypatch.setattr(deploy.Coordinator, "wait_for_run", lambda self, run_id: "finished:completed")
     config = tmp_path / "run.yaml"
-    config.write_text(yaml.safe_dump({"model": "tiny", "preprocess": {"shape": 32}, "strategy": {"min_nodes": 2}}))
+    config.write_text(yaml.safe_dump({"model": "tiny", "preprocess": {"spatial": "none", "shape": 32}, "strategy": {"min_nodes": 2}}))
     parser = argparse.ArgumentParser()
     deploy.add_arguments(parser)
     args = parser.parse_args(["--config", str(config), "--out", str(tmp_path / "out"), "--insecure",
@@ -379,7 +379,7 @@ def test_a_simulated_run_leaves_its_figures_and_the_overridden_config(easy_cohor
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump({
         "cohort": {"path": str(easy_cohort)}, "model": {"preset": "tiny"},
-        "preprocess": {"shape": 32, "voxel_size": 6.25}, "split_fractions": [0.6, 0.1, 0.3],
+        "preprocess": {"spatial": "none", "shape": 32, "voxel_size": 6.25}, "split_fractions": [0.6, 0.1, 0.3],
         "pretrain": {"rounds": 1, "batch_size": 6}, "finetune": {"rounds": 3, "batch_size": 4, "select": "best_val"},
         "strategy": {"min_nodes": 2}, "evaluation": {"bootstrap": 50, "every_round": True}}))
     out = tmp_path / "run"

@@ -95,9 +95,9 @@ def test_the_embedding_readout_skips_the_encoder_blocks_and_is_undone_afterwards
 
 
 def test_predict_scores_what_the_sites_evaluation_scores_and_every_round_is_seen(easy_cohort):
-    preprocess = PreprocessConfig(shape=32, voxel_size=6.25, normalize={"mri": "zscore", "pet": "suvr"})
+    preprocess = PreprocessConfig(spatial="none", shape=32, voxel_size=6.25, normalize={"mri": "zscore", "pet": "suvr"})
     cfg = run_config({"cohort": {"path": str(easy_cohort)}, "model": {"preset": "tiny", "readout": "tokens"},
-                      "preprocess": {"shape": 32, "voxel_size": 6.25, "normalize": {"mri": "zscore", "pet": "suvr"}},
+                      "preprocess": {"spatial": "none", "shape": 32, "voxel_size": 6.25, "normalize": {"mri": "zscore", "pet": "suvr"}},
                       "split_fractions": [0.6, 0.0, 0.4], "evaluation": {"bootstrap": 10},
                       "finetune": {"rounds": 2, "probe_rounds": 1, "probe_epochs": 5, "batch_size": 8}})
     tasks = [SiteTask(cfg, [SiteData.load(Path(easy_cohort) / name, preprocess, seed=0, split_fractions=(0.6, 0.0, 0.4))],

@@ -81,7 +81,7 @@ def test_installed_commands_run_outside_the_checkout(installed, tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump({
         "seed": 0, "cohort": {"path": str(tmp_path / "cohort")}, "model": {"preset": "tiny"},
-        "preprocess": {"shape": 32, "voxel_size": 6.25}, "split_fractions": [0.6, 0.0, 0.4],
+        "preprocess": {"spatial": "none", "shape": 32, "voxel_size": 6.25}, "split_fractions": [0.6, 0.0, 0.4],
         "pretrain": {"rounds": 1, "local_epochs": 1, "batch_size": 4},
         "finetune": {"rounds": 1, "local_epochs": 1, "batch_size": 4, "probe_rounds": 0},
         "strategy": {"name": "fedavg", "min_nodes": 2}, "evaluation": {"bootstrap": 50, "every_round": False}}))

@@ -12,7 +12,7 @@ from cmvim.weights import build_model, initial_state
 
 @pytest.fixture(scope="module")
 def cfg():
-    return run_config({"model": {"preset": "tiny"}, "preprocess": {"shape": 32}})
+    return run_config({"model": {"preset": "tiny"}, "preprocess": {"spatial": "none", "shape": 32}})
 
 
 @pytest.mark.parametrize("phase", ["pretrain", "finetune"])
@@ -35,7 +35,7 @@ def test_packing_round_trips_every_parameter_exactly(cfg, phase):
 def test_a_site_loads_a_packed_message_and_packs_its_reply_in_the_servers_layout(cfg):
     """personalize head: the server packs the shared parameters only; the site's model takes
     them and keeps its own head; what it sends back unpacks on the server into the same names."""
-    cfg = run_config({"model": {"preset": "tiny"}, "preprocess": {"shape": 32}, "personalize": "head"})
+    cfg = run_config({"model": {"preset": "tiny"}, "preprocess": {"spatial": "none", "shape": 32}, "personalize": "head"})
     server_layout = shared_layout(build_model(cfg, "finetune"), "finetune", "head")
     assert not any(name.startswith("head.") for name in server_layout)
     torch.manual_seed(1)

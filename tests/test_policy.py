@@ -11,7 +11,7 @@ from cmvim.run_config import run_config
 
 
 def cfg(**overrides):
-    return run_config({"model": {"preset": "tiny"}, "preprocess": {"shape": 32},
+    return run_config({"model": {"preset": "tiny"}, "preprocess": {"spatial": "none", "shape": 32},
                        "finetune": {"local_epochs": 3, "batch_size": 8}, **overrides})
 
 

@@ -101,7 +101,7 @@ def test_a_fit_that_would_reverse_the_ranking_is_refused():
 
 
 def _tiny(tmp_path):
-    cfg = run_config({"model": {"preset": "tiny"}, "preprocess": {"shape": 32}})
+    cfg = run_config({"model": {"preset": "tiny"}, "preprocess": {"spatial": "none", "shape": 32}})
     torch.manual_seed(0)
     model = build_model(cfg, "finetune")
     calibration = Calibration(a=1.3, b=-0.2, threshold=0.41, rule="youden", calibrated=True, n_val=30)
@@ -112,7 +112,7 @@ def test_exported_model_loads_without_the_run(tmp_path):
     cfg, model, folder = _tiny(tmp_path)
     assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
     meta = json.loads((folder / "config.json").read_text())
-    assert meta["schema_version"] == 1 and meta["labels"] == ["CN", "AD"] and meta["decision"]["threshold"] == 0.41
+    assert meta["schema_version"] == 2 and meta["labels"] == ["CN", "AD"] and meta["decision"]["threshold"] == 0.41
     assert meta["run"]["model"]["img_size"] == 32 and meta["run"]["preprocess"]["shape"] == 32
     assert (folder / "model.safetensors").read_bytes()[8:9] == b"{"             # a safetensors header, not a pickle
     loaded = load_model(folder)

@@ -29,7 +29,7 @@ def site(tmp_path_factory):
 
 
 def dp_config(**privacy):
-    return run_config({"model": {"preset": "tiny"}, "preprocess": {"shape": 32, "voxel_size": 6.25},
+    return run_config({"model": {"preset": "tiny"}, "preprocess": {"spatial": "none", "shape": 32, "voxel_size": 6.25},
                        "split_fractions": [0.75, 0.0, 0.25], "modality_dropout": 0.0,
                        "pretrain": {"rounds": 2, "local_epochs": 1, "batch_size": 4},
                        "finetune": {"rounds": 2, "local_epochs": 1, "batch_size": 4},

@@ -27,7 +27,7 @@ def test_suvr_is_uptake_over_the_brain_mean_centred_and_scale_free():
     data = np.zeros((20, 20, 20), np.float32)
     data[5:15, 5:15, 5:15] = 1.0 + 0.2 * rng.standard_normal((10, 10, 10))
     data[8:11, 8:11, 8:11] *= 0.8                         # a hypometabolic region
-    cfg = PreprocessConfig(shape=20)
+    cfg = PreprocessConfig(spatial="none", shape=20)
     out = normalize_suvr(data, cfg)
     brain = data > cfg.foreground * np.percentile(data, 99)
     np.testing.assert_allclose(out[brain], data[brain] / data[brain].mean() - 1, rtol=1e-5, atol=1e-6)
@@ -149,14 +149,14 @@ class engine_loader(list):
 
 @pytest.fixture(scope="module")
 def easy_sites(easy_cohort):
-    cfg = PreprocessConfig(shape=32, voxel_size=6.25, normalize={"mri": "zscore", "pet": "suvr"})
+    cfg = PreprocessConfig(spatial="none", shape=32, voxel_size=6.25, normalize={"mri": "zscore", "pet": "suvr"})
     return {name: SiteData.load(Path(easy_cohort) / name, cfg, seed=0, split_fractions=(0.6, 0.0, 0.4))
             for name in ("A", "B", "C")}
 
 
 def easy_run_config(easy_cohort, **overrides):
     spec = {"cohort": {"path": str(easy_cohort)}, "model": {"preset": "tiny", "readout": "tokens"},
-            "preprocess": {"shape": 32, "voxel_size": 6.25, "normalize": {"mri": "zscore", "pet": "suvr"}},
+            "preprocess": {"spatial": "none", "shape": 32, "voxel_size": 6.25, "normalize": {"mri": "zscore", "pet": "suvr"}},
             "split_fractions": [0.6, 0.0, 0.4], "evaluation": {"bootstrap": 100},
             "finetune": {"rounds": 3, "probe_rounds": 1, "probe_epochs": 30, "local_epochs": 1, "lr": 1e-4,
                          "layer_decay": 0.75}}
@@ -246,7 +246,7 @@ def test_linear_probe_of_an_encoder_on_site_data(easy_cohort, easy_sites):
 def test_fine_tuning_can_start_from_weights_pretrained_elsewhere(tmp_path):
     """finetune_init: a file (a state dict, or a cmvim checkpoint's arrays): public pretraining."""
     from cmvim.config import ConfigError
-    cfg = run_config({"model": {"preset": "tiny"}, "preprocess": {"shape": 32}})
+    cfg = run_config({"model": {"preset": "tiny"}, "preprocess": {"spatial": "none", "shape": 32}})
     torch.manual_seed(123)
     elsewhere = CMViM(cfg.model).state_dict()
     for name, payload in (("state.pt", elsewhere), ("checkpoint.pt", {"phase": "pretrain", "round": 12,

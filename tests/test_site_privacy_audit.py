@@ -79,7 +79,7 @@ def test_nothing_identifying_leaves_the_site(dicom_site, tmp_path, caplog, capsy
     victim = next(p for p in site.rglob("*.dcm"))
     victim.write_bytes(b"not a dicom file")
 
-    cfg = run_config({"model": {"preset": "tiny"}, "preprocess": {"shape": 32, "voxel_size": 6.25},
+    cfg = run_config({"model": {"preset": "tiny"}, "preprocess": {"spatial": "none", "shape": 32, "voxel_size": 6.25},
                       "split_fractions": [0.6, 0.2, 0.2], "modality_dropout": 0.0,
                       "pretrain": {"rounds": 1, "batch_size": 4}, "finetune": {"rounds": 1, "batch_size": 4},
                       "privacy": {"enabled": True, "noise_multiplier": 1.0}})

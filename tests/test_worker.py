@@ -93,11 +93,11 @@ def test_a_warm_process_keeps_the_sites_data_until_a_file_it_read_changes(tmp_pa
     replaced or damaged mid-run is read again, and a damaged one is reported, not trained on."""
     from cmvim.client.app import site_data
     from cmvim.run_config import run_config
-    cfg = run_config({"model": {"preset": "tiny"}, "preprocess": {"shape": 32}})
+    cfg = run_config({"model": {"preset": "tiny"}, "preprocess": {"spatial": "none", "shape": 32}})
     site_dir = _site(tmp_path)
     first = site_data(cfg, site_dir)
     assert site_data(cfg, site_dir) is first and len(first.records) == 4
-    other = run_config({"model": {"preset": "tiny"}, "preprocess": {"shape": 32}, "seed": 7})
+    other = run_config({"model": {"preset": "tiny"}, "preprocess": {"spatial": "none", "shape": 32}, "seed": 7})
     assert site_data(other, site_dir) is not first                       # another run's splits
     (site_dir / "s1.nii.gz").write_bytes(b"not a nifti any more")
     again = site_data(cfg, site_dir)

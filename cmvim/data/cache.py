@@ -8,10 +8,15 @@ loaded `prune` removes that config's entries no subject uses any more (files cha
 removed): the cache holds one entry per subject per preprocessing config, never a history.
 Writes are atomic (temp file + rename): parallel simulated sites never see a
 half-written entry.
+
+Registrations (`spatial: template`) are cached beside them, one small JSON per visit keyed by
+the bytes of its scans and the registration's settings (`transform_key`), so a run with other
+model-grid or normalisation settings, or the same scans moved or renamed, registers nothing again.
 """
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import tempfile
 import time
@@ -20,7 +25,7 @@ from typing import Iterable
 
 import numpy as np
 
-CACHE_VERSION = "2"        # bump when the preprocessing code or the key changes meaning
+CACHE_VERSION = "3"        # bump when the preprocessing code or the key changes meaning
 
 
 def source_signature(path: Path, site_dir: Path) -> list:
@@ -31,6 +36,28 @@ def source_signature(path: Path, site_dir: Path) -> list:
         stat = file.stat()
         signature.append((str(file.relative_to(site_dir)), stat.st_size, stat.st_mtime_ns))
     return signature
+
+
+def content_digest(sources: Iterable[Path | None]) -> str:
+    """SHA-256 over the bytes of every source file (every file of a DICOM folder, in name order):
+    what a registration's result depends on, whatever the file's name, place or time."""
+    digest = hashlib.sha256()
+    for source in sources:
+        if source is None:
+            digest.update(b"\0none")
+            continue
+        files = sorted(p for p in source.iterdir() if p.is_file()) if source.is_dir() else [source]
+        for file in files:
+            digest.update(f"\0{file.name if source.is_dir() else ''}\0".encode())
+            with open(file, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    digest.update(block)
+    return digest.hexdigest()
+
+
+def transform_key(sources: Iterable[Path | None], registration_fingerprint: str) -> str:
+    """`tx-<registration settings>-<content>`: the key of a visit's cached transforms."""
+    return f"tx-{registration_fingerprint[:12]}-{content_digest(sources)[:32]}"
 
 
 def _prefix(config_fingerprint: str) -> str:
@@ -67,24 +94,46 @@ class VolumeCache:
     def load(self, key: str) -> dict[str, np.ndarray] | None:
         path = self.path(key)
         try:
-            with np.load(path) as data:
-                return {name: data[name].astype(np.float32) for name in data.files}
+            with np.load(path) as data:       # volumes as float32; byte arrays (a key's text) as they are
+                return {name: data[name] if data[name].dtype == np.uint8 else data[name].astype(np.float32)
+                        for name in data.files}
         except FileNotFoundError:
             return None
         except (OSError, ValueError, EOFError):      # a damaged entry is a miss, rebuilt by the caller
             path.unlink(missing_ok=True)
             return None
 
-    def prune(self, config_fingerprint: str, keep: set[str]) -> int:
+    def load_transforms(self, key: str) -> dict | None:
+        """A visit's cached registration: {"mri": 4x4, "pet": 4x4 (when it has one)}, or None."""
+        path = self.root / f"{key}.json"
+        try:
+            found = json.loads(path.read_text())
+            return {modality: np.asarray(matrix, dtype=np.float64).reshape(4, 4) for modality, matrix in found.items()}
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, TypeError, AttributeError):     # damaged: a miss, registered again
+            path.unlink(missing_ok=True)
+            return None
+
+    def save_transforms(self, key: str, transforms: dict[str, np.ndarray]) -> None:
+        text = json.dumps({modality: np.asarray(m).tolist() for modality, m in transforms.items()})
+        self._write(self.root / f"{key}.json", lambda fh: fh.write(text.encode()))
+
+    def prune(self, config_fingerprint: str, keep: set[str], transforms: tuple[str, set[str]] | None = None) -> int:
         """Remove this config's entries whose key is not in `keep`, entries an older cache version
         wrote (never read again), and temp files a killed writer left over an hour ago. Entries
-        of other preprocessing configs stay: another run may use them. Returns the files removed."""
+        of other preprocessing configs stay: another run may use them. `transforms`: (registration
+        fingerprint, the transform keys in use): that registration's other transforms go too.
+        Returns the files removed."""
         prefix, removed = _prefix(config_fingerprint), 0
+        tx_prefix = f"tx-{transforms[0][:12]}-" if transforms else None
         now = time.time()
         for path in self.root.iterdir():
             name = path.name
             if name.endswith(".npz"):
                 stale = (name.startswith(prefix) and name[:-4] not in keep) or not name.startswith(f"v{CACHE_VERSION}-")
+            elif name.endswith(".json"):
+                stale = tx_prefix is not None and name.startswith(tx_prefix) and name[:-5] not in transforms[1]
             else:
                 try:
                     stale = name.endswith(".tmp") and now - path.stat().st_mtime > 3600
@@ -96,11 +145,18 @@ class VolumeCache:
         return removed
 
     def save(self, key: str, arrays: dict[str, np.ndarray]) -> None:
+        # volumes as float16 (normalised intensities need no more), small values (QC measures) as float32
+        self._write(self.path(key), lambda fh: np.savez(fh, **{
+            name: a if isinstance(a, np.ndarray) and a.dtype == np.uint8 else
+            np.asarray(a).astype(np.float16 if np.ndim(a) == 3 else np.float32) for name, a in arrays.items()}))
+
+    def _write(self, path: Path, write) -> None:
+        """Atomically: a temp file renamed into place."""
         fd, tmp = tempfile.mkstemp(dir=self.root, suffix=".tmp")
         try:
             with os.fdopen(fd, "wb") as fh:
-                np.savez(fh, **{name: a.astype(np.float16) for name, a in arrays.items()})
-            os.replace(tmp, self.path(key))
+                write(fh)
+            os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise

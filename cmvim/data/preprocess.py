@@ -3,45 +3,39 @@
 A *subject sample* is a dict ``{"mri": Volume, "pet": Volume | None, "warnings": [...],
 "files": {modality: path}}`` ("files" optional: errors name the file when it is there).
 Each step takes one and returns one, checks what it needs, and touches only
-what it is about (MONAI's dictionary transforms are the model). The default
-pipeline, `build_pipeline(cfg)`:
+what it is about (MONAI's dictionary transforms are the model). `build_pipeline(cfg)`
+by `cfg.spatial`:
 
-    Reorient -> CheckOverlap -> Resample -> CropPad -> Normalize
+    template (the default: scans as scanners write them)
+        ToTemplate -> Normalize
+    ToTemplate (cmvim.data.registration) registers the T1 to the MNI152 template and the PET
+    to its T1, resamples each scan once onto the model grid in template space, checks the
+    registration and extracts the brain.
 
-Co-registration is out of scope: MRI and PET are assumed to be in the same
-world space (e.g. template space); `CheckOverlap` warns when they are not.
-Resampling puts every modality on the reference modality's grid, so after
-CropPad the MRI and PET voxels of a subject line up.
+    none (scans already in template space)
+        Reorient -> CheckOverlap -> Resample -> CropPad -> Normalize
+    MRI and PET are taken to be in the same world space; `CheckOverlap` warns when they are not.
+    Resampling puts every modality on the reference modality's grid, so after CropPad the MRI
+    and PET voxels of a subject line up.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import nibabel as nib
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from ..model_config import MODALITIES
 from ..run_config import NORMALIZER_NAMES, PreprocessConfig
 from .errors import DataError
+from .grid import Volume, resample, world_bounds
+from .registration import ToTemplate
 
 # The most voxels a resampling grid may have. Resampling holds ~100 bytes a voxel at its peak
 # (float64 coordinates for every target voxel), so 2**25 voxels is ~3.4 GB; a 1 mm grid over
 # a 320 mm cube fits. A grid past it comes from a voxel size no scanner writes (a header in
 # cm, or 100 mm voxels): refused before allocating, naming the file and the voxel size.
 RESAMPLE_MAX_VOXELS = 2 ** 25
-
-
-@dataclass
-class Volume:
-    data: np.ndarray          # float32, 3D
-    affine: np.ndarray        # 4x4 voxel -> world (RAS+ mm)
-
-    @property
-    def voxel_size(self) -> np.ndarray:
-        return np.sqrt((self.affine[:3, :3] ** 2).sum(axis=0))
 
 
 Sample = dict
@@ -67,14 +61,6 @@ class Reorient:
         return sample
 
 
-def world_bounds(vol: Volume) -> tuple[np.ndarray, np.ndarray]:
-    """Axis-aligned world bounding box (min corner, max corner) of a volume's voxel centres."""
-    shape = np.array(vol.data.shape) - 1
-    corners = np.array([[i, j, k] for i in (0, shape[0]) for j in (0, shape[1]) for k in (0, shape[2])], float)
-    world = nib.affines.apply_affine(vol.affine, corners)
-    return world.min(axis=0), world.max(axis=0)
-
-
 class CheckOverlap:
     """Warn (in sample["warnings"]) when PET and MRI world boxes overlap too little."""
 
@@ -92,19 +78,6 @@ class CheckOverlap:
             sample.setdefault("warnings", []).append(
                 f"MRI and PET overlap {overlap:.0%} in world space: are they in the same space (co-registered)?")
         return sample
-
-
-def resample(vol: Volume, target_affine: np.ndarray, target_shape: Sequence[int]) -> Volume:
-    """Trilinear resampling of `vol` onto a target grid (zeros outside the source)."""
-    to_source = np.linalg.inv(vol.affine) @ target_affine               # target voxel -> source voxel
-    axes = [torch.arange(n, dtype=torch.float64) for n in target_shape]
-    grid = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1)    # (X, Y, Z, 3) target indices
-    src = grid @ torch.from_numpy(to_source[:3, :3]).T + torch.from_numpy(to_source[:3, 3])
-    size = torch.tensor(vol.data.shape, dtype=torch.float64)
-    normalised = (2 * src / (size - 1).clamp(min=1) - 1).flip(-1)       # grid_sample wants (z, y, x) order
-    data = torch.from_numpy(np.ascontiguousarray(vol.data, dtype=np.float32))[None, None]
-    out = F.grid_sample(data, normalised[None].float(), mode="bilinear", padding_mode="zeros", align_corners=True)
-    return Volume(out[0, 0].numpy(), np.asarray(target_affine, dtype=np.float64))
 
 
 class Resample:
@@ -254,5 +227,7 @@ class Compose:
 
 
 def build_pipeline(cfg: PreprocessConfig) -> Compose:
+    if cfg.spatial == "template":
+        return Compose([ToTemplate(cfg), Normalize(cfg)])
     return Compose([Reorient(), CheckOverlap(cfg.min_overlap), Resample(cfg.voxel_size, cfg.reference),
                     CropPad(cfg.shape), Normalize(cfg)])

@@ -20,16 +20,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .cache import VolumeCache, cache_key, default_cache_dir
+from .cache import VolumeCache, cache_key, default_cache_dir, transform_key
 from .errors import DataError
 from .manifest import LABELS, SPLITS, ManifestEntry, read_site_folder
 from ..model_config import MODALITIES
 from ..progress import progress_bar
 from ..run_config import SPLIT_FRACTIONS, BidsConfig, PreprocessConfig
 from .preprocess import Volume, build_pipeline
+from .registration import transform_fingerprint
 from .reports import read_report, tokenize_reports
 from .volumes import load_volume
 
@@ -55,6 +57,11 @@ class Record:
     has_pet: bool
     report: str | None
     split: str
+    qc: dict[str, float] = field(default_factory=dict)   # spatial template: the registration's QC measures
+
+
+QC_PREFIX = "qc."          # cache entry arrays holding a visit's QC measures
+TRANSFORMS = "transforms"  # a cache entry's array holding the key of the transforms it was made with (bytes)
 
 
 @dataclass
@@ -164,13 +171,16 @@ class SiteData:
         cache = VolumeCache(Path(cache_dir) if cache_dir else default_cache_dir(site_dir))
         pipeline = build_pipeline(cfg)
         fingerprint = cfg.fingerprint()
+        registration = transform_fingerprint(cfg.registration) if cfg.spatial == "template" else None
+        transforms_used: set[str] = set()
         splits = assign_splits(entries, seed, tuple(split_fractions))
         records: list[Record] = []
         bar = progress_bar(len(entries), "preprocessing", "visit") if show_progress else None
         for n, entry in enumerate(entries, start=1):
             try:
                 records.append(cls._prepare(entry, len(records), cache, pipeline, fingerprint, site_dir,
-                                            splits[entry.subject_id], use_reports, summary))
+                                            splits[entry.subject_id], use_reports, summary, registration,
+                                            transforms_used))
             except DataError as err:
                 summary.skipped.append(err.with_context(subject=entry.subject_id, row=entry.row))
             if progress:
@@ -180,7 +190,8 @@ class SiteData:
         if bar is not None:
             bar.close()
         summary.loaded = len(records)
-        cache.prune(fingerprint, {r.key for r in records})
+        cache.prune(fingerprint, {r.key for r in records},
+                    (registration, transforms_used) if registration is not None else None)
         summary.seconds = time.perf_counter() - start
         for err in summary.skipped:
             # row, column and kind only: this runs inside the ClientApp too, whose output a
@@ -190,9 +201,12 @@ class SiteData:
 
     @staticmethod
     def _prepare(entry: ManifestEntry, index: int, cache: VolumeCache, pipeline, fingerprint: str, site_dir: Path,
-                 split: str, use_reports: bool, summary: SiteSummary) -> Record:
+                 split: str, use_reports: bool, summary: SiteSummary, registration: str | None = None,
+                 transforms_used: set[str] | None = None) -> Record:
         """One row, read and preprocessed into the cache. Whatever goes wrong is a DataError
-        naming the file: an unexpected exception (a MemoryError, a reader's bug) too."""
+        naming the file: an unexpected exception (a MemoryError, a reader's bug) too.
+        `registration` (spatial template): the registration's fingerprint; the visit's transforms
+        are read from and written to the cache under it (and their keys added to `transforms_used`)."""
         files = {m: getattr(entry, m) for m in MODALITIES if getattr(entry, m) is not None}
         doing, file, column = "reading the report", entry.report, "report"
         try:
@@ -201,8 +215,13 @@ class SiteData:
                 report = read_report(entry.report)
             doing, file, column = "reading the scans", entry.mri, "mri"
             key = cache_key([entry.mri, entry.pet], site_dir, fingerprint)
-            if cache.load(key) is not None:
+            cached = cache.load(key)
+            if cached is not None:
                 summary.cache_hits += 1
+                qc = {name[len(QC_PREFIX):]: float(value) for name, value in cached.items()
+                      if name.startswith(QC_PREFIX)}
+                if TRANSFORMS in cached and transforms_used is not None:      # still in use: not pruned
+                    transforms_used.add(cached[TRANSFORMS].tobytes().decode())
             else:
                 sample = {"files": files}
                 for modality, path in files.items():
@@ -211,16 +230,30 @@ class SiteData:
                         sample[modality] = Volume(*load_volume(path, modality))
                     except DataError as err:
                         raise err.with_context(column=modality) from None
+                transforms = None
+                if registration is not None:
+                    doing, file, column = "reading the cached registration", entry.mri, None
+                    transforms = transform_key([entry.mri, entry.pet], registration)
+                    sample["transforms"] = cache.load_transforms(transforms)
+                    if transforms_used is not None:
+                        transforms_used.add(transforms)
                 # steps name the file a problem is in; one they cannot pin on a file is the MRI's
                 doing, file, column = "preprocessing", entry.mri, None
                 try:
                     sample = pipeline(sample)
                 except DataError as err:
                     raise err.with_context(file=file) from None
+                finally:           # a registration that failed its check is kept too: it is not redone
+                    if transforms is not None and sample.get("transforms") is not None:
+                        cache.save_transforms(transforms, sample["transforms"])
                 for warning in sample.get("warnings", []):
                     summary.warnings.append(f"manifest row {entry.row}: {warning}")
                 doing, file, column = "writing the cache", cache.root, None
-                cache.save(key, {m: sample[m].data for m in MODALITIES if sample.get(m) is not None})
+                qc = sample.get("qc", {})
+                cache.save(key, {**{m: sample[m].data for m in MODALITIES if sample.get(m) is not None},
+                                 **{QC_PREFIX + name: np.float32(value) for name, value in qc.items()},
+                                 **({TRANSFORMS: np.frombuffer(transforms.encode(), dtype=np.uint8)}
+                                    if transforms is not None else {})})
         except DataError:
             raise
         except Exception as exc:
@@ -230,7 +263,8 @@ class SiteData:
             detail = f": {detail[:200]}" if detail else ""
             raise DataError(f"{type(exc).__name__} while {doing}{detail}", file=file, column=column,
                             kind="out of memory" if isinstance(exc, MemoryError) else "unexpected error") from None
-        return Record(index=index, entry=entry, key=key, has_pet=entry.pet is not None, report=report, split=split)
+        return Record(index=index, entry=entry, key=key, has_pet=entry.pet is not None, report=report, split=split,
+                      qc=qc)
 
     # -- views -------------------------------------------------------------------------------
     def subset(self, split: str | None = None, labeled: bool | None = None, num_classes: int = 2) -> list[Record]:
@@ -271,9 +305,10 @@ class SiteDataset(Dataset):
         record = self.records[i]
         arrays = self.site.cache.load(record.key)
         if arrays is None:       # the cache was cleared under us: rebuild this one entry
-            SiteData._prepare(record.entry, record.index, self.site.cache, build_pipeline(self.site.cfg),
-                              self.site.cfg.fingerprint(), self.site.site_dir, record.split, False,
-                              self.site.summary)
+            cfg = self.site.cfg
+            SiteData._prepare(record.entry, record.index, self.site.cache, build_pipeline(cfg), cfg.fingerprint(),
+                              self.site.site_dir, record.split, False, self.site.summary,
+                              transform_fingerprint(cfg.registration) if cfg.spatial == "template" else None)
             arrays = self.site.cache.load(record.key)
         shape = (1,) + (self.site.cfg.shape,) * 3
         label = label_index(record.entry.label, self.num_classes)
