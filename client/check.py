@@ -65,7 +65,8 @@ def preprocessing_line(cfg: RunConfig) -> str:
     p = cfg.preprocess
     grid = f"model grid {p.shape}^3 at {p.voxel_size if p.voxel_size is not None else 2.0:g} mm"
     if p.spatial == "template":
-        extraction = (f"brain mask +{p.registration.brain_margin_mm:g} mm" if p.registration.brain_margin_mm
+        margin = p.registration.brain_margin_mm
+        extraction = ("no brain extraction" if margin is None else f"brain mask +{margin:g} mm" if margin
                       else "brain mask")
         bias = "N4, " if p.registration.bias_correction else ""
         return (f"Preprocessing: spatial template: T1 -> MNI152 2009a ({bias}affine, 12 dof), PET -> its T1 (rigid, "

@@ -37,14 +37,14 @@ class RegistrationConfig:
     """`spatial: template` (cmvim.data.registration, docs/preprocessing.md): how scans are brought
     into template space and when a registration counts as failed."""
     bias_correction: bool = True                      # N4 on the T1 before registering it
-    brain_margin_mm: float = 4.0                      # brain extraction: the template's brain mask dilated this much
+    brain_margin_mm: float | None = 4.0               # brain extraction: the template's brain mask dilated this much (null: none)
     # quality control: a visit outside these is a bad row naming the scan and the measure
     min_t1_similarity: float = 0.6                    # registered T1 vs template T1, correlation inside the brain
     min_pet_similarity: float = 0.4                   # registered PET vs template grey matter, correlation
     head_scale_range: tuple[float, float] = (0.75, 1.35)   # the affine's scale factors (head size vs template)
 
     def __post_init__(self):
-        if self.brain_margin_mm < 0:
+        if self.brain_margin_mm is not None and self.brain_margin_mm < 0:
             raise ValueError(f"registration.brain_margin_mm must be 0 or more, got {self.brain_margin_mm}")
         low, high = self.head_scale_range
         if not 0 < low < 1 < high:
@@ -434,6 +434,10 @@ class RunConfig:
     # pretrain.rounds is 0
     finetune_init: str = "pretrained"
     modality_dropout: float = 0.3          # fine-tuning: hide a present PET this often (see ModalityDropout)
+    # fine-tuning rounds' spatial augmentation (the probe rounds' features are computed once, unaugmented):
+    # null, none; else small random moves of MRI and PET together, against residual misregistration
+    # (measured: docs/preprocessing.md)
+    finetune_augment: AugmentConfig | None = None
     pretrain: PhaseConfig = field(default_factory=lambda: PhaseConfig(rounds=3))
     finetune: FinetuneConfig = field(default_factory=lambda: FinetuneConfig(rounds=3, lr=5e-4))
     strategy: StrategyConfig = field(default_factory=StrategyConfig)

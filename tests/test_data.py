@@ -12,7 +12,7 @@ import torch
 from cmvim.data import (DataError, PretrainAugment, SiteData, Volume, assign_splits, load_volume,
                         make_loader, read_manifest, read_report)
 from cmvim.data import site as site_module
-from cmvim.run_config import AugmentConfig, PreprocessConfig
+from cmvim.run_config import AugmentConfig, PreprocessConfig, run_config
 from cmvim.data.preprocess import CheckOverlap, CropPad, Reorient, resample, world_bounds
 
 NIBABEL_DATA = Path(nib.__file__).parent / "tests" / "data"
@@ -328,6 +328,36 @@ def test_augmentation_moves_mri_and_pet_together(tmp_path):
     assert torch.count_nonzero(missing["pet"]) == 0
     again = augment(item, torch.Generator().manual_seed(0))
     torch.testing.assert_close(again["mri"], out["mri"])                            # reproducible from the seed
+
+
+def test_finetune_augmentation_moves_both_modalities_and_modality_dropout_still_applies(tmp_path):
+    """finetune_augment: the fine-tuning rounds' items move (MRI and PET together, as in
+    pretraining), reproducibly per round; modality dropout still hides PETs after it; without it
+    the items are the cached arrays as they are."""
+    from cmvim.data.views import SiteViews
+    data = SiteData.load(write_site(tmp_path / "site", n=9), CFG, seed=1, split_fractions=(1.0, 0.0, 0.0))
+    moves = {"flip": 0.0, "rotate_deg": 8.0, "scale": 0.05, "translate": 0.03, "intensity": 0.0, "noise": 0.0}
+    plain = run_config({"model": {"preset": "tiny", "img_size": 24, "patch_size": 8},
+                        "preprocess": {"spatial": "none", "shape": 24}, "modality_dropout": 0.0})
+    moved = run_config({**{"model": {"preset": "tiny", "img_size": 24, "patch_size": 8},
+                           "preprocess": {"spatial": "none", "shape": 24}}, "modality_dropout": 0.0,
+                        "finetune_augment": moves})
+    dropped = run_config({"model": {"preset": "tiny", "img_size": 24, "patch_size": 8},
+                          "preprocess": {"spatial": "none", "shape": 24}, "modality_dropout": 1.0,
+                          "finetune_augment": moves})
+    reference = SiteViews(plain, [data]).finetuning()
+    augmented = SiteViews(moved, [data]).finetuning()
+    index = next(i for i, r in enumerate(augmented.records) if r.has_pet)
+    cached = data.cache.load(augmented.records[index].key)
+    assert torch.equal(reference[index]["mri"][0], torch.from_numpy(cached["mri"]))
+    item = augmented[index]
+    assert not torch.allclose(item["mri"], reference[index]["mri"])
+    again = augmented[index]
+    torch.testing.assert_close(again["mri"], item["mri"])                          # reproducible within a round
+    augmented.seed = 2
+    assert not torch.allclose(augmented[index]["mri"], item["mri"])               # another round, another move
+    hidden = SiteViews(dropped, [data]).finetuning()[index]
+    assert hidden["pet_present"] is False and torch.count_nonzero(hidden["pet"]) == 0
 
 
 def test_check_command_prints_table_and_exit_codes(tmp_path, capsys):

@@ -406,6 +406,8 @@ class ToTemplate:
         if problem is not None:
             modality, why = problem
             raise DataError(why, file=files.get(modality), column=modality, kind="registration failed")
+        if self.cfg.registration.brain_margin_mm is None:          # no brain extraction: the head as scanned
+            return sample
         mask = brain_mask(self.cfg)
         for modality in ("mri", "pet"):
             if sample.get(modality) is not None:

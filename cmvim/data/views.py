@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch.utils.data import ConcatDataset
 
-from ..run_config import RunConfig
+from ..run_config import AugmentConfig, RunConfig
 from .augment import ModalityDropout, PretrainAugment
 from .site import SiteData, SiteDataset, label_index, make_loader
 
@@ -46,6 +46,13 @@ class Pooled(torch.utils.data.Dataset):
     seed = _EveryPart()
 
 
+def _then(first, second):
+    """Two item transforms, one after the other (each draws from the same generator in turn)."""
+    def both(item: dict, generator) -> dict:
+        return second(first(item, generator), generator)
+    return both
+
+
 class SiteViews:
     """Datasets and loaders over one site's data (or several sites' pooled), as the run config says."""
 
@@ -55,10 +62,14 @@ class SiteViews:
         self.pin_memory = pin_memory                 # batches bound for a GPU
 
     def dataset(self, splits: list[str], labeled: bool | None, augment: bool,
-                modality_dropout: float = 0.0) -> SiteDataset | Pooled:
-        transform = PretrainAugment(self.cfg.augment) if augment and self.cfg.augment is not None else None
+                modality_dropout: float = 0.0, augment_cfg: AugmentConfig | None = None) -> SiteDataset | Pooled:
+        """`augment`: the pretraining augmentations (or `augment_cfg`'s); `modality_dropout`: then
+        hide a present PET this often."""
+        augment_cfg = augment_cfg or self.cfg.augment
+        transform = PretrainAugment(augment_cfg) if augment and augment_cfg is not None else None
         if modality_dropout > 0:
-            transform = ModalityDropout(modality_dropout)
+            dropout = ModalityDropout(modality_dropout)
+            transform = dropout if transform is None else _then(transform, dropout)
         parts = []
         for site in self.sites:
             records = [r for s in splits for r in site.subset(s, labeled, self.num_classes)]
@@ -70,8 +81,10 @@ class SiteViews:
         return self.dataset(["train", "val"], None, augment=True)
 
     def finetuning(self) -> SiteDataset | Pooled:
-        """The labelled training subjects, with the run's modality dropout."""
-        return self.dataset(["train"], True, augment=False, modality_dropout=self.cfg.modality_dropout)
+        """The labelled training subjects, with the run's modality dropout (and its fine-tuning
+        augmentation, when it has one)."""
+        return self.dataset(["train"], True, augment=self.cfg.finetune_augment is not None,
+                            modality_dropout=self.cfg.modality_dropout, augment_cfg=self.cfg.finetune_augment)
 
     def loader(self, dataset, batch_size: int, shuffle: bool, seed: int, drop_last: bool = False):
         return make_loader(dataset, batch_size, shuffle, seed=seed, max_report_bytes=self.cfg.model.report.max_bytes,
