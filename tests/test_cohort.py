@@ -93,3 +93,27 @@ def test_cli_writes_the_cohort_and_refuses_a_used_folder(tmp_path, capsys):
     assert "hippocampal_tissue_ml" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         cohort_main(["--sites", "1", "--subjects", "3", "--shape", "32", "--out", str(out)])
+
+
+def test_cli_writes_scanner_space_with_its_known_answers_and_template_keys_stay(tmp_path, capsys):
+    """--space scanner: the same manifest rows as template space, scans on scanner grids, and
+    poses.json with every scan's template transform; a template cohort's cache key is the one it
+    had before the option existed (cohorts cached then are still found)."""
+    import hashlib
+    from dataclasses import asdict
+    out = tmp_path / "scanner"
+    assert cohort_main(["--sites", "1", "--subjects", "2", "--shape", "32", "--out", str(out), "--seed", "4",
+                        "--space", "scanner"]) == 0
+    assert cohort_main(["--sites", "1", "--subjects", "2", "--shape", "32", "--out", str(tmp_path / "t"),
+                        "--seed", "4"]) == 0
+    rows = (out / "A" / "manifest.csv").read_text().splitlines()
+    assert rows == (tmp_path / "t" / "A" / "manifest.csv").read_text().splitlines()     # same subjects, paths
+    poses = json.loads((out / "poses.json").read_text())["A"]
+    first = rows[1].split(",")[1]
+    t1, affine = load_volume(out / "A" / first)
+    assert t1.shape != (32, 32, 32) and not np.allclose(affine, load_volume(tmp_path / "t" / "A" / first)[1])
+    assert np.array(poses[first]["template_to_mri"]).shape == (4, 4)
+    spec = asdict(CohortConfig(sites=1, subjects=2, shape=32, seed=4))
+    del spec["format"], spec["space"]
+    key = hashlib.sha256(json.dumps(spec, sort_keys=True, default=list).encode()).hexdigest()[:12]
+    assert cached_cohort(CohortConfig(sites=1, subjects=2, shape=32, seed=4), root=tmp_path / "c").name == f"cohort-{key}"

@@ -397,3 +397,29 @@ def test_a_visit_failing_inside_itk_is_a_bad_row(tmp_path):
     with pytest.raises(DataError) as info:
         step({"mri": tiny, "files": {"mri": "t.nii.gz"}})
     assert info.value.kind == "registration failed" and info.value.file == "t.nii.gz"
+
+
+# -- the whole run ----------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_a_federated_run_on_scanner_space_registers_at_the_sites_and_learns(tmp_path):
+    """cmvim-sim on a scanner-space cohort (skull on, heads posed, PET apart; large effects so the
+    tiny model learns in a few rounds) with the default spatial: template: every site registers
+    its own scans, the run learns, and the exported model records the preprocessing."""
+    from test_federated import run_sim, tiny_config
+    cohort = tmp_path / "cohort"
+    generate_cohort(cohort, CohortConfig(sites=3, subjects=24, shape=32, seed=2, effect_scale=5.0, pet_missing=0.0,
+                                         space="scanner"), measure=False)
+    cfg = tiny_config(cohort, preprocess={"spatial": "template", "voxel_size": 6.0,
+                                          "normalize": {"mri": "zscore", "pet": "suvr"}},
+                      split_fractions=[0.6, 0.0, 0.4], finetune={"rounds": 6})
+    out = tmp_path / "run"
+    proc = run_sim(tmp_path, cfg, out, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for site in "ABC":
+        assert list((cohort / site / ".cmvim_cache").glob("tx-*.json"))         # registered at the site
+    metrics = json.loads((out / "metrics.json").read_text())
+    aucs = [m["auc"] for m in metrics["sites"].values() if m.get("auc") is not None]
+    assert len(aucs) >= 2 and np.mean(aucs) > 0.7, metrics["sites"]        # a small test split may hold one class
+    model = json.loads((out / "model" / "config.json").read_text())
+    assert model["run"]["preprocess"]["spatial"] == "template"
