@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
+from cmvim.data.augment import rotation_matrix
 from cmvim.data.preprocess import Volume, resample
 
 from .anatomy import Anatomy
@@ -78,13 +79,8 @@ def scanner_profile(seed: int, site_name: str, template_voxel_mm: float) -> Scan
 
 
 def rotation(angles_rad: np.ndarray) -> np.ndarray:
-    """Rz @ Ry @ Rx for angles (x, y, z) in radians."""
-    cx, cy, cz = np.cos(angles_rad)
-    sx, sy, sz = np.sin(angles_rad)
-    rx = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
-    ry = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
-    rz = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
-    return rz @ ry @ rx
+    """Rz @ Ry @ Rx for angles (x, y, z) in radians (the pretraining augmentation's rotation)."""
+    return rotation_matrix(torch.as_tensor(np.asarray(angles_rad, dtype=np.float64))).numpy()
 
 
 def rigid(rot: np.ndarray, centre: np.ndarray, to: np.ndarray) -> np.ndarray:

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from ..run_config import AugmentConfig
 
 
-def _rotation(angles: torch.Tensor) -> torch.Tensor:
+def rotation_matrix(angles: torch.Tensor) -> torch.Tensor:
+    """Rz @ Ry @ Rx for angles (x, y, z) in radians."""
     cx, cy, cz = torch.cos(angles)
     sx, sy, sz = torch.sin(angles)
     rx = torch.tensor([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
@@ -38,7 +39,7 @@ class PretrainAugment:
         if torch.rand(1, generator=generator).item() < cfg.flip:
             volumes = volumes.flip(2)                                          # axis 0 is left-right (RAS)
         theta = torch.zeros(1, 3, 4)
-        theta[0, :, :3] = _rotation(uniform(3, math.radians(cfg.rotate_deg))) * (1 + uniform(1, cfg.scale))
+        theta[0, :, :3] = rotation_matrix(uniform(3, math.radians(cfg.rotate_deg))) * (1 + uniform(1, cfg.scale))
         theta[0, :, 3] = uniform(3, 2 * cfg.translate)
         grid = F.affine_grid(theta, list(volumes.shape), align_corners=False)
         volumes = F.grid_sample(volumes, grid, mode="bilinear", padding_mode="zeros", align_corners=False)[0]
