@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 from collections import Counter
 from pathlib import Path
 
@@ -82,7 +83,8 @@ def check_site(site_dir: Path, strict: bool = False, out=print, cfg: RunConfig |
     try:
         with _quiet_data_log():
             site = SiteData.load(site_dir, cfg.preprocess, seed=cfg.seed, use_reports=cfg.use_reports,
-                                 split_fractions=cfg.split_fractions, bids=cfg.bids, show_progress=True)
+                                 split_fractions=cfg.split_fractions, bids=cfg.bids, show_progress=True,
+                                 workers=os.cpu_count() or 1)
     except DataError as err:
         out(f"\nFATAL: {err}")
         return 1

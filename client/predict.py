@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import os
 from pathlib import Path
 
 import numpy as np
@@ -64,7 +65,7 @@ def predict_from_args(args: argparse.Namespace, out=print) -> int:
         with _quiet_data_log():           # the problems table below says it all
             site = SiteData.load(args.data, cfg.preprocess, cache_dir=args.cache_dir, seed=cfg.seed,
                                  use_reports=cfg.use_reports, split_fractions=cfg.split_fractions,
-                                 bids=cfg.bids, show_progress=True)
+                                 bids=cfg.bids, show_progress=True, workers=os.cpu_count() or 1)
     except DataError as err:
         out(f"FATAL: {err}")
         return 1

@@ -52,7 +52,8 @@ def prepare_sites(cfg: RunConfig) -> dict[str, SiteData]:
     for name, folder in folders.items():
         start = time.perf_counter()
         site = SiteData.load(folder, cfg.preprocess, seed=cfg.seed, use_reports=cfg.use_reports,
-                           split_fractions=cfg.split_fractions, bids=cfg.bids, show_progress=True)
+                             split_fractions=cfg.split_fractions, bids=cfg.bids, show_progress=True,
+                             workers=os.cpu_count() or 1)
         counts = site.counts()
         _say(f"  site {name}: {counts['visits']} subject-visits ({counts['labels']}), PET {counts['with_pet']}, "
              f"splits {counts['splits']}, {len(site.summary.skipped)} skipped "

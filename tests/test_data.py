@@ -330,6 +330,27 @@ def test_augmentation_moves_mri_and_pet_together(tmp_path):
     torch.testing.assert_close(again["mri"], out["mri"])                            # reproducible from the seed
 
 
+def test_workers_preprocess_what_the_serial_load_does(tmp_path):
+    """SiteData.load(workers=2) preprocesses the visits missing from the cache in forked processes:
+    the same records, arrays, problems and warnings as one process; cache hits count only what
+    was in the cache before the load."""
+    far = np.diag([4.0, 4.0, 4.0, 1.0])
+    far[:3, 3] = [45.0, 0.0, 0.0]                                   # a PET half elsewhere: CheckOverlap warns
+    site = write_site(tmp_path / "site", n=6, extra_rows=["BAD-1,scans/none.nii.gz,,,CN", "FAR,scans/sub0_t1.nii.gz,"
+                                                           "scans/far_pet.nii.gz,,AD"])
+    save_nifti(site / "scans/far_pet.nii.gz", brain_like((20, 24, 20), seed=9), far)
+    serial = SiteData.load(site, CFG, cache_dir=tmp_path / "serial")
+    parallel = SiteData.load(site, CFG, cache_dir=tmp_path / "parallel", workers=2)
+    assert [r.entry.subject_id for r in parallel.records] == [r.entry.subject_id for r in serial.records]
+    assert [str(p) for p in parallel.summary.skipped] == [str(p) for p in serial.summary.skipped]
+    assert parallel.summary.warnings == serial.summary.warnings and "overlap" in " ".join(serial.summary.warnings)
+    assert parallel.summary.cache_hits == serial.summary.cache_hits == 0
+    for a, b in zip(parallel.records, serial.records):
+        for name, array in serial.cache.load(b.key).items():
+            np.testing.assert_array_equal(parallel.cache.load(a.key)[name], array)
+    assert SiteData.load(site, CFG, cache_dir=tmp_path / "parallel", workers=2).summary.cache_hits == 7
+
+
 def test_finetune_augmentation_moves_both_modalities_and_modality_dropout_still_applies(tmp_path):
     """finetune_augment: the fine-tuning rounds' items move (MRI and PET together, as in
     pretraining), reproducibly per round; modality dropout still hides PETs after it; without it

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import multiprocessing
 import time
 from collections import Counter
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -155,11 +157,12 @@ class SiteData:
     def load(cls, site_dir: str | Path, cfg: PreprocessConfig | None = None, cache_dir: str | Path | None = None,
              seed: int = 0, use_reports: bool = True, split_fractions=SPLIT_FRACTIONS,
              progress: Callable[[int, int], None] | None = None, bids: BidsConfig | None = None,
-             show_progress: bool = False) -> "SiteData":
+             show_progress: bool = False, workers: int = 1) -> "SiteData":
         """`progress(n, total)` is called after each row; `show_progress` draws a bar on stderr
         when that is a terminal (commands a person watches; never the ClientApp: its output may
         be collected off-site). `bids`: labels and splits of a BIDS site folder (default: the
-        run config's defaults)."""
+        run config's defaults). `workers` > 1: the visits not in the cache yet are preprocessed
+        by that many forked processes first (registration takes ~1 s a visit on one core)."""
         site_dir = Path(site_dir)
         cfg = cfg or PreprocessConfig()
         start = time.perf_counter()
@@ -176,16 +179,20 @@ class SiteData:
         splits = assign_splits(entries, seed, tuple(split_fractions))
         records: list[Record] = []
         bar = progress_bar(len(entries), "preprocessing", "visit") if show_progress else None
+        warmed = _preprocess_in_parallel(entries, cfg, cache.root, site_dir, workers, bar) if workers > 1 else {}
         for n, entry in enumerate(entries, start=1):
             try:
                 records.append(cls._prepare(entry, len(records), cache, pipeline, fingerprint, site_dir,
                                             splits[entry.subject_id], use_reports, summary, registration,
                                             transforms_used))
+                if entry.row in warmed:                    # preprocessed just now, by a worker: no cache hit
+                    summary.cache_hits -= 1
+                    summary.warnings += warmed[entry.row]
             except DataError as err:
                 summary.skipped.append(err.with_context(subject=entry.subject_id, row=entry.row))
             if progress:
                 progress(n, len(entries))
-            if bar is not None:
+            if bar is not None and entry.row not in warmed:
                 bar.update(1)
         if bar is not None:
             bar.close()
@@ -287,6 +294,54 @@ class SiteData:
 
     def counts(self) -> dict:
         return self.summary.counts(self.records)
+
+
+def _preprocess_in_parallel(entries: list[ManifestEntry], cfg: PreprocessConfig, cache_root: Path, site_dir: Path,
+                            workers: int, bar=None) -> dict[int, list[str]]:
+    """Preprocess the entries whose cache entry is missing in `workers` forked processes (one
+    thread each), into the cache the load then reads. Returns {row: warnings} of those that
+    succeeded; a failing visit is left to the load, which names its problem (its registration,
+    cached, is not redone)."""
+    fingerprint = cfg.fingerprint()
+    missing = []
+    for entry in entries:
+        try:
+            if not (cache_root / f"{cache_key([entry.mri, entry.pet], site_dir, fingerprint)}.npz").exists():
+                missing.append(entry)
+        except OSError:                   # a file that is not there: the load says so
+            continue
+    if len(missing) < 2:
+        return {}
+    context = multiprocessing.get_context("fork")
+    warmed = {}
+    with ProcessPoolExecutor(min(workers, len(missing)), mp_context=context) as pool:
+        futures = [pool.submit(_preprocess_one, entry, cfg, cache_root, site_dir) for entry in missing]
+        for future in as_completed(futures):
+            row, warnings = future.result()
+            if warnings is not None:
+                warmed[row] = warnings
+            if bar is not None:
+                bar.update(1)
+    return warmed
+
+
+def _preprocess_one(entry: ManifestEntry, cfg: PreprocessConfig, cache_root: Path, site_dir: Path
+                    ) -> tuple[int, list[str] | None]:
+    """One visit into the cache, in a worker: (row, its warnings), or (row, None) when it failed."""
+    torch.set_num_threads(1)
+    try:
+        import SimpleITK as sitk
+        sitk.ProcessObject_SetGlobalDefaultNumberOfThreads(1)
+    except ImportError:
+        pass
+    summary = SiteSummary()
+    registration = transform_fingerprint(cfg.registration) if cfg.spatial == "template" else None
+    try:
+        SiteData._prepare(entry, 0, VolumeCache(cache_root), build_pipeline(cfg), cfg.fingerprint(), site_dir,
+                          "train", False, summary, registration, set())
+    except DataError:
+        return entry.row, None
+    return entry.row, summary.warnings
 
 
 class SiteDataset(Dataset):
