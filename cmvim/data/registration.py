@@ -6,8 +6,9 @@ Mattes mutual information, multi-resolution, N4):
 
   1. T1: N4 bias-field correction (fitted on a shrunk copy, applied at full resolution); rigid,
      then affine (12 dof) registration to the MNI152 2009a T1 at 2 mm (cmvim/data/templates/),
-     by mutual information inside the template's dilated brain mask, from a start that puts
-     the centres of mass together.
+     by mutual information inside the template's dilated brain mask, from two starts (the
+     centres of mass; the brain centre below the top of the head) and, when the result does
+     not look like the template, tilted ones (`register_t1`).
   2. PET: rigid (6 dof) registration to the same visit's corrected T1 by mutual information,
      multi-resolution, from a start that puts the PET's centre of uptake on the T1's brain
      centre (step 1 tells where that is): a PET from another session, scanner or world origin
@@ -61,10 +62,6 @@ class Template:
     brain: np.ndarray
     gm: np.ndarray
     affine: np.ndarray
-
-    @property
-    def centre(self) -> np.ndarray:
-        return TEMPLATE_CENTRE
 
 
 @functools.lru_cache(maxsize=1)
@@ -196,8 +193,9 @@ def head_top_start(t1: Volume) -> np.ndarray:
     return np.array([crown[:, 0].mean(), crown[:, 1].mean(), top - 86.0])
 
 
-# below this correlation with the template after the two usual starts, six tilted starts are tried
-# (a head posed far from the usual: 1 in ~170 heads posed up to 15 degrees per axis needed them)
+# below this correlation with the template after the two usual starts, tilted starts are tried: a
+# head turned 25-30 degrees ends 6-19 mm off from the usual starts and within 0.6 mm from a tilted
+# one (the template posed by hand, tests/test_registration.py); heads within 15 degrees rarely need it
 RETRY_BELOW = 0.75
 TILTED_STARTS_DEG = 15.0
 
@@ -207,8 +205,9 @@ def register_t1(t1: Volume) -> np.ndarray:
     the brain centre below the top of the head: `head_top_start`), the better by the metric, then
     affine at 4 mm. When the result's correlation with the template is below RETRY_BELOW, the same
     from tilted starts (+-15 degrees about each axis, one at a time), keeping the best by that
-    correlation, until one passes. A 2 mm level added time and no accuracy at the model's 4 mm grid; one rigid level,
-    or sampling 5 % of the voxels, left 1-7 of 90 heads 10-25 mm off (measured: docs/preprocessing.md)."""
+    correlation, until one passes. A 2 mm level added time and no accuracy at the model's 4 mm
+    grid; one rigid level, or sampling 5 % of the voxels, left 1-7 of 90 heads 10-25 mm off
+    (measured: docs/preprocessing.md)."""
     sitk = _sitk()
     moving = to_itk(t1.data, t1.affine)
     moments = sitk.CenteredTransformInitializer(_template_images()[0], moving, sitk.Euler3DTransform(),
@@ -347,7 +346,7 @@ def quality(sample: Sample, cfg: PreprocessConfig) -> dict[str, float]:
     """QC measures of a registered sample (on the model grid, before brain extraction):
     t1_similarity, pet_similarity (when a PET is there), head_scale_min / _max."""
     inside = template_on_grid("brain", cfg) > 0.5
-    qc = {"t1_similarity": _correlation(sample["mri"].data, template_on_grid("t1", cfg), inside)}     # t1_similarity's
+    qc = {"t1_similarity": _correlation(sample["mri"].data, template_on_grid("t1", cfg), inside)}
     if sample.get("pet") is not None:
         qc["pet_similarity"] = _correlation(sample["pet"].data, template_on_grid("gm", cfg), inside)
     scales = head_scales(sample["transforms"]["mri"])
