@@ -3,8 +3,8 @@ it lands to the known answer, and whether the default run on scans as scanners w
 what the same subjects score in template space.
 
     PYTHONPATH=. python benchmarks/registration.py [--cohort-seeds 31 32 33] [--seeds 0] [--subjects 120]
-        [--timing-visits 20] [--scores docs/benchmarks/registration_scores.jsonl] [--cache runs/registration]
-        [--skip-auc] [--none-on-scanner]
+        [--timing-visits 20] [--scores docs/benchmarks/registration_scores.jsonl]
+        [--skip-auc] [--references] [--extraction 0 4 8 none]
 
 Per cohort seed, the default run's cohort (3 sites x --subjects, 64^3, effect scale 1) is written
 twice by cmvim-cohort's generator: in template space and in scanner space (the same subjects,

@@ -19,6 +19,7 @@ import argparse
 import os
 import secrets
 import signal
+import stat
 import sys
 import threading
 import time
@@ -136,6 +137,44 @@ def preflight(args: argparse.Namespace) -> None:
     flower_executable("flower-supernode", JoinError)
 
 
+def private_folder(path: Path, uid: int | None = None) -> Path:
+    """`path` made (0700) and checked as a folder only the site's user (`uid`, default this
+    process's) controls: the folder itself theirs with no group or other write, every folder above
+    it theirs or root's, and writable by others only with the sticky bit (as /tmp is: no one can
+    rename or replace what is in it). Anything else is a JoinError naming the folder: whoever
+    controls a folder on the path could swap the guard script or the ledger kept there, and the
+    next task would run their code as the site (checked before creating and again after, so a
+    folder raced into place by another user is refused too). Returns the resolved folder."""
+    uid = os.getuid() if uid is None else uid
+    path = Path(path).expanduser().absolute()
+
+    def check_above(folder: Path) -> None:
+        real = Path(os.path.realpath(folder))
+        for above in (real, *real.parents):
+            if not above.exists():
+                continue
+            info = above.stat()
+            if info.st_uid not in (uid, 0):
+                raise JoinError(f"--state-dir {path}: {above} belongs to another user (uid {info.st_uid}); "
+                                "choose a state folder under a folder only this site's user and root control")
+            if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not info.st_mode & stat.S_ISVTX:
+                raise JoinError(f"--state-dir {path}: {above} is writable by other users "
+                                f"(mode {stat.filemode(info.st_mode)}, no sticky bit); anyone could replace "
+                                "what the site keeps below it")
+
+    check_above(path.parent)
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    real = Path(os.path.realpath(path))
+    info = real.stat()
+    if info.st_uid != uid:
+        raise JoinError(f"--state-dir {path}: the folder belongs to another user (uid {info.st_uid}, this site "
+                        f"runs as uid {uid}); they could replace the guard script and the ledger in it: "
+                        "choose a folder this site's user creates")
+    check_above(real.parent)
+    real.chmod(0o700)                        # the SuperNode's log and the ledger: this site's eyes only
+    return real
+
+
 def install_guard(folder: Path) -> Path:
     """`folder`/flwr-clientapp: Flower's ClientApp runner behind cmvim's approved-app check."""
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -221,6 +260,7 @@ def supernode_command(args: argparse.Namespace, runtime_port: int, state: Path, 
 def join(args: argparse.Namespace) -> int:
     try:
         preflight(args)
+        state = private_folder(args.state_dir or Path.home() / ".cmvim" / f"supernode-{args.site}")
     except JoinError as err:
         print(f"cmvim-client: {err}", file=sys.stderr)
         return 2
@@ -235,9 +275,6 @@ def join(args: argparse.Namespace) -> int:
     if args.insecure:
         print("cmvim-client: WARNING --insecure: no TLS, no node authentication; for tests on one machine only")
 
-    state = (args.state_dir or Path.home() / ".cmvim" / f"supernode-{args.site}").expanduser()
-    state.mkdir(mode=0o700, parents=True, exist_ok=True)
-    state.chmod(0o700)                       # the SuperNode's log and the ledger: this site's eyes only
     env = flower_env(state)
     # Flower's SuperExec starts `flwr-clientapp` by name: ours comes first and checks every app
     # bundle against the site policy before Flower installs or imports any of it
