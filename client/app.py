@@ -33,6 +33,7 @@ from cmvim.durable import write_atomic
 from cmvim.run_config import RunConfig
 from cmvim.privacy import PrivacyBudgetExceeded, SiteLimits, count_release
 from cmvim.calibration import Calibration
+from cmvim.release import rounded
 from cmvim.protocol import (ARRAYS, CALIBRATE, CALIBRATION, CONFIG, HIST_NEG, HIST_POS, METRICS, NUM_EXAMPLES, PHASE,
                             PROXIMAL_MU, ROUND, RUN_CONFIG, RUN_KEY, SECAGG_MASKED, SERVER_ROUND, SITE, SITE_ERROR,
                             SITE_NAME, SPLIT, VAL_ERROR, VAL_METRICS, VALIDATE, WORK_SECONDS)
@@ -106,29 +107,34 @@ def _files_signature(site_dir: Path, site: SiteData | None) -> tuple:
     return tuple(signature)
 
 
-def site_data(cfg: RunConfig, site_dir: Path) -> SiteData:
+def site_data(cfg: RunConfig, site_dir: Path, splits: tuple[int, tuple] | None = None) -> SiteData:
     """The site's data as the run reads it, kept between messages in a process that serves several
     (the warm site worker, a simulation's workers): read again when the run's data settings change
-    or any file it read did (a scan replaced or damaged mid-run is read, and reported, again)."""
-    key = (str(site_dir.resolve()), cfg.preprocess.fingerprint(), cfg.seed, cfg.use_reports,
-           tuple(cfg.split_fractions), json.dumps(to_dict(cfg.bids), sort_keys=True))
+    or any file it read did (a scan replaced or damaged mid-run is read, and reported, again).
+    `splits`: the site's own (seed, fractions) for subjects its manifest gives no split (a deployed
+    site's policy); None: the run config's (simulation)."""
+    seed, fractions = splits if splits is not None else (cfg.seed, tuple(cfg.split_fractions))
+    key = (str(site_dir.resolve()), cfg.preprocess.fingerprint(), seed, cfg.use_reports,
+           tuple(fractions), json.dumps(to_dict(cfg.bids), sort_keys=True))
     if key in _SITES:
         site, signature = _SITES[key]
         if _files_signature(site_dir, site) == signature:
             _SITES.move_to_end(key)
             return site
-    site = SiteData.load(site_dir, cfg.preprocess, seed=cfg.seed, use_reports=cfg.use_reports,
-                         split_fractions=cfg.split_fractions, bids=cfg.bids)
+    site = SiteData.load(site_dir, cfg.preprocess, seed=seed, use_reports=cfg.use_reports,
+                         split_fractions=fractions, bids=cfg.bids)
     _SITES[key] = (site, _files_signature(site_dir, site))
     while len(_SITES) > KEPT_SITES:
         _SITES.popitem(last=False)
     return site
 
 
-def load_task(cfg: RunConfig, name: str, site_dir: Path, device: str | None = None) -> SiteTask:
-    """The site's task; `device`: the site's own choice (cmvim-client --device), else the run's."""
+def load_task(cfg: RunConfig, name: str, site_dir: Path, device: str | None = None,
+              splits: tuple[int, tuple] | None = None) -> SiteTask:
+    """The site's task; `device`: the site's own choice (cmvim-client --device), else the run's;
+    `splits`: the site's own split seed and fractions (site_data)."""
     torch.set_num_threads(max(1, cfg.threads_per_site))
-    site = site_data(cfg, site_dir)
+    site = site_data(cfg, site_dir, splits)
     if site.summary.skipped:
         log.warning("site %s: %d subject-visits skipped (see `cmvim-client check --data %s`)",
                     name, len(site.summary.skipped), site_dir)
@@ -158,12 +164,15 @@ def _handle(msg: Message, context: Context, training: bool) -> Message:
         except PolicyRefusal:
             log.warning("site %s refused a %s request (site policy)", name, phase)
             raise
+        if ARRAYS in msg.content:            # counted before anything is decoded or built
+            policy.check_model_size(sum(int(np.prod(a.shape)) for a in msg.content[ARRAYS].values()))
         device = context.node_config.get("device")
-        task = load_task(cfg, name, site_dir, str(device) if device else None)
+        splits = None if policy.split_fractions is None else (policy.split_seed, tuple(policy.split_fractions))
+        task = load_task(cfg, name, site_dir, str(device) if device else None, splits)
         task.ledger_path = ledger_path(context, site_dir)
         task.limits = SiteLimits(max_epsilon=policy.max_epsilon, max_delta=policy.max_delta,
                                  min_noise_multiplier=policy.min_noise_multiplier if policy.dp_required else 0.0,
-                                 min_cell_count=policy.min_cell_count)
+                                 min_cell_count=policy.min_cell_count, release=policy.release_grid())
         task.run_key = str(config.get(RUN_KEY, "unnamed-run"))
         if not training:
             count_release(task.ledger_path.with_name("releases.json"), task.run_key, policy.max_evaluations)
@@ -211,7 +220,7 @@ def scored(task: SiteTask, config: ConfigRecord, phase: str, shared: dict, local
         metrics[WORK_SECONDS] = round(time.perf_counter() - working, 3)
     if result.histograms is not None:
         metrics[HIST_POS], metrics[HIST_NEG] = result.histograms
-    return metrics
+    return rounded(metrics, task.limits.release.digits)     # every number at the site's resolution
 
 
 def carried_validation(task: SiteTask, policy, cfg: RunConfig, phase: str, shared: dict, local: dict, name: str,

@@ -28,8 +28,8 @@ LOGIT_BINS = 96              # a quarter logit per bin: finer than any validatio
 RULES = ("youden", "sensitivity", "fixed")
 
 
-def logit_edges() -> np.ndarray:
-    return np.linspace(-LOGIT_RANGE, LOGIT_RANGE, LOGIT_BINS + 1)
+def logit_edges(bins: int = LOGIT_BINS) -> np.ndarray:
+    return np.linspace(-LOGIT_RANGE, LOGIT_RANGE, bins + 1)
 
 
 def logit(probabilities) -> np.ndarray:
@@ -37,11 +37,11 @@ def logit(probabilities) -> np.ndarray:
     return np.log(p) - np.log1p(-p)
 
 
-def logit_histograms(labels, probabilities) -> tuple[list[int], list[int]]:
+def logit_histograms(labels, probabilities, bins: int = LOGIT_BINS) -> tuple[list[int], list[int]]:
     """Counts of positive and negative subjects per logit bin (the end bins take what lies beyond)."""
     labels = np.asarray(labels, dtype=int)
     z = np.clip(logit(probabilities), -LOGIT_RANGE, LOGIT_RANGE)
-    edges = logit_edges()
+    edges = logit_edges(bins)
     pos, _ = np.histogram(z[labels == 1], bins=edges)
     neg, _ = np.histogram(z[labels == 0], bins=edges)
     return pos.astype(int).tolist(), neg.astype(int).tolist()
@@ -65,7 +65,8 @@ class Calibration:
         probabilities = np.asarray(probabilities, dtype=float)
         if not self.calibrated:
             return probabilities
-        return 1.0 / (1.0 + np.exp(-(self.a * logit(probabilities) + self.b)))
+        with np.errstate(over="ignore"):           # a steep calibration: exp overflows to inf, P to 0
+            return 1.0 / (1.0 + np.exp(-(self.a * logit(probabilities) + self.b)))
 
     def predict(self, probabilities) -> np.ndarray:
         """1 (AD) where the calibrated score reaches the threshold."""
@@ -94,7 +95,7 @@ def fit_calibration(pos, neg, rule: str = "youden", target_sensitivity: float = 
         why = ("evaluation.threshold_rule: fixed, calibration: none" if rule == "fixed" and (n_pos and n_neg)
                else f"the validation splits hold {n_pos} AD and {n_neg} CN subjects: nothing to fit")
         return Calibration(n_val=n_pos + n_neg, note=f"threshold 0.5 on uncalibrated scores ({why})")
-    edges = logit_edges()
+    edges = logit_edges(len(pos))                   # the bins the sites sent
     centres = (edges[:-1] + edges[1:]) / 2
     a, b, calibrated, note = 1.0, 0.0, False, "scores not calibrated (evaluation.calibration: none)"
     if platt:

@@ -36,6 +36,7 @@ from torch import nn
 from .durable import write_atomic
 from .device import FP32, DeviceError, Precision, model_device
 from .engine import train
+from .release import AS_COMPUTED, ReleaseGrid
 from .run_config import RunConfig
 
 
@@ -102,6 +103,7 @@ class SiteLimits:
     max_delta: float | None = None          # the largest delta a run may use; None: 1/n (n: the site's subjects)
     min_noise_multiplier: float = 0.0       # the smallest noise a DP round may add
     min_cell_count: int = 0                 # an evaluation with fewer subjects of a class releases nothing
+    release: ReleaseGrid = AS_COMPUTED     # the site's grid for what evaluations release
 
 
 class PrivacyLedger:
@@ -177,16 +179,18 @@ def write_durably(path: Path, data: dict) -> None:
 
 
 def count_release(path: Path, run: str, limit: int | None) -> int:
-    """Count one evaluation release of `run` in the site's release log (locked, durable); past
-    `limit` releases of that run, ReleaseLimit and nothing counted. Returns the run's count."""
+    """Count one evaluation release in the site's release log (locked, durable), under `run` for
+    the record. The limit is the site's, over every run (like the privacy ledger): the
+    coordinator names the run key, so a limit per key would be no limit (a new key per message).
+    Past `limit` releases in all, ReleaseLimit and nothing counted. Returns the site's total."""
     with locked(path):
         counts = json.loads(path.read_text())["runs"] if path.exists() else {}
-        done = int(counts.get(run, 0))
+        done = sum(int(n) for n in counts.values())
         if limit is not None and done >= limit:
-            raise ReleaseLimit(f"release limit: this run has had its {limit} evaluation(s) at this site "
-                               "(site policy max_evaluations); the site answers no more")
-        counts[run] = done + 1
-        write_durably(path, {"runs": counts})
+            raise ReleaseLimit(f"release limit: this site has made its {limit} evaluation release(s) over every "
+                               "run (site policy max_evaluations); it answers no more")
+        counts[run] = int(counts.get(run, 0)) + 1
+        write_durably(path, {"runs": counts, "total": done + 1})
         return done + 1
 
 

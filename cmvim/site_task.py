@@ -18,13 +18,13 @@ import numpy as np
 import torch
 
 from . import engine
-from .calibration import Calibration, logit_histograms
+from .calibration import Calibration
 from .data import SiteData
 from .data.views import SiteViews
 from .device import Precision, describe, resolve_device, to_cpu
-from .metrics import binary_metrics, score_histograms
 from .privacy import PrivacyLedger, PrivacyRefused, SiteLimits, Spend, dp_train, planned_noise, privacy_plan
-from .protocol import LOGIT_NEG, LOGIT_POS, NUM_EXAMPLES, SUPPRESSED
+from .protocol import NUM_EXAMPLES, SUPPRESSED
+from .release import AS_COMPUTED, ReleaseGrid, evaluation_release
 from .run_config import RunConfig
 from .sharing import SharingError, load_shared, shared_parameter_names, split_shared
 from .weights import build_model
@@ -221,7 +221,8 @@ class SiteTask:
             return RoundResult({}, {}, {NUM_EXAMPLES: 0})
         positive = probs[:, -1]                  # P(AD): the last class in both tasks
         binary = (labels == self.num_classes - 1).astype(int)
-        return RoundResult({}, {}, *evaluation_metrics(self.cfg, binary, positive, calibration, logits))
+        return RoundResult({}, {}, *evaluation_metrics(self.cfg, binary, positive, calibration, logits,
+                                                              self.limits.release))
 
     def predict(self, shared: State, local: State | None = None, split: str = "val") -> tuple[np.ndarray, np.ndarray]:
         """The fine-tuned model's (is AD 0/1, P(AD)) on the labelled subjects of `split`, in this
@@ -234,16 +235,13 @@ class SiteTask:
         return engine.predict(model, self.views.loader(dataset, self.cfg.finetune.batch_size, False, 0), self.precision)
 
 
-def evaluation_metrics(cfg: RunConfig, binary: np.ndarray, positive: np.ndarray,
-                       calibration: Calibration | None = None, logits: bool = False) -> tuple[dict, tuple]:
+def evaluation_metrics(cfg: RunConfig, binary: np.ndarray, positive: np.ndarray, calibration: Calibration | None = None,
+                       logits: bool = False, grid: ReleaseGrid = AS_COMPUTED
+                       ) -> tuple[dict, tuple]:
     """What a site reports of a model on its test subjects: the metrics (their count as NUM_EXAMPLES)
-    at the run's threshold, and the histograms of the (calibrated) scores, never the scores."""
-    calibration = calibration or Calibration()
-    scores = calibration.apply(positive)
-    metrics = binary_metrics(binary, scores, threshold=calibration.threshold, bootstrap=cfg.evaluation.bootstrap,
-                             seed=cfg.seed)
+    at the run's threshold, and the histograms of the scores, never the scores; on the site's
+    release grid (cmvim.release: a deployed site's policy; none in simulation)."""
+    metrics, histograms = evaluation_release(binary, positive, calibration, cfg.evaluation.histogram_bins, grid,
+                                             cfg.evaluation.bootstrap, cfg.seed, logits)
     metrics[NUM_EXAMPLES] = metrics.pop("n")
-    if logits:
-        metrics[LOGIT_POS], metrics[LOGIT_NEG] = logit_histograms(binary, positive)
-    return metrics, score_histograms(binary, scores, cfg.evaluation.histogram_bins)
-
+    return metrics, histograms

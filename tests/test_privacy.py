@@ -236,16 +236,20 @@ def test_delta_above_the_sites_bound_and_noise_below_its_floor_are_refused(site,
     assert not (tmp_path / "ledger.json").exists()               # nothing spent
 
 
-def test_evaluations_per_run_are_counted_and_limited(tmp_path):
-    """The site counts every evaluation release per run (durably); past the policy's
-    max_evaluations it answers no more, whatever the server asks; other runs count apart."""
+def test_evaluations_are_counted_and_limited_over_every_run(tmp_path):
+    """The site counts every evaluation release (durably, per run for the record); past the
+    policy's max_evaluations it answers no more, whatever the server asks. The coordinator names
+    the run key, so a new key per message (the attack of issue #30) gets nothing more."""
+    import json
     from cmvim.privacy import ReleaseLimit, count_release
     path = tmp_path / "state" / "releases.json"
-    assert [count_release(path, "run-1", 3) for _ in range(3)] == [1, 2, 3]
-    with pytest.raises(ReleaseLimit, match="had its 3 evaluation"):
-        count_release(path, "run-1", 3)
-    assert count_release(path, "run-2", 3) == 1
+    assert [count_release(path, "run-1", 3) for _ in range(2)] == [1, 2]
+    assert count_release(path, "run-2", 3) == 3
+    for key in ("run-3", "run-1", "fresh-key-every-time"):
+        with pytest.raises(ReleaseLimit, match="its 3 evaluation release"):
+            count_release(path, key, 3)
     assert count_release(path, "run-1", None) == 4             # no limit: still counted
+    assert json.loads(path.read_text()) == {"runs": {"run-1": 3, "run-2": 1}, "total": 4}
     assert oct(path.stat().st_mode & 0o777) == "0o600" and oct(path.parent.stat().st_mode & 0o777) == "0o700"
 
 
