@@ -317,6 +317,7 @@ def deploy(cohort: Path, cfg_path: Path, work: Path, tag: str, timeout: float, s
             procs[site] = Proc(site, [str(BIN / "cmvim-client"), "--site", site, "--data", str(cohort / site),
                                       "--server", f"127.0.0.1:{port}", "--root-cert", str(certs / "ca.crt"),
                                       "--auth-key", str(certs / "sites" / f"{site}.key"),
+                                      "--coordinator-key", str(certs / "coordinator.pub"),
                                       "--state-dir", str(work / f"node-{site}"), *(["--cold"] if cold else [])],
                                work / f"{site}.log", base_env(tag, **debug))
         deadline = time.time() + 240
@@ -752,9 +753,14 @@ def main() -> None:
     parser.add_argument("--no-server-debug", action="store_true",
                         help="no FLWR_LOG_LEVEL=DEBUG for the coordinator (its side of the breakdown is then lost)")
     parser.add_argument("--cold", action="store_true",
-                        help="the sites run every message in a fresh process (cmvim-client --cold): the 'before'")
+                        help="the sites run every message in a fresh process (cmvim-client --cold): the 'before'. "
+                             "Since issue #30 cmvim-client allows --cold only with --insecure, so this mode no longer "
+                             "starts a TLS deployment; docs/benchmarks/deploy.md keeps the numbers it measured")
     parser.add_argument("--keep", type=Path, help="keep the logs and results here (default: a temporary folder)")
     args = parser.parse_args()
+    if args.cold:
+        parser.error("--cold: cmvim-client runs Flower's process per message only with --insecure since issue #30 "
+                     "(its Runtime API has no authentication); docs/benchmarks/deploy.md keeps the measured 'before'")
     args.shape = args.shape or (48 if args.preset == "small" else 32)
     started = time.time()
     from cmvim.simulations.cohort import CohortConfig, cached_cohort

@@ -46,7 +46,39 @@ from .secagg import secagg_mod
 log = logging.getLogger("cmvim.client")
 LOCAL_STATE = "cmvim-local-params"
 
-app = ClientApp(mods=[secagg_mod])        # SecAgg+ stages, when the run asks for secure aggregation
+def coordinator_mod(msg: Message, context: Context, call_next) -> Message:
+    """First, before anything reads the message: a deployed site that was given the coordinator's
+    public key (cmvim-client --coordinator-key) runs only instructions the coordinator signed for
+    this node, unexpired and not run before (cmvim.instructions). A refusal is answered with its
+    reason and nothing else: no data read, no policy or release count touched. The reply is sealed
+    to the key the instruction carries (cmvim.sealed): another site that pulls it reads nothing."""
+    node = context.node_config
+    key_file = node.get("coordinator-key")
+    if not key_file:
+        return call_next(msg, context)            # a simulation, or a local --insecure test
+    name = str(node.get("site", f"node-{context.node_id}"))
+    try:
+        from cmvim.instructions import SIGNATURE, NonceLog, load_public_key, verify
+        state = node.get("state-dir")
+        nonces = NonceLog(Path(str(state)) / "instructions.json") if state else None
+        nonce, reply_key = verify(msg, context.node_id, load_public_key(Path(str(key_file))), nonces)
+        del msg.content[SIGNATURE]
+    except Exception as exc:  # noqa: BLE001 - every refusal is a public reply naming the failed check
+        from cmvim.instructions import InstructionRefused
+        log.warning("site %s refused an instruction: %s", name, exc)
+        print(f"cmvim: site {name} refused an instruction: {exc}", flush=True)
+        public = str(exc) if isinstance(exc, InstructionRefused) else \
+            f"refused: the site could not check the instruction's signature ({type(exc).__name__}; site log)"
+        return Message(RecordDict({SITE: ConfigRecord({SITE_NAME: name, SITE_ERROR: public}),
+                                   METRICS: MetricRecord({NUM_EXAMPLES: 0})}), reply_to=msg)
+    reply = call_next(msg, context)
+    if reply_key is not None and not reply.has_error() and reply.has_content():
+        from cmvim.sealed import seal
+        reply.content = seal(reply.content, reply_key, nonce)      # only the coordinator opens it
+    return reply
+
+
+app = ClientApp(mods=[coordinator_mod, secagg_mod])   # signed instructions only; SecAgg+ stages when asked
 
 
 def flatten_metrics(metrics: dict) -> dict[str, float | int | list[float]]:

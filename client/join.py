@@ -66,6 +66,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--server", required=True, help="the SuperLink's address, HOST:PORT")
     parser.add_argument("--root-cert", type=Path, help="the federation's CA certificate (ca.crt)")
     parser.add_argument("--auth-key", type=Path, help="this site's SuperNode private key (<site>.key)")
+    parser.add_argument("--coordinator-key", type=Path,
+                        help="the coordinator's public key (coordinator.pub, received with ca.crt): the site runs "
+                             "only instructions it signed")
     parser.add_argument("--policy", type=Path, help="the site policy YAML (default: every phase allowed, "
                                                     "at most 10 local epochs, batch size 64)")
     parser.add_argument("--state-dir", type=Path, help="Flower's working folder for this node "
@@ -83,7 +86,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "Flower's own is 3): the delay before each message is picked up")
     parser.add_argument("--cold", action="store_true",
                         help="run every message in a fresh process, as Flower does by default, instead of the warm "
-                             "site worker (slower: each message imports torch and reads the site's data again)")
+                             "site worker (slower: each message imports torch and reads the site's data again); "
+                             "with --insecure only: Flower's per-task Runtime API is open to every local user")
     parser.add_argument("--auth-retries", type=int, default=12,
                         help="retries, 10 s apart, while the server refuses this site's key (default 12: the "
                              "coordinator may be registering it, or still sees this site's previous SuperNode)")
@@ -112,12 +116,24 @@ def _read_key(path: Path) -> None:
 
 def preflight(args: argparse.Namespace) -> None:
     """Everything that can be checked before connecting; raises JoinError naming the problem."""
+    if getattr(args, "cold", False) and not args.insecure:
+        raise JoinError("--cold runs Flower's process per task, whose Runtime API has no authentication and puts "
+                        "each task's token on a command line every local user can read: it is for a test on one "
+                        "machine only (with --insecure); a hospital runs the warm site worker (the default)")
     if not args.insecure:
-        if args.root_cert is None or args.auth_key is None:
-            raise JoinError("TLS and node authentication are on: give --root-cert ca.crt and --auth-key "
-                            f"{args.site}.key (or --insecure for a local test)")
+        if args.root_cert is None or args.auth_key is None or getattr(args, "coordinator_key", None) is None:
+            raise JoinError("TLS and node authentication are on: give --root-cert ca.crt, --auth-key "
+                            f"{args.site}.key and --coordinator-key coordinator.pub (or --insecure for a local test)")
         _read_certificate(args.root_cert)
         _read_key(args.auth_key)
+    if getattr(args, "coordinator_key", None) is not None:
+        from cmvim.instructions import load_public_key
+        try:
+            load_public_key(args.coordinator_key)
+        except OSError as err:
+            raise JoinError(f"--coordinator-key {args.coordinator_key}: cannot read it ({err.strerror})") from None
+        except ValueError as err:
+            raise JoinError(f"--coordinator-key {err}") from None
     if args.policy is not None:
         try:
             load_policy(args.policy)
@@ -195,10 +211,19 @@ def worker_secret(state: Path) -> Path:
     return path
 
 
-def worker_command(runtime_port: int, secret: Path, policy: Path | None) -> list[str]:
+def worker_command(runtime_port: int, secret: Path, args: argparse.Namespace, state: Path) -> list[str]:
+    """The warm worker, with the settings every task runs under (the SuperNode's node config: the
+    same values; a task naming others is refused, cmvim.client.local_guard)."""
     cmd = [sys.executable, "-m", "cmvim.client.worker", "--runtime-api-address", f"127.0.0.1:{runtime_port}",
-           "--auth-secret-file", str(secret)]
-    return cmd + (["--policy", str(policy.resolve())] if policy is not None else [])
+           "--auth-secret-file", str(secret), "--site", args.site, "--data", str(args.data.resolve()),
+           "--state-dir", str(state)]
+    if args.policy is not None:
+        cmd += ["--policy", str(args.policy.resolve())]
+    if getattr(args, "device", None) is not None:
+        cmd += ["--device", str(args.device)]
+    if getattr(args, "coordinator_key", None) is not None:
+        cmd += ["--coordinator-key", str(args.coordinator_key.resolve())]
+    return cmd
 
 
 class WorkerSupervisor:
@@ -243,6 +268,8 @@ def supernode_command(args: argparse.Namespace, runtime_port: int, state: Path, 
         node_config += f' policy="{args.policy.resolve()}"'
     if getattr(args, "device", None) is not None:
         node_config += f' device="{args.device}"'
+    if getattr(args, "coordinator_key", None) is not None:
+        node_config += f' coordinator-key="{args.coordinator_key.resolve()}"'
     flower_executable("flower-supernode", JoinError)          # flwr is installed here
     # Flower's SuperNode, polling the coordinator every --poll-interval s (cmvim.client.supernode)
     cmd = [sys.executable, "-m", "cmvim.client.supernode", "--superlink", args.server,
@@ -311,7 +338,7 @@ def join(args: argparse.Namespace) -> int:
             child = Child(supernode_command(args, runtime_port, state, secret), env=env, prefix=f"[{args.site}] ",
                           log_path=state / "supernode.log", on_line=watch)
             if secret is not None and worker is None:
-                worker = WorkerSupervisor(worker_command(runtime_port, secret, args.policy), env, args.site,
+                worker = WorkerSupervisor(worker_command(runtime_port, secret, args, state), env, args.site,
                                           state / "worker.log")
             started = time.monotonic()
             code = child.wait()

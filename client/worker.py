@@ -20,6 +20,11 @@ SuperNode's next task finds it (the lost message is a failed site-round for the 
 on with the other sites).
 
     python -m cmvim.client.worker --runtime-api-address 127.0.0.1:PORT --auth-secret-file FILE [--policy FILE]
+        [--site A --data DIR --state-dir DIR [--device D]]
+
+It talks only to a Runtime API whose listening socket is this site's user's, and runs every task
+under the settings it was started with (cmvim.client.local_guard): another local user who takes
+the port, or hands it a task naming another policy or folder, gets nothing.
 """
 from __future__ import annotations
 
@@ -47,9 +52,10 @@ def _runtime_client(address: str, interceptors: list):
                                                  retry_invoker=make_simple_http_retry_invoker())
 
 
-def run_task(address: str, token: str, policy_file: str | None) -> str:
+def run_task(address: str, token: str, policy_file: str | None, own: dict | None = None) -> str:
     """One task, as Flower's `flwr-clientapp` runs it, in this process: pull the message and context,
-    check the bundle, run the installed ClientApp, push the reply and the context. Returns the status."""
+    check the bundle, run the installed ClientApp under this worker's own node config (`own`: its
+    start-up settings, cmvim.client.local_guard), push the reply and the context. Returns the status."""
     from flwr.app import Message
     from flwr.app.error import Error
     from flwr.common.constant import ErrorCode, SubStatus
@@ -59,6 +65,7 @@ def run_task(address: str, token: str, policy_file: str | None) -> str:
 
     from .app import app as client_app
     from .approved_app import check_bundle
+    from .local_guard import own_node_config
     from .policy import load_policy
 
     client = _runtime_client(address, [RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
@@ -69,6 +76,8 @@ def run_task(address: str, token: str, policy_file: str | None) -> str:
     try:
         heartbeat.start()
         message, context, _run, fab = pull_task_input(client)
+        if own is not None:                  # the site's settings, never the task's (refused if it names others)
+            context.node_config = own_node_config(dict(context.node_config), own)
         check_bundle(fab.content, load_policy(policy_file))       # the same rule as the flwr-clientapp guard
         reply = client_app(message=message, context=context)
         status, details = SubStatus.COMPLETED, ""
@@ -114,13 +123,18 @@ def warm_up() -> str:
     return f"scan kernel ready on {device.type} in {time.perf_counter() - started:.1f} s"
 
 
-def serve(address: str, secret: bytes, policy_file: str | None, stop: threading.Event | None = None) -> None:
-    """Take the SuperNode's tasks one at a time until `stop` is set (or the process is stopped)."""
+def serve(address: str, secret: bytes, policy_file: str | None, stop: threading.Event | None = None,
+          own: dict | None = None) -> None:
+    """Take the SuperNode's tasks one at a time until `stop` is set (or the process is stopped).
+    Before each request for a task and before reading one, the Runtime API's listening socket
+    must be this site's user's (ForeignRuntime otherwise: cmvim.client.local_guard)."""
     from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=E0611
     from flwr.supercore.constant import TaskType
     from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor, SuperExecAuthHttpInterceptor
 
     import cmvim.client.app  # noqa: F401 - torch, flwr and cmvim imported once, before the first task
+
+    from .local_guard import check_runtime_owner
     log.info(warm_up())
     from cmvim.flower_process import Backoff, shorten_object_backoff
     shorten_object_backoff(0.02, 0.2)              # the message's objects, from this machine's SuperNode: 20 ms, not 1 s
@@ -130,9 +144,11 @@ def serve(address: str, secret: bytes, policy_file: str | None, stop: threading.
         RuntimeVersionHttpInterceptor(component_name="SuperExec"),
         SuperExecAuthHttpInterceptor(master_secret=secret, protected_methods=frozenset(
             {"/flwr.proto.Runtime/AcquireTask"}))])
+    port = int(address.rsplit(":", 1)[1])
     print(READY, flush=True)
     try:
         while not stop.is_set():
+            check_runtime_owner(port)
             answer = client.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP],
                                                            agentapp_fab_hashes=[]))
             if answer.HasField("task") and answer.token:
@@ -140,7 +156,8 @@ def serve(address: str, secret: bytes, policy_file: str | None, stop: threading.
                 started = time.perf_counter()
                 _busy.set()
                 try:
-                    status = run_task(address, answer.token, policy_file)
+                    check_runtime_owner(port)      # the port may have changed hands while the task was handed over
+                    status = run_task(address, answer.token, policy_file, own)
                 finally:
                     _busy.clear()
                     idle.mark()
@@ -158,6 +175,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--auth-secret-file", required=True, type=Path,
                         help="the SuperExec secret the SuperNode was started with (0600, in the site's state folder)")
     parser.add_argument("--policy", help="the site policy (default: CMVIM_SITE_POLICY, else the default policy)")
+    parser.add_argument("--site", help="the site's name: with --data and --state-dir, the settings every task runs "
+                                       "under (a task naming others is refused); cmvim-client sets them")
+    parser.add_argument("--data", help="the site folder")
+    parser.add_argument("--state-dir", help="the site's state folder (ledger, release log)")
+    parser.add_argument("--device", help="the site's --device, if it set one")
+    parser.add_argument("--coordinator-key", help="the coordinator's public key: only instructions it signed run")
     args = parser.parse_args(argv)
     host = args.runtime_api_address.rsplit(":", 1)[0]
     if host not in ("127.0.0.1", "localhost", "[::1]"):
@@ -180,7 +203,16 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     from .approved_app import POLICY_ENV
-    serve(args.runtime_api_address, secret, args.policy or os.environ.get(POLICY_ENV) or None, stop)
+    from .local_guard import ForeignRuntime
+    policy = args.policy or os.environ.get(POLICY_ENV) or None
+    own = None if args.site is None else {"site": args.site, "data-dir": args.data, "state-dir": args.state_dir,
+                                          "policy": policy, "device": args.device,
+                                          "coordinator-key": args.coordinator_key}
+    try:
+        serve(args.runtime_api_address, secret, policy, stop, own)
+    except ForeignRuntime as err:
+        print(f"cmvim site worker: {err}", file=sys.stderr, flush=True)
+        return 3
     return 0
 
 

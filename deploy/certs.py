@@ -10,8 +10,13 @@ writes
                                           localhost, 127.0.0.1) and its key (secret, coordinator)
     certs/sites/<site>.key                the site's SuperNode private key (secret, that hospital)
     certs/sites/<site>.pub                its public key (the coordinator registers it)
+    certs/coordinator.key                 the coordinator's instruction-signing key (Ed25519, secret,
+                                          coordinator: cmvim-server signs every message with it)
+    certs/coordinator.pub                 its public key: every site receives it with ca.crt
+                                          (`cmvim-client --coordinator-key`) and runs only what it signed
 
-Hospitals receive ca.crt (to verify the server) and their own <site>.key. A site may instead
+Hospitals receive ca.crt (to verify the server), coordinator.pub (to verify every instruction)
+and their own <site>.key. A site may instead
 create its own key pair (`--sites` on its own machine with `--keys-only`) and send only the
 .pub file. Keys: EC P-384 (what Flower's SuperNode authentication accepts), OpenSSH format.
 Existing files are never overwritten; run with a new --out to rotate.
@@ -31,6 +36,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from cmvim.cli_util import add_version
+from cmvim.instructions import write_keys
 
 
 def _write(path: Path, data: bytes, secret: bool) -> None:
@@ -115,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.keys_only:
             ca_key, ca_cert = make_ca(args.out, args.days)
             make_server_cert(args.out, ca_key, ca_cert, args.server_name, args.days)
+            write_keys(args.out)                  # coordinator.key / coordinator.pub (cmvim.instructions)
         for site in args.sites:
             make_site_keys(args.out, site)
     except (FileExistsError, ValueError) as err:
@@ -122,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     written = sorted(str(p.relative_to(args.out)) for p in args.out.rglob("*") if p.is_file())
     print(f"wrote to {args.out}: {', '.join(written)}")
-    print("secret: ca.key (keep offline), server.key (coordinator), sites/<site>.key (each hospital its own)")
+    print("secret: ca.key (keep offline), server.key and coordinator.key (coordinator), sites/<site>.key (each "
+          "hospital its own); every site gets ca.crt and coordinator.pub")
     return 0
 
 

@@ -20,7 +20,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from cmvim.config import load_yaml
 from cmvim.flower_process import quicken_server_polls, shorten_object_backoff
-from .flower_app import APP_CONFIG
+from .flower_app import APP_CONFIG, COORDINATOR_KEY_ENV
 from cmvim.run_config import RunConfig, run_config
 
 from .runner import FederatedRun
@@ -71,4 +71,9 @@ def run(grid: Grid, context: Context, cfg: RunConfig) -> None:
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    key = os.environ.get(COORDINATOR_KEY_ENV)
+    if key:                      # cmvim-server with TLS: every instruction signed (cmvim.instructions)
+        from cmvim.instructions import load_private_key, signing_grid
+        grid = signing_grid(grid, load_private_key(Path(key)))
+        print("cmvim: every instruction to the sites is signed with the coordinator's key", flush=True)
     run(grid, context, config_from_context(dict(context.run_config)))

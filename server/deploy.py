@@ -47,7 +47,7 @@ from cmvim.config import ConfigError, load_yaml
 from cmvim.flower_process import Child, flower_env, flower_executable
 from cmvim.run_config import overridden, run_config
 
-from .flower_app import write_project
+from .flower_app import COORDINATOR_KEY_ENV, write_project
 
 CONNECTION = "cmvim"
 SUPERLINK_STATE = ":flwr-in-memory:"     # Flower's in-memory LinkState and ObjectStore: see step 1 above
@@ -73,6 +73,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--wait-sites", type=int, help="SuperNodes that must be online before the run starts "
                         "(default: the strategy's min_nodes)")
     parser.add_argument("--wait-timeout", type=float, default=3600.0, help="give up waiting for sites after S s")
+    parser.add_argument("--max-request-mb", type=float, default=1024.0,
+                        help="the largest request the public port accepts, in MB (default 1024: a base-preset model's "
+                             "weights are ~510 MB); a larger one is refused by the proxy (413) before the SuperLink "
+                             "holds it")
     parser.add_argument("--run-timeout", type=float, default=7 * 24 * 3600.0,
                         help="stop the run if it has not finished after S s (default a week; the run's own rounds "
                              "have deadlines too: strategy.round_timeout and strategy.wait_for_sites)")
@@ -109,12 +113,15 @@ class Coordinator:
     # -- the SuperLink ------------------------------------------------------------------------
     def _certs(self) -> dict[str, Path]:
         if self.args.certs is None:
-            raise DeployError("TLS is on: give --certs DIR (ca.crt, server.crt, server.key from cmvim-certs), "
+            raise DeployError("TLS is on: give --certs DIR (ca.crt, server.crt, server.key, coordinator.key from "
+                          "cmvim-certs), "
                               "or --insecure for a local test")
-        files = {name: (self.args.certs / name).resolve() for name in ("ca.crt", "server.crt", "server.key")}
+        files = {name: (self.args.certs / name).resolve()
+                 for name in ("ca.crt", "server.crt", "server.key", "coordinator.key")}
         missing = [str(p) for p in files.values() if not p.is_file()]
         if missing:
-            raise DeployError(f"missing certificate files: {', '.join(missing)} (make them with cmvim-certs)")
+            raise DeployError(f"missing certificate files: {', '.join(missing)} (make them with cmvim-certs; "
+                              "coordinator.key signs every instruction the sites run, since issue #30)")
         return files
 
     def write_connection(self) -> None:
@@ -137,6 +144,8 @@ class Coordinator:
                     "--ssl-keyfile", str(certs["server.key"]), "--enable-supernode-auth"]
         say(f"starting the SuperLink on {self.address} (loopback; {'INSECURE' if self.args.insecure else 'TLS'}"
             f"{'' if self.args.insecure else ', SuperNode authentication on'}); log: {self.state / 'superlink.log'}")
+        if not self.args.insecure:       # the ServerApp Flower starts signs every instruction (cmvim.instructions)
+            self.env[COORDINATOR_KEY_ENV] = str(self._certs()["coordinator.key"])
         self.superlink = Child(cmd, env=self.env, log_path=self.state / "superlink.log", echo=False)
         deadline = time.monotonic() + 60
         while True:
@@ -163,8 +172,10 @@ class Coordinator:
             transport = (f"reverse_proxy https://{upstream} {{\n\t\t\ttransport http {{\n"
                          f"\t\t\t\ttls_trusted_ca_certs {certs['ca.crt']}\n\t\t\t\ttls_server_name localhost\n"
                          "\t\t\t}\n\t\t}")
+        limit = int(getattr(self.args, "max_request_mb", 1024.0) * 1024 * 1024)
         return (f"{{\n\tadmin off\n\tauto_https off\n\tpersist_config off\n}}\n\n{site} {{\n"
-                f"\tbind {host or '0.0.0.0'}\n\t{tls}\n\thandle /v1/fleet/* {{\n\t\t{transport}\n\t}}\n"
+                f"\tbind {host or '0.0.0.0'}\n\t{tls}\n\thandle /v1/fleet/* {{\n"
+                f"\t\trequest_body {{\n\t\t\tmax_size {limit}\n\t\t}}\n\t\t{transport}\n\t}}\n"
                 f"\thandle {{\n\t\t{deny}\n\t}}\n}}\n")
 
     def start_proxy(self) -> None:

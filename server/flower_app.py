@@ -18,6 +18,8 @@ SIMULATION_SERVER_APP = "cmvim.simulations.app:app"   # `flwr run .` in a checko
 # the app's own run config; the values are defaults. Flower accepts `--run-config` keys declared
 # here only (and dotted RunConfig keys declared beside them, which override the YAML)
 APP_CONFIG = {"config-file": "quick.yaml", "out-dir": "runs/flwr", "resume": "false"}
+# where cmvim-server tells the ServerApp (through the SuperLink's environment) its signing key is
+COORDINATOR_KEY_ENV = "CMVIM_COORDINATOR_KEY"
 
 
 def write_project(folder: Path, version: str) -> Path:

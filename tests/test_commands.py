@@ -25,7 +25,13 @@ def test_certs_command_writes_a_federation(tmp_path):
                           text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     made = sorted(str(p.relative_to(tmp_path / "certs")) for p in (tmp_path / "certs").rglob("*") if p.is_file())
-    assert made == ["ca.crt", "ca.key", "server.crt", "server.key", "sites/A.key", "sites/A.pub"]
+    assert made == ["ca.crt", "ca.key", "coordinator.key", "coordinator.pub", "server.crt", "server.key",
+                    "sites/A.key", "sites/A.pub"]
+    assert oct((tmp_path / "certs" / "coordinator.key").stat().st_mode & 0o777) == "0o600"
+    from cmvim.instructions import load_private_key, load_public_key
+    signing, checking = load_private_key(tmp_path / "certs" / "coordinator.key"), \
+        load_public_key(tmp_path / "certs" / "coordinator.pub")
+    checking.verify(signing.sign(b"a pair"), b"a pair")          # the two halves of one key
     again = subprocess.run([str(exe), "--out", str(tmp_path / "certs")], capture_output=True, text=True, timeout=120)
     assert again.returncode == 1 and "refusing to overwrite" in again.stderr
 

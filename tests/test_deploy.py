@@ -53,7 +53,8 @@ def wait_for(predicate, timeout: float, what: str, procs=()) -> None:
 
 def client_cmd(site: str, data: Path, port: int, certs: Path, key: Path, state: Path, *extra: str) -> list[str]:
     return [str(BIN / "cmvim-client"), "--site", site, "--data", str(data), "--server", f"127.0.0.1:{port}",
-            "--root-cert", str(certs / "ca.crt"), "--auth-key", str(key), "--state-dir", str(state), *extra]
+            "--root-cert", str(certs / "ca.crt"), "--auth-key", str(key), "--coordinator-key",
+            str(certs / "coordinator.pub"), "--state-dir", str(state), *extra]
 
 
 def run_yaml(tmp_path: Path, pretrain_rounds: int, finetune_epochs: int, min_nodes: int, round_timeout: int,

@@ -73,27 +73,36 @@ def test_a_privacy_cap_binds_runs_without_dp_and_the_site_bounds_delta_and_noise
 
 def args(tmp_path: Path, **kw):
     base = dict(site="A", data=tmp_path, server="127.0.0.1:9092", root_cert=None, auth_key=None, policy=None,
-                insecure=False)
+                insecure=False, coordinator_key=None)
     return SimpleNamespace(**{**base, **kw})
 
 
 def test_preflight_names_the_wrong_file(tmp_path):
-    with pytest.raises(JoinError, match="give --root-cert ca.crt and --auth-key A.key"):
+    with pytest.raises(JoinError, match="give --root-cert ca.crt, --auth-key A.key and --coordinator-key "
+                                        "coordinator.pub"):
         preflight(args(tmp_path))
     not_cert, not_key = tmp_path / "ca.crt", tmp_path / "A.key"
     not_cert.write_text("hello\n")
+    from cmvim.instructions import write_keys
+    (tmp_path / "coordinator").mkdir()
+    _, coordinator = write_keys(tmp_path / "coordinator")
     not_key.write_text("-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n")
     with pytest.raises(JoinError, match="--root-cert .*ca.crt: not a PEM certificate"):
-        preflight(args(tmp_path, root_cert=not_cert, auth_key=not_key))
+        preflight(args(tmp_path, root_cert=not_cert, auth_key=not_key, coordinator_key=coordinator))
     with pytest.raises(JoinError, match="--root-cert .*missing.crt: cannot read it"):
-        preflight(args(tmp_path, root_cert=tmp_path / "missing.crt", auth_key=not_key))
+        preflight(args(tmp_path, root_cert=tmp_path / "missing.crt", auth_key=not_key, coordinator_key=coordinator))
     from cmvim.deploy.certs import make_ca, make_site_keys
     make_ca(tmp_path / "certs", days=1)
     make_site_keys(tmp_path / "certs", "A")
     with pytest.raises(JoinError, match="--auth-key .*A.key: not an unencrypted OpenSSH private key"):
-        preflight(args(tmp_path, root_cert=tmp_path / "certs" / "ca.crt", auth_key=not_key))
-    good = dict(root_cert=tmp_path / "certs" / "ca.crt", auth_key=tmp_path / "certs" / "sites" / "A.key")
+        preflight(args(tmp_path, root_cert=tmp_path / "certs" / "ca.crt", auth_key=not_key, coordinator_key=coordinator))
+    good = dict(root_cert=tmp_path / "certs" / "ca.crt", auth_key=tmp_path / "certs" / "sites" / "A.key",
+                coordinator_key=coordinator)
     preflight(args(tmp_path, **good))
+    with pytest.raises(JoinError, match="--coordinator-key .*A.pub: not a PEM public key"):   # the site's own key
+        preflight(args(tmp_path, **{**good, "coordinator_key": tmp_path / "certs" / "sites" / "A.pub"}))
+    with pytest.raises(JoinError, match="--coordinator-key .*ca.crt: not a PEM public key"):
+        preflight(args(tmp_path, **{**good, "coordinator_key": tmp_path / "certs" / "ca.crt"}))
     with pytest.raises(JoinError, match="--server 'fl.example.org': expected HOST:PORT"):
         preflight(args(tmp_path, server="fl.example.org", **good))
     bad_policy = tmp_path / "policy.yaml"

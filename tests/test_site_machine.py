@@ -1,10 +1,13 @@
-"""A site machine no other local user can hijack (issue #30, finding 6): cmvim-client keeps its
-guard script, privacy ledger and release log in its state folder, so a state folder that another
-user owns, or can write into from above, would let that user's code run as the site. These tests
-make the folders and try it; each refusal names the folder."""
+"""A site machine no other local user can hijack (issue #30, findings 5 and 6). cmvim-client keeps
+its guard script, privacy ledger and release log in its state folder, so a state folder that
+another user owns, or can write into from above, would let that user's code run as the site; and
+its warm worker takes tasks from a Runtime API port another user could bind first. These tests
+make the folders and the foreign listener and try it; each refusal names what and whose."""
 from __future__ import annotations
 
 import os
+import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -101,3 +104,99 @@ def test_cmvim_client_refuses_to_join_with_a_foreign_state_folder(tmp_path):
     assert done.returncode == 2, done.stdout + done.stderr
     assert "belongs to another user" in done.stderr and str(state) in done.stderr
     assert not (state / "bin").exists(), "no guard script was written into the foreign folder"
+
+
+# -- finding 5: another local user takes the site's Runtime API port -------------------------------
+
+def test_the_kernel_lists_our_own_listener_under_our_uid():
+    from cmvim.client.local_guard import check_runtime_owner, listener_uids
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        port = sock.getsockname()[1]
+        assert listener_uids(port) == {os.getuid()}
+        check_runtime_owner(port)                        # ours: no complaint
+    assert listener_uids(port) == set()
+    check_runtime_owner(port)                            # nothing yet: the SuperNode is starting
+
+
+def foreign_listener(uid: int) -> tuple[int, int, int]:
+    """A process of another user (forked, then setuid) listening on a free loopback port; it
+    writes a byte to the returned pipe for every connection it accepts. Returns (pid, port, pipe)."""
+    ports_r, ports_w = os.pipe()
+    seen_r, seen_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:                                    # the other user
+        try:
+            os.setgid(uid)
+            os.setuid(uid)
+            sock = socket.socket()
+            sock.bind(("127.0.0.1", 0))
+            sock.listen()
+            os.write(ports_w, str(sock.getsockname()[1]).encode().ljust(8))
+            while True:
+                conn, _ = sock.accept()
+                os.write(seen_w, b"c")
+                conn.close()
+        finally:
+            os._exit(0)
+    os.close(ports_w)
+    os.close(seen_w)
+    port = int(os.read(ports_r, 8))
+    os.close(ports_r)
+    return pid, port, seen_r
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="running a process as another user needs root")
+def test_a_runtime_port_held_by_another_user_gets_no_request_from_the_worker(tmp_path):
+    """The port race of issue #30: another user binds the site's Runtime API port first. The warm
+    worker, started on that port with the site's secret, never connects to it, and says why."""
+    from cmvim.client.local_guard import ForeignRuntime, check_runtime_owner
+    pid, port, seen = foreign_listener(OTHER_USER)
+    try:
+        with pytest.raises(ForeignRuntime, match=f"port {port} is held by another user \\(uid {OTHER_USER}\\)"):
+            check_runtime_owner(port)
+        secret = tmp_path / "worker.secret"
+        secret.write_bytes(os.urandom(32))
+        secret.chmod(0o600)
+        worker = subprocess.run([sys.executable, "-m", "cmvim.client.worker", "--runtime-api-address",
+                                 f"127.0.0.1:{port}", "--auth-secret-file", str(secret), "--site", "A",
+                                 "--data", str(tmp_path), "--state-dir", str(tmp_path)],
+                                capture_output=True, text=True, timeout=180)
+        assert worker.returncode == 3, worker.stdout + worker.stderr
+        assert "held by another user" in worker.stderr
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    connections = os.read(seen, 1024)
+    os.close(seen)
+    assert connections == b"", "the worker talked to another user's Runtime API"
+
+
+def test_a_task_naming_another_policy_or_folder_is_refused_before_any_data_is_read(tmp_path):
+    """What a foreign SuperNode would send: the site's worker runs under its own start-up
+    settings, and a task that names others is refused, naming the key."""
+    from cmvim.client.local_guard import ForeignRuntime, own_node_config
+    own = {"site": "A", "data-dir": "/data/A", "state-dir": "/var/cmvim/A", "policy": "/etc/cmvim/policy.yaml",
+           "device": None}
+    given = {**{k: v for k, v in own.items() if v}, "partition-id": 0}     # what the site's SuperNode sends
+    assert own_node_config(given, own) == given
+    for key, value in (("policy", "/tmp/permissive.yaml"), ("state-dir", "/tmp/theirs"), ("data-dir", "/data/B"),
+                       ("site", "B"), ("device", "cuda")):
+        with pytest.raises(ForeignRuntime, match=f"node config {key}="):
+            own_node_config({**own, key: value}, own)
+    with pytest.raises(ForeignRuntime, match="node config policy=None"):
+        own_node_config({k: v for k, v in own.items() if k != "policy"}, own)   # no policy: the defaults
+
+
+def test_cold_mode_is_refused_outside_a_local_test(tmp_path):
+    """--cold is Flower's process per task: its Runtime API has no authentication and each task's
+    token is on a command line every local user can read. Only with --insecure (one machine)."""
+    site = tmp_path / "A"
+    site.mkdir()
+    (site / "manifest.csv").write_text("subject_id,label,mri\n")
+    done = subprocess.run([str(BIN / "cmvim-client"), "--site", "A", "--data", str(site), "--server", "127.0.0.1:9",
+                           "--root-cert", str(tmp_path / "ca.crt"), "--auth-key", str(tmp_path / "A.key"),
+                           "--cold", "--state-dir", str(tmp_path / "state")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "--cold" in done.stderr and "--insecure" in done.stderr, done.stderr

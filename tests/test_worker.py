@@ -110,7 +110,7 @@ import sys, time
 import cmvim.client.worker as worker
 worker.STOP_GRACE = 2.0
 
-def stuck(address, secret, policy_file, stop):          # a task whose SuperNode is gone: its retries never end
+def stuck(address, secret, policy_file, stop, own=None):   # a task whose SuperNode is gone: its retries never end
     worker._busy.set()
     print("busy", flush=True)
     while True:
