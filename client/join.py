@@ -1,13 +1,15 @@
 """`cmvim-client --site A --data DIR --server HOST:PORT ...`: join a federation as a Flower SuperNode.
 
 Before anything connects: the site check runs on DIR (fatal problems: refuse to start), the
-site policy is read (a mistyped key is an error that names it), and the CA certificate and the
-SuperNode key are parsed, so a wrong file is named here rather than as a TLS error later.
+site policy is read (a mistyped key is an error that names it), the CA certificate, the
+SuperNode key and the coordinator's public key (--coordinator-key: only instructions it signed
+run, cmvim.instructions) are parsed, so a wrong file is named here rather than as a TLS error
+later, and the state folder must be the site user's alone (private_folder).
 
 Then a Flower SuperNode runs with node config `site`, `data-dir` and `policy` (the ClientApp
 checks every request against the policy before reading data), in Flower's process isolation, and
 the warm site worker (cmvim.client.worker) runs its messages in one long-lived process, started
-again if it dies (`--cold`: Flower's process per message). Flower's SuperNode retries with
+again if it dies (`--cold`, with --insecure only: Flower's process per message). Flower's SuperNode retries with
 backoff while the server is away; if it exits for any other transient reason it is started again
 with backoff (2 s doubling to 60 s). A certificate the CA does not vouch for, or a key the
 server has not registered (after --auth-retries tries: the coordinator may be registering it
