@@ -134,7 +134,9 @@ class Coordinator:
 
     def start_superlink(self) -> None:
         port = self.address.rpartition(":")[2]
-        cmd = [flower_executable("flower-superlink", DeployError), "--host", "127.0.0.1", "--port", port,
+        flower_executable("flower-superlink", DeployError)         # Flower is installed here
+        # Flower's SuperLink behind cmvim's one check: its Fleet API takes replies only (cmvim.server.superlink)
+        cmd = [sys.executable, "-m", "cmvim.server.superlink", "--host", "127.0.0.1", "--port", port,
                "--database", SUPERLINK_STATE, "--disable-runtime-dependency-installation"]
         if self.args.insecure:
             cmd.append("--insecure")

@@ -66,3 +66,43 @@ def test_the_public_port_refuses_a_request_over_the_limit(tmp_path):
     finally:
         coordinator.proxy.stop()
         upstream.shutdown()
+
+
+def _pushed(reply_to: str):
+    import time
+
+    from flwr.app import ConfigRecord, Message, Metadata, RecordDict
+    from flwr.common.serde import message_to_proto
+    from flwr.proto.fleet_pb2 import PushMessagesRequest  # pylint: disable=E0611
+    metadata = Metadata(run_id=1, message_id="", src_node_id=3333, dst_node_id=1111 if not reply_to else 0,
+                        reply_to_message_id=reply_to, group_id="", created_at=time.time(),
+                        ttl=10 * 365 * 24 * 3600.0, message_type="train")
+    msg = Message(content=RecordDict({"config": ConfigRecord({"x": 1})}), metadata=metadata)
+    return PushMessagesRequest(messages_list=[message_to_proto(msg)])
+
+
+def test_the_superlink_takes_only_replies_from_sites():
+    """Site C's attack of issue #30 at the coordinator: a pushed message with no reply_to (an
+    instruction for site A, or a ten-year message to itself) is refused before Flower stores it;
+    a reply goes on to Flower's own checks (the instruction it answers, its node, its TTL)."""
+    from flwr.supercore.error import FlowerError
+
+    from cmvim.server.superlink import REFUSED, install, only_replies
+    stored = []
+    push = only_replies(lambda request, state: stored.append(request) or "stored")
+    with pytest.raises(FlowerError, match="accepts replies only"):
+        push(_pushed(reply_to=""), state=None)
+    assert stored == []
+    assert push(_pushed(reply_to="a" * 64), state=None) == "stored" and len(stored) == 1
+    from flwr.superlink.servicer.fleet import fleet_handlers
+    original = fleet_handlers.push_messages
+    try:
+        install()                                   # what cmvim.server.superlink's main does (twice: still once)
+        wrapped = fleet_handlers.push_messages
+        install()
+        assert fleet_handlers.push_messages is wrapped and wrapped is not original
+        with pytest.raises(FlowerError, match="accepts replies only"):
+            fleet_handlers.push_messages(request=_pushed(reply_to=""), state=None)
+    finally:
+        fleet_handlers.push_messages = original
+    assert REFUSED.startswith("cmvim:")
