@@ -68,17 +68,18 @@ def test_the_public_port_refuses_a_request_over_the_limit(tmp_path):
         upstream.shutdown()
 
 
-def _pushed(reply_to: str):
+def _pushed(reply_to: str, sender: int = 3333, authenticated: int = 3333):
     import time
 
     from flwr.app import ConfigRecord, Message, Metadata, RecordDict
     from flwr.common.serde import message_to_proto
     from flwr.proto.fleet_pb2 import PushMessagesRequest  # pylint: disable=E0611
-    metadata = Metadata(run_id=1, message_id="", src_node_id=3333, dst_node_id=1111 if not reply_to else 0,
+    from flwr.proto.node_pb2 import Node  # pylint: disable=E0611
+    metadata = Metadata(run_id=1, message_id="", src_node_id=sender, dst_node_id=1111 if not reply_to else 0,
                         reply_to_message_id=reply_to, group_id="", created_at=time.time(),
                         ttl=10 * 365 * 24 * 3600.0, message_type="train")
     msg = Message(content=RecordDict({"config": ConfigRecord({"x": 1})}), metadata=metadata)
-    return PushMessagesRequest(messages_list=[message_to_proto(msg)])
+    return PushMessagesRequest(node=Node(node_id=authenticated), messages_list=[message_to_proto(msg)])
 
 
 def test_the_superlink_takes_only_replies_from_sites():
@@ -94,6 +95,9 @@ def test_the_superlink_takes_only_replies_from_sites():
         push(_pushed(reply_to=""), state=None)
     assert stored == []
     assert push(_pushed(reply_to="a" * 64), state=None) == "stored" and len(stored) == 1
+    with pytest.raises(FlowerError, match="only its own replies"):      # C answering in A's name
+        push(_pushed(reply_to="a" * 64, sender=1111, authenticated=3333), state=None)
+    assert len(stored) == 1
     from flwr.superlink.servicer.fleet import fleet_handlers
     original = fleet_handlers.push_messages
     try:
