@@ -4,7 +4,7 @@ what the same subjects score in template space.
 
     PYTHONPATH=. python benchmarks/registration.py [--cohort-seeds 31 32 33] [--seeds 0] [--subjects 120]
         [--timing-visits 20] [--scores docs/benchmarks/registration_scores.jsonl]
-        [--skip-auc] [--references] [--extraction 0 4 8 none]
+        [--skip-auc] [--references] [--extraction 0 4 8 none] [--steps 12]
 
 Per cohort seed, the default run's cohort (3 sites x --subjects, 64^3, effect scale 1) is written
 twice by cmvim-cohort's generator: in template space and in scanner space (the same subjects,
@@ -134,6 +134,49 @@ def timing(root: Path, cfg, visits: int) -> tuple[float, float]:
     finally:
         sitk.ProcessObject_SetGlobalDefaultNumberOfThreads(0)      # back to ITK's default (every core)
         shutil.rmtree(work, ignore_errors=True)
+
+
+def step_times(root: Path, cfg, visits: int) -> str:
+    """Median seconds of each registration step on one core over site A's first `visits` visits:
+    N4, the T1's rigid and affine stages, the PET's rigid, one resampling onto the model grid."""
+    import csv
+
+    import SimpleITK as sitk
+    import torch
+
+    from cmvim.data import registration as R
+    from cmvim.data.grid import Volume
+    from cmvim.data.volumes import load_volume
+    sitk.ProcessObject_SetGlobalDefaultNumberOfThreads(1)
+    torch.set_num_threads(1)
+    steps: dict[str, list[float]] = {"N4": [], "T1 rigid + affine": [], "PET rigid": [], "resampling": []}
+
+    def read(name: str) -> Volume:
+        data, affine = load_volume(root / "A" / name)
+        return Volume(data.astype(np.float32), affine)
+
+    def timed(step: str, work):
+        start = time.perf_counter()
+        out = work()
+        steps[step].append(time.perf_counter() - start)
+        return out
+
+    try:
+        grid, shape = R.model_grid(cfg.preprocess)
+        with open(root / "A" / "manifest.csv") as handle:
+            rows = list(csv.DictReader(handle))[:visits]
+        for row in rows:
+            raw = read(row["mri"])
+            t1 = timed("N4", lambda: R.bias_corrected(raw))
+            found = timed("T1 rigid + affine", lambda: R.register_t1(t1))
+            if row.get("pet"):
+                pet = read(row["pet"])
+                timed("PET rigid", lambda: R.register_pet(pet, t1, found))
+            timed("resampling", lambda: R.onto_grid(t1, found, grid, shape))
+    finally:
+        sitk.ProcessObject_SetGlobalDefaultNumberOfThreads(0)
+    return format_table(["step", "visits", "median s"],
+                        [[name, len(v), f"{np.median(v):.3f}"] for name, v in steps.items() if v])
 
 
 def default_run_scores(cfg) -> tuple[dict, dict, dict]:
@@ -266,7 +309,16 @@ def main() -> None:
     parser.add_argument("--extraction", nargs="+", metavar="MM|none",
                         help="only compare brain extraction margins (mm, or none) on the first cohort seed: input "
                              "fidelity and the linear baseline (the transforms are cached, so this is quick)")
+    parser.add_argument("--steps", type=int, metavar="VISITS",
+                        help="only time each registration step on the first cohort seed's scanner space, "
+                             "site A's first VISITS visits, one core")
     args = parser.parse_args()
+    if args.steps:
+        root = cohort(args.cohort_seeds[0], args.subjects, "scanner")
+        cfg = run_config_for(root, "template", 0)
+        print(f"cohort seed {args.cohort_seeds[0]}, scanner space: registration steps on one core")
+        print(step_times(root, cfg, args.steps))
+        return
     if args.extraction:
         print(extraction_table(args.cohort_seeds[0], args.subjects, args.extraction))
         return

@@ -11,6 +11,7 @@ of problem, never a subject id, path or report text) so the server can name the 
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -46,6 +47,13 @@ from .secagg import secagg_mod
 log = logging.getLogger("cmvim.client")
 LOCAL_STATE = "cmvim-local-params"
 
+@functools.lru_cache(maxsize=4)
+def coordinator_key(path: str):
+    """The coordinator's public key, read once per file (it changes only with a new cmvim-client start)."""
+    from cmvim.instructions import load_public_key
+    return load_public_key(Path(path))
+
+
 def coordinator_mod(msg: Message, context: Context, call_next) -> Message:
     """First, before anything reads the message: a deployed site that was given the coordinator's
     public key (cmvim-client --coordinator-key) runs only instructions the coordinator signed for
@@ -58,10 +66,10 @@ def coordinator_mod(msg: Message, context: Context, call_next) -> Message:
         return call_next(msg, context)            # a simulation, or a local --insecure test
     name = str(node.get("site", f"node-{context.node_id}"))
     try:
-        from cmvim.instructions import SIGNATURE, NonceLog, load_public_key, verify
+        from cmvim.instructions import SIGNATURE, NonceLog, verify
         state = node.get("state-dir")
         nonces = NonceLog(Path(str(state)) / "instructions.json") if state else None
-        nonce, reply_key = verify(msg, context.node_id, load_public_key(Path(str(key_file))), nonces)
+        nonce, reply_key = verify(msg, context.node_id, coordinator_key(str(key_file)), nonces)
         del msg.content[SIGNATURE]
     except Exception as exc:  # noqa: BLE001 - every refusal is a public reply naming the failed check
         from cmvim.instructions import InstructionRefused

@@ -46,7 +46,7 @@ from typing import Literal
 
 from cmvim.config import from_dict, load_yaml
 from cmvim.release import AS_COMPUTED, ReleaseGrid
-from cmvim.run_config import SPLIT_FRACTIONS, RunConfig
+from cmvim.run_config import SPLIT_FRACTIONS, RunConfig, check_split_fractions
 
 Phase = Literal["pretrain", "finetune", "evaluate"]
 
@@ -168,12 +168,10 @@ def load_policy(path: str | Path | None) -> SitePolicy:
         raise ValueError("site policy: min_cell_count, max_bootstrap >= 0 and max_histogram_bins >= 1")
     if policy.release_digits is not None and not 1 <= policy.release_digits <= 15:
         raise ValueError("site policy: release_digits must be between 1 and 15 (or null: numbers as computed)")
-    if policy.split_fractions is None:
-        raise ValueError("site policy: split_fractions must be three numbers (train, val, test) summing to 1")
-    fractions = policy.split_fractions
-    if len(fractions) != 3 or abs(sum(fractions) - 1) > 1e-6 or min(fractions) < 0:
-        raise ValueError(f"site policy: split_fractions must be three non-negative numbers summing to 1, "
-                         f"got {fractions}")
+    try:
+        check_split_fractions(policy.split_fractions or [])
+    except ValueError as err:
+        raise ValueError(f"site policy: {err}") from None
     if policy.max_model_parameters < 1 or policy.max_input_shape < 8:
         raise ValueError("site policy: max_model_parameters must be positive and max_input_shape at least 8")
     if policy.max_evaluations is not None and policy.max_evaluations < 1:

@@ -40,6 +40,7 @@ from pathlib import Path
 log = logging.getLogger("cmvim.client.worker")
 
 POLL_FAST, POLL_SLOW = 0.02, 0.2   # asking the local API for the next task: 20 ms after a task, growing to 0.2 s
+OWNER_CHECK_EVERY = 1.0    # s between checks of who listens on the Runtime API port while polling (always before a task)
 STOP_GRACE = 10.0           # a stop during a task: this long to finish and reply, then the process ends
 READY = "cmvim site worker: ready"
 
@@ -145,10 +146,13 @@ def serve(address: str, secret: bytes, policy_file: str | None, stop: threading.
         SuperExecAuthHttpInterceptor(master_secret=secret, protected_methods=frozenset(
             {"/flwr.proto.Runtime/AcquireTask"}))])
     port = int(address.rsplit(":", 1)[1])
+    checked = -OWNER_CHECK_EVERY                   # the socket table costs ~ms to read: not at every 20 ms poll
     print(READY, flush=True)
     try:
         while not stop.is_set():
-            check_runtime_owner(port)
+            if time.monotonic() - checked >= OWNER_CHECK_EVERY:
+                check_runtime_owner(port)
+                checked = time.monotonic()
             answer = client.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP],
                                                            agentapp_fab_hashes=[]))
             if answer.HasField("task") and answer.token:

@@ -6,10 +6,11 @@ it to its ClientApp as if the coordinator had sent it. So the coordinator signs 
 sends (Ed25519, `cryptography`), and a deployed site runs none that does not carry a valid
 signature for it:
 
-    cmvim-instruction-v1 | destination node | message type | content digest | expiry | nonce
+    cmvim-instruction-v1 | destination node | message type | content digest | expiry | nonce | reply key
 
 The content digest is a SHA-256 over every record of the content in a canonical order (the
-run config, phase, round, run key and the weights), the signature record left out. The site checks, before anything else: a signature is there; it verifies under the
+run config, phase, round, run key and the weights), the signature record left out. The site
+checks, before anything else: a signature is there; it verifies under the
 coordinator's public key (`cmvim-client --coordinator-key`, received out of band like ca.crt);
 the destination is this node; it has not expired; its nonce was not seen before (a replay of an
 instruction this site already ran, kept in its state folder until the instruction would have
@@ -37,7 +38,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.app.error import Error
 
-from .sealed import SealError, label_of, raw_public, unseal
+from .sealed import SealError, json_value, label_of, raw_public, unseal
 
 SIGNATURE = "cmvim.signature"       # the record a signed message carries
 VERSION = "cmvim-instruction-v1"
@@ -101,20 +102,8 @@ def content_digest(content) -> str:
                 h.update(json.dumps(["array", key, data.dtype.str, list(data.shape)]).encode())
                 h.update(memoryview(data).cast("B"))
             else:
-                h.update(json.dumps(["value", key, _jsonable(value)]).encode())
+                h.update(json.dumps(["value", key, json_value(value)]).encode())
     return h.hexdigest()
-
-
-def _jsonable(value):
-    if isinstance(value, bytes):
-        return {"bytes": hashlib.sha256(value).hexdigest()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return value
-
-
-def _digest(message: Message) -> str:
-    return content_digest(message.content)
 
 
 def sign(message: Message, key: Ed25519PrivateKey, ttl: float = DEFAULT_TTL, now: float | None = None,
@@ -132,7 +121,8 @@ def sign(message: Message, key: Ed25519PrivateKey, ttl: float = DEFAULT_TTL, now
     # its own content: a strategy sends every site one RecordDict, and each site's signature differs
     message.content = RecordDict(dict(message.content.items()))
     meta = message.metadata
-    signature = key.sign(_payload(meta.dst_node_id, meta.message_type, _digest(message), expires, nonce, reply_key))
+    signature = key.sign(_payload(meta.dst_node_id, meta.message_type, content_digest(message.content), expires,
+                                  nonce, reply_key))
     message.content[SIGNATURE] = ConfigRecord({"signature": base64.b64encode(signature).decode(),
                                                "expires": float(expires), "nonce": nonce, "reply_key": reply_key})
     return message
@@ -177,7 +167,8 @@ def verify(message: Message, node_id: int, key: Ed25519PublicKey, nonces: NonceL
         raise InstructionRefused("refused: the instruction's signature record is malformed") from None
     meta = message.metadata
     try:
-        key.verify(signature, _payload(meta.dst_node_id, meta.message_type, _digest(message), expires, nonce, reply_key))
+        key.verify(signature, _payload(meta.dst_node_id, meta.message_type, content_digest(message.content), expires,
+                                       nonce, reply_key))
     except InvalidSignature:
         raise InstructionRefused("refused: the instruction's signature does not verify under the coordinator's key "
                                  "(forged, altered on the way, or signed by another coordinator)") from None

@@ -32,6 +32,12 @@ SPLIT_FRACTIONS = (0.7, 0.1, 0.2)         # train / val / test for subjects the 
 NORMALIZER_NAMES = ("percentile", "zscore", "suvr", "none")   # cmvim.data.preprocess.NORMALIZERS implements them
 
 
+def check_split_fractions(fractions) -> None:
+    """ValueError unless `fractions` are three non-negative numbers (train, val, test) summing to 1."""
+    if len(fractions) != 3 or abs(sum(fractions) - 1) > 1e-6 or min(fractions) < 0:
+        raise ValueError(f"split_fractions must be three non-negative numbers summing to 1, got {fractions}")
+
+
 @dataclass
 class RegistrationConfig:
     """`spatial: template` (cmvim.data.registration, docs/preprocessing.md): how scans are brought
@@ -462,8 +468,7 @@ class RunConfig:
     figures: FiguresConfig = field(default_factory=FiguresConfig)   # what the results folder's figures show
 
     def __post_init__(self):
-        if len(self.split_fractions) != 3 or abs(sum(self.split_fractions) - 1) > 1e-6 or min(self.split_fractions) < 0:
-            raise ValueError(f"split_fractions must be three non-negative numbers summing to 1, got {self.split_fractions}")
+        check_split_fractions(self.split_fractions)
         check_device_spec(self.device)
         if not 0.0 <= self.gpus_per_site:
             raise ValueError(f"gpus_per_site must be 0 or more (a share of one GPU, or several), got {self.gpus_per_site}")

@@ -42,11 +42,12 @@ def _key(shared: bytes, salt: bytes) -> bytes:
 
 
 # -- a RecordDict as bytes (no pickle) -----------------------------------------------------------
-def _plain(value):
+def json_value(value):
+    """A config or metric value as JSON can hold it (bytes as base64)."""
     if isinstance(value, bytes):
         return {"__bytes__": base64.b64encode(value).decode()}
     if isinstance(value, list):
-        return [_plain(v) for v in value]
+        return [json_value(v) for v in value]
     return value
 
 
@@ -72,7 +73,7 @@ def to_bytes(content: RecordDict) -> bytes:
             header.append({"name": name, "kind": "arrays", "arrays": arrays})
         else:
             kind = "metrics" if isinstance(record, MetricRecord) else "config"
-            header.append({"name": name, "kind": kind, "items": {k: _plain(v) for k, v in record.items()}})
+            header.append({"name": name, "kind": kind, "items": {k: json_value(v) for k, v in record.items()}})
     head = json.dumps(header).encode()
     return struct.pack(">Q", len(head)) + head + b"".join(blobs)
 

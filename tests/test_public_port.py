@@ -1,6 +1,7 @@
 """Limits at the public port (issue #30, finding 3): Caddy answers a request larger than
 `cmvim-server --max-request-mb` with 413 and passes no more than the limit of it on (the
-SuperLink never holds a whole oversize message), and passes the Fleet API's normal requests. A real Caddy in front of a stand-in upstream that records what reaches it."""
+SuperLink never holds a whole oversize message), and passes the Fleet API's normal requests. A real Caddy in front of a stand-in upstream that
+records what reaches it; and the SuperLink's Fleet API taking replies only."""
 from __future__ import annotations
 
 import argparse
@@ -88,7 +89,7 @@ def test_the_superlink_takes_only_replies_from_sites():
     a reply goes on to Flower's own checks (the instruction it answers, its node, its TTL)."""
     from flwr.supercore.error import FlowerError
 
-    from cmvim.server.superlink import REFUSED, install, only_replies
+    from cmvim.server.superlink import install, only_replies
     stored = []
     push = only_replies(lambda request, state: stored.append(request) or "stored")
     with pytest.raises(FlowerError, match="accepts replies only"):
@@ -109,4 +110,3 @@ def test_the_superlink_takes_only_replies_from_sites():
             fleet_handlers.push_messages(request=_pushed(reply_to=""), state=None)
     finally:
         fleet_handlers.push_messages = original
-    assert REFUSED.startswith("cmvim:")

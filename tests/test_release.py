@@ -139,16 +139,14 @@ def test_the_policy_refuses_grids_the_site_does_not_share_and_oversized_runs():
         SitePolicy(max_model_parameters=1000).check_model_size(5000)
 
 
-def test_a_policy_file_names_its_bad_release_settings(tmp_path):
+@pytest.mark.parametrize("line, named", [("split_fractions: [0, 1]", "split_fractions must be three"),
+                                         ("split_fractions: null", "split_fractions must be three"),
+                                         ("release_digits: 0", "release_digits"),
+                                         ("max_histogram_bins: null", "max_histogram_bins")])
+def test_a_policy_file_names_its_bad_release_settings(tmp_path, line, named):
     path = tmp_path / "policy.yaml"
-    path.write_text("split_fractions: [0, 1]\n")
-    with pytest.raises(ValueError, match="split_fractions must be three"):
-        load_policy(path)
-    path.write_text("release_digits: 0\n")
-    with pytest.raises(ValueError, match="release_digits"):
-        load_policy(path)
-    path.write_text("max_histogram_bins: null\n")
-    with pytest.raises(ValueError, match="max_histogram_bins"):
+    path.write_text(line + "\n")
+    with pytest.raises(ValueError, match=named):
         load_policy(path)
 
 
