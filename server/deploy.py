@@ -48,6 +48,7 @@ from cmvim.flower_process import Child, flower_env, flower_executable
 from cmvim.run_config import overridden, run_config
 
 from .flower_app import COORDINATOR_KEY_ENV, write_project
+from .superlink import BURST_ENV, DEFAULT_BURST, DEFAULT_RATE, RATE_ENV
 
 CONNECTION = "cmvim"
 SUPERLINK_STATE = ":flwr-in-memory:"     # Flower's in-memory LinkState and ObjectStore: see step 1 above
@@ -77,6 +78,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the largest request the public port accepts, in MB (default 1024: a base-preset model's "
                              "weights are ~510 MB); a larger one is refused by the proxy (413) before the SuperLink "
                              "holds it")
+    parser.add_argument("--site-rate", type=float, default=DEFAULT_RATE,
+                        help=f"requests a second each site may make, on average (default {DEFAULT_RATE:g}; a tiny-model "
+                             "SecAgg+ round peaks at ~45/s, a base-model round pulls and pushes ~660 weight objects); "
+                             "above it the SuperLink answers 503 and the site's SuperNode backs off and retries")
+    parser.add_argument("--site-burst", type=int, default=DEFAULT_BURST,
+                        help=f"requests a site may make at once before --site-rate applies (default {DEFAULT_BURST})")
     parser.add_argument("--run-timeout", type=float, default=7 * 24 * 3600.0,
                         help="stop the run if it has not finished after S s (default a week; the run's own rounds "
                              "have deadlines too: strategy.round_timeout and strategy.wait_for_sites)")
@@ -135,7 +142,8 @@ class Coordinator:
     def start_superlink(self) -> None:
         port = self.address.rpartition(":")[2]
         flower_executable("flower-superlink", DeployError)         # Flower is installed here
-        # Flower's SuperLink behind cmvim's one check: its Fleet API takes replies only (cmvim.server.superlink)
+        # Flower's SuperLink behind cmvim's checks (cmvim.server.superlink): its Fleet API takes replies
+        # only, each signed header once, and at most --site-rate requests a second from a site
         cmd = [sys.executable, "-m", "cmvim.server.superlink", "--host", "127.0.0.1", "--port", port,
                "--database", SUPERLINK_STATE, "--disable-runtime-dependency-installation"]
         if self.args.insecure:
@@ -148,6 +156,8 @@ class Coordinator:
             f"{'' if self.args.insecure else ', SuperNode authentication on'}); log: {self.state / 'superlink.log'}")
         if not self.args.insecure:       # the ServerApp Flower starts signs every instruction (cmvim.instructions)
             self.env[COORDINATOR_KEY_ENV] = str(self._certs()["coordinator.key"])
+        self.env[RATE_ENV] = str(getattr(self.args, "site_rate", DEFAULT_RATE))
+        self.env[BURST_ENV] = str(getattr(self.args, "site_burst", DEFAULT_BURST))
         self.superlink = Child(cmd, env=self.env, log_path=self.state / "superlink.log", echo=False)
         deadline = time.monotonic() + 60
         while True:

@@ -16,7 +16,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, M
 from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 
 from cmvim.client import app as client_app  # noqa: E402
-from cmvim.protocol import ARRAYS, METRICS, NUM_EXAMPLES, SITE, SITE_NAME, VAL_ERROR, VAL_METRICS, VALIDATE  # noqa: E402
+from cmvim.protocol import NUM_EXAMPLES, SITE, SITE_NAME, VAL_ERROR, VAL_METRICS, VALIDATE  # noqa: E402
 from cmvim.run_config import run_config  # noqa: E402
 from cmvim.server.runner import FederatedRun  # noqa: E402
 from cmvim.server.strategy import make_strategy, training_reply  # noqa: E402

@@ -377,3 +377,134 @@ def test_a_restarted_coordinator_gets_its_sites_back_and_resumes(cohort, tmp_pat
     assert [(r["phase"], r["round"]) for r in rounds] == [("pretrain", i) for i in range(1, 7)] + [("finetune", 1)]
     assert set(rounds[-2]["train"]) == {"A", "B"} and set(rounds[-1]["train"]) == {"A", "B"}
     assert "registered site A" in logs["server2"].read_text()
+
+
+class SiteKeyHeaders:
+    """Flower's SuperNode request signing (NodeAuthHttpInterceptor's headers), for a site key
+    held by the test: each request signed afresh, or the last request's headers sent again."""
+
+    def __init__(self, key_file: Path):
+        from cryptography.hazmat.primitives.serialization import load_ssh_private_key
+        from flwr.supercore.primitives.asymmetric import public_key_to_bytes
+        self.key = load_ssh_private_key(key_file.read_bytes(), password=None)
+        self.public = public_key_to_bytes(self.key.public_key())
+        self.replay, self.last = False, None
+
+    def intercept(self, context, call_next):
+        from base64 import b64encode
+
+        from flwr.common.constant import TIMESTAMP_HEADER
+        from flwr.supercore.constant import FLEET_HTTP_PUBLIC_KEY_HEADER, FLEET_HTTP_SIGNATURE_HEADER
+        from flwr.supercore.date import now
+        from flwr.supercore.interceptors.http.utils import add_headers
+        from flwr.supercore.primitives.asymmetric import sign_message
+        if not (self.replay and self.last):
+            stamp = now().isoformat()
+            self.last = {FLEET_HTTP_PUBLIC_KEY_HEADER: b64encode(self.public).decode("ascii"), TIMESTAMP_HEADER: stamp,
+                         FLEET_HTTP_SIGNATURE_HEADER: b64encode(sign_message(self.key, stamp.encode())).decode("ascii")}
+        add_headers(context.request, dict(self.last))
+        return call_next(context)
+
+
+def fleet_status(call) -> int:
+    """The HTTP status of one Fleet request (200 when it went through)."""
+    import httpx
+    try:
+        call()
+        return 200
+    except httpx.HTTPStatusError as err:
+        return err.response.status_code
+
+
+@pytest.mark.slow          # ~1.5 min: a SuperLink, one hospital, one registered attacker key, a short run
+def test_a_site_key_cannot_instruct_answer_for_replay_or_flood_through_the_fleet_api(cohort, tmp_path):
+    """Issue #30 through the coordinator's real public port, as site C (its registered key, Flower's
+    own HTTP client and request signing) while hospital A takes part in a run: C's instruction
+    for A and C's reply in A's name are refused before they are stored; C's signed headers work
+    once; C over --site-rate gets 503 and, after a pause, is served again; a request over
+    --max-request-mb gets 413. A never sees any of it: it trains every round, spends nothing,
+    refuses nothing."""
+    import httpx
+    from flwr.app import ConfigRecord, Message, Metadata, RecordDict
+    from flwr.common.serde import message_to_proto
+    from flwr.proto.fleet_pb2 import PullMessagesRequest, PushMessagesRequest  # pylint: disable=E0611
+    from flwr.proto.message_pb2 import PushObjectRequest  # pylint: disable=E0611
+    from flwr.proto.node_pb2 import Node  # pylint: disable=E0611
+    from flwr.supercore.interceptors.http.runtime_version import RuntimeVersionHttpInterceptor
+    from flwr.supernode.fleet_http_client import FleetHttpClient
+
+    certs = tmp_path / "certs"
+    subprocess.run([sys.executable, "-m", "cmvim.deploy.certs", "--out", str(certs), "--server-name", "localhost",
+                    "--sites", "A", "C"], cwd=REPO, check=True, capture_output=True)
+    config = run_yaml(tmp_path, pretrain_rounds=6, finetune_epochs=1, min_nodes=1, round_timeout=180)
+    port, out, logs = free_port(), tmp_path / "results", {n: tmp_path / f"{n}.log" for n in ("A", "server")}
+    procs: list[subprocess.Popen] = []
+    try:
+        procs.append(start(client_cmd("A", cohort / "A", port, certs, certs / "sites" / "A.key", tmp_path / "node-A"),
+                           logs["A"]))
+        server = start([str(BIN / "cmvim-server"), "--config", str(config), "--out", str(out), "--certs", str(certs),
+                        "--site-keys", str(certs / "sites"), "--address", f"127.0.0.1:{port}", "--wait-sites", "1",
+                        "--site-rate", "5", "--site-burst", "20", "--max-request-mb", "4"], logs["server"])
+        procs.append(server)
+        wait_for(lambda: " submitted;" in logs["server"].read_text(), 180, "the run submitted", procs)
+        text = logs["server"].read_text()
+        node = {site: int(text.split(f"registered site {site} (node ")[1].split(")")[0]) for site in "AC"}
+        run_id = int(text.split("cmvim-server: run ")[1].split()[0])
+
+        signer = SiteKeyHeaders(certs / "sites" / "C.key")
+        fleet = FleetHttpClient.from_server_address(f"127.0.0.1:{port}", False, str(certs / "ca.crt"), interceptors=[
+            RuntimeVersionHttpInterceptor(component_name="SuperNode"), signer])
+        as_c = Node(node_id=node["C"])
+
+        def push(dst: int, src: int, reply_to: str) -> httpx.Response | int:
+            meta = Metadata(run_id=run_id, message_id="", src_node_id=src, dst_node_id=dst, reply_to_message_id=reply_to,
+                            group_id="", created_at=time.time(), ttl=10 * 365 * 24 * 3600.0, message_type="evaluate")
+            msg = Message(content=RecordDict({"config": ConfigRecord({"phase": "evaluate"})}), metadata=meta)
+            try:
+                fleet.PushMessages(PushMessagesRequest(node=as_c, messages_list=[message_to_proto(msg)]))
+                return 200
+            except httpx.HTTPStatusError as err:
+                return err.response
+
+        # an instruction for A, ten-year TTL: refused before it is stored, with the reason
+        answer = push(dst=node["A"], src=node["C"], reply_to="")
+        assert answer != 200 and "accepts replies only" in answer.text, answer
+        # a "reply" in A's name: refused
+        answer = push(dst=0, src=node["A"], reply_to="a" * 64)
+        assert answer != 200 and "only its own replies" in answer.text, answer
+
+        # C's signed headers, once each: a fresh request goes through, the same headers again do not
+        poll = lambda: fleet.PullMessages(PullMessagesRequest(node=as_c))  # noqa: E731
+        time.sleep(5)                                        # a full bucket for what follows
+        assert fleet_status(poll) == 200
+        signer.replay = True
+        assert fleet_status(poll) == 401
+        signer.replay = False
+
+        # over 5 requests/s (bursts of 20): 503, then served again after a pause
+        statuses = [fleet_status(poll) for _ in range(40)]
+        assert statuses[:15] == [200] * 15 and 503 in statuses, statuses
+        assert set(statuses) == {200, 503}
+        time.sleep(2)
+        assert fleet_status(poll) == 200
+
+        # an object over --max-request-mb (6 MB against 4; A's sealed tiny-model replies are ~2 MB): cut by the proxy
+        big = PushObjectRequest(node=as_c, run_id=run_id, object_id="0" * 64, object_content=b"x" * 6_000_000)
+        assert fleet_status(lambda: fleet.PushObject(big)) == 413
+        fleet.close()
+
+        server.wait(900)
+        assert server.returncode == 0, logs["server"].read_text()[-4000:]
+    finally:
+        for proc in procs:
+            stop(proc)
+    superlink_log = (out / ".superlink" / "superlink.log").read_text()
+    assert f"node {node['C']} is over 5 requests/s" in superlink_log and "replayed SuperNode header" in superlink_log
+    # A took part in every round and was asked for nothing it did not run: no refusal, no failure
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert all(set(r["train"]) == {"A"} for r in metrics["rounds"]) and len(metrics["rounds"]) == 7
+    assert not metrics.get("failures"), metrics.get("failures")
+    site_a = logs["A"].read_text()
+    for refusal in ("refused an instruction", "release limit", "site policy allows"):
+        assert refusal not in site_a
+    assert site_a.count("completed in") >= 7            # the worker's tasks: 6 pretraining rounds, fine-tuning, ...
