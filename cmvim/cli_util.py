@@ -2,10 +2,48 @@
 from __future__ import annotations
 
 import argparse
+import copy
+import importlib
 import socket
+import sys
 
 from . import __version__
 from .config import ConfigError, split_override
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Every command's --help: descriptions keep their layout (the module docstrings are written as
+    they should print) and every option says its default, including options whose help strings
+    live in modules that never mention it. An option with no default (None, an unset flag, an
+    empty list) or whose help already says it gets nothing added."""
+
+    def _format_action(self, action: argparse.Action) -> str:
+        if not action.help and _default_to_say(action):       # argparse prints no help line at all for these
+            action = copy.copy(action)
+            action.help = "(default: %(default)s)"
+        return super()._format_action(action)
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        stated = action.help and "default" in action.help
+        return super()._get_help_string(action) if _default_to_say(action) and not stated else action.help
+
+
+def _default_to_say(action: argparse.Action) -> bool:
+    default = action.default          # by identity: a default of 0 is worth saying, an unset flag's False is not
+    return bool(action.option_strings) and not (default is None or default is False or default is argparse.SUPPRESS
+                                                 or default == [])
+
+
+def require_extra(command: str, extra: str, modules: tuple[str, ...]) -> None:
+    """Exit 2 with the pip command when an optional extra's packages (pyproject.toml's
+    [project.optional-dependencies]) do not import, instead of a traceback later."""
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            what = {"sim": "the simulation extra"}.get(extra, f"the {extra} extra")
+            print(f"{command} needs {what}: pip install 'cmvim[{extra}]' ({exc})", file=sys.stderr)
+            raise SystemExit(2) from None
 
 
 def add_version(parser) -> None:

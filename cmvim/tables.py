@@ -3,11 +3,16 @@ from __future__ import annotations
 
 from typing import Sequence
 
+MARKDOWN_MIN_WIDTH = 3       # GitHub renders a table only if each separator cell has a dash: `---`, `--:`
+
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence], markdown: bool = True) -> str:
-    """Columns padded to their widest cell; numbers right-aligned. markdown=True adds | separators."""
-    cells = [[_cell(v) for v in row] for row in rows]
+    """Columns padded to their widest cell; numbers right-aligned. markdown=True: a GitHub table
+    (| separators, a `| --- | --: |` row with one cell per header, '|' in a cell escaped)."""
+    cells = [[_cell(v, markdown) for v in row] for row in rows]
     widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
+    if markdown:
+        widths = [max(w, MARKDOWN_MIN_WIDTH) for w in widths]
     numeric = [all(_is_number(r[i]) for r in rows) and rows for i in range(len(headers))]
 
     def line(values, header=False):
@@ -29,7 +34,8 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _cell(value) -> str:
+def _cell(value, markdown: bool = False) -> str:
     if isinstance(value, float):
         return f"{value:.4g}" if abs(value) < 1e4 else f"{value:.0f}"
-    return "" if value is None else str(value)
+    text = "" if value is None else str(value)
+    return text.replace("|", "\\|") if markdown else text

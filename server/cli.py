@@ -3,17 +3,20 @@ default) and the cmvim run submitted to it. See server/deploy.py and docs/deploy
 import argparse
 import sys
 
-from cmvim.cli_util import add_version
+from cmvim.cli_util import HelpFormatter, add_version
 
 from . import deploy
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="cmvim-server", description=deploy.__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cmvim-server", description=deploy.__doc__, formatter_class=HelpFormatter)
     deploy.add_arguments(parser)
     add_version(parser)
-    return deploy.serve(parser.parse_args(argv))
+    return parser
+
+
+def main(argv=None) -> int:
+    return deploy.serve(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

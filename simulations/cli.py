@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import logging
 import os
 import sys
 import time
 from pathlib import Path
 
-from cmvim.cli_util import add_set_option, add_version
+from cmvim.cli_util import HelpFormatter, add_set_option, add_version, require_extra
 from cmvim.config import ConfigError, load_yaml
 from cmvim.data import SiteData
 from cmvim.run_config import RunConfig, overridden, run_config
@@ -43,17 +42,29 @@ def _say(text: str) -> None:
     print(text, flush=True)
 
 
+class NoTrainingData(SystemExit):
+    """Too few sites have anything to train on: the run stops before any round."""
+
+
 def prepare_sites(cfg: RunConfig) -> dict[str, SiteData]:
-    """Every site loaded once in this process, so clients only read the cache; problems show now."""
+    """Every site loaded once in this process, so clients only read the cache; problems show now.
+    A site with no usable training visit is named with why; when fewer sites than
+    strategy.min_nodes have one, no round could aggregate: NoTrainingData, before Ray starts."""
+    from cmvim.data import DataError
     folders = cfg.cohort.site_folders()
     if not folders:
         raise SystemExit(f"no site folders (with manifest.csv or a BIDS dataset_description.json) in {cfg.cohort.path}")
-    sites = {}
+    sites, unusable = {}, {}
     for name, folder in folders.items():
         start = time.perf_counter()
-        site = SiteData.load(folder, cfg.preprocess, seed=cfg.seed, use_reports=cfg.use_reports,
-                             split_fractions=cfg.split_fractions, bids=cfg.bids, show_progress=True,
-                             workers=os.cpu_count() or 1)
+        try:
+            site = SiteData.load(folder, cfg.preprocess, seed=cfg.seed, use_reports=cfg.use_reports,
+                                 split_fractions=cfg.split_fractions, bids=cfg.bids, show_progress=True,
+                                 workers=os.cpu_count() or 1)
+        except DataError as err:
+            _say(f"  site {name}: not readable: {err}")
+            unusable[name] = str(err).splitlines()[0]
+            continue
         counts = site.counts()
         _say(f"  site {name}: {counts['visits']} subject-visits ({counts['labels']}), PET {counts['with_pet']}, "
              f"splits {counts['splits']}, {len(site.summary.skipped)} skipped "
@@ -61,6 +72,17 @@ def prepare_sites(cfg: RunConfig) -> dict[str, SiteData]:
         for err in site.summary.skipped:
             _say(f"    skipped: {err}")
         sites[name] = site
+        if not counts["splits"].get("train"):
+            unusable[name] = (f"no usable subject-visit in its train split ({counts['visits']} usable, "
+                              f"{len(site.summary.skipped)} skipped: see above)")
+    usable = len(folders) - len(unusable)
+    for name, why in unusable.items():
+        _say(f"  ! site {name} cannot train: {why}")
+    if usable < cfg.strategy.min_nodes:
+        raise NoTrainingData(
+            f"cmvim-sim: stopped before any round: {usable} of {len(folders)} sites have data to train on and "
+            f"strategy.min_nodes is {cfg.strategy.min_nodes}, so no round could aggregate an update ("
+            + "; ".join(f"site {n}: {why}" for n, why in unusable.items()) + ")")
     return sites
 
 
@@ -95,7 +117,11 @@ def run_federated(cfg: RunConfig, out_dir: Path, n_sites: int, resume: bool, ver
         if not (cfg.baselines and sites):
             return None
         from .baselines import run_baselines
-        return run_baselines(cfg, sites, cfg.baselines, say=_say)
+        trainable = {name: site for name, site in sites.items() if site.counts()["splits"].get("train")}
+        if not trainable:
+            _say("baselines: not trained (no site has a usable training visit)")
+            return None
+        return run_baselines(cfg, trainable, cfg.baselines, say=_say)
 
     backend = {"client_resources": {"num_cpus": per_site, "num_gpus": float(cfg.gpus_per_site)},
                "init_args": {"num_cpus": cores, "include_dashboard": False, "logging_level": "error"}}
@@ -128,19 +154,21 @@ def simulated_device(cfg):
     return cfg
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="cmvim-sim", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cmvim-sim", description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--config", type=Path, help=f"run config YAML (default {DEFAULT_CONFIG.name})")
     parser.add_argument("--out", type=Path, help="results folder (default runs/sim)")
     parser.add_argument("--resume", type=Path, help="a stopped run's results folder: continue it")
     parser.add_argument("--verbose", action="store_true", help="Flower's own logs too")
     add_set_option(parser)
     add_version(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
-    missing = [name for name in ("ray", "nilearn") if importlib.util.find_spec(name) is None]
-    if missing:
-        parser.error(f"{', '.join(missing)} not installed: simulations need the extra, pip install 'cmvim[sim]'")
+    require_extra("cmvim-sim", "sim", ("ray", "nilearn"))    # Flower's simulation engine; the cohort's templates
     os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
 
@@ -170,8 +198,13 @@ def main(argv: list[str] | None = None) -> int:
              "built once, then reused")
         cfg = prepare_cohort(cfg)
     _say(f"cohort at {cfg.cohort.path}")
-    sites = prepare_sites(cfg)
-    run_federated(cfg, out_dir, len(sites), resume=bool(args.resume), verbose=args.verbose, sites=sites)
+    try:
+        sites = prepare_sites(cfg)
+    except NoTrainingData as stop:
+        _say(str(stop))
+        return 1
+    run_federated(cfg, out_dir, len(cfg.cohort.site_folders()), resume=bool(args.resume), verbose=args.verbose,
+                  sites=sites)
     if not (out_dir / "metrics.json").exists():
         _say("the federated run did not finish: no metrics.json (see the messages above)")
         return 1

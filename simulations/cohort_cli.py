@@ -13,21 +13,18 @@ import argparse
 import sys
 from pathlib import Path
 
-from cmvim.cli_util import add_version
+from cmvim.cli_util import HelpFormatter, add_version, require_extra
 from cmvim.tables import format_table
 
-from .cohort import CohortConfig, generate_cohort
 
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="cmvim-cohort", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cmvim-cohort", description=__doc__, formatter_class=HelpFormatter)
     add_version(parser)
     parser.add_argument("--sites", type=int, default=3, help="number of sites (A, B, C, ...)")
     parser.add_argument("--subjects", type=int, default=40, help="subjects per site")
     parser.add_argument("--shape", type=int, default=64, help="cubic volume size in voxels (MNI space)")
     parser.add_argument("--out", type=Path, required=True, help="output folder")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="the random seed: the same seed writes the same cohort")
     parser.add_argument("--pet-missing", type=float, default=0.15, help="mean fraction of subjects without PET")
     parser.add_argument("--unlabeled", type=float, default=0.2, help="mean fraction of subjects without a label")
     parser.add_argument("--report-informativeness", type=float, default=0.6,
@@ -45,7 +42,14 @@ def main(argv: list[str] | None = None) -> int:
                              "origins up to 100 mm from the brain, scanner voxel orders (LPS, sagittal, ...) and "
                              "anisotropic voxels, PET posed apart from its T1 on its own grid (docs/cohort.md); "
                              "DIR/poses.json holds every scan's true template transform")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
+    require_extra("cmvim-cohort", "sim", ("nilearn",))    # it carries the MNI152 templates the cohorts are built from
+    from .cohort import CohortConfig, generate_cohort
     try:
         cfg = CohortConfig(sites=args.sites, subjects=args.subjects, shape=args.shape, seed=args.seed,
                            pet_missing=args.pet_missing, unlabeled=args.unlabeled,

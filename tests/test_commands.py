@@ -1,4 +1,5 @@
-"""Every command a user runs answers --version with the installed cmvim's version."""
+"""Every command a user runs answers --version with the installed cmvim's version; cmvim-client's
+bare form still joins; a missing optional extra ends in the pip command, not a traceback."""
 import subprocess
 import sys
 from pathlib import Path
@@ -7,8 +8,8 @@ import pytest
 
 import cmvim
 
-COMMANDS = [["cmvim-sim"], ["cmvim-cohort"], ["cmvim-server"], ["cmvim-client"], ["cmvim-client", "check"],
-            ["cmvim-client", "keygen"], ["cmvim-certs"]]
+COMMANDS = [["cmvim-sim"], ["cmvim-cohort"], ["cmvim-server"], ["cmvim-client"], ["cmvim-client", "join"],
+            ["cmvim-client", "check"], ["cmvim-client", "predict"], ["cmvim-client", "keygen"], ["cmvim-certs"]]
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=" ".join)
@@ -48,3 +49,31 @@ def test_a_site_makes_its_own_key_pair(tmp_path):
     again = subprocess.run([str(exe), "keygen", "--site", "A", "--out", str(tmp_path / "keys")], capture_output=True,
                            text=True, timeout=120)
     assert again.returncode == 1 and "refusing to overwrite" in again.stderr
+
+
+def test_client_without_a_subcommand_joins(tmp_path):
+    """`cmvim-client --site A ...`, the form the Dockerfiles and deployments use, is `cmvim-client join`."""
+    exe = Path(sys.executable).with_name("cmvim-client")
+    args = ["--site", "A", "--data", str(tmp_path / "missing"), "--server", "127.0.0.1:9", "--insecure"]
+    bare, named = (subprocess.run([str(exe), *form, *args], capture_output=True, text=True, timeout=120)
+                   for form in ([], ["join"]))
+    assert bare.returncode == named.returncode == 2
+    assert bare.stdout == named.stdout and "no manifest.csv in the site folder" in bare.stdout
+    assert "site A has fatal data problems (above): not joining" in bare.stderr
+    nothing = subprocess.run([str(exe)], capture_output=True, text=True, timeout=120)
+    assert nothing.returncode == 2 and "{join,check,predict,keygen}" in nothing.stderr
+
+
+@pytest.mark.parametrize("module, blocked, argv, hint", [
+    ("cmvim.simulations.cohort_cli", "nilearn", ["--out", "cohort"],
+     "cmvim-cohort needs the simulation extra: pip install 'cmvim[sim]'"),
+    ("cmvim.simulations.cli", "ray", [], "cmvim-sim needs the simulation extra: pip install 'cmvim[sim]'"),
+], ids=["cmvim-cohort", "cmvim-sim"])
+def test_a_missing_extra_says_how_to_install_it(tmp_path, module, blocked, argv, hint):
+    """The extra's package made unimportable, as in an install without [sim]: the entry point says
+    which extra to install and exits 2, before it writes anything."""
+    code = (f"import sys; sys.modules[{blocked!r}] = None\n"
+            f"from {module} import main\nsys.exit(main({argv!r}))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 2 and hint in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and not list(tmp_path.iterdir())
