@@ -5,7 +5,12 @@ The site folder is read as training reads it (manifest.csv or a BIDS dataset; th
 preprocessing, into the site's cache); a row that cannot be read is listed with its problem, as
 `cmvim-client check` lists it, and the rest are scored. The CSV has one row per scored visit:
 
-    subject_id, visit, split, label, score, predicted, model_probability
+    subject_id, visit, split, label, inputs, score, predicted, model_probability
+
+and FILE.json beside it says what produced them: the model (its folder, the SHA-256 of its
+weights file and tensors, its run fingerprint), the threshold and calibration, the cmvim version
+and the time. `inputs` names what a row was scored from (`mri+pet`, or `mri` where the visit has
+no PET or the model reads none).
 
 `score` is the calibrated P(AD) the run reported its metrics on (config.json's decision: Platt
 scaling fitted on validation, or the model's own probability when the run could not fit it),
@@ -21,6 +26,7 @@ import argparse
 import csv
 import io
 import os
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +41,7 @@ from cmvim.tables import format_table
 
 from .check import _quiet_data_log, preprocessing_line, problems_table
 
-COLUMNS = ["subject_id", "visit", "split", "label", "score", "predicted", "model_probability"]
+COLUMNS = ["subject_id", "visit", "split", "label", "inputs", "score", "predicted", "model_probability"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -77,9 +83,11 @@ def predict_from_args(args: argparse.Namespace, out=print) -> int:
         return 1
     rows, summary = score_site(portable, site, device, Precision.resolve(args.precision, device), args.batch_size)
     write_scores(args.out, rows)
+    write_provenance(provenance_path(args.out), portable, args.model, rows)
     decision = portable.calibration
     out(f"scored {len(rows)} subject-visits with {args.model} (threshold {decision.threshold:.3f}; "
-        f"{'calibrated' if decision.calibrated else 'uncalibrated'} scores) -> {args.out}")
+        f"{'calibrated' if decision.calibrated else 'uncalibrated'} scores) -> {args.out} "
+        f"(what produced them: {provenance_path(args.out)})")
     if summary:
         out("\nOn the folder's labelled visits (AD vs CN), at the model's threshold")
         out(format_table(["split", "n", "AUC", "acc", "sens", "spec"], summary))
@@ -102,7 +110,9 @@ def score_site(portable, site: SiteData, device, precision: Precision, batch_siz
         predicted = [portable.labels[i] for i in portable.calibration.predict(positive)]
     else:
         predicted = [portable.labels[i] for i in probabilities.argmax(axis=1)]
+    reads_pet = "pet" in cfg.model.modalities
     rows = [{"subject_id": r.entry.subject_id, "visit": r.entry.visit, "split": r.split, "label": r.entry.label or "",
+             "inputs": "mri+pet" if r.has_pet and reads_pet else "mri",
              "score": f"{s:.6f}", "predicted": p, "model_probability": f"{q:.6f}"}
             for r, s, p, q in zip(dataset.records, scores, predicted, positive)]
     summary = []
@@ -116,6 +126,30 @@ def score_site(portable, site: SiteData, device, precision: Precision, batch_siz
         summary.append([split or "all", m["n"], f"{m['auc']:.3f}", f"{m['acc']:.3f}", f"{m['sensitivity']:.3f}",
                         f"{m['specificity']:.3f}"])
     return rows, summary
+
+
+def provenance_path(csv_path: Path) -> Path:
+    return Path(csv_path).with_suffix(".json")
+
+
+def write_provenance(path: Path, portable, model_dir: Path, rows: list[dict]) -> None:
+    """FILE.json: which model, decision and cmvim produced the scores (no subject ids)."""
+    import datetime
+    import json
+
+    from cmvim import __version__
+    meta = portable.meta
+    record = {
+        "model": {"folder": str(Path(model_dir).resolve()), "files": meta.get("files", {}),
+                  "fingerprint": meta.get("fingerprint", {}), "cmvim_version": meta.get("cmvim_version"),
+                  "task": meta.get("task"), "intended_use": meta.get("intended_use")},
+        "decision": portable.calibration.to_dict(),
+        "preprocess_spatial": portable.cfg.preprocess.spatial,
+        "rows": len(rows), "inputs": dict(sorted(Counter(r["inputs"] for r in rows).items())),
+        "cmvim_version": __version__,
+        "scored_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    write_atomic(path, lambda handle: handle.write((json.dumps(record, indent=2) + "\n").encode()))
 
 
 def write_scores(path: Path, rows: list[dict]) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Callable
@@ -228,8 +229,9 @@ class FederatedRun:
                 validated(earlier, rlog.carried, latest[0])           # the model the sites validated
             own = evaluate_rounds and not (strategy.carry_validation and server_round < remaining)
             evaluated = rlog.evaluate if own else {}
+            aggregated, rlog.aggregated = rlog.aggregated, []
             entry = {"phase": phase, "round": absolute, "seconds": round(seconds, 2),
-                     "train": rlog.train, "evaluate": {}, "rejected": new_rejections,
+                     "train": rlog.train, "aggregated": aggregated, "evaluate": {}, "rejected": new_rejections,
                      **round_timing(seconds, rlog.train, evaluated, self.site_slots)}
             if self.central.active:
                 entry["central_dp"] = self.central.spent()
@@ -287,6 +289,7 @@ class FederatedRun:
                                 done + server_round)
                 else:
                     record = new
+                    strategy.round_log.aggregated = sorted(sites)
                 messages = strategy.configure_evaluate(server_round, record, self._config(phase, done, "val"), self.grid)
                 if messages:
                     strategy.aggregate_evaluate(server_round, self.grid.send_and_receive(messages, timeout=timeout))
@@ -353,27 +356,68 @@ class FederatedRun:
         for name, metrics in answered.items():
             histograms[name] = (metrics.pop(HIST_POS, []), metrics.pop(HIST_NEG, []))
             sites[name] = site_entry(metrics)
-        model_info = self.export(arrays, calibration)
+        training = self.training_record()
+        model_info = self.plan_export(calibration, training)
         elapsed = time.perf_counter() - self.started
         baselines = self.baselines() if self.baselines else None
         results = final_report(self.cfg, self.out_dir, sites, histograms, self.history, self.rejected + failures,
                                elapsed, self.central, baselines, model_info)
+        if "path" in model_info:
+            self.export(arrays, calibration, training, results)
         self._checkpoint("evaluate", 0, arrays)
         return results
 
-    def export(self, arrays: dict, calibration: Calibration) -> dict:
-        """DIR/model/: the final classifier and its decision rule (cmvim.portable), or why not."""
-        info = {"decision": calibration.to_dict()}
+    def training_record(self) -> dict:
+        """How much the final model was trained: the rounds whose new global model took at least
+        one site's update, per phase, and the sites whose updates fine-tuning aggregated. (A
+        resumed run's older rounds, logged before this record existed, count when a site trained.)"""
+        record: dict = {}
+        for phase in ("pretrain", "finetune"):
+            rounds = [e for e in self.history if e["phase"] == phase]
+            took = [e for e in rounds if e.get("aggregated", list(e.get("train", {})))]
+            record[f"{phase}_rounds"] = self.cfg.phase(phase).rounds
+            record[f"{phase}_rounds_aggregated"] = len(took)
+            if phase == "finetune":
+                record["finetune_sites"] = sorted({s for e in took for s in e.get("aggregated", e.get("train", {}))})
+                last = took[-1] if took else {}
+                record["finetune_examples"] = {s: int(m[NUM_EXAMPLES]) for s, m in last.get("train", {}).items()
+                                               if s in record["finetune_sites"] and NUM_EXAMPLES in m}
+        return record
+
+    def plan_export(self, calibration: Calibration, training: dict) -> dict:
+        """Where DIR/model/ goes, or why there is none: a model no fine-tuning round trained is
+        never exported (an older model/ in DIR is removed, so nothing untrained is left to score with)."""
+        info = {"decision": calibration.to_dict(), "training": training}
+        why = None
         if self.cfg.personalize != "none":
-            info["note"] = (f"no model/ written: with personalize {self.cfg.personalize!r} part of every site's model "
-                            "stays at the site, so no single model is the run's")
+            why = (f"no model/ written: with personalize {self.cfg.personalize!r} part of every site's model stays at "
+                   "the site, so no single model is the run's")
+        elif training["finetune_rounds_aggregated"] == 0:
+            why = ("no model/ written: no fine-tuning round aggregated a site's update, so the classifier was never "
+                   "trained (see 'failures' for why the sites could not train)")
+        if why is None:
+            info["path"] = "model"
             return info
+        info["note"] = why
+        stale = self.out_dir / "model"
+        if stale.is_dir():
+            shutil.rmtree(stale)
+            why += f"; the model/ an earlier run left in {self.out_dir} was removed"
+            info["note"] = why
+        say(f"    ! {why}")
+        return info
+
+    def export(self, arrays: dict, calibration: Calibration, training: dict, results: dict) -> Path:
+        """DIR/model/: the final classifier, its decision rule, how it was trained and what it scored
+        (cmvim.portable; the model card beside it)."""
         model = load_shared(build_model(self.cfg, "finetune"), "finetune", "none", arrays, {})
         fingerprint = hashlib.sha256(f"{self.run_key}|{self.cfg.to_json()}".encode()).hexdigest()
-        path = export_model(self.out_dir / "model", self.cfg, model.state_dict(), calibration, fingerprint,
-                            extra={"results": {"metrics": "../metrics.json"}})
-        info["path"] = str(path.relative_to(self.out_dir))
-        return info
+        evaluation = {"sites": results["sites"], "pooled": results["pooled"], "metrics_file": "../metrics.json"}
+        if results.get("baselines"):
+            evaluation["baselines"] = {name: {"mean_auc": b.get("mean_auc")} for name, b in results["baselines"].items()}
+        say("    exporting the model (model.safetensors, a torch.export program, config.json, the model card)")
+        return export_model(self.out_dir / "model", self.cfg, model.state_dict(), calibration, fingerprint,
+                            training=training, evaluation=evaluation)
 
     # -- figures ---------------------------------------------------------------------------
     def _reconstruction_figure(self, pretrained: dict) -> None:

@@ -45,6 +45,7 @@ class RoundLog:
     evaluate: dict[str, dict] = field(default_factory=dict)
     rejected: list[dict] = field(default_factory=list)          # {"round", "site", "stage", "reason"}
     carried: dict[str, dict] | None = None     # the previous round's validation, carried in this round's training
+    aggregated: list[str] = field(default_factory=list)        # the sites whose updates made the new global model
 
 
 SUPERLINK_NODE_ID = 1      # the sender of the error replies Flower's SuperLink makes for lost nodes
@@ -276,6 +277,7 @@ class Guarded(Strategy):
             log.warning("round %d: %d valid update(s), fewer than the %d required: the global model "
                         "is kept as it was", server_round + self.round_offset, len(kept), self.min_replies)
             kept = []       # Flower's DP wrapper still closes the round's pending privacy event
+        self.round_log.aggregated = sorted(site_name(m) for m in kept)
         self._weigh(kept, server_round)
         if not kept and not isinstance(self.inner, DifferentialPrivacyFixedClippingBase):
             return None, None

@@ -139,7 +139,7 @@ def test_a_failing_site_is_named_and_the_run_goes_on(easy_cohort, tmp_path, min_
     model stays as it was, and the final evaluation still scores it (Flower's Result then holds
     an empty ArrayRecord: a regression from a deployment run)."""
     cohort = tmp_path / "cohort"
-    shutil.copytree(easy_cohort, cohort, ignore=shutil.ignore_patterns(".cmvim_cache"))
+    shutil.copytree(easy_cohort, cohort)
     (cohort / "C" / "manifest.csv").write_text("subject_id,mri\nC-1,missing.nii.gz\n")   # nothing usable at C
     out = tmp_path / "faulty"
     cfg = tiny_config(cohort, pretrain={"rounds": 1}, finetune={"rounds": 1, "local_epochs": 1},
@@ -163,7 +163,31 @@ def test_a_failing_site_is_named_and_the_run_goes_on(easy_cohort, tmp_path, min_
         ("pretrain", 1), ("finetune", 1)]
     assert set(metrics["rounds"][0]["train"]) == {"A", "B"}
     if min_nodes == 3:
+        # no round aggregated: nothing trained the classifier, so no model/ and metrics.json says why
         assert "the global model is kept as it was" in proc.stdout + proc.stderr
+        assert metrics["model"]["training"]["finetune_rounds_aggregated"] == 0 and not (out / "model").exists()
+        assert "no fine-tuning round aggregated" in metrics["model"]["note"]
+        assert "no model/ written" in (out / "summary.md").read_text()
+    else:
+        assert metrics["model"]["training"]["finetune_rounds_aggregated"] == 1 and (out / "model").is_dir()
+        assert metrics["model"]["training"]["finetune_sites"] == ["A", "B"]
+
+
+def test_a_cohort_with_too_few_trainable_sites_stops_before_any_round(easy_cohort, tmp_path):
+    """No usable visit at B and C, min_nodes 2: one line per site says why, the run stops before
+    Flower starts (no rounds, no traceback, no model/), exit status 1."""
+    cohort = tmp_path / "cohort"
+    shutil.copytree(easy_cohort, cohort, ignore=shutil.ignore_patterns(".cmvim_cache"))
+    for site in "BC":
+        (cohort / site / "manifest.csv").write_text("subject_id,mri,label\nX-1,missing.nii.gz,AD\n")
+    out = tmp_path / "empty"
+    proc = run_sim(tmp_path, tiny_config(cohort), out, timeout=300)
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for site in "BC":
+        assert f"! site {site} cannot train: no usable subject-visit" in proc.stdout
+    assert "stopped before any round: 1 of 3 sites have data to train on and strategy.min_nodes is 2" in proc.stdout
+    assert "Traceback" not in proc.stdout + proc.stderr and "round 1" not in proc.stdout
+    assert not (out / "model").exists() and not (out / "metrics.json").exists()
 
 
 def _pids_with_env(key: str, value: str) -> list[int]:

@@ -4,6 +4,7 @@ run's test metrics at a site from the exported model alone."""
 import csv
 import json
 import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -100,30 +101,87 @@ def test_a_fit_that_would_reverse_the_ranking_is_refused():
     assert Calibration.from_dict(json.loads(json.dumps(calibration.to_dict()))) == calibration
 
 
-def _tiny(tmp_path):
+TRAINED = {"pretrain_rounds": 1, "pretrain_rounds_aggregated": 1, "finetune_rounds": 2, "finetune_rounds_aggregated": 2,
+           "finetune_sites": ["A", "B"], "finetune_examples": {"A": 20, "B": 18}}
+
+
+def _tiny(tmp_path, program: bool = False, training: dict | None = TRAINED):
     cfg = run_config({"model": {"preset": "tiny"}, "preprocess": {"spatial": "none", "shape": 32}})
     torch.manual_seed(0)
     model = build_model(cfg, "finetune")
     calibration = Calibration(a=1.3, b=-0.2, threshold=0.41, rule="youden", calibrated=True, n_val=30)
-    return cfg, model, export_model(tmp_path / "model", cfg, model.state_dict(), calibration, "run-1")
+    evaluation = {"sites": {"A": {"auc": 0.91, "auc_ci": [0.8, 0.97], "acc": 0.85, "sensitivity": 0.8,
+                                  "specificity": 0.9, "n_test": 24},
+                            "B": {"suppressed": 1, "n_test": 0}},
+                  "pooled": {"auc": 0.9, "auc_ci": [0.81, 0.96], "n_test": 24}}
+    return cfg, model, export_model(tmp_path / "model", cfg, model.state_dict(), calibration, "run-1",
+                                    training=training, evaluation=evaluation, program=program)
+
+
+def _batch(n: int = 3):
+    return {"mri": torch.randn(n, 1, 32, 32, 32), "pet": torch.randn(n, 1, 32, 32, 32),
+            "mri_present": torch.ones(n, dtype=torch.bool), "pet_present": torch.tensor([True, False, True][:n])}
 
 
 def test_exported_model_loads_without_the_run(tmp_path):
-    cfg, model, folder = _tiny(tmp_path)
-    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
+    """The folder: weights, a torch.export program that scores like cmvim's model without cmvim's
+    code (any batch size, a visit without PET), config.json with the input specification, a model
+    card, and checksums `sha256sum -c` verifies."""
+    cfg, model, folder = _tiny(tmp_path, program=True)
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "SHA256SUMS", "config.json", "model.pt2",
+                                                        "model.safetensors"]
     meta = json.loads((folder / "config.json").read_text())
-    assert meta["schema_version"] == 2 and meta["labels"] == ["CN", "AD"] and meta["decision"]["threshold"] == 0.41
+    assert meta["schema_version"] == 3 and meta["labels"] == ["CN", "AD"] and meta["decision"]["threshold"] == 0.41
     assert meta["run"]["model"]["img_size"] == 32 and meta["run"]["preprocess"]["shape"] == 32
+    assert "not for clinical diagnosis" in meta["intended_use"]
+    assert set(meta["inputs"]["batch"]) == {"mri", "pet", "mri_present", "pet_present"}
+    assert meta["program"]["max_abs_logit_difference"] <= 1e-5
     assert (folder / "model.safetensors").read_bytes()[8:9] == b"{"             # a safetensors header, not a pickle
     loaded = load_model(folder)
     assert loaded.calibration.a == 1.3 and loaded.calibration.threshold == 0.41
     for key, value in model.state_dict().items():
         assert torch.equal(loaded.model.state_dict()[key], value), key
-    batch = {"mri": torch.randn(2, 1, 32, 32, 32), "pet": torch.randn(2, 1, 32, 32, 32),
-             "mri_present": torch.tensor([True, True]), "pet_present": torch.tensor([True, False])}
+    batch = _batch()
     model.eval()
     with torch.no_grad():
         assert torch.allclose(loaded.model(batch), model(batch))
+        program = torch.export.load(str(folder / "model.pt2")).module()
+        for n in (1, 3):
+            small = {k: v[:n] for k, v in batch.items()}
+            assert (program(small) - model(small)).abs().max() <= 1e-5
+    checked = subprocess.run(["sha256sum", "-c", "SHA256SUMS"], cwd=folder, capture_output=True, text=True)
+    assert checked.returncode == 0 and checked.stdout.count(": OK") == 4, checked.stdout + checked.stderr
+    card = (folder / "README.md").read_text()
+    for needed in ("**Not for clinical diagnosis.**", "fine-tuning 2 of 2", "A (20 visits), B (18 visits)",
+                   "| A ", "0.910", "0.800-0.970", "suppressed by the site's min_cell_count", "| pooled ",
+                   "threshold 0.410 on the Platt-calibrated P(AD)", "torch.export.load('model.pt2')",
+                   "sha256sum -c SHA256SUMS", "## Known limits"):
+        assert needed in card, needed
+    (folder / "model.pt2").write_bytes(b"swapped")
+    assert subprocess.run(["sha256sum", "-c", "SHA256SUMS"], cwd=folder, capture_output=True).returncode != 0
+
+
+def test_an_untrained_model_is_never_used(tmp_path, capsys):
+    """A model whose config.json does not say fine-tuning aggregated an update is refused by
+    load_model and predict, with why; predict writes nothing."""
+    site = tmp_path / "A"
+    site.mkdir()
+    for training in (None, {**TRAINED, "finetune_rounds_aggregated": 0}):
+        _, _, folder = _tiny(tmp_path, training=training)
+        with pytest.raises(ModelFileError, match="does not say fine-tuning trained it"):
+            load_model(folder)
+        code = client_main(["predict", "--model", str(folder), "--data", str(site), "--out", str(tmp_path / "s.csv")])
+        printed = capsys.readouterr().out
+        assert code == 1 and "FATAL" in printed and "untrained" in printed and not (tmp_path / "s.csv").exists()
+
+
+def test_fixed_threshold_with_platt_calibrates_and_keeps_one_half():
+    labels, probabilities = _validation(2_000, slope=1.5, intercept=-1.0)
+    calibration = fit_calibration(*logit_histograms(labels, probabilities), "fixed", platt=True)
+    assert calibration.calibrated and calibration.threshold == 0.5 and calibration.rule == "fixed"
+    assert calibration.a == pytest.approx(1.5, rel=0.15) and calibration.b == pytest.approx(-1.0, abs=0.2)
+    uncalibrated = fit_calibration(*logit_histograms(labels, probabilities), "fixed", platt=False)
+    assert not uncalibrated.calibrated and uncalibrated.threshold == 0.5
 
 
 def test_a_damaged_or_foreign_model_folder_is_named(tmp_path):
@@ -134,9 +192,12 @@ def test_a_damaged_or_foreign_model_folder_is_named(tmp_path):
     data = bytearray(weights.read_bytes())
     data[-3] ^= 0xFF                                                      # one flipped byte in a weight
     weights.write_bytes(bytes(data))
-    with pytest.raises(ModelFileError, match="do not match the fingerprint"):
+    with pytest.raises(ModelFileError, match="SHA-256 is not the one in config.json"):
         load_model(folder)
     meta = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**meta, "files": {}}))      # no file digest: the tensors' own
+    with pytest.raises(ModelFileError, match="do not match the fingerprint"):
+        load_model(folder)
     (folder / "config.json").write_text(json.dumps({**meta, "schema_version": 99}))
     with pytest.raises(ModelFileError, match="schema_version 99"):
         load_model(folder)
@@ -164,7 +225,7 @@ def test_predict_reproduces_the_runs_test_metrics_from_the_exported_model(easy_c
     accuracy, sensitivity and specificity that the run reported, and the site's own scores."""
     from test_federated import run_sim, tiny_config
     cohort = tmp_path / "cohort"
-    shutil.copytree(easy_cohort, cohort, ignore=shutil.ignore_patterns(".cmvim_cache"))
+    shutil.copytree(easy_cohort, cohort)
     cfg = tiny_config(cohort, split_fractions=[0.5, 0.25, 0.25], pretrain={"rounds": 1},
                       finetune={"rounds": 4}, evaluation={"every_round": False, "bootstrap": 50})
     out = tmp_path / "run"
@@ -175,6 +236,13 @@ def test_predict_reproduces_the_runs_test_metrics_from_the_exported_model(easy_c
     decision = metrics["model"]["decision"]
     assert decision["rule"] == "youden" and decision["n_val"] >= 20 and decision["calibrated"]
     assert metrics["model"]["path"] == "model"
+    # the model says how it was trained and what it scored; its card and checksums are beside it
+    meta = json.loads((out / "model" / "config.json").read_text())
+    assert meta["training"]["finetune_rounds_aggregated"] == 4 and meta["training"]["finetune_sites"] == ["A", "B", "C"]
+    assert meta["training"] == metrics["model"]["training"]
+    assert meta["evaluation"]["sites"] == metrics["sites"] and meta["evaluation"]["pooled"]["auc_ci"][0] is not None
+    assert subprocess.run(["sha256sum", "-c", "SHA256SUMS"], cwd=out / "model", capture_output=True).returncode == 0
+    assert "fine-tuning 4 of 4" in (out / "model" / "README.md").read_text()
     assert f"threshold {decision['threshold']:.3f}" in (out / "summary.md").read_text()
     # a training subject's scan damaged after the run: predict names its row and scores the rest
     entries = read_manifest(cohort / "A").entries
@@ -208,6 +276,13 @@ def test_predict_reproduces_the_runs_test_metrics_from_the_exported_model(easy_c
         assert (~predicted[labels == 0]).mean() == pytest.approx(reported["specificity"], abs=1e-9)
         assert {r["predicted"] for r in rows} <= {"CN", "AD"}
         assert all(0.0 <= float(r["score"]) <= 1.0 for r in rows)
+        with_pet = {e.subject_id for e in read_manifest(cohort / site).entries if e.pet is not None}
+        assert all(r["inputs"] == ("mri+pet" if r["subject_id"] in with_pet else "mri") for r in rows)
+        provenance = json.loads(scores_csv.with_suffix(".json").read_text())
+        assert provenance["model"]["files"]["model.safetensors"] == meta["files"]["model.safetensors"]
+        assert provenance["decision"]["threshold"] == decision["threshold"] and provenance["rows"] == len(rows)
+        assert sum(provenance["inputs"].values()) == len(rows)
+        assert not any(r["subject_id"] in json.dumps(provenance) for r in rows)         # no subject ids
     # the scores themselves: the site's own evaluation path (SiteTask, the run's final weights from
     # its checkpoint) gives each test subject the probability predict wrote
     from cmvim import engine
