@@ -14,6 +14,7 @@ round for progress lines.
 """
 from __future__ import annotations
 
+import importlib.util
 import logging
 import math
 import time
@@ -329,6 +330,9 @@ def update_norm(msg: Message, global_arrays: dict[str, np.ndarray]) -> float:
 
 def central_accountant(cfg: CentralDPConfig, sites: int):
     """Flower's RDP accountant for one release per round over `sites` sites, none sampled out."""
+    if importlib.util.find_spec("dp_accounting") is None:
+        raise ImportError("central DP's accountant needs Google's dp-accounting, which the coordinator's install "
+                          "carries: pip install 'cmvim[server]'")
     from flwr.serverapp import RdpAccountant          # needs flwr[dp] (Google's dp-accounting)
     return RdpAccountant(PrivacyConfig(target_delta=cfg.delta, population_size=sites,
                                        neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,

@@ -232,3 +232,21 @@ def test_the_central_account_survives_a_checkpoint_and_resume(tmp_path):
     resumed.central.restore(Checkpoint.latest(tmp_path / "ck").central_dp)
     assert resumed.central.sites == 3 and resumed.central.accountant.num_releases == 4
     assert resumed.central.spent()["epsilon"] == pytest.approx(reference_epsilon(SIGMA, 4, DELTA), rel=1e-3)
+
+
+def test_a_site_install_needs_no_dp_accounting_and_the_coordinator_is_told_where_it_is():
+    """dp-accounting serves only the coordinator's central DP (it is in [server] and [sim]): a
+    site's whole code path imports without it, and the accountant without it names the install."""
+    import subprocess
+    import sys
+    code = ("import sys; sys.modules['dp_accounting'] = None\n"
+            "import importlib.util; importlib.util.find_spec = (lambda f: lambda name, *a: None if name == "
+            "'dp_accounting' else f(name, *a))(importlib.util.find_spec)\n"
+            "import cmvim.client.app, cmvim.client.cli, cmvim.client.worker, cmvim.client.predict\n"
+            "from cmvim.run_config import CentralDPConfig\n"
+            "from cmvim.server.strategy import central_accountant\n"
+            "try:\n    central_accountant(CentralDPConfig(noise_multiplier=1.0), 3)\n"
+            "except ImportError as err:\n    print(err)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "pip install 'cmvim[server]'" in proc.stdout
