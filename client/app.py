@@ -245,7 +245,10 @@ def _handle(msg: Message, context: Context, training: bool) -> Message:
                   f"{time.perf_counter() - started:.1f} s", flush=True)
         return Message(content, reply_to=msg)
     except Exception as exc:  # noqa: BLE001 - every failure becomes a public reply, details stay here
-        log.error("site %s failed:\n%s", name, traceback.format_exc())
+        if isinstance(exc, EXPECTED_FAILURES):      # the site's data, policy or budget: a line names it
+            log.error("site %s could not %s: %s", name, "train" if training else "evaluate", exc)
+        else:                                       # a bug: the trace, in the site's own log
+            log.error("site %s failed:\n%s", name, traceback.format_exc())
         return Message(RecordDict({SITE: ConfigRecord({SITE_NAME: name, SITE_ERROR: public_error(exc)}),
                                    METRICS: MetricRecord({NUM_EXAMPLES: 0})}), reply_to=msg)
 
@@ -307,6 +310,9 @@ def load_personal(path: Path) -> dict:
         return {}
     log.warning("personalised weights at %s hold no tensors: starting from the global ones", path)
     return {}
+
+
+EXPECTED_FAILURES = (DataError, SiteRefusal, PolicyRefusal, PrivacyBudgetExceeded, SiteTaskError, ConfigError)
 
 
 def public_error(exc: Exception) -> str:

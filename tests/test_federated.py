@@ -155,6 +155,7 @@ def test_a_failing_site_is_named_and_the_run_goes_on(easy_cohort, tmp_path, min_
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "site C left out (train): data problem at the site: no usable subjects" in proc.stdout
     assert "C-1" not in proc.stdout                                    # the subject id stayed at the site
+    assert "Traceback" not in proc.stdout + proc.stderr                # a site's data problem is a line, not a trace
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["sites"]) == {"A", "B"}
     assert {f["site"] for f in metrics["failures"]} == {"C"}
