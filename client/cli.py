@@ -24,6 +24,14 @@ from . import check, join, predict
 JOIN = "join"
 
 
+KEYGEN_DOC = """`cmvim-client keygen --site A --out keys`: make this site's SuperNode key pair at the site.
+
+keys/sites/A.key (0600) is the site's identity: it never leaves the site and is what
+`cmvim-client join --auth-key` reads. Send keys/sites/A.pub to the coordinator, who
+puts it in the folder `cmvim-server --site-keys` registers. Existing files are never
+overwritten."""
+
+
 def add_keygen_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--site", required=True, help="the site's name (letters, digits, '-', '_')")
     parser.add_argument("--out", required=True, type=Path, help="folder: writes sites/<site>.key and .pub")
@@ -49,11 +57,7 @@ SUBCOMMANDS = {
     "predict": ("score every subject-visit of a site folder with a run's exported model (locally)",
                 predict.__doc__, predict.add_arguments, predict.predict_from_args),
     "keygen": ("make this site's SuperNode key pair here; send only the .pub to the coordinator",
-               "`cmvim-client keygen --site A --out keys`: make this site's SuperNode key pair at the site.\n\n"
-               "keys/sites/A.key (0600) is the site's identity: it never leaves the site and is what\n"
-               "`cmvim-client join --auth-key` reads. Send keys/sites/A.pub to the coordinator, who\n"
-               "puts it in the folder `cmvim-server --site-keys` registers. Existing files are never\n"
-               "overwritten.", add_keygen_arguments, keygen),
+               KEYGEN_DOC, add_keygen_arguments, keygen),
 }
 
 
