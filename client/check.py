@@ -2,9 +2,11 @@
 
 Loads the site exactly as training does (`SiteData.load`: the manifest.csv or the BIDS dataset
 the folder is, every scan decoded
-and preprocessed with the run's settings, into the same cache training then reads), and
+and preprocessed with the run's settings, into the same cache training then reads: outside the
+site folder, which check only reads; --cache-dir), and
 prints what it saw: subjects, modalities, labels, splits, the shapes and voxel sizes of the
-scans, and every problem with its row (a BIDS dataset: its visit's number), subject, column,
+scans, how a BIDS dataset's PET images were read (tracer, units, the frames averaged: their
+sidecars), and every problem with its row (a BIDS dataset: its visit's number), subject, column,
 file and what is wrong. A row this
 skips is a row training skips, and for the same reason. This runs at the hospital, for the
 hospital: it shows subject ids; nothing is sent.
@@ -76,13 +78,13 @@ def preprocessing_line(cfg: RunConfig) -> str:
 
 
 def check_site(site_dir: Path, strict: bool = False, out=print, cfg: RunConfig | None = None,
-               qc_dir: Path | None = None, qc_visits: int = 12) -> int:
+               qc_dir: Path | None = None, qc_visits: int = 12, cache_dir: Path | None = None) -> int:
     out(f"Site check: {site_dir}")
     cfg = cfg or RunConfig()
     out(preprocessing_line(cfg))
     try:
         with _quiet_data_log():
-            site = SiteData.load(site_dir, cfg.preprocess, seed=cfg.seed, use_reports=cfg.use_reports,
+            site = SiteData.load(site_dir, cfg.preprocess, cache_dir=cache_dir, seed=cfg.seed, use_reports=cfg.use_reports,
                                  split_fractions=cfg.split_fractions, bids=cfg.bids, show_progress=True,
                                  workers=os.cpu_count() or 1)
     except DataError as err:
@@ -108,7 +110,7 @@ def check_site(site_dir: Path, strict: bool = False, out=print, cfg: RunConfig |
     bids = summary.source != "manifest.csv"
     rows = "visits" if bids else "rows"
     out(f"{summary.source}: {summary.rows} {rows}, {len(records)} usable, {summary.rows - len(records)} "
-        "with problems\n")
+        f"with problems\npreprocessed into the cache {site.cache.root}\n")
     out(format_table(["what", "count"], [
         ["subjects", len({r.entry.subject_id for r in records})],
         ["visits", len(records)],
@@ -122,6 +124,12 @@ def check_site(site_dir: Path, strict: bool = False, out=print, cfg: RunConfig |
         out("\nShapes and voxel sizes seen")
         out(format_table(["modality", "shape", "voxel mm", "orientation", "files"],
                          [[*key, count] for key, count in sorted(geometry.items())]))
+    pet_reads = Counter((r.entry.pet_reading.tracer, r.entry.pet_reading.units, r.entry.pet_reading.summary)
+                        for r in records if r.has_pet and r.entry.pet_reading is not None)
+    if pet_reads:
+        out("\nPET as read (BIDS _pet.json sidecars: TracerName, Units, FrameTimesStart/FrameDuration)")
+        out(format_table(["tracer", "units", "frames used", "visits"],
+                         [[*key, count] for key, count in sorted(pet_reads.items())]))
     if cfg.preprocess.spatial == "template" and (records or problems):
         visits = qc.site_qc(site)
         if any(v.measures for v in visits):
@@ -144,7 +152,9 @@ def check_site(site_dir: Path, strict: bool = False, out=print, cfg: RunConfig |
         for warning in summary.warnings:
             out(f"  - {warning}")
     if problems:
-        out(f"\nProblems ({len(problems)}; these {rows} are skipped in training)")
+        visits = len({p.row for p in problems})
+        out(f"\nProblems ({len(problems)}" + (f" in {visits} {rows}" if visits != len(problems) else "")
+            + f"; these {rows} are skipped in training)")
         out(problems_table(problems, site_dir, bids))
     fatal = not records or (strict and problems)
     if not records:
@@ -190,6 +200,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="write DIR/qc_<site>.png (registered slices with the template's outline, flagged visits "
                              "in red) and DIR/qc_<site>.tsv (every visit's registration measures); needs matplotlib "
                              "(pip install 'cmvim[qc]')")
+    parser.add_argument("--cache-dir", type=Path, metavar="DIR",
+                        help="where the preprocessed scans are cached (default: $CMVIM_CACHE/sites/<id of the site "
+                             "folder>, else ~/.cache/cmvim/sites/...: outside the site folder, which is only read; "
+                             "training and predict use the same default)")
     parser.add_argument("--qc-visits", type=int, default=12, metavar="N",
                         help="visits in the QC picture: every flagged one, then others spread over the site (default 12)")
 
@@ -200,7 +214,8 @@ def check_from_args(args: argparse.Namespace) -> int:
     except ConfigError as err:
         print(f"FATAL: {args.config}: {err}")
         return 1
-    return check_site(args.data, strict=args.strict, cfg=cfg, qc_dir=args.qc, qc_visits=args.qc_visits)
+    return check_site(args.data, strict=args.strict, cfg=cfg, qc_dir=args.qc, qc_visits=args.qc_visits,
+                      cache_dir=args.cache_dir)
 
 
 def problems_table(problems: list[DataError], site_dir: Path, bids: bool = False) -> str:

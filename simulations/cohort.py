@@ -48,6 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from cmvim import __version__
+from cmvim.data.cache import cache_root
 from cmvim.progress import progress_bar
 from cmvim.run_config import RunConfig
 from cmvim.tables import format_table
@@ -426,12 +427,20 @@ def write_site_bids(site_dir: Path, site: SiteProfile, subjects: list[Subject], 
     """The site as a BIDS dataset (cmvim.data.bids reads it): the same subjects, images and reports
     `write_site` writes from the same generator. The generator makes one visit per subject, so
     there are no sessions; the split column is n/a throughout (the run's seeded rule splits, as
-    for the manifest cohort, whose manifest has no split column)."""
+    for the manifest cohort, whose manifest has no split column). The dataset passes the official
+    bids-validator (tests/test_bids_validator.py): each PET has the sidecar the BIDS PET
+    specification requires (`pet_sidecar`), every image its spatial and time units."""
     site_dir.mkdir(parents=True, exist_ok=True)
     (site_dir / "dataset_description.json").write_text(json.dumps({
         "Name": f"cmvim synthetic cohort, site {site.name}", "BIDSVersion": "1.10.0", "DatasetType": "raw",
+        "Authors": ["cmvim-cohort (synthetic data, no real person)"], "License": "CC0",
         "GeneratedBy": [{"Name": "cmvim-cohort", "Version": __version__}]}, indent=2) + "\n")
     (site_dir / ".bidsignore").write_text("*_report.txt\n")         # reports are cmvim's, not BIDS files
+    (site_dir / "README").write_text(
+        f"Synthetic cohort, site {site.name}, written by cmvim-cohort {__version__} (simulations/cohort.py).\n"
+        "No real person: T1 MRI and FDG PET are drawn from a template anatomy with simulated atrophy and\n"
+        "hypometabolism. sub-*/sub-*_report.txt are synthetic radiology reports (not BIDS files: .bidsignore).\n")
+    (site_dir / "participants.json").write_text(json.dumps(PARTICIPANTS_COLUMNS, indent=2) + "\n")
     rows = ["participant_id\tage\tsex\tdiagnosis\tsplit"]
     truth = []
     for index, subject in enumerate(subjects):
@@ -443,7 +452,11 @@ def write_site_bids(site_dir: Path, site: SiteProfile, subjects: list[Subject], 
         for relative, volume, affine in ((mri, scans.t1, scans.t1_affine), (pet_path, pet, scans.pet_affine)):
             if volume is not None:
                 (site_dir / relative).parent.mkdir(parents=True, exist_ok=True)
-                nib.save(nib.Nifti1Image(volume.astype(np.float32), affine), str(site_dir / relative))
+                image = nib.Nifti1Image(volume.astype(np.float32), affine)
+                image.header.set_xyzt_units("mm", "sec")
+                nib.save(image, str(site_dir / relative))
+        if pet is not None:
+            (site_dir / pet_path.replace(".nii.gz", ".json")).write_text(json.dumps(pet_sidecar(site), indent=2) + "\n")
         report = write_report(rng, subject.severity * cfg.effect_scale, pet is not None, subject.label,
                               cfg.report_informativeness, cfg.name_diagnosis)
         (site_dir / participant / f"{participant}_report.txt").write_text(report + "\n", encoding="utf-8")
@@ -454,6 +467,39 @@ def write_site_bids(site_dir: Path, site: SiteProfile, subjects: list[Subject], 
             on_subject()
     (site_dir / "participants.tsv").write_text("\n".join(rows) + "\n")
     return truth
+
+
+# participants.tsv's columns described (BIDS: participants.json), so readers need not guess
+PARTICIPANTS_COLUMNS = {
+    "age": {"Description": "age at the visit", "Units": "year"},
+    "sex": {"Description": "sex", "Levels": {"F": "female", "M": "male"}},
+    "diagnosis": {"Description": "clinical diagnosis (cmvim reads it: bids.label_column)",
+                  "Levels": {"CN": "cognitively normal", "MCI": "mild cognitive impairment",
+                             "AD": "Alzheimer's disease dementia"}},
+    "split": {"Description": "the run's split for this participant; n/a: the run's seeded rule decides",
+              "Levels": {"train": "training", "val": "validation", "test": "test"}},
+}
+
+
+def pet_sidecar(site: SiteProfile) -> dict:
+    """A static FDG brain PET's _pet.json, with every field the BIDS PET specification requires:
+    one 30-60 min frame after a bolus at TimeZero (EANM's static FDG window, as ADNI acquires it),
+    decay-corrected to the injection, in Bq/mL; the reconstruction's filter is the site's PET FWHM."""
+    return {
+        "Manufacturer": "cmvim-cohort", "ManufacturersModelName": f"synthetic PET, site {site.name}",
+        "InstitutionName": f"synthetic site {site.name}", "BodyPart": "Brain", "Units": "Bq/mL",
+        "TracerName": "FDG", "TracerRadionuclide": "F18", "ModeOfAdministration": "bolus",
+        "InjectedRadioactivity": 185.0, "InjectedRadioactivityUnits": "MBq",
+        "InjectedMass": "n/a", "InjectedMassUnits": "n/a",
+        "SpecificRadioactivity": "n/a", "SpecificRadioactivityUnits": "n/a",
+        "TimeZero": "09:00:00", "InjectionStart": 0, "ScanStart": 1800,
+        "FrameTimesStart": [1800], "FrameDuration": [1800], "AcquisitionMode": "list mode",
+        "ImageDecayCorrected": True, "ImageDecayCorrectionTime": 0,
+        "ReconMethodName": "OSEM", "ReconMethodParameterLabels": ["subsets", "iterations"],
+        "ReconMethodParameterUnits": ["none", "none"], "ReconMethodParameterValues": [21, 3],
+        "ReconFilterType": "Gaussian", "ReconFilterSize": round(float(site.pet_fwhm_mm), 2),
+        "AttenuationCorrection": "CT-based",
+    }
 
 
 @dataclass
@@ -559,7 +605,8 @@ def _build_sites(jobs: list, workers: int, bar) -> list:
 
 
 def cohort_cache_root() -> Path:
-    return Path(os.environ.get("CMVIM_CACHE", Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "cmvim"))
+    """Cohorts are cached beside the sites' preprocessed scans: $CMVIM_CACHE, else ~/.cache/cmvim."""
+    return cache_root()
 
 
 def cached_cohort(cfg: CohortConfig, root: Path | None = None) -> Path:

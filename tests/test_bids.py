@@ -29,6 +29,12 @@ PREPROCESS = PreprocessConfig(spatial="none", shape=16, voxel_size=4.0)
 RUN = {"preprocess": {"spatial": "none", "shape": 32, "voxel_size": 4.0}}     # the tiny model's input, as a run config gives it
 
 
+@pytest.fixture(autouse=True)
+def _user_cache(tmp_path, monkeypatch):
+    """Site caches go to the user's cache folder (never the site folder): here, the test's own."""
+    monkeypatch.setenv("CMVIM_CACHE", str(tmp_path / "user-cache"))
+
+
 def bids_site(root: Path, participants: list[str], header: str = "participant_id\tage\tdiagnosis\tsplit") -> Path:
     root.mkdir(parents=True, exist_ok=True)
     (root / "dataset_description.json").write_text(json.dumps({"Name": "test", "BIDSVersion": "1.10.0"}))
@@ -141,7 +147,7 @@ def test_several_images_of_a_visit_read_the_first_run_and_say_so(tmp_path):
     assert entry.pet.name == "sub-01_trc-FDG_pet.nii.gz"             # amyloid PET is not FDG
     warnings = read_site_folder(site).warnings
     assert any("reading sub-01_run-2_T1w.nii, not sub-01_run-10_T1w.nii.gz" in w for w in warnings)
-    assert any("sub-01_trc-PiB_pet.nii.gz not read (tracer is not FDG)" in w for w in warnings)
+    assert any("sub-01_trc-PiB_pet.nii.gz: tracer 'PiB' is not FDG" in w and "not read" in w for w in warnings)
 
 
 def test_manifest_csv_wins_over_a_bids_dataset_with_a_warning(tmp_path):

@@ -12,10 +12,17 @@ import torch
 from cmvim.data import (DataError, PretrainAugment, SiteData, Volume, assign_splits, load_volume,
                         make_loader, read_manifest, read_report)
 from cmvim.data import site as site_module
+from cmvim.data.cache import default_cache_dir
 from cmvim.run_config import AugmentConfig, PreprocessConfig, run_config
 from cmvim.data.preprocess import CheckOverlap, CropPad, Reorient, resample, world_bounds
 
 NIBABEL_DATA = Path(nib.__file__).parent / "tests" / "data"
+
+
+@pytest.fixture(autouse=True)
+def _user_cache(tmp_path, monkeypatch):
+    """Site caches go to the user's cache folder (never the site folder): here, the test's own."""
+    monkeypatch.setenv("CMVIM_CACHE", str(tmp_path / "user-cache"))
 
 
 def brain_like(shape=(40, 48, 40), seed=0):
@@ -56,15 +63,22 @@ def test_load_real_nifti_from_nibabel_test_data():
     np.testing.assert_allclose(affine, nib.load(str(NIBABEL_DATA / "anatomical.nii")).affine)
 
 
-def test_4d_single_volume_squeezed_and_pet_frames_averaged(tmp_path, caplog):
+def test_4d_single_volume_squeezed_and_pet_frames_averaged(tmp_path):
+    """Without frame timing a dynamic PET's frames count alike, and the visit's warnings say so;
+    with weights (a BIDS sidecar's window) frame t counts by its weight, a zero weight not at all."""
     one = save_nifti(tmp_path / "one.nii.gz", brain_like()[..., None])
     assert load_volume(one)[0].shape == (40, 48, 40)
     frames = np.stack([brain_like(seed=s) for s in range(3)], axis=-1)
     path = save_nifti(tmp_path / "frames.nii.gz", frames)
-    with caplog.at_level("INFO", logger="cmvim.data"):
-        volume, _ = load_volume(path, "pet")
+    warnings = []
+    volume, _ = load_volume(path, "pet", warnings=warnings)
     np.testing.assert_allclose(volume, frames.mean(-1), rtol=1e-5)
-    assert "averaged 3 frames" in caplog.text
+    assert warnings == ["frames.nii.gz: 3 frames averaged with equal weights (no frame timing)"]
+    weighted, _ = load_volume(path, "pet", (0.0, 0.25, 0.75), warnings)
+    np.testing.assert_allclose(weighted, 0.25 * frames[..., 1] + 0.75 * frames[..., 2], rtol=1e-5)
+    assert len(warnings) == 1
+    with pytest.raises(DataError, match="3 frames in the image, 2 frame weights"):
+        load_volume(path, "pet", (0.5, 0.5))
     with pytest.raises(DataError, match="4D image with 3 volumes"):
         load_volume(path, "mri")
 
@@ -254,7 +268,7 @@ def test_site_loads_skips_bad_subjects_and_reports_every_skip(tmp_path):
 def test_cache_serves_later_loads_and_invalidates_on_change(tmp_path, monkeypatch):
     site = write_site(tmp_path / "site", n=3)
     first = SiteData.load(site, CFG)
-    assert first.summary.cache_hits == 0 and (site / ".cmvim_cache").is_dir()
+    assert first.summary.cache_hits == 0 and len(list(default_cache_dir(site).glob("*.npz"))) == 3
 
     def no_decoding(*args, **kwargs):
         raise AssertionError("decoded a scan although it was cached")
@@ -262,7 +276,7 @@ def test_cache_serves_later_loads_and_invalidates_on_change(tmp_path, monkeypatc
     second = SiteData.load(site, CFG)
     assert second.summary.cache_hits == 3
     torch.testing.assert_close(second.dataset()[0]["mri"], first.dataset()[0]["mri"])
-    monkeypatch.undo()
+    monkeypatch.setattr(site_module, "load_volume", load_volume)
 
     changed = SiteData.load(site, PreprocessConfig(spatial="none", shape=24, voxel_size=3.0))     # config change
     assert changed.summary.cache_hits == 0
@@ -277,7 +291,7 @@ def test_the_cache_keeps_one_entry_per_subject_and_config(tmp_path):
     """Entries for changed files and removed rows go when the site is loaded again; another
     preprocessing config's entries stay (another run may use them); so does nothing else."""
     site = write_site(tmp_path / "site", n=4)
-    cache = site / ".cmvim_cache"
+    cache = default_cache_dir(site)
     other = PreprocessConfig(spatial="none", shape=24, voxel_size=3.0)
     SiteData.load(site, CFG)
     SiteData.load(site, other)
@@ -458,3 +472,40 @@ def test_a_pooled_dataset_sets_its_augmentation_counters_in_every_part(tmp_path)
     pooled.epoch, pooled.seed = 4, 9
     assert (a.epoch, a.seed, b.epoch, b.seed) == (4, 9, 4, 9) and (pooled.epoch, pooled.seed) == (4, 9)
     assert len(pooled) == 5 and len(pooled.records) == 5
+
+
+def test_a_read_only_site_folder_is_read_checked_and_cached_elsewhere(tmp_path):
+    """A PACS export mounted read-only (0555 folders, 0444 files): check and load read it, the
+    preprocessed scans go to the user's cache (folders 0700, files 0600), nothing under the site
+    changes (compared file by file: tests may run as root, which a mode does not stop)."""
+    from cmvim.client.check import check_site
+    run = run_config({"preprocess": {"spatial": "none", "shape": 32, "voxel_size": 4.0}})
+    site = write_site(tmp_path / "site", n=4)
+
+    def snapshot():
+        return sorted((str(p.relative_to(site)), p.stat().st_mtime_ns, p.stat().st_size, p.stat().st_mode)
+                      for p in [site, *site.rglob("*")])
+    for path in [site, *site.rglob("*")]:
+        path.chmod(0o555 if path.is_dir() else 0o444)
+    before = snapshot()
+    try:
+        lines = []
+        assert check_site(site, out=lines.append, cfg=run) == 0, "\n".join(lines)
+        data = SiteData.load(site, run.preprocess)
+        assert data.summary.loaded == 4 and data.summary.cache_hits == 4
+        cache = default_cache_dir(site)
+        assert cache.parent.parent == tmp_path / "user-cache" and f"preprocessed into the cache {cache}\n" in "\n".join(lines)
+        assert snapshot() == before
+        assert len(list(cache.glob("*.npz"))) == 4
+        assert cache.stat().st_mode & 0o777 == 0o700 and (tmp_path / "user-cache").stat().st_mode & 0o777 == 0o700
+        assert {p.stat().st_mode & 0o777 for p in cache.iterdir()} == {0o600}
+    finally:
+        for path in [site, *site.rglob("*")]:
+            path.chmod(0o755 if path.is_dir() else 0o644)
+
+
+def test_a_cache_inside_the_site_folder_is_warned(tmp_path):
+    site = write_site(tmp_path / "site", n=2)
+    data = SiteData.load(site, CFG, cache_dir=site / "cache")
+    assert any("is inside the site folder" in w for w in data.summary.warnings)
+    assert not any("inside the site folder" in w for w in SiteData.load(site, CFG).summary.warnings)

@@ -88,6 +88,8 @@ def test_installed_commands_run_outside_the_checkout(installed, tmp_path):
     check = _run([bin_dir / "cmvim-client", "check", "--data", tmp_path / "cohort" / "A", "--config", config],
                  cwd=tmp_path, env=env)
     assert "READY" in check.stdout
+    usage = _run([bin_dir / "cmvim-client", "--help"], cwd=tmp_path, env=env).stdout
+    assert all(f"    {name} " in usage for name in ("join", "check", "predict", "keygen")), usage
     sim = _run([bin_dir / "cmvim-sim", "--config", config, "--out", tmp_path / "run"], cwd=tmp_path, env=env)
     assert (tmp_path / "run" / "metrics.json").is_file() and "| pooled |" in sim.stdout
     # the coordinator: starts its SuperLink from the installed package, writes the app project Flower

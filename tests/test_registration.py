@@ -13,7 +13,7 @@ from scipy import ndimage
 
 from cmvim.data import DataError, SiteData, Volume, load_volume
 from cmvim.data import registration as reg
-from cmvim.data.cache import content_digest, transform_key
+from cmvim.data.cache import content_digest, default_cache_dir, transform_key
 from cmvim.run_config import PreprocessConfig, RegistrationConfig, run_config
 from cmvim.simulations.cohort import POSES_FILE, CohortConfig, generate_cohort
 
@@ -433,7 +433,7 @@ def test_a_federated_run_on_scanner_space_registers_at_the_sites_and_learns(tmp_
     proc = run_sim(tmp_path, cfg, out, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for site in "ABC":
-        assert list((cohort / site / ".cmvim_cache").glob("tx-*.json"))         # registered at the site
+        assert list(default_cache_dir(cohort / site).glob("tx-*.json"))         # registered at the site
     metrics = json.loads((out / "metrics.json").read_text())
     aucs = [m["auc"] for m in metrics["sites"].values() if m.get("auc") is not None]
     assert len(aucs) >= 2 and np.mean(aucs) > 0.7, metrics["sites"]        # a small test split may hold one class

@@ -6,7 +6,8 @@ should not have to write a manifest.csv beside it. What is read:
     dataset_description.json                           marks the folder as BIDS (a JSON object)
     participants.tsv                                   participant_id, <label_column>, <split_column>
     sub-<s>/[ses-<v>/]anat/*_T1w.nii[.gz]              the T1 MRI (required)
-    sub-<s>/[ses-<v>/]pet/*_pet.nii[.gz]               FDG PET (optional; other tracers ignored)
+    sub-<s>/[ses-<v>/]pet/*_pet.nii[.gz] + _pet.json   FDG PET (optional; cmvim.data.pet reads its sidecar:
+                                                       TracerName, frame timing, Units)
     sub-<s>/sub-<s>_sessions.tsv                       session_id, <label_column>: a visit's own label
     sub-<s>/[ses-<v>/]sub-<s>[_ses-<v>]_report.txt     the report (not a BIDS file: .bidsignore it)
 
@@ -15,7 +16,9 @@ sessions) and one entry; `row` numbers the visits in the order listed (subjects,
 sessions, sorted by name), so it stays put while the folder does. As in manifest.csv, problems
 with the tables as a whole (an unreadable dataset_description.json, a participants.tsv without a
 participant_id column) are fatal, and a visit's problem costs that visit only, named with the
-file (and the table's line) it is in. Several T1w (or FDG) images of one visit: the first by
+file (and the table's line) it is in, every one of them (not only the first). A PET that cannot
+be read (another tracer, a damaged file, no frame in the window) leaves an MRI-only visit, with a
+warning naming the file and why. Several T1w (or FDG) images of one visit: the first by
 name, run numbers compared as numbers (run-2 before run-10), with a warning naming the others.
 A subject folder that participants.tsv does not list is loaded unlabelled, with a warning.
 """
@@ -29,8 +32,9 @@ import re
 from pathlib import Path
 
 from ..run_config import BidsConfig
-from .errors import DataError
+from .errors import DataError, VisitProblems, each_problem
 from .manifest import SPLITS, Manifest, ManifestEntry, _inside
+from .pet import PetPolicy, PetReading, read_pet
 
 DESCRIPTION = "dataset_description.json"
 PARTICIPANTS = "participants.tsv"
@@ -56,11 +60,15 @@ class _Refused(Exception):
         self.problem, self.kind = problem, kind
 
 
-def read_bids(site_dir: str | Path, cfg: BidsConfig | None = None, check_files: bool = True) -> Manifest:
+def read_bids(site_dir: str | Path, cfg: BidsConfig | None = None, check_files: bool = True,
+              pet: PetPolicy | None = None) -> Manifest:
     """The dataset's visits as manifest entries. `check_files` is accepted for symmetry with
-    read_manifest: every file an entry names was found on disk."""
+    read_manifest: every file an entry names was found on disk. `pet`: which tracers are read and
+    a dynamic PET's window (default: the bids config's `accept_tracers`/`pet_window_min` where it
+    has them, else FDG only, 30-60 min)."""
     site_dir = Path(site_dir)
     cfg = cfg or BidsConfig()
+    policy = pet or PetPolicy.from_bids(cfg)
     site_root = site_dir.resolve()
     _read_description(site_dir, site_root)
     participants_path = site_dir / PARTICIPANTS
@@ -83,9 +91,9 @@ def read_bids(site_dir: str | Path, cfg: BidsConfig | None = None, check_files: 
                 if refused is not None:
                     raise refused
                 manifest.entries.append(_entry(row, subject, visit, site_dir, visit_dir, site_root,
-                                               participants, sessions, cfg, manifest.warnings))
+                                               participants, sessions, cfg, policy, manifest.warnings))
             except DataError as err:
-                manifest.problems.append(err.with_context(subject=subject, row=row))
+                manifest.problems.extend(each_problem(err.with_context(subject=subject, row=row)))
     missing = sorted(set(participants.rows) - seen)
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
@@ -113,31 +121,80 @@ def _read_description(site_dir: Path, site_root: Path) -> None:
 
 
 def _entry(row: int, subject: str, visit: str, site_dir: Path, visit_dir: Path, site_root: Path,
-           participants: "_Participants", sessions: "_Sessions", cfg: BidsConfig,
+           participants: "_Participants", sessions: "_Sessions", cfg: BidsConfig, policy: PetPolicy,
            warnings: list[str]) -> ManifestEntry:
-    """One visit; a DataError (naming the file) when it cannot be used."""
+    """One visit; when it cannot be used, a DataError naming the file (VisitProblems: all of
+    them). The PET is optional: a PET that cannot be read leaves an MRI-only visit, warned."""
     session = f"session 'ses-{visit}': " if visit else ""
-    given = participants.row_of(subject)          # raises the subject's participants.tsv problem
-    label = given.label if given else None
-    from_sessions = sessions.label_of(visit)      # raises the session's sessions.tsv problem
-    if from_sessions is not _Sessions.SILENT:
-        label = from_sessions
+    problems: list[DataError] = []
+    given, label = None, None
+    try:
+        given = participants.row_of(subject)          # raises the subject's participants.tsv problem
+        label = given.label if given else None
+    except DataError as err:
+        problems.append(err)
+    try:
+        from_sessions = sessions.label_of(visit)      # raises the session's sessions.tsv problem
+        if from_sessions is not _Sessions.SILENT:
+            label = from_sessions
+    except DataError as err:
+        problems.append(err)
     mri = _pick(visit_dir / "anat", "_T1w", site_dir, warnings)
     if mri is None:
-        raise DataError(f"{session}no T1w image (anat/*_T1w.nii[.gz]): every visit needs a T1 MRI",
-                        file=visit_dir / "anat", column="mri", kind="missing file")
-    pet = _pick(visit_dir / "pet", "_pet", site_dir, warnings, fdg_only=True)
+        problems.append(DataError(f"{session}no T1w image (anat/*_T1w.nii[.gz]): every visit needs a T1 MRI",
+                                  file=visit_dir / "anat", column="mri", kind="missing file"))
     report = report_path(site_dir / subject, subject, visit)
-    paths = {"mri": mri, "pet": pet, "report": report if report.exists() or report.is_symlink() else None}
+    paths = {"mri": mri, "report": report if report.exists() or report.is_symlink() else None}
     for column, path in paths.items():
         if path is None:
             continue
         try:
             _resolve_inside(path, site_root)
         except _Refused as refused:
-            raise DataError(session + refused.problem, file=path, column=column, kind=refused.kind) from None
-    return ManifestEntry(row=row, subject_id=subject, visit=visit, mri=paths["mri"], pet=paths["pet"],
-                         report=paths["report"], label=label, split=given.split if given else None)
+            problems.append(DataError(session + refused.problem, file=path, column=column, kind=refused.kind))
+    pet, reading, pet_problems, pet_warnings = _pick_pet(visit_dir / "pet", site_dir, site_root, policy)
+    if problems:                      # the visit is skipped: its PET's problems are listed with the rest
+        raise VisitProblems(problems + pet_problems)
+    warnings.extend(pet_warnings)
+    warnings.extend(f"{err.file and Path(err.file).relative_to(site_dir)}: {err.problem}; the visit is read "
+                    "without PET" for err in pet_problems)
+    return ManifestEntry(row=row, subject_id=subject, visit=visit, mri=mri, pet=pet, report=paths["report"],
+                         label=label, split=given.split if given else None, pet_reading=reading)
+
+
+def _pick_pet(folder: Path, site_dir: Path, site_root: Path, policy: PetPolicy
+              ) -> tuple[Path | None, PetReading | None, list[DataError], list[str]]:
+    """The visit's PET as its sidecar describes it: (image, reading, problems, warnings). Images
+    of a tracer the run does not accept are left out (a warning); an image that cannot be read
+    (damaged header, tracer conflict, no frame in the window, ...) is a problem; of several
+    readable ones, the first by name is read (warned)."""
+    images = sorted((p for p in _children(folder, "", directories=False)
+                     if re.search(r"_pet\.nii(\.gz)?$", p.name)), key=lambda p: _natural(p.name))
+    readable, problems, warnings = [], [], []
+    for image in images:
+        try:
+            _resolve_inside(image, site_root)
+            reading = read_pet(image, site_dir, policy)
+        except _Refused as refused:
+            problems.append(DataError(refused.problem, file=image, column="pet", kind=refused.kind))
+            continue
+        except DataError as err:
+            if err.kind == "tracer not accepted":
+                warnings.append(f"{image.relative_to(site_dir)}: {err.problem}")
+            else:
+                problems.append(err)
+            continue
+        readable.append((image, reading))
+    if not readable:
+        return None, None, problems, warnings
+    (image, reading), others = readable[0], readable[1:]
+    warnings.extend(reading.warnings)
+    if others:
+        warnings.append(f"{folder.relative_to(site_dir)}: several PET images; reading {image.name}, not "
+                        f"{', '.join(p.name for p, _ in others)}")
+    if problems:                      # a readable PET was found: the others' problems cost nothing
+        warnings.extend(f"{Path(err.file).relative_to(site_dir)}: {err.problem} (not read)" for err in problems)
+    return image, reading, [], warnings
 
 
 def _visits(subject_dir: Path, site_root: Path) -> list[tuple[str, Path, DataError | None]]:
@@ -153,17 +210,12 @@ def _visits(subject_dir: Path, site_root: Path) -> list[tuple[str, Path, DataErr
     return [(s.name[len("ses-"):], s, None) for s in sessions]
 
 
-def _pick(folder: Path, suffix: str, site_dir: Path, warnings: list[str], fdg_only: bool = False) -> Path | None:
+def _pick(folder: Path, suffix: str, site_dir: Path, warnings: list[str]) -> Path | None:
     """The visit's image in `folder` named *<suffix>.nii[.gz]: the first by name when there are
-    several (warned). PET images whose tracer (trc-) is not FDG are not FDG PET: left out, warned."""
+    several (warned)."""
     where = folder.relative_to(site_dir)
     found = [p for p in _children(folder, "", directories=False)
              if re.search(rf"{suffix}\.nii(\.gz)?$", p.name)]
-    if fdg_only:
-        other = [p for p in found if (_entity(p.name, "trc") or "fdg").lower() not in ("fdg", "18ffdg")]
-        if other:
-            warnings.append(f"{where}: {', '.join(p.name for p in other)} not read (tracer is not FDG)")
-        found = [p for p in found if p not in other]
     if not found:
         return None
     found.sort(key=lambda p: _natural(p.name))
@@ -171,11 +223,6 @@ def _pick(folder: Path, suffix: str, site_dir: Path, warnings: list[str], fdg_on
         warnings.append(f"{where}: several images; reading {found[0].name}, not "
                         f"{', '.join(p.name for p in found[1:])}")
     return found[0]
-
-
-def _entity(name: str, key: str) -> str | None:
-    match = re.search(rf"(?:^|_){key}-([a-zA-Z0-9]+)", name)
-    return match.group(1) if match else None
 
 
 def _natural(name: str) -> list:

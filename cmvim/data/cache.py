@@ -9,6 +9,10 @@ removed): the cache holds one entry per subject per preprocessing config, never 
 Writes are atomic (temp file + rename): parallel simulated sites never see a
 half-written entry.
 
+The cache lives outside the site folder (`default_cache_dir`: under $CMVIM_CACHE or ~/.cache/cmvim,
+folders 0700, files 0600): nothing is ever written into a hospital's data folder, which may be a
+read-only export. `--cache-dir` (check, predict) or `cache_dir` puts it elsewhere.
+
 Registrations (`spatial: template`) are cached beside them, one small JSON per visit keyed by
 the bytes of its scans and the registration's settings (`transform_key`), so a run with other
 model-grid or normalisation settings, or the same scans moved or renamed, registers nothing again.
@@ -55,38 +59,52 @@ def content_digest(sources: Iterable[Path | None]) -> str:
     return digest.hexdigest()
 
 
-def transform_key(sources: Iterable[Path | None], registration_fingerprint: str) -> str:
-    """`tx-<registration settings>-<content>`: the key of a visit's cached transforms."""
-    return f"tx-{registration_fingerprint[:12]}-{content_digest(sources)[:32]}"
+def transform_key(sources: Iterable[Path | None], registration_fingerprint: str, reading: str = "") -> str:
+    """`tx-<registration settings>-<content>`: the key of a visit's cached transforms. `reading`:
+    how the files are read beyond their bytes (a dynamic PET's frame weights)."""
+    content = content_digest(sources) + (hashlib.sha256(reading.encode()).hexdigest() if reading else "")
+    return f"tx-{registration_fingerprint[:12]}-{hashlib.sha256(content.encode()).hexdigest()[:32] if reading else content[:32]}"
 
 
 def _prefix(config_fingerprint: str) -> str:
     return f"v{CACHE_VERSION}-{config_fingerprint[:12]}-"
 
 
-def cache_key(sources: Iterable[Path | None], site_dir: Path, config_fingerprint: str) -> str:
-    """`v<version>-<config>-<sources>`: the config part lets `prune` tell a config's entries apart."""
-    digest = hashlib.sha256(f"v{CACHE_VERSION}:{config_fingerprint}".encode())
+def cache_key(sources: Iterable[Path | None], site_dir: Path, config_fingerprint: str, reading: str = "") -> str:
+    """`v<version>-<config>-<sources>`: the config part lets `prune` tell a config's entries apart.
+    `reading`: how the sources are read beyond their bytes (a dynamic PET's frame weights, from its
+    sidecar and the run's window), so a changed sidecar or window is a different entry."""
+    digest = hashlib.sha256(f"v{CACHE_VERSION}:{config_fingerprint}:{reading}".encode())
     for source in sources:
         digest.update(repr(source_signature(source, site_dir) if source is not None else None).encode())
     return _prefix(config_fingerprint) + digest.hexdigest()[:32]
 
 
+def cache_root() -> Path:
+    """cmvim's per-user cache folder: $CMVIM_CACHE, else $XDG_CACHE_HOME/cmvim, else ~/.cache/cmvim
+    (synthetic cohorts are cached under it too: simulations.cohort.cohort_cache_root)."""
+    return Path(os.environ.get("CMVIM_CACHE", Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "cmvim"))
+
+
 def default_cache_dir(site_dir: Path) -> Path:
-    """<site>/.cmvim_cache when the site folder is writable, else under ~/.cache/cmvim."""
-    local = site_dir / ".cmvim_cache"
-    if os.access(site_dir, os.W_OK):
-        return local
-    tag = hashlib.sha256(str(site_dir.resolve()).encode()).hexdigest()[:16]
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "cmvim" / "sites" / tag
+    """<cache root>/sites/<hash of the site folder's resolved path>: outside the site folder, which
+    a hospital may well export read-only (a PACS export) and whose owner expects nothing written
+    into it; one folder per site folder, so two sites never share entries."""
+    tag = hashlib.sha256(str(Path(site_dir).resolve()).encode()).hexdigest()[:16]
+    return cache_root() / "sites" / tag
 
 
 class VolumeCache:
     """Preprocessed arrays per key, stored as float16 .npz (normalised intensities need no more)."""
 
     def __init__(self, root: Path):
+        # preprocessed scans are patient data: the folders are the user's alone (0700), and entries
+        # are 0600 (mkstemp's mode, kept by the rename)
         self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
+        missing = [p for p in (self.root, *self.root.parents) if not p.exists()]
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        for folder in missing:        # mkdir's mode is masked by the umask; parents get the umask's
+            folder.chmod(0o700)
 
     def path(self, key: str) -> Path:
         return self.root / f"{key}.npz"

@@ -46,3 +46,22 @@ class DataError(Exception):
         if self.column is not None:
             where.append(self.column)
         return (", ".join(where) + ": " if where else "") + f"{self.kind} problem"
+
+
+class VisitProblems(DataError):
+    """Every problem of one visit (each a DataError naming its file): the visit is skipped and each
+    is listed, so a site fixes them in one pass instead of one per check. Reads as the first."""
+
+    def __init__(self, errors: list[DataError]):
+        self.errors = list(errors)
+        first = self.errors[0]
+        super().__init__(first.problem, file=first.file, subject=first.subject, row=first.row,
+                         column=first.column, kind=first.kind)
+
+    def with_context(self, **context) -> "VisitProblems":
+        return VisitProblems([err.with_context(**context) for err in self.errors])
+
+
+def each_problem(err: DataError) -> list[DataError]:
+    """The problems a DataError stands for: one, or a visit's several."""
+    return list(err.errors) if isinstance(err, VisitProblems) else [err]

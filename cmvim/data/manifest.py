@@ -19,6 +19,7 @@ from pathlib import Path
 
 from ..run_config import BidsConfig
 from .errors import DataError
+from .pet import PetPolicy, PetReading
 
 REQUIRED = ("subject_id", "mri")
 OPTIONAL = ("pet", "report", "label", "split", "visit")
@@ -37,6 +38,7 @@ class ManifestEntry:
     report: Path | None
     label: str | None              # CN / MCI / AD, None = unlabeled
     split: str | None              # train / val / test, None = assigned by the seeded rule
+    pet_reading: PetReading | None = None   # BIDS: the PET's tracer, units and frame weights (its sidecar)
 
 
 @dataclass
@@ -49,15 +51,17 @@ class Manifest:
     path: Path | None = None                                   # the table rows come from: manifest.csv, participants.tsv
 
 
-def read_site_folder(site_dir: str | Path, bids: BidsConfig | None = None, check_files: bool = True) -> Manifest:
+def read_site_folder(site_dir: str | Path, bids: BidsConfig | None = None, check_files: bool = True,
+                     pet: "PetPolicy | None" = None) -> Manifest:
     """A site folder's subject-visits, whichever form it has: manifest.csv, or a BIDS dataset
     (dataset_description.json; `bids` says where its labels are). When both are there the
-    manifest.csv wins, with a warning: a hospital that wrote one meant it to be read."""
+    manifest.csv wins, with a warning: a hospital that wrote one meant it to be read. `pet`: a BIDS
+    dataset's accepted tracers and PET window (cmvim.data.pet.PetPolicy)."""
     from .bids import DESCRIPTION, is_bids, read_bids        # bids builds on this module
     site_dir = Path(site_dir)
     if not (site_dir / "manifest.csv").exists():
         if is_bids(site_dir):
-            return read_bids(site_dir, bids, check_files)
+            return read_bids(site_dir, bids, check_files, pet)
         if site_dir.is_dir():
             raise DataError(f"no manifest.csv in the site folder, and no {DESCRIPTION} (a BIDS dataset)",
                             file=site_dir, kind="missing manifest")

@@ -27,8 +27,9 @@ import torch
 from torch.utils.data import Dataset
 
 from .cache import VolumeCache, cache_key, default_cache_dir, transform_key
-from .errors import DataError
-from .manifest import LABELS, SPLITS, ManifestEntry, read_site_folder
+from .errors import DataError, VisitProblems, each_problem
+from .manifest import LABELS, SPLITS, ManifestEntry, _inside, read_site_folder
+from .pet import PetPolicy
 from ..model_config import MODALITIES
 from ..progress import progress_bar
 from ..run_config import SPLIT_FRACTIONS, BidsConfig, PreprocessConfig
@@ -63,6 +64,7 @@ class Record:
 
 
 QC_PREFIX = "qc."          # cache entry arrays holding a visit's QC measures
+WARNINGS = "warnings"      # a cache entry's array holding the visit's preprocessing warnings (bytes), so a hit repeats them
 TRANSFORMS = "transforms"  # a cache entry's array holding the key of the transforms it was made with (bytes)
 
 
@@ -85,7 +87,7 @@ class SiteSummary:
             "with_report": sum(r.report is not None for r in records),
             "labels": dict(Counter(r.entry.label or "unlabeled" for r in records)),
             "splits": dict(Counter(r.split for r in records)),
-            "skipped": len(self.skipped),
+            "skipped": len({p.row for p in self.skipped}),     # visits: a visit may have several problems
         }
 
 
@@ -157,21 +159,27 @@ class SiteData:
     def load(cls, site_dir: str | Path, cfg: PreprocessConfig | None = None, cache_dir: str | Path | None = None,
              seed: int = 0, use_reports: bool = True, split_fractions=SPLIT_FRACTIONS,
              progress: Callable[[int, int], None] | None = None, bids: BidsConfig | None = None,
-             show_progress: bool = False, workers: int = 1) -> "SiteData":
+             show_progress: bool = False, workers: int = 1, pet: PetPolicy | None = None) -> "SiteData":
         """`progress(n, total)` is called after each row; `show_progress` draws a bar on stderr
         when that is a terminal (commands a person watches; never the ClientApp: its output may
         be collected off-site). `bids`: labels and splits of a BIDS site folder (default: the
         run config's defaults). `workers` > 1: the visits not in the cache yet are preprocessed
-        by that many forked processes first (registration takes ~1 s a visit on one core)."""
+        by that many forked processes first (registration takes ~1 s a visit on one core). `pet`: a
+        BIDS site's accepted tracers and dynamic-PET window (default: `bids`'s, else FDG, 30-60 min).
+        The cache is `cache_dir`, else a per-user folder outside the site folder (cache.default_cache_dir):
+        nothing is written into the site folder."""
         site_dir = Path(site_dir)
         cfg = cfg or PreprocessConfig()
         start = time.perf_counter()
-        manifest = read_site_folder(site_dir, bids)  # header problems raise: nothing to train on
+        manifest = read_site_folder(site_dir, bids, pet=pet)  # header problems raise: nothing to train on
         entries, conflicts = drop_split_conflicts(manifest.entries, manifest.path)
-        summary = SiteSummary(rows=len(manifest.entries) + len(manifest.problems),
+        summary = SiteSummary(rows=len(manifest.entries) + len({p.row for p in manifest.problems}),
                               skipped=list(manifest.problems) + conflicts, warnings=list(manifest.warnings),
                               source=manifest.format)
         cache = VolumeCache(Path(cache_dir) if cache_dir else default_cache_dir(site_dir))
+        if _inside(cache.root.resolve(), site_dir.resolve()):
+            summary.warnings.append(f"the cache ({cache.root}) is inside the site folder: preprocessed scans are "
+                                    "written among the hospital's data; give a --cache-dir outside it")
         pipeline = build_pipeline(cfg)
         fingerprint = cfg.fingerprint()
         registration = transform_fingerprint(cfg.registration) if cfg.spatial == "template" else None
@@ -185,11 +193,10 @@ class SiteData:
                 records.append(cls._prepare(entry, len(records), cache, pipeline, fingerprint, site_dir,
                                             splits[entry.subject_id], use_reports, summary, registration,
                                             transforms_used))
-                if entry.row in warmed:                    # preprocessed just now, by a worker: no cache hit
-                    summary.cache_hits -= 1
-                    summary.warnings += warmed[entry.row]
+                if entry.row in warmed:      # preprocessed just now, by a worker: no cache hit (its warnings
+                    summary.cache_hits -= 1  # came from the entry, as a hit's do)
             except DataError as err:
-                summary.skipped.append(err.with_context(subject=entry.subject_id, row=entry.row))
+                summary.skipped.extend(each_problem(err.with_context(subject=entry.subject_id, row=entry.row)))
             if progress:
                 progress(n, len(entries))
             if bar is not None and entry.row not in warmed:
@@ -213,34 +220,51 @@ class SiteData:
         """One row, read and preprocessed into the cache. Whatever goes wrong is a DataError
         naming the file: an unexpected exception (a MemoryError, a reader's bug) too.
         `registration` (spatial template): the registration's fingerprint; the visit's transforms
-        are read from and written to the cache under it (and their keys added to `transforms_used`)."""
+        are read from and written to the cache under it (and their keys added to `transforms_used`).
+        The PET is optional: one that cannot be read leaves an MRI-only visit, with a warning naming
+        it; when the MRI cannot be read either, the visit's problems are both (VisitProblems)."""
         files = {m: getattr(entry, m) for m in MODALITIES if getattr(entry, m) is not None}
+        reading = entry.pet_reading.key() if entry.pet_reading is not None else ""
         doing, file, column = "reading the report", entry.report, "report"
         try:
             report = None
             if use_reports and entry.report is not None:
                 report = read_report(entry.report)
             doing, file, column = "reading the scans", entry.mri, "mri"
-            key = cache_key([entry.mri, entry.pet], site_dir, fingerprint)
+            key = cache_key([entry.mri, entry.pet], site_dir, fingerprint, reading)
             cached = cache.load(key)
             if cached is not None:
                 summary.cache_hits += 1
+                if WARNINGS in cached:
+                    summary.warnings += cached[WARNINGS].tobytes().decode().split("\n")
                 qc = {name[len(QC_PREFIX):]: float(value) for name, value in cached.items()
                       if name.startswith(QC_PREFIX)}
                 if TRANSFORMS in cached and transforms_used is not None:      # still in use: not pruned
                     transforms_used.add(cached[TRANSFORMS].tobytes().decode())
             else:
-                sample = {"files": files}
+                sample, visit_warnings = {"files": files}, []
+                problems = []
                 for modality, path in files.items():
                     doing, file, column = "reading the scan", path, modality
+                    # a PET's frames: averaged by its sidecar's weights, or equally (warned)
+                    frames = {} if modality != "pet" else {
+                        "frame_weights": entry.pet_reading.weights if entry.pet_reading else None,
+                        "warnings": visit_warnings}
                     try:
-                        sample[modality] = Volume(*load_volume(path, modality))
+                        sample[modality] = Volume(*load_volume(path, modality, **frames))
                     except DataError as err:
-                        raise err.with_context(column=modality) from None
+                        problems.append(err.with_context(column=modality))
+                if problems and "mri" not in sample:
+                    raise VisitProblems(problems)
+                for err in problems:          # the PET's: the model takes a visit without one
+                    del files["pet"]
+                    where = Path(err.file).relative_to(site_dir) if err.file and _inside(Path(err.file), site_dir) \
+                        else err.file
+                    visit_warnings.append(f"PET not used, the visit is read without it: {where}: {err.problem}")
                 transforms = None
                 if registration is not None:
                     doing, file, column = "reading the cached registration", entry.mri, None
-                    transforms = transform_key([entry.mri, entry.pet], registration)
+                    transforms = transform_key([entry.mri, entry.pet], registration, reading)
                     sample["transforms"] = cache.load_transforms(transforms)
                     if transforms_used is not None:
                         transforms_used.add(transforms)
@@ -253,11 +277,15 @@ class SiteData:
                 finally:           # a registration that failed its check is kept too: it is not redone
                     if transforms is not None and sample.get("transforms") is not None:
                         cache.save_transforms(transforms, sample["transforms"])
-                for warning in sample.get("warnings", []):
-                    summary.warnings.append(f"manifest row {entry.row}: {warning}")
+                visit_warnings = [f"manifest row {entry.row}: {warning}"
+                                  for warning in visit_warnings + list(sample.get("warnings", []))]
+                summary.warnings += visit_warnings
                 doing, file, column = "writing the cache", cache.root, None
                 qc = sample.get("qc", {})
-                cache.save(key, {**{m: sample[m].data for m in MODALITIES if sample.get(m) is not None},
+                cached = {m: sample[m].data for m in MODALITIES if sample.get(m) is not None}
+                cache.save(key, {**cached,
+                                 **({WARNINGS: np.frombuffer("\n".join(visit_warnings).encode(), dtype=np.uint8)}
+                                    if visit_warnings else {}),
                                  **{QC_PREFIX + name: np.float32(value) for name, value in qc.items()},
                                  **({TRANSFORMS: np.frombuffer(transforms.encode(), dtype=np.uint8)}
                                     if transforms is not None else {})})
@@ -270,8 +298,7 @@ class SiteData:
             detail = f": {detail[:200]}" if detail else ""
             raise DataError(f"{type(exc).__name__} while {doing}{detail}", file=file, column=column,
                             kind="out of memory" if isinstance(exc, MemoryError) else "unexpected error") from None
-        return Record(index=index, entry=entry, key=key, has_pet=entry.pet is not None, report=report, split=split,
-                      qc=qc)
+        return Record(index=index, entry=entry, key=key, has_pet="pet" in cached, report=report, split=split, qc=qc)
 
     # -- views -------------------------------------------------------------------------------
     def subset(self, split: str | None = None, labeled: bool | None = None, num_classes: int = 2) -> list[Record]:
@@ -306,7 +333,8 @@ def _preprocess_in_parallel(entries: list[ManifestEntry], cfg: PreprocessConfig,
     missing = []
     for entry in entries:
         try:
-            if not (cache_root / f"{cache_key([entry.mri, entry.pet], site_dir, fingerprint)}.npz").exists():
+            reading = entry.pet_reading.key() if entry.pet_reading is not None else ""
+            if not (cache_root / f"{cache_key([entry.mri, entry.pet], site_dir, fingerprint, reading)}.npz").exists():
                 missing.append(entry)
         except OSError:                   # a file that is not there: the load says so
             continue

@@ -31,14 +31,17 @@ def is_nifti(path: Path) -> bool:
     return path.name.lower().endswith(NIFTI_SUFFIXES)
 
 
-def load_volume(path: str | Path, modality: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Read and check one scan. `modality` ("mri"/"pet") decides whether 4D frames may be averaged."""
+def load_volume(path: str | Path, modality: str | None = None, frame_weights: tuple[float, ...] | None = None,
+                warnings: list[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Read and check one scan. `modality` ("mri"/"pet") decides whether 4D frames may be averaged:
+    by `frame_weights` (one per frame, a BIDS sidecar's window: cmvim.data.pet), else with equal
+    weights, said in `warnings` (nothing tells the early, flow-dominated frames apart)."""
     path = Path(path)
     if path.is_dir():
         from .dicom import read_dicom_series
         volume, affine = read_dicom_series(path)
     elif is_nifti(path):
-        volume, affine = _read_nifti(path, modality)
+        volume, affine = _read_nifti(path, modality, frame_weights, warnings)
     elif not path.exists():
         raise DataError("file not found", file=path, kind="missing file")
     else:
@@ -48,7 +51,8 @@ def load_volume(path: str | Path, modality: str | None = None) -> tuple[np.ndarr
     return volume, affine
 
 
-def _read_nifti(path: Path, modality: str | None) -> tuple[np.ndarray, np.ndarray]:
+def _read_nifti(path: Path, modality: str | None, frame_weights: tuple[float, ...] | None = None,
+                warnings: list[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
     try:
         image = nib.load(str(path))                 # the header only: no voxel is read yet
         _check_header(image, path)
@@ -71,8 +75,9 @@ def _read_nifti(path: Path, modality: str | None) -> tuple[np.ndarray, np.ndarra
         if modality == "mri":
             raise DataError(f"4D image with {data.shape[3]} volumes where one T1 volume is expected",
                             file=path, kind="not 3D")
-        log.info("%s: averaged %d frames of a 4D series into one volume", path.name, data.shape[3])
-        data = data.mean(axis=3)
+        if frame_weights is None and warnings is not None:
+            warnings.append(f"{path.name}: {data.shape[3]} frames averaged with equal weights (no frame timing)")
+        data = average_frames(data, frame_weights, path)
     if data.ndim != 3:
         raise DataError(f"expected a 3D volume, got shape {data.shape}", file=path, kind="not 3D")
     if min(data.shape) < 2:
@@ -81,6 +86,19 @@ def _read_nifti(path: Path, modality: str | None) -> tuple[np.ndarray, np.ndarra
     if affine is None or not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
         raise DataError("no usable voxel-to-world affine in the header", file=path, kind="no geometry")
     return data, np.asarray(affine, dtype=np.float64)
+
+
+def average_frames(frames: np.ndarray, weights: tuple[float, ...] | None, path: Path) -> np.ndarray:
+    """A 4D series [X, Y, Z, T] as one volume: the weighted mean over T (weights summing to 1), or
+    the plain mean without weights."""
+    if weights is None:
+        return frames.mean(axis=3)
+    if len(weights) != frames.shape[3]:
+        raise DataError(f"{frames.shape[3]} frames in the image, {len(weights)} frame weights from its sidecar",
+                        file=path, kind="frame timing mismatch")
+    used = [t for t, w in enumerate(weights) if w > 0]
+    return np.tensordot(frames[..., used], np.asarray([weights[t] for t in used], dtype=np.float64),
+                        axes=([3], [0])).astype(np.float32)
 
 
 def _check_header(image, path: Path) -> None:
