@@ -82,7 +82,8 @@ def model_card(config: dict, cfg: RunConfig) -> str:
         "",
         f"- threshold {_number(decision.get('threshold'))} on the "
         f"{'Platt-calibrated' if decision.get('calibrated') else 'uncalibrated'} P(AD) "
-        f"(rule `{decision.get('rule')}`, fitted on {decision.get('n_val', 0)} validation subjects)",
+        + (f"(rule `{decision.get('rule')}`, fitted on {decision['n_val']} validation subjects)" if decision.get("n_val")
+           else f"(rule `{decision.get('rule')}`; no validation fit)"),
         f"- {decision.get('note', '')}",
         "",
         "## Inputs",
@@ -103,7 +104,7 @@ def model_card(config: dict, cfg: RunConfig) -> str:
                   f"logits within {program['max_abs_logit_difference']:.1e} of cmvim's. Without cmvim:",
                   "", "```python", "import torch",
                   f"model = torch.export.load('{program['file']}').module()",
-                  "p_ad = torch.softmax(model(batch), dim=-1)[:, -1]   # batch: the Inputs above", "```"]
+                  "p_ad = torch.softmax(model(batch), dim=-1)[:, -1]   # batch: the Inputs above", "```", ""]
     else:
         lines.append(f"- no plain-PyTorch program: {program.get('error', 'not exported')}")
     lines += [
