@@ -82,7 +82,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: what the run config says, auto unless the coordinator set it)")
     parser.add_argument("--insecure", action="store_true",
                         help="no TLS and no node authentication (testing on one machine only)")
-    parser.add_argument("--max-restarts", type=int, default=None, help="give up after this many restarts")
+    parser.add_argument("--max-restarts", type=int, default=None, help="give up after this many restarts (default: never give up)")
     parser.add_argument("--poll-interval", type=float, default=1.0,
                         help="seconds between the SuperNode's requests for work while the server has none (default 1; "
                              "Flower's own is 3): the delay before each message is picked up")
@@ -111,7 +111,7 @@ def _read_key(path: Path) -> None:
         raise JoinError(f"--auth-key {path}: cannot read it ({err.strerror})") from None
     except (ValueError, TypeError) as err:
         raise JoinError(f"--auth-key {path}: not an unencrypted OpenSSH private key ({err}); "
-                        f"make one with cmvim-certs --keys-only --sites NAME") from None
+                        f"make one with cmvim-client keygen --site NAME --out DIR") from None
     if not isinstance(key, ec.EllipticCurvePrivateKey):
         raise JoinError(f"--auth-key {path}: a {type(key).__name__}; Flower needs an EC (NIST P-384) key")
 

@@ -1,24 +1,24 @@
-"""Create the keys a cmvim federation needs: a CA, the SuperLink's TLS certificate, and one
-SuperNode authentication key pair per site.
+"""Create the keys a cmvim federation's coordinator needs: a CA, the SuperLink's TLS certificate,
+the instruction-signing key; and, as a shortcut for tests and one-host setups only, site key pairs.
 
-    cmvim-certs --out certs --server-name fl.example.org --sites A B C
+    cmvim-certs --out certs --server-name fl.example.org
 
 writes
 
     certs/ca.crt, certs/ca.key            the federation's CA (keep ca.key offline: it signs)
     certs/server.crt, certs/server.key    the SuperLink's TLS certificate (SANs: the names given,
                                           localhost, 127.0.0.1) and its key (secret, coordinator)
-    certs/sites/<site>.key                the site's SuperNode private key (secret, that hospital)
-    certs/sites/<site>.pub                its public key (the coordinator registers it)
+    certs/sites/<site>.key, <site>.pub    with --sites only: a site's SuperNode key pair (tests, compose)
     certs/coordinator.key                 the coordinator's instruction-signing key (Ed25519, secret,
                                           coordinator: cmvim-server signs every message with it)
     certs/coordinator.pub                 its public key: every site receives it with ca.crt
                                           (`cmvim-client --coordinator-key`) and runs only what it signed
 
-Hospitals receive ca.crt (to verify the server), coordinator.pub (to verify every instruction)
-and their own <site>.key. A site may instead
-create its own key pair (`--sites` on its own machine with `--keys-only`) and send only the
-.pub file. Keys: EC P-384 (what Flower's SuperNode authentication accepts), OpenSSH format.
+Hospitals receive ca.crt (to verify the server) and coordinator.pub (to verify every
+instruction). Each hospital makes its own SuperNode key pair with `cmvim-client keygen --site A
+--out keys` and sends only keys/sites/A.pub: in a deployment the coordinator never makes or holds
+a site's private key (`--sites`, `--keys-only` make them in one place: tests and the one-host
+compose file). Keys: EC P-384 (what Flower's SuperNode authentication accepts), OpenSSH format.
 Existing files are never overwritten; run with a new --out to rotate.
 """
 from __future__ import annotations
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="DNS names / IPs the SuperLink is reached at (localhost and 127.0.0.1 are always added)")
     parser.add_argument("--sites", nargs="*", default=[], help="one SuperNode key pair per site name, made HERE: for "
                         "tests on one machine; hospitals make theirs with `cmvim-client keygen` and send the .pub")
-    parser.add_argument("--keys-only", action="store_true", help="only the site key pairs (a hospital making its own)")
+    parser.add_argument("--keys-only", action="store_true", help="only the --sites key pairs, no CA or certificates (tests; a hospital uses cmvim-client keygen)")
     parser.add_argument("--days", type=int, default=825, help="certificate validity (default 825 days)")
     add_version(parser)
     args = parser.parse_args(argv)
