@@ -15,6 +15,7 @@ import functools
 import hashlib
 import json
 import logging
+import re
 import time
 import traceback
 from collections import OrderedDict
@@ -133,10 +134,14 @@ KEPT_SITES = 8                     # a simulation's worker process serves severa
 
 def _files_signature(site_dir: Path, site: SiteData | None) -> tuple:
     """What must not have changed for a kept SiteData to stand: the folder and its index files, and
-    every scan and report it read (size and mtime, as the preprocessing cache keys them)."""
+    every scan and report it read (size and mtime, as the preprocessing cache keys them), with each
+    PET's own sidecar and the dataset-level PET sidecars (tracer, frames: cmvim.data.pet)."""
     paths = [site_dir, *(site_dir / name for name in ("manifest.csv", "participants.tsv", "dataset_description.json"))]
+    paths += sorted(site_dir.glob("*pet.json"))
     if site is not None:
         paths += [p for r in site.records for p in (r.entry.mri, r.entry.pet, r.entry.report) if p is not None]
+        paths += [r.entry.pet.with_name(re.sub(r"\.nii(\.gz)?$", "", r.entry.pet.name) + ".json")
+                  for r in site.records if r.entry.pet is not None]
     signature = []
     for path in paths:
         try:

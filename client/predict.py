@@ -2,7 +2,7 @@
 site folder with a model a run exported (its results' model/), at the site. Nothing is sent.
 
 The site folder is read as training reads it (manifest.csv or a BIDS dataset; the model's
-preprocessing, into the site's cache); a row that cannot be read is listed with its problem, as
+preprocessing, into the site's per-user cache, never into its folder); a row that cannot be read is listed with its problem, as
 `cmvim-client check` lists it, and the rest are scored. The CSV has one row per scored visit:
 
     subject_id, visit, split, label, inputs, score, predicted, model_probability
@@ -55,7 +55,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "faster and differ in the last digits")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--cache-dir", type=Path, help="where preprocessed volumes are cached (default: the site's "
-                                                       "cache, the one training and check use)")
+                                                       "per-user cache outside its data folder, $CMVIM_CACHE/sites/... or "
+                                                       "~/.cache/cmvim/sites/..., the one training and check use)")
 
 
 def predict_from_args(args: argparse.Namespace, out=print) -> int:

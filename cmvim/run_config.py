@@ -164,11 +164,16 @@ class BidsConfig:
     same value; a value mapped to null makes it unlabelled); a value the map lacks is that
     subject's problem, named with the file and line. `sessions_labels`: a
     sub-X/sub-X_sessions.tsv with `label_column` gives a session's label, winning over
-    participants.tsv for that session (the diagnosis can change between visits)."""
+    participants.tsv for that session (the diagnosis can change between visits).
+    `accept_tracers`: the PET tracers (the sidecar's TracerName) read as the model's PET (any
+    spelling of FDG is FDG); `pet_window_min`: the minutes after injection whose frames make a
+    dynamic PET static (duration-weighted; FDG: 30-60, docs/bids.md)."""
     label_column: str = "diagnosis"
     label_map: dict[str, str | None] = field(default_factory=dict)
     split_column: str = "split"
     sessions_labels: bool = True
+    accept_tracers: list[str] = field(default_factory=lambda: ["FDG"])
+    pet_window_min: list[float] = field(default_factory=lambda: [30.0, 60.0])
 
     def __post_init__(self):
         merged = dict(DEFAULT_BIDS_LABEL_MAP)
@@ -181,6 +186,12 @@ class BidsConfig:
         self.label_map = merged
         if not self.label_column.strip() or not self.split_column.strip():
             raise ValueError("bids.label_column and bids.split_column must name a column")
+        if not self.accept_tracers:
+            raise ValueError("bids.accept_tracers: name at least one tracer (FDG is the model's)")
+        if len(self.pet_window_min) != 2:
+            raise ValueError(f"bids.pet_window_min: give [start, end] minutes after injection, got {self.pet_window_min!r}")
+        from .data.pet import PetPolicy
+        PetPolicy(tuple(self.accept_tracers), tuple(self.pet_window_min))     # its own check names a bad window
 
     def label_of(self, value: str) -> str | None:
         """The class a table value means (None: unlabelled); KeyError when the map lacks it."""

@@ -233,3 +233,26 @@ def test_a_sidecar_leading_outside_the_site_folder_is_not_read(tmp_path):
     assert manifest.entries[0].pet is None
     assert any("sub-01_ses-baseline_pet.json: the sidecar leads outside the site folder" in w for w in manifest.warnings), \
         manifest.warnings
+
+
+def test_the_run_config_names_the_tracers_and_a_changed_sidecar_is_read_again(tmp_path):
+    """bids.accept_tracers / pet_window_min in the run config reach the reader; a warm site process
+    (the site worker keeps its SiteData between messages) reads the visit again when a PET's sidecar
+    changes, as when a scan does."""
+    import os
+
+    from cmvim.client.app import site_data
+    from cmvim.run_config import run_config
+    site, pet = site_with(tmp_path / "site", sidecar=pet_sidecar("DASB"))
+    base = {"model": {"preset": "tiny", "img_size": 16, "patch_size": 8},
+            "preprocess": {"spatial": "none", "shape": 16, "voxel_size": 4.0}}
+    assert [r.has_pet for r in site_data(run_config(base), site).records] == [False]         # FDG only by default
+    cfg = run_config({**base, "bids": {"accept_tracers": ["FDG", "DASB"], "pet_window_min": [30, 60]}})
+    first = site_data(cfg, site)
+    assert [r.has_pet for r in first.records] == [True] and site_data(cfg, site) is first
+    sidecar = pet.with_name("sub-01_ses-baseline_pet.json")
+    sidecar.write_text(json.dumps(pet_sidecar("PiB")))
+    os.utime(sidecar, ns=(sidecar.stat().st_atime_ns, sidecar.stat().st_mtime_ns + 10**9))
+    again = site_data(cfg, site)
+    assert again is not first and [r.has_pet for r in again.records] == [False]
+    assert any("tracer 'PiB' is not FDG" in w for w in again.summary.warnings), again.summary.warnings

@@ -2,6 +2,7 @@
 against a known answer: the generator's true transforms (poses.json), transforms applied by hand,
 the same subjects written in template space; failed registrations as bad rows naming the scan;
 the transforms' cache; predict applying the model's recorded preprocessing."""
+import csv
 import json
 import shutil
 from pathlib import Path
@@ -332,20 +333,24 @@ def test_spatial_is_checked_and_recorded():
     assert PreprocessConfig(spatial="none").fingerprint() != PreprocessConfig().fingerprint()
 
 
-def test_an_older_model_reads_as_spatial_none(tmp_path):
-    import torch
+TRAINED = {"pretrain_rounds": 1, "pretrain_rounds_aggregated": 1, "finetune_rounds": 1, "finetune_rounds_aggregated": 1,
+           "finetune_sites": ["A"]}
 
+
+def test_an_older_model_is_refused_with_the_way_to_export_it_again(tmp_path):
+    """Versions 1 and 2 did not record whether fine-tuning trained the model (issue #31)."""
     from cmvim.calibration import Calibration
-    from cmvim.portable import export_model, load_model
+    from cmvim.portable import ModelFileError, export_model, load_model
     from cmvim.weights import build_model
     cfg = run_config({"model": {"preset": "tiny"}, "preprocess": {"spatial": "none", "shape": 32}})
-    folder = export_model(tmp_path / "model", cfg, build_model(cfg, "finetune").state_dict(), Calibration(), "run")
+    folder = export_model(tmp_path / "model", cfg, build_model(cfg, "finetune").state_dict(), Calibration(), "run",
+                          training=TRAINED, program=False)
     meta = json.loads((folder / "config.json").read_text())
-    assert meta["run"]["preprocess"]["spatial"] == "none"
-    del meta["run"]["preprocess"]["spatial"], meta["run"]["preprocess"]["registration"]
-    (folder / "config.json").write_text(json.dumps({**meta, "schema_version": 1}))
-    assert load_model(folder).cfg.preprocess.spatial == "none"
-    assert torch.is_tensor(next(iter(load_model(folder).model.state_dict().values())))
+    assert meta["run"]["preprocess"]["spatial"] == "none" and load_model(folder).cfg.preprocess.spatial == "none"
+    for version in (1, 2):
+        (folder / "config.json").write_text(json.dumps({**meta, "schema_version": version}))
+        with pytest.raises(ModelFileError, match="--resume"):
+            load_model(folder)
 
 
 def test_predict_applies_the_preprocessing_recorded_with_the_model(cohorts, tmp_path, capsys):
@@ -367,7 +372,8 @@ def test_predict_applies_the_preprocessing_recorded_with_the_model(cohorts, tmp_
                                          "normalize": {"mri": "zscore", "pet": "suvr"}}})
         torch.manual_seed(0)
         model = build_model(cfg, "finetune")
-        folder = export_model(tmp_path / f"model-{spatial}", cfg, model.state_dict(), Calibration(), "run")
+        folder = export_model(tmp_path / f"model-{spatial}", cfg, model.state_dict(), Calibration(), "run",
+                              training=TRAINED, program=False)
         cache = tmp_path / f"cache-{spatial}"
         capsys.readouterr()
         assert client_main(["predict", "--model", str(folder), "--data", str(site), "--out",
@@ -383,8 +389,8 @@ def test_predict_applies_the_preprocessing_recorded_with_the_model(cohorts, tmp_
         dataset = task.views.dataset(["train", "val", "test"], None, augment=False)
         _, probabilities = engine.predict(task._model("finetune", model.state_dict(), {}),
                                           task.views.loader(dataset, 4, False, 0))
-        written = {r.split(",")[0]: float(r.split(",")[6]) for r in
-                   (tmp_path / f"{spatial}.csv").read_text().splitlines()[1:]}
+        with (tmp_path / f"{spatial}.csv").open() as handle:
+            written = {r["subject_id"]: float(r["model_probability"]) for r in csv.DictReader(handle)}
         for record, probability in zip(dataset.records, probabilities[:, -1]):
             assert written[record.entry.subject_id] == pytest.approx(probability, abs=2e-6)
 
