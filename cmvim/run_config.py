@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Mapping, Sequence
@@ -188,10 +189,11 @@ class BidsConfig:
             raise ValueError("bids.label_column and bids.split_column must name a column")
         if not self.accept_tracers:
             raise ValueError("bids.accept_tracers: name at least one tracer (FDG is the model's)")
-        if len(self.pet_window_min) != 2:
-            raise ValueError(f"bids.pet_window_min: give [start, end] minutes after injection, got {self.pet_window_min!r}")
-        from .data.pet import PetPolicy
-        PetPolicy(tuple(self.accept_tracers), tuple(self.pet_window_min))     # its own check names a bad window
+        window = [float(v) for v in self.pet_window_min] if len(self.pet_window_min) == 2 else []
+        if not (window and all(math.isfinite(v) for v in window) and 0 <= window[0] < window[1]):
+            raise ValueError(f"bids.pet_window_min {self.pet_window_min!r}: give [start, end] minutes after "
+                             "injection, 0 <= start < end")
+        self.pet_window_min = window
 
     def label_of(self, value: str) -> str | None:
         """The class a table value means (None: unlabelled); KeyError when the map lacks it."""
