@@ -75,8 +75,9 @@ def test_nothing_identifying_leaves_the_site(dicom_site, tmp_path, caplog, capsy
     shutil.copytree(dicom_site, site)
     secrets = identifiers(site)
     assert len(secrets) > 14 and any(len(s) > 30 for s in secrets)        # ids, report text, headers
-    # one subject's scan is corrupt: its DataError must not carry the id out
-    victim = next(p for p in site.rglob("*.dcm"))
+    # one subject's MRI is corrupt (a broken PET would only cost the visit its PET): its DataError
+    # must not carry the id out
+    victim = next(p for p in sorted(site.rglob("*.dcm")) if "pet" not in p.parent.name)
     victim.write_bytes(b"not a dicom file")
 
     cfg = run_config({"model": {"preset": "tiny"}, "preprocess": {"spatial": "none", "shape": 32, "voxel_size": 6.25},
