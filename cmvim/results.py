@@ -142,7 +142,9 @@ def site_table(sites: dict, pooled: dict, baselines: dict | None = None) -> str:
                     + [_fmt(b.get("sites", {}).get(name, {}).get("auc")) for b in baselines.values()])
     rows.append(["mean", _fmt(mean_auc(sites)), "", "", "", "", ""]
                 + [_fmt(b.get("mean_auc")) for b in baselines.values()])
-    rows.append(["pooled", _fmt(pooled.get("auc")), "", "", "", "", pooled.get("n_test", 0)]
+    pooled_ci = pooled.get("auc_ci")
+    rows.append(["pooled", _fmt(pooled.get("auc")), f"{_fmt(pooled_ci[0], 2)}-{_fmt(pooled_ci[1], 2)}" if pooled_ci else "",
+                 "", "", "", pooled.get("n_test", 0)]
                 + [_fmt(b.get("pooled", {}).get("auc")) for b in baselines.values()])
     return format_table(headers, rows)
 
