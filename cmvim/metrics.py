@@ -115,6 +115,33 @@ def auc_ci_from_histograms(pos, neg, resamples: int = 1000, seed: int = 0, level
     return [float(np.quantile(aucs, alpha)), float(np.quantile(aucs, 1 - alpha))]
 
 
+def calibration_from_histograms(pos, neg, transform=None, groups: int = 10) -> dict:
+    """Brier score, expected calibration error and the reliability curve of binned scores: each
+    bin's subjects at the bin's centre (`transform` maps the model's P(AD) to the reported score,
+    e.g. a Platt calibration), regrouped into `groups` equal-width bins of the reported score for
+    ECE and the curve. Counts only (the sites' score histograms); a bin of width w puts each score
+    within w/2 of its centre before `transform`."""
+    pos, neg = np.asarray(pos, dtype=float), np.asarray(neg, dtype=float)
+    n = pos.sum() + neg.sum()
+    if n == 0:
+        return {"brier": float("nan"), "ece": float("nan"), "reliability": []}
+    centres = (np.arange(len(pos)) + 0.5) / len(pos)
+    score = np.asarray(transform(centres) if transform is not None else centres, dtype=float)
+    brier = float((pos * (1 - score) ** 2 + neg * score ** 2).sum() / n)
+    group = np.minimum((score * groups).astype(int), groups - 1)
+    ece, curve = 0.0, []
+    for g in range(groups):
+        members = group == g
+        count = pos[members].sum() + neg[members].sum()
+        if count == 0:
+            continue
+        predicted = float((score[members] * (pos[members] + neg[members])).sum() / count)
+        observed = float(pos[members].sum() / count)
+        ece += count / n * abs(predicted - observed)
+        curve.append([predicted, observed, int(count)])
+    return {"brier": brier, "ece": float(ece), "reliability": curve}
+
+
 def roc_from_histograms(pos, neg) -> tuple[np.ndarray, np.ndarray]:
     """(fpr, tpr) of the binned scores, for plots."""
     labels, scores, weights = _histogram_samples(pos, neg)

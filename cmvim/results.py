@@ -16,7 +16,7 @@ from typing import Callable
 
 import numpy as np
 
-from .metrics import auc_ci_from_histograms, auc_from_histograms, roc_from_histograms
+from .metrics import auc_ci_from_histograms, auc_from_histograms, calibration_from_histograms, roc_from_histograms
 from .protocol import NUM_EXAMPLES, SUPPRESSED
 from .tables import format_table
 
@@ -124,6 +124,62 @@ def plot_rocs(out_dir: Path, histograms: dict[str, tuple[list, list]], sites: di
     return paths
 
 
+def add_calibration(sites: dict, pooled: dict, histograms: dict[str, tuple[list, list]], transform=None) -> dict:
+    """Brier score and ECE (10 bins) of the reported scores, per site and pooled, into their
+    entries (cmvim.metrics.calibration_from_histograms: from the sites' score histograms, as the
+    ROC is); returns {name: reliability curve} for the diagram."""
+    curves = {}
+    named = dict(histograms)
+    if histograms:
+        pos, neg = summed_histograms(histograms)
+        named["pooled"] = (pos, neg)
+    for name, (pos, neg) in named.items():
+        if float(np.sum(pos) + np.sum(neg)) == 0:
+            continue
+        found = calibration_from_histograms(pos, neg, transform)
+        entry = pooled if name == "pooled" else sites.get(name)
+        if entry is None:
+            continue
+        entry["brier"], entry["ece"] = found["brier"], found["ece"]
+        curves[name] = found["reliability"]
+    return curves
+
+
+def calibration_table(sites: dict, pooled: dict) -> str:
+    rows = [[name, _fmt(m.get("brier")), _fmt(m.get("ece")), m.get("n_test", 0)]
+            for name, m in sorted(sites.items()) if "brier" in m]
+    if "brier" in pooled:
+        rows.append(["pooled", _fmt(pooled.get("brier")), _fmt(pooled.get("ece")), pooled.get("n_test", 0)])
+    return format_table(["site", "Brier", "ECE", "n test"], rows) if rows else ""
+
+
+def plot_reliability(out_dir: Path, curves: dict[str, list]) -> Path | None:
+    """reliability.png: observed AD frequency against the mean reported score, per site and pooled
+    (10 bins of the score; a point's size is its subjects)."""
+    plt = pyplot("the reliability diagram (Brier and ECE are in metrics.json)", lambda text: print(text, flush=True))
+    if plt is None or not curves:
+        return None
+    fig, ax = plt.subplots(figsize=(4.6, 4.4))
+    ax.plot([0, 1], [0, 1], ls="--", color="0.6", lw=1, label="perfect calibration")
+    for name, curve in sorted(curves.items(), key=lambda item: item[0] == "pooled"):
+        if not curve:
+            continue
+        x, y, n = (np.array(v, dtype=float) for v in zip(*curve))
+        pooled = name == "pooled"
+        ax.plot(x, y, lw=2.2 if pooled else 1, color="#c0392b" if pooled else None, alpha=1 if pooled else 0.7,
+                marker="o", label=name if pooled else f"site {name}")
+        ax.scatter(x, y, s=12 + 60 * n / n.max(), color="#c0392b" if pooled else None, alpha=0.5)
+    ax.set(xlabel="mean reported P(AD) in the bin", ylabel="observed share of AD", xlim=(0, 1), ylim=(0, 1),
+           title="calibration on the test splits")
+    ax.legend(loc="upper left", fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = out_dir / "reliability.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def _fmt(value, digits=3):
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "n/a"
@@ -156,6 +212,7 @@ def mean_auc(sites: dict) -> float:
 
 # the results folder's figures, in the order summary.md lists them: (file pattern, what it shows)
 FIGURES = (("roc_*.png", "ROC curves (test split, per site and pooled)"),
+           ("reliability.png", "reliability diagram of the reported scores (test split, per site and pooled)"),
            ("curves_loss.png", "training loss per round, per site and the mean weighted by examples"),
            ("curves_val_auc.png", "validation AUC per fine-tuning round, the final model's round marked"),
            ("reconstruction.png", "the pretrained model's reconstruction of one subject's masked scans"))

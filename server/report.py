@@ -10,7 +10,9 @@ from pathlib import Path
 
 from cmvim.config import to_dict
 from cmvim.figures import mean_loss, plot_curves
-from cmvim.results import mean_auc, plot_rocs, pooled_entry, site_table, write_metrics, write_summary
+from cmvim.calibration import Calibration
+from cmvim.results import (add_calibration, calibration_table, mean_auc, plot_reliability, plot_rocs,
+                           pooled_entry, site_table, write_metrics, write_summary)
 from cmvim.run_config import RunConfig
 from cmvim.tracking import write_tensorboard
 
@@ -112,6 +114,12 @@ def final_report(cfg: RunConfig, out_dir: Path, sites: dict, histograms: dict, h
         lines.append(f"- secure aggregation (Flower SecAgg+): the server saw only the weighted sum of the sites' "
                      f"models each training round (weights quantized to {sa.quantization_range} levels over "
                      f"+-{sa.clipping_range:g} x max_weight {sa.max_weight:g} / num-examples)")
+    decision = (model or {}).get("decision")
+    transform = Calibration.from_dict(decision).apply if decision else None
+    reliability = add_calibration(sites, pooled, histograms, transform)
+    if "brier" in pooled:
+        lines.append(f"- calibration of the reported scores on the test splits: pooled Brier {pooled['brier']:.3f}, "
+                     f"ECE {pooled['ece']:.3f} (10 bins; reliability.png; from the sites' score histograms)")
     extra = {}
     if model:
         extra["model"] = model
@@ -131,13 +139,20 @@ def final_report(cfg: RunConfig, out_dir: Path, sites: dict, histograms: dict, h
                          summary=lines, extra=extra)
     # pictures for a person: one that cannot be drawn is a line, never a run without its summary
     _drawn("ROC plots", lambda: plot_rocs(out_dir, histograms, sites))
+    _drawn("reliability diagram", lambda: plot_reliability(out_dir, reliability))
     _drawn("curves", lambda: plot_curves(out_dir, history, cfg.finetune.probe_rounds, say=say))
     tensorboard = _drawn("TensorBoard logs", lambda: write_tensorboard(out_dir, history, sites, pooled, baselines,
                                                                           say=say))
     table = site_table(sites, pooled, baselines)
     heading = ("federated vs " + " vs ".join(baselines) + " (test AUC per site)") if baselines else "test metrics per site"
     say(f"\n{heading}:\n{table}")
-    write_summary(out_dir, "cmvim federated run" + (" with baselines" if baselines else ""), table, lines)
+    calibrated = calibration_table(sites, pooled)
+    if calibrated:
+        say(f"\ncalibration of the reported scores (test splits; Brier: mean squared error of P(AD), ECE: 10 bins):\n"
+            f"{calibrated}")
+    write_summary(out_dir, "cmvim federated run" + (" with baselines" if baselines else ""),
+                  table + (f"\n\n## Calibration of the reported scores (test splits)\n\n{calibrated}" if calibrated else ""),
+                  lines)
     say(f"\nresults: {path}, {out_dir / 'summary.md'} (it lists the figures)"
         + (f"; TensorBoard: tensorboard --logdir {tensorboard}" if tensorboard else ""))
     return {"sites": sites, "pooled": pooled, "rounds": history, "failures": failures, "baselines": baselines}

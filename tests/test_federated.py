@@ -69,7 +69,12 @@ def test_three_site_run_pretrain_finetune_evaluate(easy_cohort, tmp_path):
     assert len(aucs) >= 2 and np.mean(aucs) > 0.65, metrics["sites"]
     assert metrics["pooled"]["auc"] > 0.65
     assert metrics["pooled"]["n_test"] == sum(m["n_test"] for m in metrics["sites"].values())
-    for name in ("roc_A.png", "roc_B.png", "roc_C.png", "roc_pooled.png"):
+    # calibration of the reported scores, from the same histograms as the ROC: Brier and ECE
+    # per site and pooled, a reliability diagram, a table in summary.md
+    for entry in (*metrics["sites"].values(), metrics["pooled"]):
+        assert 0 <= entry["brier"] <= 1 and 0 <= entry["ece"] <= 1, entry
+    assert "## Calibration of the reported scores" in (out / "summary.md").read_text()
+    for name in ("roc_A.png", "roc_B.png", "roc_C.png", "roc_pooled.png", "reliability.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and (out / name).stat().st_size > 10_000
     summary = (out / "summary.md").read_text()
     for site, m in metrics["sites"].items():
