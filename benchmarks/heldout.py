@@ -1,0 +1,170 @@
+"""The frozen recipe on cohorts no choice saw (issue #32): the default config as committed
+(simulations/configs/quick.yaml, its rounds run in this process as benchmarks/registration.py runs
+them: FedAvg over the three sites, the run's selection rule) on cohort seeds reserved for this
+table, beside the linear baseline on the same splits. Every number is recomputed from the
+per-subject test scores this script stores (docs/benchmarks/heldout_scores.jsonl, full precision).
+
+    PYTHONPATH=. python benchmarks/heldout.py                  # runs the reserved seeds not yet stored
+    PYTHONPATH=. python benchmarks/heldout.py --table-only     # the table from the stored scores
+
+Reserved cohort seeds: 51, 52, 53. They were never used for any choice (registration tuning used
+3, 11, 12; its report 31-33; the recipe's own choices cohort seed 0 and its re-splits) and must
+never be: a change chosen by looking at this table turns them into tuning seeds.
+
+Per cohort seed: each site's test AUC with a 95% stratified bootstrap CI (AD and CN subjects
+redrawn apart, 2000 redraws), the mean per-site AUC, the pooled AUC over all sites' test
+subjects with its CI, and the paired pooled difference CMViM - linear with its CI (the same
+subjects redrawn for both). Across cohort seeds: mean ± SD (SD over the cohort seeds).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:] = [p for p in sys.path if not p.rstrip("/").endswith("benchmarks")]   # benchmarks/ssl.py: not the ssl module
+sys.path.insert(0, str(ROOT))
+
+from cmvim.metrics import auc_or_nan  # noqa: E402
+from cmvim.tables import format_table  # noqa: E402
+
+def _registration():
+    """benchmarks/registration.py (its cohort, config and in-process default run), by path:
+    benchmarks/ is no package, and its ssl.py must not shadow the ssl module."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("cmvim_bench_registration", ROOT / "benchmarks" / "registration.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+RESERVED_COHORT_SEEDS = (51, 52, 53)
+SCORES = ROOT / "docs" / "benchmarks" / "heldout_scores.jsonl"
+MODELS = ("cmvim", "linear")
+
+
+def score_rows(cohort_seed: int, seed: int, model: str, scores: dict) -> list[dict]:
+    """One row per test subject: its site, index within the site's test split, label (1 = AD), score."""
+    return [{"cohort_seed": cohort_seed, "seed": seed, "model": model, "site": site, "index": i, "label": int(label),
+             "score": float(value)}
+            for site, (labels, values) in scores.items() for i, (label, value) in enumerate(zip(labels, values))]
+
+
+def read_scores(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def stratified_ci(labels: np.ndarray, *scores: np.ndarray, resamples: int = 2000, seed: int = 0) -> list[float]:
+    """95% CI of AUC(scores[0]) or, with two score arrays, of AUC(scores[0]) - AUC(scores[1]) over
+    the same redrawn subjects; AD and CN subjects redrawn apart (class sizes kept)."""
+    rng = np.random.default_rng(seed)
+    pos, neg = np.flatnonzero(labels == 1), np.flatnonzero(labels == 0)
+    if len(pos) == 0 or len(neg) == 0:
+        return [float("nan"), float("nan")]
+    values = []
+    for _ in range(resamples):
+        idx = np.r_[rng.choice(pos, len(pos)), rng.choice(neg, len(neg))]
+        aucs = [auc_or_nan(labels[idx], s[idx]) for s in scores]
+        values.append(aucs[0] - aucs[1] if len(aucs) == 2 else aucs[0])
+    return [float(np.quantile(values, 0.025)), float(np.quantile(values, 0.975))]
+
+
+def _group(rows: list[dict]) -> dict:
+    """{(cohort seed, seed): {model: {site: (labels, scores)}}}, subjects in stored order."""
+    runs: dict = {}
+    for row in rows:
+        site = runs.setdefault((row["cohort_seed"], row["seed"]), {}).setdefault(row["model"], {}).setdefault(
+            row["site"], ([], []))
+        site[0].append(row["label"])
+        site[1].append(row["score"])
+    return {key: {m: {s: (np.array(v[0]), np.array(v[1])) for s, v in by.items()} for m, by in models.items()}
+            for key, models in runs.items()}
+
+
+def _ci(pair: list[float]) -> str:
+    return f"[{pair[0]:.2f}, {pair[1]:.2f}]" if all(np.isfinite(pair)) else "n/a"
+
+
+def tables(rows: list[dict]) -> tuple[str, str, str]:
+    """(per-site table, per-cohort table, last line), recomputed from the stored scores."""
+    runs = _group(rows)
+    site_rows, cohort_rows, summary = [], [], {m: [] for m in (*MODELS, "diff")}
+    for key in sorted(runs):
+        found = runs[key]
+        if not all(m in found for m in MODELS):
+            continue
+        for site in sorted(found["cmvim"]):
+            labels = found["cmvim"][site][0]
+            cells = []
+            for model in MODELS:
+                scores = found[model][site][1]
+                cells += [f"{auc_or_nan(labels, scores):.3f}", _ci(stratified_ci(labels, scores))]
+            site_rows.append([key[0], site, int(labels.sum()), int((labels == 0).sum()), *cells])
+        pooled = {m: (np.concatenate([found[m][s][0] for s in sorted(found[m])]),
+                      np.concatenate([found[m][s][1] for s in sorted(found[m])])) for m in MODELS}
+        labels = pooled["cmvim"][0]
+        means = {m: float(np.nanmean([auc_or_nan(*found[m][s]) for s in found[m]])) for m in MODELS}
+        aucs = {m: auc_or_nan(labels, pooled[m][1]) for m in MODELS}
+        diff = aucs["cmvim"] - aucs["linear"]
+        cohort_rows.append([key[0], key[1], len(labels), f"{means['cmvim']:.3f}", f"{means['linear']:.3f}",
+                            f"{aucs['cmvim']:.3f} {_ci(stratified_ci(labels, pooled['cmvim'][1]))}",
+                            f"{aucs['linear']:.3f} {_ci(stratified_ci(labels, pooled['linear'][1]))}",
+                            f"{diff:+.3f} {_ci(stratified_ci(labels, pooled['cmvim'][1], pooled['linear'][1]))}"])
+        summary["cmvim"].append(means["cmvim"])
+        summary["linear"].append(means["linear"])
+        summary["diff"].append(diff)
+
+    def sd(xs: list[float], sign: str = "") -> str:
+        if not xs:
+            return ""
+        return (f"{np.mean(xs):{sign}.3f} ± {np.std(xs, ddof=1):.3f} (SD)" if len(xs) > 1 else f"{xs[0]:{sign}.3f}")
+
+    if len(cohort_rows) > 1:
+        cohort_rows.append(["mean ± SD over cohort seeds", "", "", sd(summary["cmvim"]), sd(summary["linear"]), "", "",
+                            sd(summary["diff"], "+")])
+    per_site = format_table(["cohort seed", "site", "AD", "CN", "CMViM AUC", "95% CI", "linear AUC", "95% CI"],
+                            site_rows)
+    per_cohort = format_table(["cohort seed", "run seed", "test subjects", "CMViM mean per-site AUC",
+                               "linear mean per-site AUC", "CMViM pooled AUC (95% CI)", "linear pooled AUC (95% CI)",
+                               "pooled CMViM - linear (95% CI)"], cohort_rows)
+    last = (f"held-out (cohort seeds {', '.join(str(k[0]) for k in sorted(runs))}): CMViM mean per-site AUC "
+            f"{sd(summary['cmvim'])} vs linear {sd(summary['linear'])}; pooled difference {sd(summary['diff'], '+')}")
+    return per_site, per_cohort, last
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cohort-seeds", type=int, nargs="+", default=list(RESERVED_COHORT_SEEDS))
+    parser.add_argument("--seed", type=int, default=0, help="the run seed (splits, initialisation)")
+    parser.add_argument("--subjects", type=int, default=120, help="per site (the default run's cohort: 120)")
+    parser.add_argument("--scores", type=Path, default=SCORES)
+    parser.add_argument("--table-only", action="store_true", help="recompute the tables from --scores, run nothing")
+    args = parser.parse_args()
+    rows = read_scores(args.scores)
+    if not args.table_only:
+        done = {(r["cohort_seed"], r["seed"]) for r in rows}
+        for cohort_seed in args.cohort_seeds:
+            if (cohort_seed, args.seed) in done:
+                print(f"cohort seed {cohort_seed}, run seed {args.seed}: stored, not run again", flush=True)
+                continue
+            print(f"cohort seed {cohort_seed}: building, registering and running the default recipe ...", flush=True)
+            bench = _registration()
+            cfg = bench.run_config_for(bench.cohort(cohort_seed, args.subjects, "template"), "template", args.seed)
+            model, linear, _ = bench.default_run_scores(cfg)
+            new = score_rows(cohort_seed, args.seed, "cmvim", model) + score_rows(cohort_seed, args.seed, "linear",
+                                                                                   linear)
+            with args.scores.open("a") as handle:
+                handle.writelines(json.dumps(r) + "\n" for r in new)
+            rows += new
+    per_site, per_cohort, last = tables(rows)
+    print(f"\nper site (test split; 95% CI: stratified bootstrap, 2000 redraws)\n{per_site}\n")
+    print(f"per cohort seed\n{per_cohort}\n")
+    print(last)
+
+
+if __name__ == "__main__":
+    main()
