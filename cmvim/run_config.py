@@ -30,6 +30,8 @@ def check_device_spec(spec: str) -> str:
     raise ValueError(f"device {spec!r}: choose auto, cpu, cuda or cuda:N")
 
 SPLIT_FRACTIONS = (0.7, 0.1, 0.2)         # train / val / test for subjects the manifest gives no split
+# what simulations.baselines.run_baselines trains beside the federated model (docs/science.md)
+BASELINES = ("local", "centralized", "linear", "cnn3d", "cnn3d_centralized")
 NORMALIZER_NAMES = ("percentile", "zscore", "suvr", "none")   # cmvim.data.preprocess.NORMALIZERS implements them
 
 
@@ -473,7 +475,7 @@ class RunConfig:
     device: str = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     gpus_per_site: float = 0.0             # cmvim-sim: the share of a GPU each simulated site gets (Flower's num_gpus)
-    baselines: list[str] = field(default_factory=list)     # "local", "centralized", "linear"
+    baselines: list[str] = field(default_factory=list)     # "local", "centralized", "linear", "cnn3d", "cnn3d_centralized"
     linear: LinearConfig = field(default_factory=LinearConfig)   # the linear baseline's features and fit
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)   # sample-level DP-SGD at every site
     central_dp: CentralDPConfig = field(default_factory=CentralDPConfig)   # site-level DP at the server
@@ -485,9 +487,9 @@ class RunConfig:
         check_device_spec(self.device)
         if not 0.0 <= self.gpus_per_site:
             raise ValueError(f"gpus_per_site must be 0 or more (a share of one GPU, or several), got {self.gpus_per_site}")
-        unknown = set(self.baselines) - {"local", "centralized", "linear"}
+        unknown = set(self.baselines) - set(BASELINES)
         if unknown:
-            raise ValueError(f"baselines: unknown {sorted(unknown)}; choose from 'local', 'centralized', 'linear'")
+            raise ValueError(f"baselines: unknown {sorted(unknown)}; choose from {', '.join(map(repr, BASELINES))}")
         if self.central_dp.enabled:
             if self.strategy.name not in ("fedavg", "fedprox"):
                 raise ValueError(f"central_dp needs strategy fedavg or fedprox, not {self.strategy.name}: Flower's "

@@ -4,8 +4,12 @@
   centralized  all sites' training data pooled in one place: the upper reference
   linear       no deep model: a logistic regression on each subject's regional means, fit on every
                site's labelled training and validation subjects pooled (cmvim.linear)
+  cnn3d        the supervised reference: a small 3D ResNet (cmvim.cnn3d) trained from scratch on MRI +
+               PET, FedAvg over the sites in this process, on the fine-tuning schedule (rounds, local
+               epochs, lr, batch size) and selection rule (finetune.select) of the run
+  cnn3d_centralized  the same network and schedule on all sites' training data pooled
 
-Both evaluate on every site's own test split, exactly like the federated model.
+All evaluate on every site's own test split, exactly like the federated model.
 """
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ import time
 
 import numpy as np
 
+from cmvim.cnn3d import CnnTask, cnn_initial_state, describe
 from cmvim.data import SiteData, make_loader
 from cmvim.run_config import RunConfig
 from cmvim.linear import collect, fit_logistic, positive_scores, regional_means
@@ -61,8 +66,8 @@ def validation_auc(tasks: list[SiteTask], shared: dict, local: dict[str, dict]) 
     entries = {}
     for task in tasks:
         # a task of one site scores itself; the centralized baseline's pooled task, site by site
-        ones = [task] if len(task.sites) == 1 else [
-            SiteTask(task.cfg, [site], task.name, limits=task.limits, device=str(task.device)) for site in task.sites]
+        ones = [task] if len(task.sites) == 1 else [           # (a SiteTask, or a CnnTask: the same signature)
+            type(task)(task.cfg, [site], task.name, limits=task.limits, device=str(task.device)) for site in task.sites]
         for one in ones:
             entries[f"{task.name}/{one.sites[0].site_dir.name}"] = site_entry(
                 dict(one.evaluate("finetune", shared, local[task.name], "val").metrics))
@@ -97,15 +102,29 @@ def _train(task: SiteTask, cfg: RunConfig, say) -> tuple[dict, dict]:
 
 
 def _evaluate(cfg: RunConfig, sites: dict[str, SiteData], shared: dict, local: dict,
-              name_of_model: str) -> dict:
+              name_of_model: str, task_type=SiteTask) -> dict:
     entries, histograms = {}, {}
     for name, site in sites.items():
-        result = SiteTask(cfg, [site], name).evaluate("finetune", shared, local, "test")
+        result = task_type(cfg, [site], name).evaluate("finetune", shared, local, "test")
         metrics = dict(result.metrics)
         entries[name] = site_entry(metrics)
         histograms[name] = result.histograms
     pooled = pooled_entry({k: v for k, v in histograms.items() if v is not None})
     return {"sites": entries, "pooled": pooled, "mean_auc": mean_auc(entries), "model": name_of_model}
+
+
+def _cnn3d(cfg: RunConfig, sites: dict[str, SiteData], pooled: bool, say) -> dict:
+    """The 3D CNN baseline: every site trains the same seeded initialisation for the run's fine-tuning
+    rounds, FedAvg'd each round by examples (pooled: one task holding every site's training data),
+    the round chosen as the run chooses its own (train_rounds); then every site's test split."""
+    tasks = ([CnnTask(cfg, list(sites.values()), "pooled")] if pooled
+             else [CnnTask(cfg, [site], name) for name, site in sites.items()])
+    shared, _ = train_rounds(cfg, tasks, "finetune", cnn_initial_state(cfg))
+    say(f"    {'pooled' if pooled else 'FedAvg over ' + str(len(tasks)) + ' sites'}: trained "
+        f"({cfg.finetune.rounds} rounds x {cfg.finetune.local_epochs} epochs)")
+    out = _evaluate(cfg, sites, shared, {}, describe(cfg), task_type=CnnTask)
+    out["n_train"] = sum(len(task.views.finetuning()) for task in tasks)
+    return out
 
 
 def linear_test_scores(cfg: RunConfig, sites: dict[str, SiteData]) -> tuple[dict[str, tuple], int]:
@@ -171,4 +190,11 @@ def run_baselines(cfg: RunConfig, sites: dict[str, SiteData], which: list[str], 
         say(f"\n== baseline: linear (logistic regression on {cfg.linear.grid}^3 regional means, all sites pooled) ==")
         out["linear"] = _linear(cfg, sites)
         out["linear"]["seconds"] = round(time.perf_counter() - start, 1)
+    for name, pooled, what in (("cnn3d", False, "FedAvg over the sites"),
+                               ("cnn3d_centralized", True, "all sites' training data pooled")):
+        if name in which:
+            start = time.perf_counter()
+            say(f"\n== baseline: {name} (a 3D ResNet from scratch on MRI + PET, {what}) ==")
+            out[name] = _cnn3d(cfg, sites, pooled, say)
+            out[name]["seconds"] = round(time.perf_counter() - start, 1)
     return out
