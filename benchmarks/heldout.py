@@ -147,12 +147,12 @@ def main() -> None:
     rows = read_scores(args.scores)
     if not args.table_only:
         done = {(r["cohort_seed"], r["seed"]) for r in rows}
+        bench = _registration()
         for cohort_seed in args.cohort_seeds:
             if (cohort_seed, args.seed) in done:
                 print(f"cohort seed {cohort_seed}, run seed {args.seed}: stored, not run again", flush=True)
                 continue
             print(f"cohort seed {cohort_seed}: building, registering and running the default recipe ...", flush=True)
-            bench = _registration()
             cfg = bench.run_config_for(bench.cohort(cohort_seed, args.subjects, "template"), "template", args.seed)
             model, linear, _ = bench.default_run_scores(cfg)
             new = score_rows(cohort_seed, args.seed, "cmvim", model) + score_rows(cohort_seed, args.seed, "linear",

@@ -148,6 +148,7 @@ def export_model(out_dir: Path, cfg: RunConfig, state: Mapping[str, torch.Tensor
         except Exception as exc:  # noqa: BLE001 - the safetensors model stands; the record says why there is no program
             exported = {"file": None, "error": f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:300]}"}
     files = [WEIGHTS_FILE] + ([PROGRAM_FILE] if exported and exported.get("file") else [])
+    digests = {name: file_sha256(out_dir / name) for name in files}       # each file read once
     settings = to_dict(cfg)
     config = {
         "schema_version": SCHEMA_VERSION,
@@ -162,13 +163,14 @@ def export_model(out_dir: Path, cfg: RunConfig, state: Mapping[str, torch.Tensor
         "training": training,
         "evaluation": evaluation,
         "program": exported,
-        "files": {name: file_sha256(out_dir / name) for name in files},
+        "files": digests,
         "fingerprint": {"run": run_fingerprint, "tensors_sha256": weights_fingerprint(tensors)},
     }
     (out_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=False) + "\n")
     from .model_card import model_card
     (out_dir / CARD_FILE).write_text(model_card(config, cfg))
-    sums = "".join(f"{file_sha256(out_dir / name)}  {name}\n" for name in [*files, CONFIG_FILE, CARD_FILE])
+    listed = {**digests, **{name: file_sha256(out_dir / name) for name in (CONFIG_FILE, CARD_FILE)}}
+    sums = "".join(f"{digest}  {name}\n" for name, digest in listed.items())
     (out_dir / SUMS_FILE).write_text(sums)
     return out_dir
 
@@ -228,7 +230,7 @@ def load_model(model_dir: str | Path) -> PortableModel:
     except (SafetensorError, OSError) as exc:
         raise ModelFileError(f"{weights_path}: not a safetensors file ({exc})") from None
     expected = meta.get("fingerprint", {}).get("tensors_sha256")
-    if expected and weights_fingerprint(state) != expected:
+    if expected and not recorded and weights_fingerprint(state) != expected:      # the file's digest covers it
         raise ModelFileError(f"{weights_path}: its weights do not match the fingerprint in {CONFIG_FILE} (a file "
                              "from another run, or damaged)")
     model = CMViMClassifier(cfg.model)
