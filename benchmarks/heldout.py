@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:] = [p for p in sys.path if not p.rstrip("/").endswith("benchmarks")]   # benchmarks/ssl.py: not the ssl module
 sys.path.insert(0, str(ROOT))
 
-from cmvim.metrics import auc_or_nan  # noqa: E402
+from cmvim.metrics import auc_or_nan, stratified_auc_ci as stratified_ci  # noqa: E402
 from cmvim.tables import format_table  # noqa: E402
 
 def _registration():
@@ -56,21 +56,6 @@ def score_rows(cohort_seed: int, seed: int, model: str, scores: dict) -> list[di
 
 def read_scores(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-
-
-def stratified_ci(labels: np.ndarray, *scores: np.ndarray, resamples: int = 2000, seed: int = 0) -> list[float]:
-    """95% CI of AUC(scores[0]) or, with two score arrays, of AUC(scores[0]) - AUC(scores[1]) over
-    the same redrawn subjects; AD and CN subjects redrawn apart (class sizes kept)."""
-    rng = np.random.default_rng(seed)
-    pos, neg = np.flatnonzero(labels == 1), np.flatnonzero(labels == 0)
-    if len(pos) == 0 or len(neg) == 0:
-        return [float("nan"), float("nan")]
-    values = []
-    for _ in range(resamples):
-        idx = np.r_[rng.choice(pos, len(pos)), rng.choice(neg, len(neg))]
-        aucs = [auc_or_nan(labels[idx], s[idx]) for s in scores]
-        values.append(aucs[0] - aucs[1] if len(aucs) == 2 else aucs[0])
-    return [float(np.quantile(values, 0.025)), float(np.quantile(values, 0.975))]
 
 
 def _group(rows: list[dict]) -> dict:

@@ -185,3 +185,14 @@ class CnnTask:
         labels, probs = engine.predict(self._model(shared), loader, self.precision)
         binary = (labels == self.num_classes - 1).astype(int)
         return RoundResult({}, {}, *evaluation_metrics(self.cfg, binary, probs[:, -1]))
+
+    def predict(self, shared: Mapping[str, torch.Tensor], local: Mapping[str, torch.Tensor] | None = None,
+                split: str = "val") -> tuple[np.ndarray, np.ndarray]:
+        """(is AD 0/1, P(AD)) of the labelled subjects of `split`, in this process (SiteTask.predict's
+        signature): for benchmarks that keep per-subject scores."""
+        dataset = self.views.dataset([split], True, augment=False)
+        if len(dataset) == 0:
+            return np.zeros(0, dtype=int), np.zeros(0)
+        labels, probs = engine.predict(self._model(shared), self.views.loader(dataset, self.cfg.finetune.batch_size,
+                                                                              False, 0), self.precision)
+        return (labels == self.num_classes - 1).astype(int), probs[:, -1]

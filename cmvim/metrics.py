@@ -67,6 +67,25 @@ def bootstrap_auc_ci(labels: np.ndarray, scores: np.ndarray, resamples: int = 10
     return [float(np.quantile(aucs, alpha)), float(np.quantile(aucs, 1 - alpha))]
 
 
+def stratified_auc_ci(labels: np.ndarray, *scores: np.ndarray, resamples: int = 2000, seed: int = 0,
+                      level: float = 0.95) -> list[float]:
+    """CI of AUC(scores[0]) or, given two score arrays, of AUC(scores[0]) - AUC(scores[1]) over the
+    same redrawn subjects (paired); positives and negatives redrawn apart, so every redraw keeps
+    the class sizes (small test splits never lose a class)."""
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    pos, neg = np.flatnonzero(labels == 1), np.flatnonzero(labels == 0)
+    if len(pos) == 0 or len(neg) == 0 or len(scores) not in (1, 2):
+        return [float("nan"), float("nan")]
+    values = []
+    for _ in range(resamples):
+        idx = np.r_[rng.choice(pos, len(pos)), rng.choice(neg, len(neg))]
+        aucs = [roc_auc_score(labels[idx], np.asarray(s)[idx]) for s in scores]
+        values.append(aucs[0] - aucs[1] if len(aucs) == 2 else aucs[0])
+    alpha = (1 - level) / 2
+    return [float(np.quantile(values, alpha)), float(np.quantile(values, 1 - alpha))]
+
+
 def score_histograms(labels, scores, bins: int = 50) -> tuple[list[int], list[int]]:
     """Counts of positive and negative subjects per score bin on [0, 1]: what a site may share."""
     labels = np.asarray(labels, dtype=int)

@@ -214,6 +214,8 @@ class CohortSpec:
     shape: int = 64
     seed: int = 0
     effect_scale: float = 1.0
+    subtypes: bool = False                # synthetic: AD/MCI subjects get an AD subtype (docs/cohort.md)
+    visits: int = 1                       # synthetic: visits per subject, a year apart, the disease progressing
     # synthetic: template (MNI space, brain only) or scanner (skull on, heads posed, PET apart from its
     # T1: what a hospital's archive holds; cmvim.simulations.scanner)
     space: Literal["template", "scanner"] = "template"

@@ -19,7 +19,7 @@ import torch
 
 from . import engine
 from .calibration import Calibration
-from .data import SiteData
+from .data import SiteData, SiteDataset
 from .data.views import SiteViews
 from .device import Precision, describe, resolve_device, to_cpu
 from .privacy import PrivacyLedger, PrivacyRefused, SiteLimits, Spend, dp_train, planned_noise, privacy_plan
@@ -230,6 +230,36 @@ class SiteTask:
         labels, probs = self._predict(self._model("finetune", shared, local or {}),
                                       self.views.dataset([split], True, augment=False))
         return (labels == self.num_classes - 1).astype(int), probs[:, -1] if len(labels) else np.zeros(0)
+
+    def refit_head(self, shared: State, local: State | None, records: list) -> tuple[dict, dict]:
+        """(shared, local) of the fine-tuned model with its head refitted, the encoder frozen, on
+        `records` (labelled records of this task's site) as the LP rounds fit it (probe_epochs at
+        probe_lr, class weights): how a hospital outside the federation fits the federated model
+        to a few of its own labels. In process, for benchmarks."""
+        pc = self.cfg.finetune
+        model = self._model("finetune", shared, local or {})
+        dataset = SiteDataset(self.sites[0], list(records), self.num_classes)
+        weights = engine.class_weights(self._checked_labels(dataset), self.num_classes)
+        seed = stable_seed(self.cfg.seed, self.name, "refit_head", len(records))
+        engine.probe(model, self.views.loader(dataset, pc.batch_size, False, seed), pc.probe_epochs, pc.probe_lr,
+                     weights=weights, seed=seed, precision=self.precision)
+        return self._split(model, "finetune")
+
+    def features(self, shared: State, local: State | None, records: list) -> tuple[np.ndarray, np.ndarray]:
+        """(is AD 0/1, the frozen fine-tuned encoder's features: what the head reads) of `records`
+        of this task's site. In process, for benchmarks."""
+        model = self._model("finetune", shared, local or {})
+        model.eval()
+        dataset = SiteDataset(self.sites[0], list(records), self.num_classes)
+        xs, ys = [], []
+        with torch.no_grad():
+            for batch in self.views.loader(dataset, self.cfg.finetune.batch_size, False, 0):
+                xs.append(model.features({k: v.to(self.device) if torch.is_tensor(v) else v
+                                          for k, v in batch.items()}).float().cpu().numpy())
+                ys.append(batch["label"].numpy())
+        if not xs:
+            return np.zeros(0, dtype=int), np.zeros((0, 0))
+        return (np.concatenate(ys) == self.num_classes - 1).astype(int), np.concatenate(xs).astype(np.float64)
 
     def _predict(self, model: torch.nn.Module, dataset) -> tuple[np.ndarray, np.ndarray]:
         return engine.predict(model, self.views.loader(dataset, self.cfg.finetune.batch_size, False, 0), self.precision)

@@ -38,7 +38,7 @@ import string
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Literal
 
@@ -74,6 +74,23 @@ EFFECTS = {
     "pet_temporoparietal": 0.17,
     "pet_hippocampus": 0.10,
 }
+# AD subtypes (issue #32's regime where no fixed region separates the classes): how hard each region
+# is hit, relative to EFFECTS, per subtype. Atrophy subtypes of Murray et al. 2011 (Lancet Neurol,
+# neuropathology) and Ferreira et al. 2020 (Neurology, meta-analysis: typical 55 %, limbic-predominant
+# 21 %, hippocampal-sparing 17 %, minimal atrophy 15 %); FDG hypometabolism follows the atrophy
+# (Whitwell et al. 2015, Levin et al. 2021). Minimal-atrophy is left out; the shares renormalised.
+SUBTYPES = {
+    "typical": {},
+    "limbic": {"hippocampus": 1.5, "entorhinal": 1.5, "temporoparietal": 0.3, "pcc_precuneus": 0.3,
+               "pet_hippocampus": 1.5, "pet_pcc_precuneus": 0.4, "pet_temporoparietal": 0.4},
+    "hippocampal_sparing": {"hippocampus": 0.2, "entorhinal": 0.3, "temporoparietal": 1.6, "pcc_precuneus": 1.6,
+                            "pet_hippocampus": 0.3, "pet_pcc_precuneus": 1.5, "pet_temporoparietal": 1.5},
+}
+SUBTYPE_SHARES = {"typical": 0.59, "limbic": 0.23, "hippocampal_sparing": 0.18}
+# disease progression between visits, in severity per year beyond ageing: hippocampal atrophy of
+# ~4.7 %/year in AD, ~3.0 % in MCI, ~1.4 % in controls (Barnes et al. 2009, Neurobiol Aging,
+# meta-analysis); the excess over controls at EFFECTS["hippocampus"] = 0.24 per unit severity
+PROGRESSION_PER_YEAR = {"CN": 0.0, "MCI": 0.07, "AD": 0.14}
 PET_COUNTS = 200.0               # counts per unit uptake: the PET's Poisson (count-like) noise
 AGE_GM_LOSS_PER_YEAR = 0.0025    # ~0.25 %/year cortical GM loss in ageing
 AGE_VENTRICLE_PER_YEAR = 0.03    # ~3 %/year ventricular growth in ageing
@@ -107,6 +124,8 @@ class CohortConfig:
     report_informativeness: float = 0.6
     name_diagnosis: bool = False        # reports never name the diagnosis unless asked
     effect_scale: float = 1.0           # >1: an easier cohort (tests), <1: harder
+    subtypes: bool = False              # AD and MCI subjects get an AD subtype (SUBTYPES); False: all typical
+    visits: int = 1                     # visits per subject, a year apart, the disease progressing between them
     dicom_sites: tuple[str, ...] | None = None   # None: every third site from the second (B, E, ...)
     format: Literal["manifest", "bids"] = "manifest"   # bids: BIDS datasets, NIfTI only (no DICOM sites)
     # template: scans in MNI space, brain only (research-ready); scanner: the same subjects as scanners
@@ -124,6 +143,11 @@ class CohortConfig:
             raise ValueError("subjects per site must be at least 2")
         if self.shape < 16 or self.shape > 256:
             raise ValueError("shape must be between 16 and 256")
+        if self.visits < 1 or self.visits > 10:
+            raise ValueError("visits must be between 1 and 10")
+        if self.visits > 1 and self.format == "bids":
+            raise ValueError("several visits are written as manifest.csv with a visit column; BIDS sessions are "
+                             "not written yet: use format 'manifest'")
 
 
 def site_profiles(cfg: CohortConfig, rng: np.random.Generator) -> list[SiteProfile]:
@@ -159,6 +183,7 @@ class Subject:
     severity: float
     has_pet: bool
     labeled: bool
+    subtype: str = "typical"             # SUBTYPES; CN subjects stay "typical" (no disease effects to shape)
 
 
 # -- image synthesis ---------------------------------------------------------------------------
@@ -268,9 +293,10 @@ def synthesize(subject: Subject, site: SiteProfile, anatomy: Anatomy, rng: np.ra
     # atrophy: lost grey matter becomes CSF
     loss = AGE_GM_LOSS_PER_YEAR * max(age, -10) + 0.02 * rng.standard_normal()
     loss = torch.full_like(gm, loss) + 0.03 * smooth_field(rng, anatomy.shape, 4, 1)[0]
+    weight = SUBTYPES[subject.subtype]
     for region in ("hippocampus", "entorhinal", "temporoparietal", "pcc_precuneus"):
         individual = 1 + 0.25 * rng.standard_normal()           # regions vary within a subject
-        loss = loss + regions[region] * EFFECTS[region] * s * individual
+        loss = loss + regions[region] * EFFECTS[region] * weight.get(region, 1.0) * s * individual
     natural_hippocampus = 0.08 * rng.standard_normal()           # ~8 % inter-subject SD, unrelated to disease
     loss = loss + regions["hippocampus"] * natural_hippocampus
     gm = gm * (1 - loss.clamp(-0.2, 0.8))
@@ -316,7 +342,8 @@ def synthesize(subject: Subject, site: SiteProfile, anatomy: Anatomy, rng: np.ra
     hypo = torch.zeros_like(uptake) + 0.003 * max(age, 0)
     for region, effect in (("pcc_precuneus", "pet_pcc_precuneus"), ("temporoparietal", "pet_temporoparietal"),
                            ("hippocampus", "pet_hippocampus")):
-        hypo = hypo + warped_regions[region] * EFFECTS[effect] * s * (1 + 0.2 * rng.standard_normal())
+        hypo = hypo + warped_regions[region] * EFFECTS[effect] * weight.get(effect, 1.0) * s * (
+            1 + 0.2 * rng.standard_normal())
     uptake = uptake * (1 - hypo.clamp(0, 0.6))
     blurred = gaussian_blur(uptake, (site.pet_fwhm_mm / 2.355 / anatomy.voxel_mm,) * 3)
     pet = torch.poisson(blurred.clamp(min=0) * PET_COUNTS,
@@ -343,16 +370,31 @@ def draw_subjects(site: SiteProfile, n: int, rng: np.random.Generator) -> list[S
     return subjects
 
 
+def assign_subtypes(subjects: list[Subject], rng: np.random.Generator) -> list[Subject]:
+    """AD and MCI subjects drawn a subtype by SUBTYPE_SHARES (from a generator of its own, so a
+    cohort with subtypes holds the same subjects as one without)."""
+    names = list(SUBTYPE_SHARES)
+    shares = np.array([SUBTYPE_SHARES[n] for n in names])
+    drawn = rng.choice(names, size=len(subjects), p=shares / shares.sum())
+    return [replace(s, subtype=str(d)) if s.label != "CN" else s for s, d in zip(subjects, drawn)]
+
+
+def at_visit(subject: Subject, years: float) -> Subject:
+    """The subject `years` after the first visit: older, the disease progressed (PROGRESSION_PER_YEAR)."""
+    return replace(subject, age=subject.age + years,
+                   severity=subject.severity + PROGRESSION_PER_YEAR[subject.label] * years)
+
+
 def _write_scan(folder: Path, stem: str, volume: np.ndarray, affine: np.ndarray, modality: str, dicom: bool,
                 subject_id: str) -> str:
-    """One scan as a DICOM series folder (a PACS export) or a NIfTI file; returns its manifest path."""
+    """One scan as a DICOM series folder (a PACS export) or a NIfTI file in `folder`; returns its name there."""
     if dicom:
         name = "t1_dicom" if modality == "MR" else "pet_dicom"
         write_dicom_series(folder / name, volume, affine, modality, subject_id)
     else:
         name = f"{stem}.nii.gz"
         nib.save(nib.Nifti1Image(volume.astype(np.float32), affine), str(folder / name))
-    return f"subjects/{subject_id}/{name}"
+    return name
 
 
 @dataclass
@@ -392,24 +434,35 @@ def subject_scans(subject: Subject, index: int, site: SiteProfile, anatomy: Anat
 def write_site(site_dir: Path, site: SiteProfile, subjects: list[Subject], anatomy: Anatomy,
                rng: np.random.Generator, cfg: CohortConfig, on_subject: Callable[[], None] | None = None
                ) -> list[dict]:
+    """The site as manifest.csv + files. With cfg.visits > 1 every subject has that many visits a
+    year apart (a `visit` column, files under subjects/<id>/visit-<k>/): the same anatomy, posed and
+    scanned alike (one generator per subject, drawn afresh for each visit), older and with the
+    disease progressed (`at_visit`); the diagnosis is the first visit's."""
     site_dir.mkdir(parents=True, exist_ok=True)
-    rows = ["subject_id,mri,pet,report,label,age,sex"]
+    several = cfg.visits > 1
+    rows = ["subject_id," + ("visit," if several else "") + "mri,pet,report,label,age,sex"]
     truth = []
     for index, subject in enumerate(subjects):
-        scans = subject_scans(subject, index, site, anatomy, rng, cfg)
-        pet = scans.pet
-        folder = site_dir / "subjects" / subject.subject_id
-        folder.mkdir(parents=True, exist_ok=True)
-        mri = _write_scan(folder, "t1", scans.t1, scans.t1_affine, "MR", site.dicom, subject.subject_id)
-        pet_path = "" if pet is None else _write_scan(folder, "fdg_pet", pet, scans.pet_affine, "PT", site.dicom,
-                                                      subject.subject_id)
-        report = write_report(rng, subject.severity * cfg.effect_scale, pet is not None, subject.label,
-                              cfg.report_informativeness, cfg.name_diagnosis)
-        (folder / "report.txt").write_text(report + "\n", encoding="utf-8")
-        label = subject.label if subject.labeled else ""
-        rows.append(f"{subject.subject_id},{mri},{pet_path},subjects/{subject.subject_id}/report.txt,{label},"
-                    f"{subject.age:.0f},{subject.sex}")
-        truth.append({**asdict(subject), "mri": mri, "pet": pet_path, **scans.truth(), "features": scans.features})
+        for visit in range(cfg.visits):
+            this = at_visit(subject, float(visit)) if several else subject
+            visit_rng = np.random.default_rng([cfg.seed, ord(site.name), index, 0x715]) if several else rng
+            scans = subject_scans(this, index, site, anatomy, visit_rng, cfg)
+            pet = scans.pet
+            relative = f"subjects/{subject.subject_id}" + (f"/visit-{visit + 1}" if several else "")
+            folder = site_dir / relative
+            folder.mkdir(parents=True, exist_ok=True)
+            mri = f"{relative}/{_write_scan(folder, 't1', scans.t1, scans.t1_affine, 'MR', site.dicom, subject.subject_id)}"
+            pet_path = "" if pet is None else f"{relative}/" + _write_scan(
+                folder, "fdg_pet", pet, scans.pet_affine, "PT", site.dicom, subject.subject_id)
+            report_rng = np.random.default_rng([cfg.seed, ord(site.name), index, visit, 0x7E9]) if several else rng
+            report = write_report(report_rng, this.severity * cfg.effect_scale, pet is not None, subject.label,
+                                  cfg.report_informativeness, cfg.name_diagnosis)
+            (folder / "report.txt").write_text(report + "\n", encoding="utf-8")
+            label = subject.label if subject.labeled else ""
+            rows.append(f"{subject.subject_id}," + (f"{visit + 1}," if several else "")
+                        + f"{mri},{pet_path},{relative}/report.txt,{label},{this.age:.0f},{subject.sex}")
+            truth.append({**asdict(this), "visit": visit + 1, "mri": mri, "pet": pet_path, **scans.truth(),
+                          "features": scans.features})
         if on_subject:
             on_subject()
     (site_dir / "manifest.csv").write_text("\n".join(rows) + "\n")
@@ -536,6 +589,8 @@ def _build_site(job) -> tuple[str, dict, list[dict], dict]:
     anatomy = load_anatomy(cfg.shape)
     site_rng = np.random.default_rng([cfg.seed, ord(site.name)])
     subjects = draw_subjects(site, cfg.subjects, site_rng)
+    if cfg.subtypes:
+        subjects = assign_subtypes(subjects, np.random.default_rng([cfg.seed, ord(site.name), 0x5B7]))
     writer = write_site_bids if cfg.format == "bids" else write_site
     truth = writer(out_dir / site.name, site, subjects, anatomy, site_rng, cfg, _on_subject)
     counts = {"subjects": len(subjects), "with_pet": sum(s.has_pet for s in subjects),
@@ -544,7 +599,7 @@ def _build_site(job) -> tuple[str, dict, list[dict], dict]:
     features = []
     if measure:
         from .measure import subject_features
-        features = [{"site": site.name, "label": r["label"],
+        features = [{"site": site.name, "label": r["label"], "subtype": r["subtype"],
                      **(r["features"] or subject_features(out_dir / site.name, r, anatomy))} for r in truth]
     poses = {r["mri"]: {"template_to_mri": r["template_to_mri"], "pet": r["pet"] or None,
                         "template_to_pet": r["template_to_pet"]} for r in truth}
@@ -612,7 +667,7 @@ def cohort_cache_root() -> Path:
 def cached_cohort(cfg: CohortConfig, root: Path | None = None) -> Path:
     """The cohort for `cfg`, generated on first use and reused after (keyed by the config)."""
     spec = asdict(cfg)
-    for key, first in (("format", "manifest"), ("space", "template")):
+    for key, first in (("format", "manifest"), ("space", "template"), ("subtypes", False), ("visits", 1)):
         if spec[key] == first:
             del spec[key]                   # keys of cohorts cached before there was a choice stay valid
     key = hashlib.sha256(json.dumps(spec, sort_keys=True, default=list).encode()).hexdigest()[:12]
@@ -642,5 +697,6 @@ def prepare_cohort(cfg: RunConfig) -> RunConfig:
     spec = cfg.cohort
     cfg.cohort.path = str(cached_cohort(CohortConfig(sites=spec.sites, subjects=spec.subjects, shape=spec.shape,
                                                      seed=spec.seed, effect_scale=spec.effect_scale,
-                                                     space=spec.space)))
+                                                     space=spec.space, subtypes=spec.subtypes,
+                                                     visits=spec.visits)))
     return cfg

@@ -31,6 +31,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="0: reports say nothing about the findings, 1: they always describe them")
     parser.add_argument("--name-diagnosis", action="store_true", help="let reports name the diagnosis")
     parser.add_argument("--effect-scale", type=float, default=1.0, help="scale disease effects (>1: easier)")
+    parser.add_argument("--subtypes", action="store_true",
+                        help="AD and MCI subjects get an AD subtype: typical, limbic-predominant or hippocampal-sparing "
+                             "(docs/cohort.md), so no one region separates the classes")
+    parser.add_argument("--visits", type=int, default=1,
+                        help="visits per subject, a year apart, the disease progressing between them (a visit column "
+                             "in manifest.csv)")
     parser.add_argument("--dicom-sites", help="comma-separated sites that export DICOM (default: B, E, ...)")
     parser.add_argument("--workers", type=int, help="processes (default: one per site, up to the core count)")
     parser.add_argument("--format", choices=("manifest", "bids"), default="manifest",
@@ -54,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = CohortConfig(sites=args.sites, subjects=args.subjects, shape=args.shape, seed=args.seed,
                            pet_missing=args.pet_missing, unlabeled=args.unlabeled,
                            report_informativeness=args.report_informativeness, name_diagnosis=args.name_diagnosis,
-                           effect_scale=args.effect_scale,
+                           effect_scale=args.effect_scale, subtypes=args.subtypes, visits=args.visits,
                            dicom_sites=tuple(args.dicom_sites.split(",")) if args.dicom_sites else None,
                            format=args.format, space=args.space)
     except ValueError as exc:
@@ -74,6 +80,12 @@ def main(argv: list[str] | None = None) -> int:
                      entry.get("MCI_vs_CN_pct"), entry.get("MCI_vs_CN_d"), entry.get("AD_vs_CN_pct"),
                      entry.get("AD_vs_CN_d")])
     print(format_table(["measure", "CN", "MCI", "AD", "MCI vs CN %", "d", "AD vs CN %", "d"], rows))
+    by_subtype = [[feature, subtype, entry[f"AD_{subtype}_vs_CN_pct"], entry[f"AD_{subtype}_vs_CN_d"]]
+                  for feature, entry in summary.effects.items() if feature != "site_wm_intensity"
+                  for subtype in ("typical", "limbic", "hippocampal_sparing") if f"AD_{subtype}_vs_CN_d" in entry]
+    if by_subtype:
+        print("\nAD subjects by subtype, against all CN:")
+        print(format_table(["measure", "AD subtype", "vs CN %", "d"], by_subtype))
     print(f"\nsummary: {args.out / 'cohort.json'}")
     return 0
 

@@ -64,6 +64,16 @@ def summarize_effects(rows: list[dict]) -> dict[str, dict]:
                 entry[f"{c}_vs_CN_pct"] = float(100 * (values[c].mean() / values["CN"].mean() - 1))
                 entry[f"{c}_vs_CN_d"] = cohens_d(values[c], values["CN"])
         effects[feature] = entry
+    subtypes = sorted({r.get("subtype", "typical") for r in rows if r["label"] != "CN"})
+    if len(subtypes) > 1:           # a cohort with AD subtypes: each subtype's AD subjects against all CN
+        for feature in ("hippocampal_tissue_ml", "ventricles_ml", "pcc_suvr"):
+            cn = np.array([r[feature] for r in rows if r["label"] == "CN" and feature in r])
+            for subtype in subtypes:
+                ad = np.array([r[feature] for r in rows if r["label"] == "AD" and r.get("subtype") == subtype
+                               and feature in r])
+                if len(ad) > 1 and len(cn) > 1:
+                    effects[feature][f"AD_{subtype}_vs_CN_pct"] = float(100 * (ad.mean() / cn.mean() - 1))
+                    effects[feature][f"AD_{subtype}_vs_CN_d"] = cohens_d(ad, cn)
     sites = sorted({r["site"] for r in rows})
     effects["site_wm_intensity"] = {site: float(np.mean([r["wm_intensity"] for r in rows if r["site"] == site]))
                                     for site in sites}

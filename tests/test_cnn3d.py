@@ -124,3 +124,15 @@ def test_the_run_config_names_the_cnn_baselines():
     assert run_config(baselines=["cnn3d", "cnn3d_centralized"]).baselines == ["cnn3d", "cnn3d_centralized"]
     with pytest.raises(ValueError, match="'cnn3d_centralized'"):
         run_config(baselines=["cnn"])
+
+
+def test_predict_scores_the_subjects_evaluate_scores(easy_cohort, easy_sites, one_thread):
+    """CnnTask.predict (benchmarks keep its per-subject scores) and evaluate read the same test split."""
+    from cmvim.metrics import auc_or_nan
+    cfg = run_config(cnn_config(easy_cohort))
+    task = CnnTask(cfg, [easy_sites["C"]], "C")
+    state = cnn_initial_state(cfg)
+    labels, scores = task.predict(state, {}, "test")
+    assert len(labels) == len(easy_sites["C"].subset("test", True)) == len(scores) and 0 < labels.sum() < len(labels)
+    assert ((scores >= 0) & (scores <= 1)).all()
+    assert abs(task.evaluate("finetune", state).metrics["auc"] - auc_or_nan(labels, scores)) < 1e-9

@@ -114,6 +114,77 @@ def test_cli_writes_scanner_space_with_its_known_answers_and_template_keys_stay(
     assert t1.shape != (32, 32, 32) and not np.allclose(affine, load_volume(tmp_path / "t" / "A" / first)[1])
     assert np.array(poses[first]["template_to_mri"]).shape == (4, 4)
     spec = asdict(CohortConfig(sites=1, subjects=2, shape=32, seed=4))
-    del spec["format"], spec["space"]
+    del spec["format"], spec["space"], spec["subtypes"], spec["visits"]
     key = hashlib.sha256(json.dumps(spec, sort_keys=True, default=list).encode()).hexdigest()[:12]
     assert cached_cohort(CohortConfig(sites=1, subjects=2, shape=32, seed=4), root=tmp_path / "c").name == f"cohort-{key}"
+
+
+def test_ad_subtypes_move_the_disease_between_regions_and_keep_the_same_subjects(tmp_path):
+    """The same AD subject (same draws) as each subtype: limbic-predominant loses the most hippocampal
+    tissue and keeps the most PCC uptake, hippocampal-sparing the reverse. A cohort with subtypes
+    holds the same subjects, reports and control images as one without."""
+    from cmvim.simulations.anatomy import load_anatomy
+    from cmvim.simulations.cohort import Subject, site_profiles, synthesize
+    from cmvim.simulations.measure import image_features
+    anatomy = load_anatomy(32)
+    site = site_profiles(CohortConfig(sites=1, shape=32), np.random.default_rng(0))[0]
+    measured = {}
+    for subtype in ("typical", "limbic", "hippocampal_sparing"):
+        subject = Subject("X", "AD", 75.0, "F", severity=1.5, has_pet=True, labeled=True, subtype=subtype)
+        images = synthesize(subject, site, anatomy, np.random.default_rng(7), effect_scale=1.0)
+        measured[subtype] = image_features(images.t1, images.pet, anatomy)
+    hippocampus = {k: v["hippocampal_tissue_ml"] for k, v in measured.items()}
+    pcc = {k: v["pcc_suvr"] for k, v in measured.items()}
+    assert hippocampus["limbic"] < hippocampus["typical"] < hippocampus["hippocampal_sparing"]
+    assert pcc["hippocampal_sparing"] < pcc["typical"] < pcc["limbic"]
+
+    plain, mixed = tmp_path / "plain", tmp_path / "mixed"
+    generate_cohort(plain, CohortConfig(sites=1, subjects=6, shape=32, seed=2), measure=False, workers=1)
+    generate_cohort(mixed, CohortConfig(sites=1, subjects=6, shape=32, seed=2, subtypes=True), measure=False, workers=1)
+    manifest = (plain / "A" / "manifest.csv").read_text()
+    assert (mixed / "A" / "manifest.csv").read_text() == manifest
+    differ = {}
+    for row in manifest.splitlines()[1:]:
+        subject, mri, _, report, label = row.split(",")[:5]
+        assert (plain / "A" / report).read_text() == (mixed / "A" / report).read_text()
+        same = np.array_equal(load_volume(plain / "A" / mri)[0], load_volume(mixed / "A" / mri)[0])
+        if label == "CN":
+            assert same, f"a control's scan changed with subtypes on ({subject})"
+        differ[subject] = not same
+    assert any(differ.values())                       # some AD/MCI subject is not typical
+
+
+def test_several_visits_a_year_apart_progress_and_load_as_one_subject(tmp_path):
+    """visits=2: a visit column, each subject's second visit a year older with the disease progressed
+    (every subject loses hippocampal tissue with age; AD subjects lose more), loaded as one subject
+    whose visits share a split. BIDS sessions are not written: refused by name."""
+    from cmvim.simulations.anatomy import load_anatomy
+    from cmvim.simulations.measure import subject_features
+    out = tmp_path / "visits"
+    generate_cohort(out, CohortConfig(sites=1, subjects=8, shape=32, seed=1, visits=2), measure=False, workers=1)
+    rows = [r.split(",") for r in (out / "A" / "manifest.csv").read_text().splitlines()]
+    assert rows[0][:3] == ["subject_id", "visit", "mri"] and len(rows) == 1 + 16
+    by_subject: dict = {}
+    for row in rows[1:]:
+        by_subject.setdefault(row[0], []).append(row)
+    anatomy = load_anatomy(32)
+    loss: dict = {"CN": [], "AD": [], "MCI": []}
+    for first, second in by_subject.values():
+        assert (first[1], second[1]) == ("1", "2") and "visit-1/" in first[2] and "visit-2/" in second[2]
+        assert first[5] == second[5] and 0 <= int(second[6]) - int(first[6]) <= 2    # one diagnosis, a year older
+        tissue = [subject_features(out / "A", {"mri": v[2], "pet": v[3]}, anatomy)["hippocampal_tissue_ml"]
+                  for v in (first, second)]
+        assert tissue[1] < tissue[0]
+        if first[5]:
+            loss[first[5]].append(tissue[0] - tissue[1])
+    assert loss["AD"] and loss["CN"] and min(loss["AD"]) > max(loss["CN"])
+    data = SiteData.load(out / "A", PreprocessConfig(spatial="none", shape=32, voxel_size=None),
+                         cache_dir=tmp_path / "cache")
+    counts = data.counts()
+    assert counts["subjects"] == 8 and counts["visits"] == 16 and data.summary.skipped == []
+    splits: dict = {}
+    for record in data.records:
+        splits.setdefault(record.entry.subject_id, set()).add(record.split)
+    assert all(len(s) == 1 for s in splits.values())           # a subject's visits share its split
+    with pytest.raises(ValueError, match="visit"):
+        CohortConfig(visits=2, format="bids")

@@ -15,7 +15,7 @@ from cmvim.data.preprocess import normalize_suvr
 from cmvim.run_config import run_config
 from cmvim.linear import LinearConfig, collect, encoder_features, fit_logistic, positive_scores, regional_means
 from cmvim.model import CMViM, CMViMClassifier, model_config
-from cmvim.site_task import SiteTask
+from cmvim.site_task import SiteTask, SiteTaskError
 from cmvim.weights import initial_state
 from cmvim.simulations.toy import synthetic_batch
 
@@ -178,6 +178,34 @@ def test_site_task_probe_round_moves_only_the_head_then_fine_tuning_moves_everyt
     moved = [k for k in tuned.shared if k.startswith("image.encoder.layers.0.")
              and not torch.equal(tuned.shared[k], probed.shared[k])]
     assert moved, "a fine-tuning round after the probe must move the encoder"
+
+
+def test_an_unseen_site_refits_the_head_on_its_own_labels_and_reads_the_frozen_features(easy_cohort, easy_sites):
+    """benchmarks/unseen_site.py's adaptations: refit_head moves the head alone (the LP rounds'
+    recipe) on exactly the records given, and features are what the head reads, in split order."""
+    cfg = easy_run_config(easy_cohort)
+    task = SiteTask(cfg, [easy_sites["B"]], "B")
+    state = initial_state(cfg, "finetune")
+    pool = easy_sites["B"].subset("train", True)
+    few = [r for r in pool if r.entry.label == "AD"][:2] + [r for r in pool if r.entry.label == "CN"][:2]
+    shared, _ = task.refit_head(state, {}, few)
+    assert all(torch.equal(v, state[k]) for k, v in shared.items() if k.startswith("image."))
+    assert not torch.equal(shared["head.weight"], state["head.weight"])
+    again, _ = task.refit_head(state, {}, few)
+    assert torch.equal(again["head.weight"], shared["head.weight"])         # reproducible from the run's seed
+    other, _ = task.refit_head(state, {}, few[:1] + few[2:] + pool[-2:])
+    assert not torch.equal(other["head.weight"], shared["head.weight"])    # it reads the records it is given
+    with pytest.raises(SiteTaskError, match="both classes"):
+        task.refit_head(state, {}, few[:2])
+    labels, x = task.features(shared, {}, task.sites[0].subset("test", True))
+    binary, scores = task.predict(shared, {}, "test")
+    model = CMViMClassifier(cfg.model)
+    model.load_state_dict(shared)
+    assert np.array_equal(labels, binary) and x.shape == (len(binary), model.feature_dim)
+    model.eval()
+    with torch.no_grad():
+        head = torch.softmax(model.head(torch.as_tensor(x, dtype=torch.float32)), dim=-1)[:, -1].numpy()
+    np.testing.assert_allclose(head, scores, rtol=1e-4, atol=1e-5)       # the head on these features = predict
 
 
 # -- the linear baseline and the linear probe ---------------------------------------------------------

@@ -1,0 +1,256 @@
+"""Regimes where block means should fail (issue #32): the frozen recipe (simulations/configs/quick.yaml
+as committed, its rounds in this process as benchmarks/heldout.py runs them), a fresh encoder on the
+same fine-tuning schedule, the supervised 3D CNN (`baselines: cnn3d`: FedAvg, the recipe's
+fine-tuning schedule and selection rule) and the linear baseline (block means), on cohorts built
+to be harder than the default one:
+
+  default      the default cohort (3 sites x 120 subjects, effect scale 1): the reference row
+  effect 0.5   every disease effect at half its literature size
+  subtypes     AD and MCI subjects split into typical, limbic-predominant and hippocampal-sparing
+               atrophy/hypometabolism patterns (simulations/cohort.py SUBTYPES): no one region
+               separates the classes
+  progression  two visits a year apart per subject, the disease progressing between them; every
+               visit is scored and a subject's score is the mean of its visits' (the table is per subject)
+
+    PYTHONPATH=. python benchmarks/regimes.py [--regimes subtypes ...] [--cohort-seeds 71 72]
+    PYTHONPATH=. python benchmarks/regimes.py --table-only
+
+Reserved cohort seeds: 71, 72, 73 (no choice was made on them; keep it so). Run seed 0. Every test
+subject's score goes to docs/benchmarks/regime_scores.jsonl at full precision, with its site, its
+index among the site's test subjects and its visit, so --table-only recomputes every number.
+± is the SD over cohort seeds; the paired difference to the linear baseline is per cohort seed
+(pooled test subjects) with its stratified-bootstrap 95% CI in the per-seed table.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:] = [p for p in sys.path if not p.rstrip("/").endswith("benchmarks")]   # benchmarks/ssl.py: not the ssl module
+sys.path.insert(0, str(ROOT))
+
+from cmvim.metrics import auc_or_nan, stratified_auc_ci  # noqa: E402
+from cmvim.tables import format_table  # noqa: E402
+
+RESERVED_COHORT_SEEDS = (71, 72, 73)
+SCORES = ROOT / "docs" / "benchmarks" / "regime_scores.jsonl"
+EFFECTS = ROOT / "docs" / "benchmarks" / "regime_effects.json"
+REGIMES = {
+    "default": {},
+    "effect 0.5": {"effect_scale": 0.5},
+    "subtypes": {"subtypes": True},
+    "progression": {"visits": 2},
+}
+MODELS = ("linear", "cnn3d", "cmvim fresh", "cmvim pretrained")
+
+
+def _bench(name: str):
+    """A sibling benchmark script by path: benchmarks/ is no package, and its ssl.py must not shadow ssl."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(f"cmvim_bench_{name}", ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def regime_cohort(regime: str, cohort_seed: int, subjects: int) -> Path:
+    from cmvim.simulations.cohort import CohortConfig, cached_cohort
+    return cached_cohort(CohortConfig(sites=3, subjects=subjects, shape=64, seed=cohort_seed, **REGIMES[regime]))
+
+
+def test_keys(site, num_classes: int) -> list[tuple[int, int]]:
+    """(subject index within the site's test split, visit number) of each labelled test visit, in
+    the order a task scores them; no subject id leaves this function."""
+    records = site.subset("test", True, num_classes)
+    subjects: dict[str, int] = {}
+    return [(subjects.setdefault(r.entry.subject_id, len(subjects)), int(r.entry.visit or 1)) for r in records]
+
+
+def model_scores(cfg, sites: dict, model: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """{site: (is AD 0/1, P(AD)) of its labelled test visits} of one model trained on every site."""
+    from cmvim.cnn3d import CnnTask, cnn_initial_state
+    from cmvim.simulations.baselines import linear_test_scores, train_rounds
+    from cmvim.site_task import SiteTask
+    from cmvim.weights import initial_state
+
+    if model == "linear":
+        return linear_test_scores(cfg, sites)[0]
+    if model == "cnn3d":
+        tasks = [CnnTask(cfg, [site], name) for name, site in sites.items()]
+        shared, _ = train_rounds(cfg, tasks, "finetune", cnn_initial_state(cfg))
+        return {task.name: task.predict(shared, {}, "test") for task in tasks}
+    tasks = [SiteTask(cfg, [site], name) for name, site in sites.items()]
+    if model == "cmvim fresh":
+        fresh = replace(cfg, finetune_init="fresh")
+        start = initial_state(fresh, "finetune")
+    else:
+        pretrained, _ = train_rounds(cfg, tasks, "pretrain", initial_state(cfg, "pretrain"))
+        start = initial_state(cfg, "finetune", pretrained)
+    final, local = train_rounds(cfg, tasks, "finetune", start)
+    return {task.name: task.predict(final, local[task.name], "test") for task in tasks}
+
+
+def run(regime: str, cohort_seed: int, seed: int, subjects: int, models: list[str], scores_path: Path,
+        done: set) -> list[dict]:
+    import torch
+
+    from cmvim.simulations.cli import prepare_sites
+    bench = _bench("registration")
+    torch.set_num_threads(1)
+    cohort = regime_cohort(regime, cohort_seed, subjects)
+    record_effects(regime, cohort_seed, cohort)
+    cfg = bench.run_config_for(cohort, "template", seed)
+    with contextlib.redirect_stdout(io.StringIO()):
+        sites = prepare_sites(cfg)
+    keys = {name: test_keys(site, cfg.model.num_classes) for name, site in sites.items()}
+    rows = []
+    for model in models:
+        if (regime, cohort_seed, seed, model) in done:
+            continue
+        start = time.perf_counter()
+        scores = model_scores(cfg, sites, model)
+        new = [{"regime": regime, "cohort_seed": cohort_seed, "seed": seed, "model": model, "site": name,
+                "subject": subject, "visit": visit, "label": int(label), "score": float(score)}
+               for name, (labels, values) in scores.items()
+               for (subject, visit), label, score in zip(keys[name], labels, values)]
+        with scores_path.open("a") as handle:
+            handle.writelines(json.dumps(r) + "\n" for r in new)
+        rows += new
+        mean = np.nanmean([auc_or_nan(*per_subject(new, name)) for name in scores])
+        print(f"  {regime}, cohort seed {cohort_seed}: {model} mean per-site AUC {mean:.3f} "
+              f"[{time.perf_counter() - start:.0f} s]", flush=True)
+    return rows
+
+
+def per_subject(rows: list[dict], site: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(label, score) per subject (the mean of its visits' scores) of rows, one site or all pooled."""
+    subjects: dict = {}
+    for r in rows:
+        if site is None or r["site"] == site:
+            entry = subjects.setdefault((r["site"], r["subject"]), [r["label"], []])
+            entry[1].append(r["score"])
+    keys = sorted(subjects)
+    return (np.array([subjects[k][0] for k in keys], dtype=int),
+            np.array([float(np.mean(subjects[k][1])) for k in keys]))
+
+
+def read_scores(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def _sd(xs: list[float], sign: str = "") -> str:
+    xs = [x for x in xs if np.isfinite(x)]
+    if not xs:
+        return "n/a"
+    return f"{np.mean(xs):{sign}.3f} ± {np.std(xs, ddof=1):.3f} (SD)" if len(xs) > 1 else f"{xs[0]:{sign}.3f}"
+
+
+def _ci(pair: list[float]) -> str:
+    return f"[{pair[0]:+.2f}, {pair[1]:+.2f}]" if all(np.isfinite(pair)) else "n/a"
+
+
+def tables(rows: list[dict]) -> tuple[str, str]:
+    """(per regime and model: mean over cohort seeds; per regime, cohort seed and model: pooled AUC and
+    the paired difference to the linear baseline with its CI)."""
+    runs: dict = {}
+    for r in rows:
+        runs.setdefault((r["regime"], r["cohort_seed"], r["seed"]), {}).setdefault(r["model"], []).append(r)
+    summary: dict = {}
+    detail = []
+    order = {name: i for i, name in enumerate(REGIMES)}
+    for key in sorted(runs, key=lambda k: (order.get(k[0], 99), k[1], k[2])):
+        by_model = runs[key]
+        linear = per_subject(by_model["linear"]) if "linear" in by_model else None
+        for model in MODELS:
+            if model not in by_model:
+                continue
+            rows_m = by_model[model]
+            sites = sorted({r["site"] for r in rows_m})
+            mean_site = float(np.nanmean([auc_or_nan(*per_subject(rows_m, s)) for s in sites]))
+            labels, scores = per_subject(rows_m)
+            pooled = auc_or_nan(labels, scores)
+            diff, ci = float("nan"), [float("nan")] * 2
+            if linear is not None and model != "linear" and np.array_equal(linear[0], labels):
+                diff = pooled - auc_or_nan(*linear)
+                ci = stratified_auc_ci(labels, scores, linear[1])
+            cell = summary.setdefault((key[0], model), {"site": [], "pooled": [], "diff": []})
+            cell["site"].append(mean_site)
+            cell["pooled"].append(pooled)
+            cell["diff"].append(diff)
+            detail.append([key[0], key[1], model, len(labels), int(labels.sum()), f"{mean_site:.3f}",
+                           f"{pooled:.3f}", "" if model == "linear" else f"{diff:+.3f} {_ci(ci)}"])
+    summary_rows = []
+    for (regime, model), cell in sorted(summary.items(), key=lambda kv: (order.get(kv[0][0], 99),
+                                                                         MODELS.index(kv[0][1]))):
+        summary_rows.append([regime, model, len(cell["site"]), _sd(cell["site"]), _sd(cell["pooled"]),
+                             "" if model == "linear" else _sd(cell["diff"], "+")])
+    return (format_table(["regime", "model", "cohort seeds", "mean per-site AUC", "pooled AUC",
+                          "pooled - linear"], summary_rows),
+            format_table(["regime", "cohort seed", "model", "test subjects", "AD", "mean per-site AUC",
+                          "pooled AUC", "pooled - linear (95% CI)"], detail))
+
+
+def record_effects(regime: str, cohort_seed: int, cohort: Path, path: Path = EFFECTS) -> None:
+    """The disease effects measured on a regime cohort's written files (its cohort.json), kept beside
+    the scores so the effect table needs no cohort."""
+    effects = json.loads(path.read_text()) if path.exists() else {}
+    effects[f"{regime}/{cohort_seed}"] = json.loads((cohort / "cohort.json").read_text())["effects"]
+    path.write_text(json.dumps(effects, indent=1, sort_keys=True) + "\n")
+
+
+def effect_table(path: Path = EFFECTS) -> str:
+    """AD vs CN Cohen's d of the measures cmvim-cohort reports, per regime cohort (and per subtype)."""
+    effects = json.loads(path.read_text()) if path.exists() else {}
+    order = {name: i for i, name in enumerate(REGIMES)}
+    rows = []
+    for key in sorted(effects, key=lambda k: (order.get(k.split("/")[0], 99), k)):
+        regime, seed = key.split("/")
+        row = [regime, seed]
+        for feature in ("hippocampal_tissue_ml", "pcc_suvr"):
+            entry = effects[key][feature]
+            row.append(f"{entry.get('AD_vs_CN_d', float('nan')):.2f}")
+            subtypes = sorted(k for k in entry if k.startswith("AD_") and k.endswith("_vs_CN_d") and k != "AD_vs_CN_d")
+            row.append(", ".join(f"{k[3:-8]} {entry[k]:.2f}" for k in subtypes))
+        rows.append(row)
+    return format_table(["regime", "cohort seed", "hippocampus AD vs CN d", "by subtype", "PCC SUVR AD vs CN d",
+                         "by subtype"], rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--regimes", nargs="+", default=list(REGIMES), choices=list(REGIMES))
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--cohort-seeds", type=int, nargs="+", default=list(RESERVED_COHORT_SEEDS))
+    parser.add_argument("--seed", type=int, default=0, help="the run seed (splits, initialisation)")
+    parser.add_argument("--subjects", type=int, default=120, help="per site (the default run's cohort: 120)")
+    parser.add_argument("--scores", type=Path, default=SCORES)
+    parser.add_argument("--table-only", action="store_true", help="recompute the tables from --scores, run nothing")
+    args = parser.parse_args()
+    rows = read_scores(args.scores)
+    if not args.table_only:
+        for regime in args.regimes:                  # a regime over its cohort seeds before the next regime
+            for cohort_seed in args.cohort_seeds:
+                done = {(r["regime"], r["cohort_seed"], r["seed"], r["model"]) for r in rows}
+                if all((regime, cohort_seed, args.seed, m) in done for m in args.models):
+                    continue
+                print(f"{regime}, cohort seed {cohort_seed}: building the cohort, registering, training ...",
+                      flush=True)
+                rows += run(regime, cohort_seed, args.seed, args.subjects, args.models, args.scores, done)
+    summary, detail = tables(rows)
+    print(f"\nper cohort seed (test subjects pooled over the sites; 95% CI: stratified bootstrap, 2000 redraws)\n"
+          f"{detail}\n")
+    print(f"over cohort seeds (± SD over cohort seeds)\n{summary}\n")
+    print(f"disease effects measured on the written files (cmvim-cohort's measures; all subjects)\n{effect_table()}")
+
+
+if __name__ == "__main__":
+    main()
