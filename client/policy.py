@@ -45,10 +45,9 @@ from pathlib import Path
 from typing import Literal
 
 from cmvim.config import from_dict, load_yaml
+from cmvim.names import RUN_PHASES, RunPhase
 from cmvim.release import AS_COMPUTED, ReleaseGrid
 from cmvim.run_config import SPLIT_FRACTIONS, RunConfig, check_split_fractions
-
-Phase = Literal["pretrain", "finetune", "evaluate"]
 
 
 class PolicyRefusal(Exception):
@@ -57,7 +56,7 @@ class PolicyRefusal(Exception):
 
 @dataclass
 class SitePolicy:
-    allowed_phases: list[Phase] = field(default_factory=lambda: ["pretrain", "finetune", "evaluate"])
+    allowed_phases: list[RunPhase] = field(default_factory=lambda: list(RUN_PHASES))
     max_local_epochs: int = 10
     max_batch_size: int = 64
     use_reports: bool = True

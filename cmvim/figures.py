@@ -22,11 +22,11 @@ from typing import Callable
 
 import numpy as np
 
+from .names import PHASES, Phase
 from .protocol import NUM_EXAMPLES
 from .results import mean_auc, pyplot
 from .run_config import RunConfig
 
-PHASES = ("pretrain", "finetune")
 LOSS_FIGURE, AUC_FIGURE, RECONSTRUCTION_FIGURE = "curves_loss.png", "curves_val_auc.png", "reconstruction.png"
 VIEWS = ("axial", "coronal", "sagittal")
 
@@ -49,7 +49,7 @@ def mean_loss(train: dict[str, dict]) -> float | None:
     return sum(losses[s] * train[s].get(NUM_EXAMPLES, 0) for s in losses) / weight
 
 
-def site_series(history: list[dict], phase: str, record: str, key: str) -> dict[str, Series]:
+def site_series(history: list[dict], phase: Phase, record: str, key: str) -> dict[str, Series]:
     """Per site, (round, value) of metric `key` in each `phase` round's `record` ("train" or
     "evaluate"); rounds where a site sent no finite value are left out."""
     series: dict[str, Series] = {}
@@ -62,7 +62,7 @@ def site_series(history: list[dict], phase: str, record: str, key: str) -> dict[
     return dict(sorted(series.items()))
 
 
-def mean_series(history: list[dict], phase: str, record: str) -> Series:
+def mean_series(history: list[dict], phase: Phase, record: str) -> Series:
     """The sites' mean per `phase` round: the example-weighted loss ("train"), or the plain mean of
     the validation AUCs ("evaluate"; the score finetune.select: best_val compares)."""
     out: Series = []

@@ -36,6 +36,7 @@ from torch import nn
 from .durable import write_atomic
 from .device import FP32, DeviceError, Precision, model_device
 from .engine import train
+from .names import PHASES, Phase
 from .release import AS_COMPUTED, ReleaseGrid
 from .run_config import RunConfig
 
@@ -89,7 +90,7 @@ def noise_for_target(target: float, delta: float, plan: Sequence[tuple[float, in
 @dataclass
 class Spend:
     run: str
-    phase: str
+    phase: Phase
     round: int
     noise_multiplier: float
     sample_rate: float
@@ -253,7 +254,7 @@ def privacy_plan(cfg: RunConfig, sizes: dict[str, int]) -> tuple[float, dict[str
     """A site's DP-SGD plan from the run config and the size of each phase's dataset there:
     (delta, {phase: (sample_rate, steps per round)})."""
     plan = {}
-    for phase in ("pretrain", "finetune"):
+    for phase in PHASES:
         pc = cfg.phase(phase)
         q = min(1.0, pc.batch_size / max(sizes[phase], 1))
         steps = pc.local_epochs * steps_per_epoch(q)

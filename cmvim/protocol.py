@@ -29,7 +29,7 @@ SITE = "site"                      # ConfigRecord: who replied, and a public err
 # keys in CONFIG
 RUN_CONFIG = "run-config"          # the RunConfig as JSON
 RUN_KEY = "run-key"                # a stable name for the run (same after --resume): the sites' privacy ledgers use it
-PHASE = "phase"                    # pretrain | finetune | evaluate
+PHASE = "phase"                    # a cmvim.names.Phase: pretrain | finetune (final evaluation: finetune, SPLIT test)
 ROUND = "round"                    # the rounds of the phase done before this strategy started (resume-safe)
 SPLIT = "split"                    # the split an evaluation scores
 SERVER_ROUND = "server-round"      # Flower's round counter: absolute round = SERVER_ROUND + ROUND

@@ -17,6 +17,7 @@ from typing import Literal, Mapping, Sequence
 
 from .config import apply_overrides, from_dict, load_yaml, to_dict
 from .model_config import MODALITIES, ModelConfig, model_config, model_mapping
+from .names import Phase
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
@@ -513,7 +514,7 @@ class RunConfig:
             raise ValueError(f"preprocess.shape ({self.preprocess.shape}) must equal the model's img_size "
                              f"({self.model.img_size})")
 
-    def phase(self, name: str) -> PhaseConfig | FinetuneConfig:
+    def phase(self, name: Phase) -> PhaseConfig | FinetuneConfig:
         return {"pretrain": self.pretrain, "finetune": self.finetune}[name]
 
     def to_json(self) -> str:

@@ -16,8 +16,10 @@ from typing import Mapping
 import torch
 from torch import nn
 
+from .names import Phase
 
-def shared_parameter_names(model: nn.Module, phase: str, personalize: str = "none") -> list[str]:
+
+def shared_parameter_names(model: nn.Module, phase: Phase, personalize: str = "none") -> list[str]:
     """The parameters that travel between server and sites in `phase` (state-dict names).
 
     pretrain: everything (image encoder, projector, decoders, report encoder, momentum encoder).
@@ -63,7 +65,7 @@ def unpack(arrays: Mapping[str, torch.Tensor], layout: Mapping[str, torch.Size])
             for (name, shape), part in zip(layout.items(), torch.split(vector, sizes))}
 
 
-def shared_layout(model: nn.Module, phase: str, personalize: str = "none") -> dict[str, torch.Size]:
+def shared_layout(model: nn.Module, phase: Phase, personalize: str = "none") -> dict[str, torch.Size]:
     """What a packed message of `phase` holds: the shared parameters' names and shapes, in order."""
     state = model.state_dict()
     return {name: state[name].shape for name in shared_parameter_names(model, phase, personalize)}
@@ -74,7 +76,7 @@ class SharingError(ValueError):
     shapes only, so it may cross the network."""
 
 
-def load_shared(model: nn.Module, phase: str, personalize: str, shared: Mapping[str, torch.Tensor],
+def load_shared(model: nn.Module, phase: Phase, personalize: str, shared: Mapping[str, torch.Tensor],
                 local: Mapping[str, torch.Tensor]) -> nn.Module:
     """`model` with the server's shared parameters and the site's own (personalised) ones loaded,
     after checking that every shared parameter came and every value fits. `shared` may be packed."""
@@ -94,7 +96,7 @@ def load_shared(model: nn.Module, phase: str, personalize: str, shared: Mapping[
     return model
 
 
-def split_shared(model: nn.Module, phase: str, personalize: str) -> tuple[dict, dict]:
+def split_shared(model: nn.Module, phase: Phase, personalize: str) -> tuple[dict, dict]:
     """The model's state as (what goes back to the server, what stays at the site)."""
     names = set(shared_parameter_names(model, phase, personalize))
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}

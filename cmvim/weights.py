@@ -9,16 +9,17 @@ import torch
 
 from .config import ConfigError
 from .model import CMViM, CMViMClassifier
+from .names import Phase
 from .run_config import RunConfig
 
 State = Mapping[str, torch.Tensor]
 
 
-def build_model(cfg: RunConfig, phase: str) -> torch.nn.Module:
+def build_model(cfg: RunConfig, phase: Phase) -> torch.nn.Module:
     return CMViM(cfg.model) if phase == "pretrain" else CMViMClassifier(cfg.model)
 
 
-def initial_state(cfg: RunConfig, phase: str, pretrained: State | None = None) -> dict[str, torch.Tensor]:
+def initial_state(cfg: RunConfig, phase: Phase, pretrained: State | None = None) -> dict[str, torch.Tensor]:
     """The global model a phase starts from: fine-tuning loads the pretrained image encoder (this
     run's, or the file `finetune_init` names) unless the config asks for a fresh one."""
     torch.manual_seed(cfg.seed)

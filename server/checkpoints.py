@@ -23,17 +23,17 @@ import torch
 
 from cmvim.device import to_cpu
 from cmvim.durable import write_atomic
+from cmvim.names import RUN_PHASES, RunPhase
 
 log = logging.getLogger("cmvim.server")
 
 FORMAT = 2
-PHASES = ("pretrain", "finetune", "evaluate")
-_NAME = re.compile(r"^(pretrain|finetune|evaluate)_round(\d+)\.pt$")
+_NAME = re.compile(rf"^({'|'.join(RUN_PHASES)})_round(\d+)\.pt$")
 
 
 def _order(path: Path) -> tuple[int, int]:
     match = _NAME.match(path.name)
-    return (PHASES.index(match.group(1)), int(match.group(2))) if match else (-1, -1)
+    return (RUN_PHASES.index(match.group(1)), int(match.group(2))) if match else (-1, -1)
 
 
 class CheckpointError(Exception):
@@ -42,7 +42,7 @@ class CheckpointError(Exception):
 
 @dataclass
 class Checkpoint:
-    phase: str
+    phase: RunPhase
     round: int
     arrays: dict[str, torch.Tensor]
     strategy: dict = field(default_factory=dict)       # {attribute: {name: ndarray}} (FedAdam's moments)
@@ -69,7 +69,7 @@ class Checkpoint:
     @staticmethod
     def prune(folder: Path, keep_last: int, keep: Path) -> None:
         """Delete all but the newest `keep_last` checkpoints of each phase (never `keep`)."""
-        for phase in PHASES:
+        for phase in RUN_PHASES:
             files = sorted((p for p in folder.glob(f"{phase}_round*.pt") if _NAME.match(p.name)), key=_order)
             for old in files[:-keep_last]:
                 if old != keep:

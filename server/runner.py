@@ -23,6 +23,7 @@ from flwr.serverapp import Grid
 
 from cmvim.calibration import Calibration, fit_calibration
 from cmvim.config import to_dict
+from cmvim.names import PHASES, Phase, RunPhase
 from cmvim.portable import export_model
 from cmvim.protocol import (ARRAYS, CALIBRATE, CALIBRATION, CONFIG, HIST_NEG, HIST_POS, LOGIT_NEG, LOGIT_POS, METRICS,
                             NUM_EXAMPLES, PHASE, ROUND, RUN_CONFIG, RUN_KEY, SERVER_ROUND, SITE, SITE_ERROR, SPLIT,
@@ -128,19 +129,19 @@ class FederatedRun:
             final = self.best.arrays()
         return self.evaluate(final)
 
-    def _config(self, phase: str, offset: int, split: str | None = None) -> ConfigRecord:
+    def _config(self, phase: Phase, offset: int, split: str | None = None) -> ConfigRecord:
         record = ConfigRecord({RUN_CONFIG: self.cfg.to_json(), PHASE: phase, ROUND: offset, RUN_KEY: self.run_key})   # + the strategy's server-round = the absolute round
         if split:
             record[SPLIT] = split
         return record
 
     # -- what travels: the phase's shared parameters packed into one vector (cmvim.sharing) ----
-    def _layout(self, phase: str) -> dict:
+    def _layout(self, phase: Phase) -> dict:
         if phase not in self._layouts:
             self._layouts[phase] = shared_layout(build_model(self.cfg, phase), phase, self.cfg.personalize)
         return self._layouts[phase]
 
-    def _send(self, arrays: dict, phase: str) -> ArrayRecord:
+    def _send(self, arrays: dict, phase: Phase) -> ArrayRecord:
         layout = self._layout(phase)
         missing = [name for name in layout if name not in arrays]
         if missing:
@@ -148,13 +149,13 @@ class FederatedRun:
                                f"(first: {missing[0]}): a checkpoint from another model config?")
         return ArrayRecord(pack({name: arrays[name] for name in layout}))
 
-    def _received(self, record: ArrayRecord, phase: str) -> dict:
+    def _received(self, record: ArrayRecord, phase: Phase) -> dict:
         return unpack(record.to_torch_state_dict(), self._layout(phase))
 
     def _connected(self) -> int:
         return len(list(self.grid.get_node_ids()))
 
-    def _wait_for_sites(self, phase: str, poll: float = 1.0) -> None:
+    def _wait_for_sites(self, phase: Phase, poll: float = 1.0) -> None:
         """Flower's node sampling waits forever for min_nodes sites: wait here, with a deadline."""
         need, deadline = self.cfg.strategy.min_nodes, time.monotonic() + self.cfg.strategy.wait_for_sites
         connected = self._connected()
@@ -171,11 +172,11 @@ class FederatedRun:
             time.sleep(poll)
             connected = self._connected()
 
-    def _checkpoint(self, phase: str, round_: int, arrays: dict, strategy_state: dict | None = None) -> None:
+    def _checkpoint(self, phase: RunPhase, round_: int, arrays: dict, strategy_state: dict | None = None) -> None:
         Checkpoint(phase, round_, arrays, strategy_state or {}, self.history, self.rejected,
                    self.central.state()).save(self.ckpt_dir, self.cfg.checkpoints.keep_last)
 
-    def run_phase(self, phase: str, arrays: dict, done: int, state: dict) -> dict:
+    def run_phase(self, phase: Phase, arrays: dict, done: int, state: dict) -> dict:
         pc = self.cfg.phase(phase)
         remaining = pc.rounds - done
         later = self.cfg.finetune.rounds if phase == "pretrain" else 0      # rounds of the phases after this one
@@ -264,11 +265,11 @@ class FederatedRun:
         final = self._received(result.arrays, phase) if result.arrays is not None else {}
         return final if final else arrays
 
-    def _entry(self, phase: str, round_: int) -> dict | None:
+    def _entry(self, phase: Phase, round_: int) -> dict | None:
         """The history entry of a phase's round (this run's, or the resumed run's)."""
         return next((e for e in reversed(self.history) if e["phase"] == phase and e["round"] == round_), None)
 
-    def _secure_rounds(self, strategy, arrays: dict, rounds: int, phase: str, done: int, after_round) -> dict:
+    def _secure_rounds(self, strategy, arrays: dict, rounds: int, phase: Phase, done: int, after_round) -> dict:
         """The phase's rounds with training through SecAgg+ (cmvim.server.secagg); validation, progress
         and checkpoints as in Flower's Strategy.start, which this loop mirrors."""
         from .secagg import SecureAggregator
@@ -372,7 +373,7 @@ class FederatedRun:
         one site's update, per phase, and the sites whose updates fine-tuning aggregated. (A
         resumed run's older rounds, logged before this record existed, count when a site trained.)"""
         record: dict = {}
-        for phase in ("pretrain", "finetune"):
+        for phase in PHASES:
             rounds = [e for e in self.history if e["phase"] == phase]
             took = [e for e in rounds if e.get("aggregated", list(e.get("train", {})))]
             record[f"{phase}_rounds"] = self.cfg.phase(phase).rounds

@@ -21,6 +21,7 @@ from cmvim.cnn3d import CnnTask, cnn_initial_state, describe
 from cmvim.data import SiteData, make_loader
 from cmvim.run_config import RunConfig
 from cmvim.linear import collect, fit_logistic, positive_scores, regional_means
+from cmvim.names import Phase
 from cmvim.protocol import NUM_EXAMPLES
 from cmvim.results import mean_auc, pooled_entry, site_entry
 from cmvim.site_task import SiteTask, evaluation_metrics
@@ -35,7 +36,7 @@ def fedavg(results) -> dict:
             for k in results[0].shared}
 
 
-def train_rounds(cfg: RunConfig, tasks: list[SiteTask], phase: str, shared: dict,
+def train_rounds(cfg: RunConfig, tasks: list[SiteTask], phase: Phase, shared: dict,
                  aggregate=None, after_round=None) -> tuple[dict, dict[str, dict]]:
     """A phase's rounds in this process: one task trains alone (local, centralized), several are
     averaged by FedAvg each round (the federated run without Flower's transport, as benchmarks
