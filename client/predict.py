@@ -36,6 +36,7 @@ from cmvim.data.site import SiteDataset
 from cmvim.device import DeviceError, Precision, resolve_device
 from cmvim.durable import write_atomic
 from cmvim.metrics import binary_metrics
+from cmvim.names import PRECISIONS
 from cmvim.portable import ModelFileError, load_model
 from cmvim.tables import format_table
 
@@ -50,7 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", type=Path, required=True, help="the site folder (manifest.csv or a BIDS dataset)")
     parser.add_argument("--out", type=Path, required=True, help="the CSV to write (one row per scored visit)")
     parser.add_argument("--device", default="auto", help="auto (a CUDA GPU where there is one), cpu, cuda, cuda:N")
-    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
+    parser.add_argument("--precision", default="fp32", choices=[p for p in PRECISIONS if p != "auto"],
                         help="fp32 (default) gives the scores the run's CPU evaluation gave; bf16/fp16 on a GPU are "
                              "faster and differ in the last digits")
     parser.add_argument("--batch-size", type=int, default=8)

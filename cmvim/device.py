@@ -20,7 +20,8 @@ from typing import Any, Mapping
 
 import torch
 
-from .run_config import PRECISIONS, check_device_spec
+from .names import PRECISIONS
+from .run_config import check_device_spec
 
 log = logging.getLogger("cmvim.device")
 

@@ -1,5 +1,5 @@
 """The names that several parts of cmvim check values against, each written once: a run's
-phases.
+phases, the data contract's labels and splits, the normalisers and the compute precisions.
 
 Imports nothing of cmvim and no torch, so the run config (torch-free), the data pipeline, the
 wire protocol's readers and the site policy all take them from here instead of keeping copies
@@ -19,3 +19,14 @@ PHASES: tuple[Phase, ...] = get_args(Phase)
 # final evaluation on every site's test split
 RunPhase = Literal[Phase, "evaluate"]
 RUN_PHASES: tuple[RunPhase, ...] = get_args(RunPhase)
+
+# the site data contract (manifest.csv, a BIDS dataset's labels): diagnoses and splits
+LABELS = ("CN", "MCI", "AD")
+SPLITS = ("train", "val", "test")
+
+# preprocess.normalize's methods; cmvim.data.preprocess.NORMALIZERS implements each
+NORMALIZER_NAMES = ("percentile", "zscore", "suvr", "none")
+
+# a site's compute precision (the run config's `precision`; cmvim.device.Precision resolves it)
+PrecisionName = Literal["auto", "fp32", "bf16", "fp16"]
+PRECISIONS: tuple[PrecisionName, ...] = get_args(PrecisionName)

@@ -17,9 +17,7 @@ from typing import Literal, Mapping, Sequence
 
 from .config import apply_overrides, from_dict, load_yaml, to_dict
 from .model_config import MODALITIES, ModelConfig, model_config, model_mapping
-from .names import Phase
-
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+from .names import LABELS, NORMALIZER_NAMES, Phase, PrecisionName
 
 
 def check_device_spec(spec: str) -> str:
@@ -33,7 +31,6 @@ def check_device_spec(spec: str) -> str:
 SPLIT_FRACTIONS = (0.7, 0.1, 0.2)         # train / val / test for subjects the manifest gives no split
 # what simulations.baselines.run_baselines trains beside the federated model (docs/science.md)
 BASELINES = ("local", "centralized", "linear", "cnn3d", "cnn3d_centralized")
-NORMALIZER_NAMES = ("percentile", "zscore", "suvr", "none")   # cmvim.data.preprocess.NORMALIZERS implements them
 
 
 def check_split_fractions(fractions) -> None:
@@ -148,8 +145,6 @@ class PrivacyConfig:
         return self.epsilon_budget if self.epsilon_budget is not None else self.target_epsilon
 
 
-BIDS_LABELS = ("CN", "MCI", "AD")        # cmvim.data.manifest.LABELS (not imported: that package loads torch)
-
 # participants.tsv / sessions.tsv values -> class, compared case-insensitively; BIDS writes a
 # missing value as "n/a" (unlabelled without any entry here)
 DEFAULT_BIDS_LABEL_MAP = {
@@ -183,9 +178,9 @@ class BidsConfig:
         merged = dict(DEFAULT_BIDS_LABEL_MAP)
         for value, label in self.label_map.items():
             label = (str(label).strip().upper() or None) if label is not None else None
-            if label is not None and label not in BIDS_LABELS:
+            if label is not None and label not in LABELS:
                 raise ValueError(f"bids.label_map: {value!r} maps to {label!r}; map values to "
-                                 f"{', '.join(BIDS_LABELS)} or null (unlabelled)")
+                                 f"{', '.join(LABELS)} or null (unlabelled)")
             merged[str(value).strip().lower()] = label
         self.label_map = merged
         if not self.label_column.strip() or not self.split_column.strip():
@@ -476,7 +471,7 @@ class RunConfig:
     # a site's own `cmvim-client --device` wins over the run's choice. precision: auto (bf16 autocast
     # on GPUs that support it, fp16 on older ones, fp32 on CPUs), fp32, bf16 or fp16 (cmvim.device)
     device: str = "auto"
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    precision: PrecisionName = "auto"
     gpus_per_site: float = 0.0             # cmvim-sim: the share of a GPU each simulated site gets (Flower's num_gpus)
     baselines: list[str] = field(default_factory=list)     # "local", "centralized", "linear", "cnn3d", "cnn3d_centralized"
     linear: LinearConfig = field(default_factory=LinearConfig)   # the linear baseline's features and fit

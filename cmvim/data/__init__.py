@@ -6,11 +6,12 @@ problems are `DataError`s naming the file, the subject and what is wrong.
 from .augment import PretrainAugment
 from .errors import DataError
 from .bids import is_bids, read_bids
-from .manifest import LABELS, SPLITS, Manifest, ManifestEntry, read_manifest, read_site_folder
+from .manifest import Manifest, ManifestEntry, read_manifest, read_site_folder
 from .preprocess import Volume, build_pipeline
 from .reports import read_report, tokenize_reports
 from .site import SiteData, SiteDataset, SiteSummary, assign_splits, collate, label_index, make_loader
 from .volumes import load_volume
+from ..names import LABELS, SPLITS
 
 __all__ = ["PretrainAugment", "DataError", "LABELS", "SPLITS", "Manifest", "ManifestEntry",
            "read_manifest", "read_site_folder", "read_bids", "is_bids", "Volume", "build_pipeline", "read_report",

@@ -31,9 +31,10 @@ import json
 import re
 from pathlib import Path
 
+from ..names import SPLITS
 from ..run_config import BidsConfig
 from .errors import DataError, VisitProblems, each_problem
-from .manifest import SPLITS, Manifest, ManifestEntry, _inside
+from .manifest import Manifest, ManifestEntry, _inside
 from .pet import PetPolicy, PetReading, read_pet
 
 DESCRIPTION = "dataset_description.json"

@@ -17,14 +17,13 @@ import io
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..names import LABELS, SPLITS
 from ..run_config import BidsConfig
 from .errors import DataError
 from .pet import PetPolicy, PetReading
 
 REQUIRED = ("subject_id", "mri")
 OPTIONAL = ("pet", "report", "label", "split", "visit")
-LABELS = ("CN", "MCI", "AD")
-SPLITS = ("train", "val", "test")
 MODALITY_COLUMNS = ("mri", "pet")
 
 

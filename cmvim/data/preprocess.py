@@ -26,7 +26,8 @@ import nibabel as nib
 import numpy as np
 
 from ..model_config import MODALITIES
-from ..run_config import NORMALIZER_NAMES, PreprocessConfig
+from ..names import NORMALIZER_NAMES
+from ..run_config import PreprocessConfig
 from .errors import DataError
 from .grid import Volume, resample, world_bounds
 from .registration import ToTemplate
@@ -197,7 +198,7 @@ def normalize_suvr(data: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
 
 NORMALIZERS = {"percentile": normalize_percentile, "zscore": normalize_zscore, "suvr": normalize_suvr,
                "none": lambda data, cfg: data.astype(np.float32)}
-assert tuple(NORMALIZERS) == NORMALIZER_NAMES, "run_config.NORMALIZER_NAMES names what this module implements"
+assert tuple(NORMALIZERS) == NORMALIZER_NAMES, "cmvim.names.NORMALIZER_NAMES names what this module implements"
 
 
 class Normalize:

@@ -28,9 +28,10 @@ from torch.utils.data import Dataset
 
 from .cache import VolumeCache, cache_key, default_cache_dir, transform_key
 from .errors import DataError, VisitProblems, each_problem
-from .manifest import LABELS, SPLITS, ManifestEntry, _inside, read_site_folder
+from .manifest import ManifestEntry, _inside, read_site_folder
 from .pet import PetPolicy
 from ..model_config import MODALITIES
+from ..names import LABELS, SPLITS
 from ..progress import progress_bar
 from ..run_config import SPLIT_FRACTIONS, BidsConfig, PreprocessConfig
 from .preprocess import Volume, build_pipeline
