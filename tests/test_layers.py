@@ -71,6 +71,86 @@ def test_the_rule_checker_sees_a_violation(tmp_path, monkeypatch):
                                          "bare:client": {"server/m.py"}, "server": {"server/m.py"}}
 
 
+def module_imports() -> dict[str, set[str]]:
+    """{module: what it imports} for every module installed under cmvim (the library and the apps,
+    by their installed names: cmvim.server.runner), lazy imports inside functions included. What it
+    imports is our modules, by name (`from P import x` is the module P.x where there is one, else
+    P), and other packages by their top-level name (`torch`). The packages an import runs first
+    are left out: a package's __init__ that imports its own modules makes no circle."""
+    paths = {}
+    for folder in ("cmvim",) + APPS:
+        for path in (ROOT / folder).rglob("*.py"):
+            parts = ["cmvim"] + ([folder] if folder in APPS else []) + list(path.relative_to(ROOT / folder).parts)
+            parts[-1] = parts[-1].removesuffix(".py")
+            paths[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+
+    def ours(name: str) -> str:
+        parts = name.split(".")
+        parts = ["cmvim"] + parts if parts[0] in APPS else parts        # a bare app name (forbidden above)
+        for end in range(len(parts), 0, -1):
+            if ".".join(parts[:end]) in paths:
+                return ".".join(parts[:end])
+        return parts[0]
+
+    found: dict[str, set[str]] = {}
+    for module, path in paths.items():
+        package = module.split(".") if path.name == "__init__.py" else module.split(".")[:-1]
+        names = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                names |= {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                base = package[:len(package) - (node.level - 1)] if node.level else []
+                source = ".".join(base + ([node.module] if node.module else []))
+                names |= {f"{source}.{alias.name}" for alias in node.names}
+        found[module] = {ours(name) for name in names} - {module}
+    return found
+
+
+def reachable(imports: dict[str, set[str]], module: str) -> set[str]:
+    """Every module `module` imports, directly or through others."""
+    seen, todo = set(), [module]
+    while todo:
+        for name in imports.get(todo.pop(), ()):
+            if name not in seen:
+                seen.add(name)
+                todo.append(name)
+    return seen
+
+
+def import_circles(imports: dict[str, set[str]]) -> list[dict[str, set[str]]]:
+    """Each circle of imports: {module: the modules of the circle it imports}."""
+    reach = {module: reachable(imports, module) for module in imports}
+    circles: list[dict[str, set[str]]] = []
+    for module in sorted(imports):
+        if module in reach[module] and not any(module in circle for circle in circles):
+            members = {other for other in reach[module] if module in reach.get(other, ())}
+            circles.append({m: imports[m] & members for m in sorted(members)})
+    return circles
+
+
+def test_imports_run_one_way():
+    """No circle of imports among cmvim's modules (lazy imports count too): a module that needs
+    another's piece and is needed by it means the piece belongs lower down, in one of them or
+    a module of its own."""
+    assert import_circles(module_imports()) == []
+
+
+def test_the_circle_checker_sees_a_circle(tmp_path, monkeypatch):
+    (tmp_path / "cmvim" / "data").mkdir(parents=True)
+    (tmp_path / "cmvim" / "__init__.py").write_text("")
+    (tmp_path / "cmvim" / "data" / "__init__.py").write_text("from .a import x\nfrom .b import y\n")
+    (tmp_path / "cmvim" / "data" / "a.py").write_text("import numpy\nfrom .b import y\n")
+    (tmp_path / "cmvim" / "data" / "b.py").write_text("def y():\n    from cmvim.data.a import x\n")
+    (tmp_path / "cmvim" / "c.py").write_text("from .data import a\nfrom . import data\n")
+    for app in APPS:
+        (tmp_path / app).mkdir()
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
+    imports = module_imports()
+    assert imports["cmvim.data.a"] == {"numpy", "cmvim.data.b"} and imports["cmvim.c"] == {"cmvim.data.a", "cmvim.data"}
+    assert import_circles(imports) == [{"cmvim.data.a": {"cmvim.data.b"}, "cmvim.data.b": {"cmvim.data.a"}}]
+
+
 def test_reading_a_run_config_loads_neither_torch_nor_opacus_nor_flower():
     code = ("import sys; from cmvim.run_config import run_config; import cmvim.server.deploy, cmvim.client.policy; "
             "cfg = run_config('simulations/configs/quick.yaml'); assert cfg.model.embed_dim == 96; "

@@ -6,7 +6,8 @@ problems are `DataError`s naming the file, the subject and what is wrong.
 from .augment import PretrainAugment
 from .errors import DataError
 from .bids import is_bids, read_bids
-from .manifest import Manifest, ManifestEntry, read_manifest, read_site_folder
+from .folder import read_site_folder
+from .manifest import Manifest, ManifestEntry, read_manifest
 from .preprocess import Volume, build_pipeline
 from .reports import read_report, tokenize_reports
 from .site import SiteData, SiteDataset, SiteSummary, assign_splits, collate, label_index, make_loader

@@ -26,9 +26,14 @@ from pathlib import Path
 import numpy as np
 
 from cmvim.data.errors import DataError
-from cmvim.data.volumes import MAX_VOXELS
 
-__all__ = ["read_dicom_series", "read_dicom_geometry", "KINDS"]
+__all__ = ["read_dicom_series", "read_dicom_geometry", "KINDS", "MAX_VOXELS"]
+
+# The most voxels a scan's header may claim (a DICOM series here, a NIfTI in cmvim.data.volumes,
+# which reads DICOM through this module): 2**28 is 1 GiB as float32, twice a 0.5 mm isotropic
+# whole head (512^3 = 2**27), so a real scan fits and a broken header (30000^3) fails its row
+# before anything is allocated for it.
+MAX_VOXELS = 2 ** 28
 
 # the `kind` strings this module raises
 KINDS = (

@@ -6,8 +6,8 @@ missing file, a path escaping the site folder, a symlink loop, a DICOM folder ho
 a link out of the site folder) cost that row only; they are collected in
 `Manifest.problems`, every one with its row number and column.
 
-`read_site_folder` is what the rest reads a site through: this manifest.csv, or the BIDS
-dataset the folder is (cmvim.data.bids), as the same entries.
+The rest reads a site through cmvim.data.folder.read_site_folder: this manifest.csv, or the
+BIDS dataset the folder is (cmvim.data.bids, which builds on this module), as the same entries.
 """
 from __future__ import annotations
 
@@ -18,9 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..names import LABELS, SPLITS
-from ..run_config import BidsConfig
 from .errors import DataError
-from .pet import PetPolicy, PetReading
+from .pet import PetReading
 
 REQUIRED = ("subject_id", "mri")
 OPTIONAL = ("pet", "report", "label", "split", "visit")
@@ -48,27 +47,6 @@ class Manifest:
     warnings: list[str] = field(default_factory=list)          # e.g. unused columns that look like typos
     format: str = "manifest.csv"                               # or "BIDS dataset" (cmvim.data.bids)
     path: Path | None = None                                   # the table rows come from: manifest.csv, participants.tsv
-
-
-def read_site_folder(site_dir: str | Path, bids: BidsConfig | None = None, check_files: bool = True,
-                     pet: "PetPolicy | None" = None) -> Manifest:
-    """A site folder's subject-visits, whichever form it has: manifest.csv, or a BIDS dataset
-    (dataset_description.json; `bids` says where its labels are). When both are there the
-    manifest.csv wins, with a warning: a hospital that wrote one meant it to be read. `pet`: a BIDS
-    dataset's accepted tracers and PET window (cmvim.data.pet.PetPolicy)."""
-    from .bids import DESCRIPTION, is_bids, read_bids        # bids builds on this module
-    site_dir = Path(site_dir)
-    if not (site_dir / "manifest.csv").exists():
-        if is_bids(site_dir):
-            return read_bids(site_dir, bids, check_files, pet)
-        if site_dir.is_dir():
-            raise DataError(f"no manifest.csv in the site folder, and no {DESCRIPTION} (a BIDS dataset)",
-                            file=site_dir, kind="missing manifest")
-    manifest = read_manifest(site_dir, check_files)
-    if is_bids(site_dir):
-        manifest.warnings.append(f"the folder is also a BIDS dataset ({DESCRIPTION}); manifest.csv is what is "
-                                 "read: remove it (or move it away) to read the BIDS dataset instead")
-    return manifest
 
 
 def read_manifest(site_dir: str | Path, check_files: bool = True) -> Manifest:

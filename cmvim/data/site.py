@@ -28,7 +28,8 @@ from torch.utils.data import Dataset
 
 from .cache import VolumeCache, cache_key, default_cache_dir, transform_key
 from .errors import DataError, VisitProblems, each_problem
-from .manifest import ManifestEntry, _inside, read_site_folder
+from .folder import read_site_folder
+from .manifest import ManifestEntry, _inside
 from .pet import PetPolicy
 from ..model_config import MODALITIES
 from ..names import LABELS, SPLITS

@@ -16,15 +16,12 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from .dicom import MAX_VOXELS, read_dicom_geometry, read_dicom_series
 from .errors import DataError
 
 log = logging.getLogger("cmvim.data")
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
-# The most voxels a scan's header may claim: 2**28 is 1 GiB as float32, twice a 0.5 mm isotropic
-# whole head (512^3 = 2**27), so a real scan fits and a broken header (30000^3) fails its row
-# before nibabel allocates for it.
-MAX_VOXELS = 2 ** 28
 
 
 def is_nifti(path: Path) -> bool:
@@ -38,7 +35,6 @@ def load_volume(path: str | Path, modality: str | None = None, frame_weights: tu
     weights, said in `warnings` (nothing tells the early, flow-dominated frames apart)."""
     path = Path(path)
     if path.is_dir():
-        from .dicom import read_dicom_series
         volume, affine = read_dicom_series(path)
     elif is_nifti(path):
         volume, affine = _read_nifti(path, modality, frame_weights, warnings)
@@ -124,7 +120,6 @@ def scan_geometry(path: str | Path) -> tuple[tuple[int, int, int], np.ndarray]:
     """(shape, affine) of a scan from its header(s) alone, without its voxels (for `check`'s table)."""
     path = Path(path)
     if path.is_dir():
-        from .dicom import read_dicom_geometry
         return read_dicom_geometry(path)
     image = nib.load(str(path))
     return tuple(int(n) for n in image.shape[:3]), np.asarray(image.affine, dtype=np.float64)
