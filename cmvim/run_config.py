@@ -434,7 +434,7 @@ class ExampleSubject:
 
 @dataclass
 class FiguresConfig:
-    """The run's figures (cmvim.figures). `example_subject`: whose scans the pretrained model
+    """The run's figures (cmvim.reconstruction). `example_subject`: whose scans the pretrained model
     reconstructs in reconstruction.png; null: the first subject-visit of the first site folder
     under cohort.path when the run has one (cmvim-sim's synthetic cohort), else no such figure."""
     example_subject: ExampleSubject | None = None

@@ -422,10 +422,10 @@ class FederatedRun:
 
     # -- figures ---------------------------------------------------------------------------
     def _reconstruction_figure(self, pretrained: dict) -> None:
-        """reconstruction.png from the pretrained weights (cmvim.figures.draw_reconstruction): a
+        """reconstruction.png from the pretrained weights (cmvim.reconstruction.draw_reconstruction): a
         figure for a person, so whatever goes wrong is one line and the run goes on."""
         try:
-            from cmvim.figures import draw_reconstruction
+            from cmvim.reconstruction import draw_reconstruction
             draw_reconstruction(self.cfg, pretrained, self.out_dir, say=say)
         except Exception as exc:  # noqa: BLE001 - never fails the run
             detail = (str(exc).splitlines() or [""])[0][:200]

@@ -14,8 +14,8 @@ import torch
 import yaml
 
 from cmvim.config import ConfigError, load_yaml
-from cmvim.figures import (AUC_FIGURE, LOSS_FIGURE, RECONSTRUCTION_FIGURE, draw_reconstruction, final_round,
-                           mean_series, plot_curves, reconstruction_figure)
+from cmvim.figures import AUC_FIGURE, LOSS_FIGURE, final_round, mean_series, plot_curves
+from cmvim.reconstruction import RECONSTRUCTION_FIGURE, draw_reconstruction, reconstruction_figure
 from cmvim.run_config import overridden, run_config
 from cmvim.weights import initial_state
 

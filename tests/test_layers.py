@@ -151,6 +151,43 @@ def test_the_circle_checker_sees_a_circle(tmp_path, monkeypatch):
     assert import_circles(imports) == [{"cmvim.data.a": {"cmvim.data.b"}, "cmvim.data.b": {"cmvim.data.a"}}]
 
 
+# cmvim's floors, bottom up, for the modules whose place a reader relies on. A module reaches
+# (imports, directly or through others, lazy imports included) nothing on a floor above its own,
+# and the two lower floors reach no torch: the coordinator's CLI, a site's policy check and a
+# run's curves and logs load no model. The reconstruction figure builds the model, so it stands
+# on the top floor, apart from the round-history curves.
+FLOORS = (
+    ("the shared names and the run config", ("cmvim.names", "cmvim.protocol", "cmvim.config", "cmvim.model_config",
+                                             "cmvim.run_config", "cmvim.tables")),
+    ("the run's record: results, curves, logs", ("cmvim.metrics", "cmvim.results", "cmvim.figures",
+                                                  "cmvim.tracking")),
+    ("the model, the data and what trains them", ("cmvim.model", "cmvim.ssm", "cmvim.losses", "cmvim.weights",
+                                                  "cmvim.sharing", "cmvim.engine", "cmvim.data", "cmvim.site_task",
+                                                  "cmvim.reconstruction")),
+)
+TORCH_FREE_FLOORS = 2
+
+
+def on(module: str, prefixes: tuple[str, ...]) -> bool:
+    return any(module == prefix or module.startswith(prefix + ".") for prefix in prefixes)
+
+
+@pytest.mark.parametrize("floor", range(len(FLOORS) - 1), ids=[name for name, _ in FLOORS[:-1]])
+def test_floors_import_only_downwards(floor):
+    imports = module_imports()
+    above = tuple(prefix for _, prefixes in FLOORS[floor + 1:] for prefix in prefixes)
+    forbidden = above + (("torch",) if floor < TORCH_FREE_FLOORS else ())
+    here = [module for module in imports if on(module, FLOORS[floor][1])]
+    reached = {module: sorted(name for name in reachable(imports, module) if on(name, forbidden))
+               for module in here}
+    assert not {module: names for module, names in reached.items() if names}
+
+
+def test_every_floor_names_modules_that_exist():
+    imports = module_imports()
+    assert [prefix for _, prefixes in FLOORS for prefix in prefixes if not any(on(m, (prefix,)) for m in imports)] == []
+
+
 def test_reading_a_run_config_loads_neither_torch_nor_opacus_nor_flower():
     code = ("import sys; from cmvim.run_config import run_config; import cmvim.server.deploy, cmvim.client.policy; "
             "cfg = run_config('simulations/configs/quick.yaml'); assert cfg.model.embed_dim == 96; "
