@@ -323,7 +323,6 @@ def test_cmvim_cohort_writes_bids_datasets_that_pass_check(tmp_path):
 
 def test_a_simulation_trains_on_bids_site_folders(tmp_path):
     """cmvim-sim with cohort.path at BIDS datasets: sites found, loaded, trained and scored."""
-    pytest.importorskip("flwr")
     pytest.importorskip("nilearn")
     from cmvim.simulations.cohort import CohortConfig, generate_cohort
     cohort = tmp_path / "cohort"

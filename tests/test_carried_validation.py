@@ -8,19 +8,17 @@ import json
 
 import pytest
 import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
 
-pytest.importorskip("flwr")
+from cmvim.client import app as client_app
+from cmvim.protocol import NUM_EXAMPLES, SITE, SITE_NAME, VAL_ERROR, VAL_METRICS, VALIDATE
+from cmvim.run_config import run_config
+from cmvim.server.runner import FederatedRun
+from cmvim.server.strategy import make_strategy, training_reply
+from cmvim.run_config import StrategyConfig
+
 pytest.importorskip("nilearn")
-
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict  # noqa: E402
-from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
-
-from cmvim.client import app as client_app  # noqa: E402
-from cmvim.protocol import NUM_EXAMPLES, SITE, SITE_NAME, VAL_ERROR, VAL_METRICS, VALIDATE  # noqa: E402
-from cmvim.run_config import run_config  # noqa: E402
-from cmvim.server.runner import FederatedRun  # noqa: E402
-from cmvim.server.strategy import make_strategy, training_reply  # noqa: E402
-from cmvim.run_config import StrategyConfig  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

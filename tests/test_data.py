@@ -414,7 +414,7 @@ def test_check_command_prints_table_and_exit_codes(tmp_path, capsys):
 
 def test_site_with_dicom_series_loads_and_a_gapped_series_is_skipped(tmp_path):
     """A PACS export: real CT slices from pydicom's test data as a site's 'MRI' series."""
-    pydicom_data = pytest.importorskip("pydicom.data")
+    import pydicom.data as pydicom_data
     ct5n = Path(pydicom_data.__file__).parent / "test_files" / "dicomdirtests" / "98892001" / "CT5N"
     site = tmp_path / "site"
     shutil.copytree(ct5n, site / "A" / "ct")

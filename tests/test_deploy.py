@@ -14,14 +14,14 @@ import sys
 import time
 from pathlib import Path
 
+import flwr  # noqa: F401 - a core dependency, run here only as processes: a broken install fails at import
 import pytest
 import yaml
 
-pytest.importorskip("flwr")
-pytest.importorskip("nilearn")
+from cmvim.cli_util import free_port
+from cmvim.simulations.cohort import CohortConfig, cached_cohort
 
-from cmvim.cli_util import free_port  # noqa: E402
-from cmvim.simulations.cohort import CohortConfig, cached_cohort  # noqa: E402
+pytest.importorskip("nilearn")
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent

@@ -15,24 +15,24 @@ import shutil
 import warnings
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
+import pydicom
+import pydicom.data
 import pytest
+from nibabel.affines import apply_affine
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.sequence import Sequence
+from pydicom.uid import EnhancedMRImageStorage, JPEGLSLossless, MRImageStorage, generate_uid
+from pydicom.valuerep import DS
 
-pydicom = pytest.importorskip("pydicom")
-nib = pytest.importorskip("nibabel")
+from cmvim.data.dicom import read_dicom_series
+from cmvim.data.errors import DataError
+from cmvim.simulations.dicom_export import slice_dataset
 
-from nibabel.affines import apply_affine  # noqa: E402
 with warnings.catch_warnings():  # "The DICOM readers are highly experimental" (only dicomwrappers is used)
     warnings.simplefilter("ignore", UserWarning)
-    from nibabel.nicom import dicomwrappers  # noqa: E402
-from pydicom.dataset import Dataset, FileMetaDataset  # noqa: E402
-from pydicom.sequence import Sequence  # noqa: E402
-from pydicom.uid import EnhancedMRImageStorage, JPEGLSLossless, MRImageStorage, generate_uid  # noqa: E402
-from pydicom.valuerep import DS  # noqa: E402
-
-from cmvim.data.dicom import read_dicom_series  # noqa: E402
-from cmvim.data.errors import DataError  # noqa: E402
-from cmvim.simulations.dicom_export import slice_dataset  # noqa: E402
+    from nibabel.nicom import dicomwrappers
 
 TEST_FILES = Path(pydicom.data.__file__).parent / "test_files"
 DIRTESTS = TEST_FILES / "dicomdirtests"

@@ -13,15 +13,13 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, Metadata, MetricRecord, RecordDict
 
-pytest.importorskip("flwr")
+from cmvim.run_config import StrategyConfig
+from cmvim.protocol import ARRAYS, METRICS, SITE
+from cmvim.server.strategy import make_strategy
+
 pytest.importorskip("nilearn")
-
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, Metadata, MetricRecord, RecordDict  # noqa: E402
-
-from cmvim.run_config import StrategyConfig  # noqa: E402
-from cmvim.protocol import ARRAYS, METRICS, SITE  # noqa: E402
-from cmvim.server.strategy import make_strategy  # noqa: E402
 
 def tiny_config(cohort_path: Path, **overrides) -> dict:
     cfg = {

@@ -122,7 +122,6 @@ def test_tensorboard_logs_hold_every_rounds_scalars(tmp_path):
 
 
 def test_final_report_writes_the_figures_and_lists_them(tmp_path, capsys):
-    pytest.importorskip("flwr")
     from cmvim.server.central_dp import CentralDP
     from cmvim.server.report import final_report
     cfg = run_config({"finetune": {"select": "best_val", "probe_rounds": 1}})
@@ -258,7 +257,6 @@ def test_the_example_subject_comes_from_the_config_or_the_cohort(tmp_path):
 
 
 def test_the_runner_draws_the_figure_and_never_fails_the_run_over_it(tmp_path, capsys):
-    pytest.importorskip("flwr")
     from cmvim.server.runner import FederatedRun
     write_site(tmp_path / "cohort", "A", with_pet=False)
     cfg = run_config({"model": "tiny", "preprocess": {"spatial": "none", "shape": 32, "voxel_size": 6.25},
@@ -338,7 +336,6 @@ def test_cmvim_sim_runs_the_overridden_config(tmp_path, monkeypatch, capsys):
 
 
 def test_cmvim_server_submits_the_overridden_config(tmp_path, monkeypatch, capsys):
-    pytest.importorskip("flwr")
     from cmvim.server import deploy
     monkeypatch.setattr(deploy.signal, "signal", lambda *args: None)     # serve's SIGTERM handler: not pytest's
     submitted = {}

@@ -1,12 +1,11 @@
 """Opacus per-sample gradients through the Vim encoder equal per-example backward passes."""
+import opacus
 import pytest
 import torch
 from torch import nn
 
 from cmvim.model import VimEncoder
 from cmvim.ssm import available_backends
-
-opacus = pytest.importorskip("opacus")
 
 BACKENDS = [b for b in available_backends() if b in ("torch", "cpu")]
 

@@ -4,17 +4,16 @@ Everything is checked against the sequential reference ``selective_scan_ref``
 (fp64 inputs: to ~1e-10; fp32 inputs: against the fp64 reference). The first
 test to run compiles the kernels (~20 s cold, ~1 s from numba's on-disk cache).
 """
+import numba
 import numpy as np
 import pytest
 import torch
 from torch import nn
 from torch.func import grad, vmap
 
-numba = pytest.importorskip("numba")
-K = pytest.importorskip("cmvim.ssm.cpu_kernel")
-
-from cmvim import ssm  # noqa: E402
-from cmvim.ssm import selective_scan, selective_scan_ref  # noqa: E402
+import cmvim.ssm.cpu_kernel as K
+from cmvim import ssm
+from cmvim.ssm import selective_scan, selective_scan_ref
 
 F64, F32 = torch.float64, torch.float32
 NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
@@ -328,7 +327,7 @@ class Toy(nn.Module):
 @pytest.mark.filterwarnings("ignore:Secure RNG turned off", "ignore:Full backward hook is firing")
 @pytest.mark.parametrize("mode", ["hooks", "functorch"])
 def test_opacus_per_sample_gradients(mode):
-    opacus = pytest.importorskip("opacus")
+    import opacus
     torch.manual_seed(0)
     model, reference = Toy().double(), Toy().double()
     reference.load_state_dict(model.state_dict())

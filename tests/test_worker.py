@@ -9,12 +9,10 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
+import flwr  # noqa: F401 - a core dependency, run here only as processes: a broken install fails at import
 
-pytest.importorskip("flwr")
-
-from cmvim.cli_util import free_port  # noqa: E402
-from cmvim.flower_process import Child, flower_env  # noqa: E402
+from cmvim.cli_util import free_port
+from cmvim.flower_process import Child, flower_env
 
 
 ACQUIRE = """
@@ -162,7 +160,6 @@ print(json.dumps({"said": said, "before": before, "after": after,
 def test_the_worker_loads_the_scan_kernel_before_its_first_task():
     """The warm-up (run before the worker takes tasks) loads every scan kernel signature a task's
     model then calls: the first message of a run no longer pays numba's cache load (or compile)."""
-    pytest.importorskip("numba")
     proc = subprocess.run([sys.executable, "-c", WARM_UP], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     import json
