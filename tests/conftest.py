@@ -4,6 +4,8 @@ from pathlib import Path
 
 import pytest
 
+from cmvim.data import SiteData
+from cmvim.run_config import PreprocessConfig
 from cmvim.simulations.cohort import CohortConfig, cached_cohort
 
 # An easy cohort: large effects, PET for everyone, enough labeled subjects that the tiny model's
@@ -15,6 +17,14 @@ EASY = {"sites": 3, "subjects": 60, "shape": 32, "seed": 2, "effect_scale": 5.0,
 @pytest.fixture(scope="session")
 def easy_cohort(tmp_path_factory):
     return cached_cohort(CohortConfig(**EASY), root=tmp_path_factory.mktemp("cache"))
+
+
+@pytest.fixture(scope="module")
+def easy_sites(easy_cohort):
+    """The easy cohort's sites, loaded as the recipe tests train on them (test_cnn3d loads its own)."""
+    cfg = PreprocessConfig(spatial="none", shape=32, voxel_size=6.25, normalize={"mri": "zscore", "pet": "suvr"})
+    return {name: SiteData.load(Path(easy_cohort) / name, cfg, seed=0, split_fractions=(0.6, 0.0, 0.4))
+            for name in ("A", "B", "C")}
 
 
 @pytest.fixture

@@ -2,14 +2,12 @@
 layer-wise lr decay, linear probing (LP of LP-FT) through the site task, the linear baseline and
 the linear probe, with real tensors and real site folders."""
 import dataclasses
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from cmvim import engine
-from cmvim.data import SiteData
 from cmvim.run_config import PreprocessConfig
 from cmvim.data.preprocess import normalize_suvr
 from cmvim.run_config import run_config
@@ -145,13 +143,6 @@ class engine_loader(list):
     @property
     def batch_size(self):
         return len(self[0]["label"])
-
-
-@pytest.fixture(scope="module")
-def easy_sites(easy_cohort):
-    cfg = PreprocessConfig(spatial="none", shape=32, voxel_size=6.25, normalize={"mri": "zscore", "pet": "suvr"})
-    return {name: SiteData.load(Path(easy_cohort) / name, cfg, seed=0, split_fractions=(0.6, 0.0, 0.4))
-            for name in ("A", "B", "C")}
 
 
 def easy_run_config(easy_cohort, **overrides):

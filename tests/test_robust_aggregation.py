@@ -12,7 +12,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, Metadata, 
 from cmvim.protocol import ARRAYS, METRICS, SITE
 from cmvim.run_config import StrategyConfig, run_config
 from cmvim.server.strategy import make_strategy
-from test_recipe import easy_run_config, easy_sites  # noqa: F401  (easy_sites: a fixture)
+from test_recipe import easy_run_config
 
 GLOBAL = {"w": torch.zeros(4, 3)}
 
