@@ -34,6 +34,7 @@ from . import engine
 from .data import SiteData
 from .data.views import SiteViews
 from .device import Precision, resolve_device, to_cpu
+from .names import Phase
 from .privacy import SiteLimits
 from .protocol import NUM_EXAMPLES, SUPPRESSED
 from .run_config import RunConfig
@@ -151,7 +152,7 @@ class CnnTask:
         model.load_state_dict(shared)
         return model.to(self.device)
 
-    def train(self, phase: str, round_: int, shared: Mapping[str, torch.Tensor],
+    def train(self, phase: Phase, round_: int, shared: Mapping[str, torch.Tensor],
               local: Mapping[str, torch.Tensor] | None = None) -> RoundResult:
         """`finetune.local_epochs` epochs over the site's labelled training subjects (the fine-tuning
         view: the run's modality dropout and augmentation), class-weighted, at `finetune.lr`."""
@@ -170,7 +171,7 @@ class CnnTask:
                                   weights=engine.class_weights(labels, self.num_classes), precision=self.precision)
         return RoundResult(to_cpu(model.state_dict()), {}, metrics)
 
-    def evaluate(self, phase: str, shared: Mapping[str, torch.Tensor], local: Mapping[str, torch.Tensor] | None = None,
+    def evaluate(self, phase: Phase, shared: Mapping[str, torch.Tensor], local: Mapping[str, torch.Tensor] | None = None,
                  split: str = "test") -> RoundResult:
         """The metrics and score histograms of `split`, as SiteTask.evaluate reports a site's (a class
         with fewer than the site's min_cell_count subjects releases nothing)."""

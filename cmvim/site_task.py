@@ -22,6 +22,7 @@ from .calibration import Calibration
 from .data import SiteData, SiteDataset
 from .data.views import SiteViews
 from .device import Precision, describe, resolve_device, to_cpu
+from .names import PHASES, Phase
 from .privacy import PrivacyLedger, PrivacyRefused, SiteLimits, Spend, dp_train, planned_noise, privacy_plan
 from .protocol import NUM_EXAMPLES, SUPPRESSED
 from .release import AS_COMPUTED, ReleaseGrid, evaluation_release
@@ -69,18 +70,18 @@ class SiteTask:
         if self.device.type == "cuda":
             log.info("site %s computes on %s in %s", name, describe(self.device), self.precision.name)
 
-    def _model(self, phase: str, shared: State, local: State) -> torch.nn.Module:
+    def _model(self, phase: Phase, shared: State, local: State) -> torch.nn.Module:
         try:
             model = load_shared(build_model(self.cfg, phase), phase, self.cfg.personalize, shared, local)
         except SharingError as exc:
             raise SiteTaskError(str(exc)) from None
         return model.to(self.device)
 
-    def _split(self, model: torch.nn.Module, phase: str) -> tuple[dict, dict]:
+    def _split(self, model: torch.nn.Module, phase: Phase) -> tuple[dict, dict]:
         shared, local = split_shared(model, phase, self.cfg.personalize)
         return to_cpu(shared), to_cpu(local)                   # what leaves the site never names a GPU
 
-    def train(self, phase: str, round_: int, shared: State, local: State | None = None,
+    def train(self, phase: Phase, round_: int, shared: State, local: State | None = None,
               proximal_mu: float = 0.0) -> RoundResult:
         torch.manual_seed(stable_seed(self.cfg.seed, self.name, phase, round_))
         pc = self.cfg.phase(phase)
@@ -122,11 +123,11 @@ class SiteTask:
         return RoundResult(shared_out, local_out, metrics)
 
     # -- differential privacy ------------------------------------------------------------
-    def _private_dataset(self, phase: str):
+    def _private_dataset(self, phase: Phase):
         return self.views.pretraining() if phase == "pretrain" else self.views.finetuning()
 
     def _private_sizes(self) -> dict[str, int]:
-        return {phase: len(self._private_dataset(phase)) for phase in ("pretrain", "finetune")}
+        return {phase: len(self._private_dataset(phase)) for phase in PHASES}
 
     def privacy_plan(self, sizes: dict[str, int] | None = None) -> tuple[float, dict[str, tuple[float, int]]]:
         """(delta, {phase: (sample_rate, steps per round)}) at this site."""
@@ -135,7 +136,7 @@ class SiteTask:
     def noise_multiplier(self, plan: tuple[float, dict] | None = None) -> float:
         return planned_noise(self.cfg, *(plan or self.privacy_plan()))
 
-    def _train_private(self, phase: str, round_: int, model: torch.nn.Module) -> RoundResult:
+    def _train_private(self, phase: Phase, round_: int, model: torch.nn.Module) -> RoundResult:
         pv, pc = self.cfg.privacy, self.cfg.phase(phase)
         sizes = self._private_sizes()
         delta, plan = self.privacy_plan(sizes)
@@ -196,7 +197,7 @@ class SiteTask:
                                 f"{len(set(labels))} class(es): fine-tuning needs both classes")
         return labels
 
-    def evaluate(self, phase: str, shared: State, local: State | None = None, split: str = "test",
+    def evaluate(self, phase: Phase, shared: State, local: State | None = None, split: str = "test",
                  calibration: Calibration | None = None, logits: bool = False) -> RoundResult:
         """Pretrain: masked-reconstruction losses on `split`. Finetune: classification metrics, at
         `calibration`'s threshold on its calibrated scores (default: 0.5 on the model's own), and
