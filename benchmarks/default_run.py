@@ -15,7 +15,7 @@ fraction of the cost on a busy machine; the first seed's Flower run checks that 
 """
 from __future__ import annotations
 
-import sys  # noqa: E401
+import sys
 sys.path[:] = [p for p in sys.path if not p.rstrip("/").endswith("benchmarks")]   # benchmarks/ssl.py must not shadow the ssl module
 import argparse
 import json
@@ -31,10 +31,10 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from cmvim.config import load_yaml          # noqa: E402
-from cmvim.run_config import overridden     # noqa: E402
-from cmvim.tables import format_table       # noqa: E402
-from cmvim.simulations.cli import config_path          # noqa: E402
+from cmvim.config import load_yaml
+from cmvim.run_config import overridden
+from cmvim.tables import format_table
+from cmvim.simulations.cli import config_path
 
 
 def run(data: dict, out: Path) -> dict:

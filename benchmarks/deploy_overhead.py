@@ -33,7 +33,7 @@ Run one at a time (it uses every core it can get; results are noisy on a busy ma
 """
 from __future__ import annotations
 
-import sys  # noqa: E401
+import sys
 sys.path[:] = [p for p in sys.path if not p.rstrip("/").endswith("benchmarks")]   # benchmarks/ssl.py must not shadow ssl
 import argparse
 import json

@@ -21,7 +21,7 @@
 """
 from __future__ import annotations
 
-import sys  # noqa: E401
+import sys
 sys.path[:] = [p for p in sys.path if not p.rstrip("/").endswith("benchmarks")]   # benchmarks/ssl.py must not shadow the ssl module
 import argparse
 import json
@@ -182,7 +182,6 @@ def central_table(data: dict, args) -> None:
     norms = update_norms(data)
     clip = min(norms.values())
     sites = run_config(data).cohort.sites
-    releases = run_config(data).pretrain.rounds + run_config(data).finetune.rounds
     print("median norm of a site's first-round update: " + ", ".join(f"{p} {n:.3f}" for p, n in norms.items())
           + f"; clipping norm {clip:.3f} (the smaller)\n")
     print(f"| noise multiplier | noise std on the average | mean per-site AUC | pooled AUC | epsilon ({sites} sites, "

@@ -8,7 +8,7 @@ Each (model, tokens) point runs in a fresh subprocess so peak memory is its own.
 """
 from __future__ import annotations
 
-import sys  # noqa: E401
+import sys
 sys.path[:] = [p for p in sys.path if not p.rstrip("/").endswith("benchmarks")]   # benchmarks/ssl.py must not shadow the ssl module
 import argparse
 import importlib.util

@@ -28,7 +28,7 @@ The rules compared (all but the last could run at the server, from what sites re
 """
 from __future__ import annotations
 
-import sys  # noqa: E401
+import sys
 sys.path[:] = [p for p in sys.path if not p.rstrip("/").endswith("benchmarks")]   # benchmarks/ssl.py must not shadow the ssl module
 import argparse
 import contextlib
@@ -43,11 +43,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from cmvim.config import load_yaml          # noqa: E402
-from cmvim.metrics import auc_or_nan        # noqa: E402
-from cmvim.run_config import overridden     # noqa: E402
-from cmvim.tables import format_table       # noqa: E402
-from cmvim.simulations.cli import config_path          # noqa: E402
+from cmvim.config import load_yaml
+from cmvim.metrics import auc_or_nan
+from cmvim.run_config import overridden
+from cmvim.tables import format_table
+from cmvim.simulations.cli import config_path
 
 FINETUNE_ONLY = ("finetune", "finetune_init", "baselines", "modality_dropout")   # what pretraining never reads
 WINDOW = 6              # the rounds over which the round-to-round change is read (the default's fine-tuning rounds)

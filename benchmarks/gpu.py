@@ -15,7 +15,7 @@ the GPU's name, torch/CUDA/mamba-ssm versions, and is printed. Without CUDA it s
 """
 from __future__ import annotations
 
-import sys  # noqa: E401
+import sys
 sys.path[:] = [p for p in sys.path if not p.rstrip("/").endswith("benchmarks")]   # benchmarks/ssl.py must not shadow the ssl module
 import argparse
 import importlib.metadata

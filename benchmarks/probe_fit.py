@@ -21,7 +21,7 @@ per-site test AUC per cell. No Flower: a measurement of the representation and t
 """
 from __future__ import annotations
 
-import sys  # noqa: E401
+import sys
 sys.path[:] = [p for p in sys.path if not p.rstrip("/").endswith("benchmarks")]   # benchmarks/ssl.py must not shadow the ssl module
 import argparse
 import time
@@ -34,15 +34,15 @@ from sklearn.metrics import roc_auc_score
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from cmvim.config import load_yaml                                        # noqa: E402
-from cmvim.data import make_loader                                        # noqa: E402
-from cmvim.linear import fit_logistic, positive_scores, regional_means     # noqa: E402
-from cmvim.model import CMViMClassifier                                   # noqa: E402
-from cmvim.run_config import run_config                                   # noqa: E402
-from cmvim.simulations.cli import config_path, prepare_sites              # noqa: E402
-from cmvim.simulations.cohort import prepare_cohort                       # noqa: E402
-from cmvim.tables import format_table                                     # noqa: E402
-from cmvim.weights import load_weights                                    # noqa: E402
+from cmvim.config import load_yaml
+from cmvim.data import make_loader
+from cmvim.linear import fit_logistic, positive_scores, regional_means
+from cmvim.model import CMViMClassifier
+from cmvim.run_config import run_config
+from cmvim.simulations.cli import config_path, prepare_sites
+from cmvim.simulations.cohort import prepare_cohort
+from cmvim.tables import format_table
+from cmvim.weights import load_weights
 
 
 def features(cfg, sites, model: CMViMClassifier | None):

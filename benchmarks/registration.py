@@ -30,7 +30,7 @@ them (tuning used cohort seeds 3, 11 and 12). Last line:
 """
 from __future__ import annotations
 
-import sys  # noqa: E401
+import sys
 sys.path[:] = [p for p in sys.path if not p.rstrip("/").endswith("benchmarks")]   # benchmarks/ssl.py must not shadow the ssl module
 import argparse
 import json
@@ -44,9 +44,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from cmvim.config import load_yaml          # noqa: E402
-from cmvim.metrics import auc_or_nan        # noqa: E402
-from cmvim.tables import format_table       # noqa: E402
+from cmvim.config import load_yaml
+from cmvim.metrics import auc_or_nan
+from cmvim.tables import format_table
 
 RESERVED_COHORT_SEEDS = (31, 32, 33)
 

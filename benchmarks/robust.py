@@ -12,7 +12,7 @@ guard left out. Krum and Bulyan need more sites than four for one attacker (n >=
 """
 from __future__ import annotations
 
-import sys  # noqa: E401
+import sys
 sys.path[:] = [p for p in sys.path if not p.rstrip("/").endswith("benchmarks")]   # benchmarks/ssl.py must not shadow the ssl module
 import argparse
 import time
@@ -24,14 +24,14 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from cmvim.results import mean_auc, site_entry                           # noqa: E402
-from cmvim.run_config import StrategyConfig, run_config                  # noqa: E402
-from cmvim.simulations.baselines import server_aggregation, train_rounds  # noqa: E402
-from cmvim.simulations.cli import prepare_sites                          # noqa: E402
-from cmvim.simulations.cohort import prepare_cohort                      # noqa: E402
-from cmvim.site_task import SiteTask                                     # noqa: E402
-from cmvim.tables import format_table                                    # noqa: E402
-from cmvim.weights import initial_state                                  # noqa: E402
+from cmvim.results import mean_auc, site_entry
+from cmvim.run_config import StrategyConfig, run_config
+from cmvim.simulations.baselines import server_aggregation, train_rounds
+from cmvim.simulations.cli import prepare_sites
+from cmvim.simulations.cohort import prepare_cohort
+from cmvim.site_task import SiteTask
+from cmvim.tables import format_table
+from cmvim.weights import initial_state
 
 ATTACKS = {"none": None, "scaled x10": 10.0, "sign-flip": -1.0, "sign-flip x10": -10.0}
 STRATEGIES = {

@@ -30,7 +30,7 @@ with --skip-ref-above.
 """
 from __future__ import annotations
 
-import sys  # noqa: E401
+import sys
 sys.path[:] = [p for p in sys.path if not p.rstrip("/").endswith("benchmarks")]   # benchmarks/ssl.py must not shadow the ssl module
 import argparse
 import json
@@ -159,7 +159,7 @@ def _versions():
             if out[name] is None:
                 from importlib.metadata import version
                 out[name] = version(name)
-        except Exception:
+        except Exception:  # noqa: BLE001 - a package that fails to import, however it fails, is recorded as absent
             out[name] = None
     return out
 

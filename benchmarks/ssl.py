@@ -26,32 +26,32 @@ resamples each site's test subjects.
 """
 from __future__ import annotations
 
-import sys  # noqa: E401
+import sys
 sys.path[:] = [p for p in sys.path if not p.rstrip("/").endswith("benchmarks")]   # this file must not shadow the ssl module
 
-import argparse  # noqa: E402
-import dataclasses  # noqa: E402
-import hashlib  # noqa: E402
-import json  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
+import argparse
+import dataclasses
+import hashlib
+import json
+import time
+from pathlib import Path
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from cmvim.config import load_yaml                                       # noqa: E402
-from cmvim.data import SiteData, make_loader                             # noqa: E402
-from cmvim.run_config import CohortSpec, RunConfig, run_config                       # noqa: E402
-from cmvim.linear import collect, encoder_features, fit_logistic, positive_scores, regional_means  # noqa: E402
-from cmvim.model import CMViMClassifier, LossConfig                      # noqa: E402
-from cmvim.site_task import SiteTask                      # noqa: E402
-from cmvim.weights import initial_state                      # noqa: E402
-from cmvim.tables import format_table                                    # noqa: E402
-from cmvim.simulations.baselines import train_rounds                           # noqa: E402
-from cmvim.simulations.cohort import CohortConfig, cached_cohort               # noqa: E402
+from cmvim.config import load_yaml
+from cmvim.data import SiteData, make_loader
+from cmvim.run_config import CohortSpec, RunConfig, run_config
+from cmvim.linear import collect, encoder_features, fit_logistic, positive_scores, regional_means
+from cmvim.model import CMViMClassifier, LossConfig
+from cmvim.site_task import SiteTask
+from cmvim.weights import initial_state
+from cmvim.tables import format_table
+from cmvim.simulations.baselines import train_rounds
+from cmvim.simulations.cohort import CohortConfig, cached_cohort
 
 CONTRASTIVE = ("intra", "inter", "report")
 PAPER = LossConfig()        # the paper's weights ("paper" below), whatever the run config's own are

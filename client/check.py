@@ -100,7 +100,7 @@ def check_site(site_dir: Path, strict: bool = False, out=print, cfg: RunConfig |
                 continue
             try:
                 shape, affine = scan_geometry(path)
-            except Exception:          # changed since it was loaded: its shape is not worth a traceback
+            except Exception:  # noqa: BLE001 - changed since it was loaded (readers raise many types): no traceback
                 continue
             spacing = "x".join(f"{v:.2g}" for v in voxel_sizes(affine))
             geometry[(column, "x".join(map(str, shape)), spacing, "".join(nib.aff2axcodes(affine)))] += 1

@@ -82,7 +82,7 @@ def run_task(address: str, token: str, policy_file: str | None, own: dict | None
         check_bundle(fab.content, load_policy(policy_file))       # the same rule as the flwr-clientapp guard
         reply = client_app(message=message, context=context)
         status, details = SubStatus.COMPLETED, ""
-    except Exception as exc:  # noqa: BLE001 - answered as Flower answers a failed ClientApp; the worker goes on
+    except Exception as exc:  # answered as Flower answers a failed ClientApp; the worker goes on
         log.error("task failed: %s: %s", type(exc).__name__, exc, exc_info=True)
         details = f"{type(exc)}:<'{exc}'>"
         if message is not None:

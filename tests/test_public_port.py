@@ -19,7 +19,7 @@ from cmvim.server.deploy import Coordinator, DeployError
 class Upstream(http.server.BaseHTTPRequestHandler):
     seen: list[int] = []
 
-    def do_POST(self):  # noqa: N802 - http.server's name
+    def do_POST(self):  # http.server's name
         body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
         Upstream.seen.append(len(body))
         self.send_response(200)

@@ -46,7 +46,7 @@ def _probe(name: str) -> str | None:
     if name == "cpu":
         try:
             importlib.import_module("cmvim.ssm.cpu_kernel")
-        except Exception as exc:  # llvmlite failing to load its library raises OSError, not ImportError
+        except Exception as exc:  # noqa: BLE001 - llvmlite failing to load its library raises OSError, not ImportError
             return f"numba kernel unavailable ({type(exc).__name__}: {exc})"
         return None
     if name == "cuda":
@@ -54,7 +54,7 @@ def _probe(name: str) -> str | None:
             return "no CUDA device"
         try:
             importlib.import_module("mamba_ssm.ops.selective_scan_interface")
-        except Exception as exc:  # mamba-ssm raises more than ImportError without its extension
+        except Exception as exc:  # noqa: BLE001 - mamba-ssm raises more than ImportError without its extension
             return f"mamba-ssm not importable ({type(exc).__name__}: {exc}); install the `cuda` extra"
         return None
     raise ValueError(f"unknown scan backend {name!r}; choose one of {', '.join(BACKENDS)}")
