@@ -141,7 +141,7 @@ def leave_one_out(cfg, held_out: str, fractions, draws: int, say=print) -> list[
             keep("linear sites + local", fraction, draw, y_test, positive_scores(joined, x_test), n)
         say(f"    {int(fraction * 100)} % of its labels ({n} subjects): "
             + ", ".join(f"{c} {_mean_auc(rows, c, fraction):.3f}" for c in ADAPTED))
-    say(f"    zero-shot: " + ", ".join(f"{c} {_mean_auc(rows, c, 0.0):.3f}" for c in ZERO_SHOT))
+    say("    zero-shot: " + ", ".join(f"{c} {_mean_auc(rows, c, 0.0):.3f}" for c in ZERO_SHOT))
     return rows
 
 
@@ -152,7 +152,7 @@ def _mean_auc(rows: list[dict], condition: str, fraction: float) -> float:
             draws.setdefault(r["draw"], ([], []))
             draws[r["draw"]][0].append(r["label"])
             draws[r["draw"]][1].append(r["score"])
-    return float(np.mean([auc_or_nan(np.array(l), np.array(s)) for l, s in draws.values()]))
+    return float(np.mean([auc_or_nan(np.array(y), np.array(s)) for y, s in draws.values()]))
 
 
 def read_scores(path: Path) -> list[dict]:

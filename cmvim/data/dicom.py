@@ -149,7 +149,7 @@ def _read_header(path: Path) -> _FileInfo | None:
     except OSError as exc:
         raise DataError(f"cannot read {path.name}: {exc.strerror or type(exc).__name__}",
                         file=path, kind="unreadable file") from None
-    except Exception as exc:  # truncated or malformed: report the type only (messages may quote header text)
+    except Exception as exc:  # noqa: BLE001 - truncated or malformed: report the type only (messages may quote header text)
         raise DataError(f"cannot parse {path.name} as DICOM ({type(exc).__name__})",
                         file=path, kind="unreadable file") from None
 
@@ -174,7 +174,7 @@ def _forced_read(path: Path):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
-    except Exception:
+    except Exception:  # noqa: BLE001 - even a forced read fails: not DICOM, the caller decides (None)
         return None
     if "SOPClassUID" not in ds and "SeriesInstanceUID" not in ds:
         return None
@@ -209,7 +209,7 @@ def _check_decodable(ds, path: Path) -> None:
     tsyntax = UID(str(tsyntax))
     try:
         available = get_decoder(tsyntax).is_available
-    except Exception:  # no decoder exists for this UID at all
+    except Exception:  # noqa: BLE001 - no decoder exists for this UID at all
         available = False
     if not available:
         raise DataError(_compression_message(path, tsyntax), file=path, kind="unsupported compression")
@@ -450,7 +450,7 @@ def _file_pixels(path: Path, forced: bool) -> np.ndarray:
             if forced:
                 warnings.simplefilter("ignore")
             ds = pydicom.dcmread(path, force=forced)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - a damaged file: pydicom raises many types; named as a DataError
         raise DataError(f"cannot read {path.name} ({type(exc).__name__})", file=path,
                         kind="unreadable file") from None
     if not any(k in ds for k in _PIXEL_KEYWORDS):
@@ -460,7 +460,7 @@ def _file_pixels(path: Path, forced: bool) -> np.ndarray:
     tsyntax = UID(str(ds.file_meta.get("TransferSyntaxUID", "")))
     try:
         return np.asarray(ds.pixel_array)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - the decoders raise many types; answered below by what the syntax needs
         if tsyntax.is_compressed:
             raise DataError(_compression_message(path, tsyntax) + f" ({type(exc).__name__})", file=path,
                             kind="unsupported compression") from None

@@ -157,7 +157,7 @@ def read_pet(image: Path, site_dir: Path, policy: PetPolicy) -> PetReading:
     try:
         header = nib.load(str(image)).header
         shape = tuple(int(n) for n in header.get_data_shape())
-    except Exception as exc:                       # nibabel raises many types on a damaged header
+    except Exception as exc:  # noqa: BLE001 - nibabel raises many types on a damaged header
         raise DataError(f"not a readable NIfTI image ({type(exc).__name__}: {exc})", file=image, column="pet",
                         kind="not an image") from None
     frames = shape[3] if len(shape) == 4 else 1

@@ -95,7 +95,7 @@ class Resample:
         if self.voxel_size is None:
             return ref.affine, ref.data.shape
         lo, hi = world_bounds(ref)
-        shape = tuple(int(np.floor((h - l) / self.voxel_size)) + 1 for l, h in zip(lo, hi))
+        shape = tuple(int(np.floor((high - low) / self.voxel_size)) + 1 for low, high in zip(lo, hi))
         affine = np.diag([self.voxel_size] * 3 + [1.0])
         affine[:3, 3] = (lo + hi) / 2 - self.voxel_size * (np.array(shape) - 1) / 2   # centred on the box
         return affine, shape
