@@ -9,8 +9,9 @@ to be harder than the default one:
   subtypes     AD and MCI subjects split into typical, limbic-predominant and hippocampal-sparing
                atrophy/hypometabolism patterns (simulations/cohort.py SUBTYPES): no one region
                separates the classes
-  progression  two visits a year apart per subject, the disease progressing between them; every
-               visit is scored and a subject's score is the mean of its visits' (the table is per subject)
+  progression  two visits a year apart per subject, the disease progressing between them (60
+               subjects a site: the same 120 visits as the others); every visit is scored and a
+               subject's score is the mean of its visits' (the table is per subject)
 
     PYTHONPATH=. python benchmarks/regimes.py [--regimes subtypes ...] [--cohort-seeds 71 72]
     PYTHONPATH=. python benchmarks/regimes.py --table-only
@@ -51,6 +52,9 @@ REGIMES = {
     "progression": {"visits": 2},
 }
 MODELS = ("linear", "cnn3d", "cmvim fresh", "cmvim pretrained")
+# subjects per site where a regime's differs from --subjects: progression's two visits a subject
+# make 60 subjects the same 120 visits a site as the other regimes (and the same training cost)
+REGIME_SUBJECTS = {"progression": 60}
 
 
 def _bench(name: str):
@@ -64,7 +68,8 @@ def _bench(name: str):
 
 def regime_cohort(regime: str, cohort_seed: int, subjects: int) -> Path:
     from cmvim.simulations.cohort import CohortConfig, cached_cohort
-    return cached_cohort(CohortConfig(sites=3, subjects=subjects, shape=64, seed=cohort_seed, **REGIMES[regime]))
+    return cached_cohort(CohortConfig(sites=3, subjects=REGIME_SUBJECTS.get(regime, subjects), shape=64,
+                                      seed=cohort_seed, **REGIMES[regime]))
 
 
 def test_keys(site, num_classes: int) -> list[tuple[int, int]]:
