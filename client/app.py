@@ -175,9 +175,12 @@ def site_data(cfg: RunConfig, site_dir: Path, splits: tuple[int, tuple] | None =
 
 
 def load_task(cfg: RunConfig, name: str, site_dir: Path, device: str | None = None,
-              splits: tuple[int, tuple] | None = None) -> SiteTask:
+              splits: tuple[int, tuple] | None = None, ledger_path: Path | None = None, run_key: str = "local",
+              limits: SiteLimits | None = None) -> SiteTask:
     """The site's task; `device`: the site's own choice (cmvim-client --device), else the run's;
-    `splits`: the site's own split seed and fractions (site_data)."""
+    `splits`: the site's own split seed and fractions (site_data); `ledger_path`, `run_key`,
+    `limits`: the site's privacy ledger, the run the spends belong to and what the site's policy
+    lets DP spend (SiteTask's)."""
     torch.set_num_threads(max(1, cfg.threads_per_site))
     site = site_data(cfg, site_dir, splits)
     if site.summary.skipped:
@@ -186,7 +189,8 @@ def load_task(cfg: RunConfig, name: str, site_dir: Path, device: str | None = No
     if not site.records:
         raise DataError("no usable subject in the site folder", kind="no usable subjects")
     try:
-        return SiteTask(cfg, [site], name, device=device)
+        return SiteTask(cfg, [site], name, ledger_path=ledger_path, run_key=run_key, limits=limits,
+                        device=device)
     except DeviceError as exc:
         raise SiteRefusal(f"site {name}: {exc}") from None
 
@@ -213,12 +217,12 @@ def _handle(msg: Message, context: Context, training: bool) -> Message:
             policy.check_model_size(sum(int(np.prod(a.shape)) for a in msg.content[ARRAYS].values()))
         device = context.node_config.get("device")
         splits = None if policy.split_fractions is None else (policy.split_seed, tuple(policy.split_fractions))
-        task = load_task(cfg, name, site_dir, str(device) if device else None, splits)
-        task.ledger_path = ledger_path(context, site_dir)
-        task.limits = SiteLimits(max_epsilon=policy.max_epsilon, max_delta=policy.max_delta,
-                                 min_noise_multiplier=policy.min_noise_multiplier if policy.dp_required else 0.0,
-                                 min_cell_count=policy.min_cell_count, release=policy.release_grid())
-        task.run_key = str(config.get(RUN_KEY, "unnamed-run"))
+        limits = SiteLimits(max_epsilon=policy.max_epsilon, max_delta=policy.max_delta,
+                            min_noise_multiplier=policy.min_noise_multiplier if policy.dp_required else 0.0,
+                            min_cell_count=policy.min_cell_count, release=policy.release_grid())
+        task = load_task(cfg, name, site_dir, str(device) if device else None, splits,
+                         ledger_path=ledger_path(context, site_dir), run_key=str(config.get(RUN_KEY, "unnamed-run")),
+                         limits=limits)
         if not training:
             count_release(task.ledger_path.with_name("releases.json"), task.run_key, policy.max_evaluations)
         shared = msg.content[ARRAYS].to_torch_state_dict() if ARRAYS in msg.content else {}

@@ -36,10 +36,10 @@ def dp_config(**privacy):
                        "privacy": {"enabled": True, "max_grad_norm": 1.0, **privacy}})
 
 
-def task_for(site_dir, cfg, ledger, **kw) -> SiteTask:
+def task_for(site_dir, cfg, ledger, run_key: str = "run-1", **kw) -> SiteTask:
     data = SiteData.load(site_dir, cfg.preprocess, seed=cfg.seed, use_reports=cfg.use_reports,
                          split_fractions=cfg.split_fractions)
-    return SiteTask(cfg, [data], "A", ledger_path=ledger, run_key="run-1", **kw)
+    return SiteTask(cfg, [data], "A", ledger_path=ledger, run_key=run_key, **kw)
 
 
 @pytest.mark.parametrize("backend", ["torch", "cpu"])
@@ -122,9 +122,9 @@ def test_target_epsilon_sets_the_noise_and_a_spent_budget_stops_training(site, t
     assert capped.evaluate("finetune", finetune, None, "test").metrics["num-examples"] > 0
 
     # a budget that covers exactly one round: the second is refused
-    one_round = task_for(site, dp_config(noise_multiplier=1.0), tmp_path / "one.json")
-    result = one_round.train("finetune", 1, finetune)
-    one_round.limits = SiteLimits(max_epsilon=result.metrics["epsilon"] * 1.01)
+    result = task_for(site, dp_config(noise_multiplier=1.0), tmp_path / "one.json").train("finetune", 1, finetune)
+    one_round = task_for(site, dp_config(noise_multiplier=1.0), tmp_path / "one.json",
+                         limits=SiteLimits(max_epsilon=result.metrics["epsilon"] * 1.01))     # the same ledger
     with pytest.raises(PrivacyBudgetExceeded, match="the site stops DP training"):
         one_round.train("finetune", 2, result.shared)
 
@@ -195,8 +195,7 @@ def test_the_site_budget_covers_every_run_and_a_new_run_key_does_not_reset_it(si
     one_round = result.metrics["epsilon"]
     assert result.metrics["epsilon_site_total"] == pytest.approx(one_round)
     cap = SiteLimits(max_epsilon=one_round * 1.5)                # room for one round, not two
-    second_run = task_for(site, cfg, ledger, limits=cap)
-    second_run.run_key = "run-2"                                 # a fresh key: its own epsilon would be 0
+    second_run = task_for(site, cfg, ledger, run_key="run-2", limits=cap)   # a fresh key: its own epsilon would be 0
     with pytest.raises(PrivacyBudgetExceeded, match="site's total over every run"):
         second_run.train("finetune", 1, initial_state(cfg, "finetune"))
     assert [s.run for s in PrivacyLedger(ledger).entries] == ["run-1"]
@@ -265,6 +264,6 @@ def test_a_small_cell_releases_nothing(site, tmp_path):
     task = task_for(site, cfg, tmp_path / "ledger.json", limits=SiteLimits(min_cell_count=1000))
     result = task.evaluate("finetune", state, None, "test")
     assert result.metrics == {"num-examples": 0, "suppressed": 1} and result.histograms is None
-    task.limits = SiteLimits(min_cell_count=1)
+    task = task_for(site, cfg, tmp_path / "ledger.json", limits=SiteLimits(min_cell_count=1))
     scored = task.evaluate("finetune", state, None, "test")
     assert scored.metrics["num-examples"] > 0 and "auc" in scored.metrics and scored.histograms is not None
