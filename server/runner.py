@@ -188,12 +188,10 @@ class FederatedRun:
         evaluate_rounds = phase == "finetune" and self.cfg.evaluation.every_round
         self._wait_for_sites(phase)
         plan = self.central.start(remaining, later, self._connected())
+        carry = evaluate_rounds and self.cfg.evaluation.carry_validation and not self.cfg.secure_aggregation.enabled
         strategy = make_strategy(self.cfg.strategy, evaluate=evaluate_rounds, central_dp=self.cfg.central_dp,
-                                 sites=self.central.sites, accountant=self.central.accountant)
-        strategy.round_offset = done
-        strategy.carry_validation = (evaluate_rounds and self.cfg.evaluation.carry_validation
-                                     and not self.cfg.secure_aggregation.enabled)
-        strategy.last_round = remaining
+                                 sites=self.central.sites, accountant=self.central.accountant, round_offset=done,
+                                 carry_validation=carry, last_round=remaining)
         restore_strategy_state(strategy, state)
         say(f"\n== {phase}: rounds {done + 1}-{pc.rounds}, strategy {self.cfg.strategy.name}"
             f"{self._privacy_label()}, {self._connected()} sites connected ==")

@@ -103,10 +103,17 @@ class Guarded(Strategy):
     The inner strategy's own methods run unchanged on what is kept, so Flower's central-DP
     wrapper and its accountant see a plain FedAvg/FedProx aggregation. Every kept reply carries
     protocol.WEIGHT, the weight the strategy averages by (set here, never by a site).
+
+    `round_offset`: the phase's rounds done before this strategy's first (a resumed phase), added
+    to Flower's round counter wherever a round is named. `carry_validation`
+    (evaluation.carry_validation): a training round's messages ask the sites to validate the model
+    they carry first (when it is an earlier round's: absolute round > 1); only the phase's last
+    round (`last_round`, Flower's round counter) sends validation messages of its own.
     """
 
     def __init__(self, inner: Strategy, base: FedAvg, min_replies: int = 1, uniform_weights: bool = False,
-                 cfg: StrategyConfig | None = None):
+                 cfg: StrategyConfig | None = None, round_offset: int = 0, carry_validation: bool = False,
+                 last_round: int = 0):
         super().__init__()
         self.inner, self.base = inner, base        # base: the FedAvg-family strategy at the core
         self.min_replies = min_replies
@@ -117,12 +124,7 @@ class Guarded(Strategy):
         self.current: dict[str, np.ndarray] = {}           # the global model, for DP's zero-update check
         self.global_arrays: dict[str, np.ndarray] = {}     # the global model the round started from
         self.declared: dict[str, float] = {}               # site -> num-examples of its first round here
-        self.round_offset = 0
-        # evaluation.carry_validation: a training round's messages ask the sites to validate the model
-        # they carry first (when it is an earlier round's: absolute round > 1); only the phase's last
-        # round (`last_round`, Flower's round counter) sends validation messages of its own
-        self.carry_validation = False
-        self.last_round = 0
+        self.round_offset, self.carry_validation, self.last_round = round_offset, carry_validation, last_round
 
     def __repr__(self) -> str:
         return f"Guarded({self.inner!r})"
@@ -341,8 +343,10 @@ def central_accountant(cfg: CentralDPConfig, sites: int):
 
 
 def make_strategy(cfg: StrategyConfig, evaluate: bool = True, central_dp: CentralDPConfig | None = None,
-                  sites: int = 0, accountant=None) -> Guarded:
-    """The configured strategy, inside Flower's central-DP wrapper if asked, inside the guard.
+                  sites: int = 0, accountant=None, round_offset: int = 0, carry_validation: bool = False,
+                  last_round: int = 0) -> Guarded:
+    """The configured strategy, inside Flower's central-DP wrapper if asked, inside the guard
+    (`round_offset`, `carry_validation`, `last_round`: the guard's, see Guarded).
 
     Under central DP the noise is calibrated for `sites` replies a round: a round with fewer
     valid replies is not released (Flower's wrapper skips it; the global model stays as it was).
@@ -374,7 +378,8 @@ def make_strategy(cfg: StrategyConfig, evaluate: bool = True, central_dp: Centra
         wrapper = (DifferentialPrivacyServerSideFixedClipping if central_dp.clipping == "server"
                    else DifferentialPrivacyClientSideFixedClipping)
         inner = wrapper(base, central_dp.noise_multiplier, central_dp.clipping_norm, sites, accountant=accountant)
-    return Guarded(inner, base, min_replies=sites if dp else cfg.min_nodes, uniform_weights=dp, cfg=cfg)
+    return Guarded(inner, base, min_replies=sites if dp else cfg.min_nodes, uniform_weights=dp, cfg=cfg,
+                   round_offset=round_offset, carry_validation=carry_validation, last_round=last_round)
 
 
 STATE_ATTRIBUTES = ("current_arrays", "m_t", "v_t")

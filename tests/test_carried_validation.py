@@ -138,8 +138,7 @@ def _reply(site: str, node: int, val: dict | None = None, error: str | None = No
 def test_the_guard_takes_the_carried_validation_out_and_screens_it():
     """Flower's FedAvg aggregates a reply with one MetricRecord only: the carried one is taken out
     first; a validation without examples (suppressed) or with odd keys is left out by name."""
-    strategy = make_strategy(StrategyConfig(min_nodes=1))
-    strategy.carry_validation, strategy.last_round, strategy.round_offset = True, 3, 0
+    strategy = make_strategy(StrategyConfig(min_nodes=1), carry_validation=True, last_round=3)
     strategy.start_round(ArrayRecord({"w": torch.zeros(2)}))
     ok = {NUM_EXAMPLES: 8, "auc": 0.75}
     replies = [_reply("A", 1, ok), _reply("B", 2, {NUM_EXAMPLES: 0}), _reply("C", 3, error="refused: no"),
