@@ -2,10 +2,11 @@
 
 Each training phase is one call of a Flower strategy's `start` (FedAvg, FedProx or FedAdam,
 guarded: see `cmvim.server.strategy`), or with secure aggregation a loop mirroring it
-(`cmvim.server.secagg`). After every round a checkpoint (`checkpoints.py`), the central-DP
-account (`central_dp.py`) and the progress line (`report.py`). The evaluate phase sends the final
-model to every site, which scores its own test split and returns aggregate metrics and score
-histograms (never predictions); `report.final_report` writes the results folder.
+(`cmvim.server.secagg`). After every round `RoundRecorder` records it: its history entry and
+validation, a checkpoint (`checkpoints.py`), the central-DP account (`central_dp.py`) and the
+progress line (`report.py`). The evaluate phase sends the final model to every site, which
+scores its own test split and returns aggregate metrics and score histograms (never
+predictions); `report.final_report` writes the results folder.
 """
 from __future__ import annotations
 
@@ -36,7 +37,8 @@ from cmvim.weights import build_model, initial_state
 from .central_dp import CentralDP
 from .checkpoints import BestModel, Checkpoint
 from .report import final_report, progress, say
-from .strategy import CentralBudgetSpent, make_strategy, restore_strategy_state, site_name, strategy_state
+from .strategy import (CentralBudgetSpent, Guarded, make_strategy, restore_strategy_state, site_name,
+                       strategy_state)
 
 log = logging.getLogger("cmvim.server")
 
@@ -70,6 +72,88 @@ def round_timing(seconds: float, train: dict, evaluate: dict, slots: int | None 
     if slots is not None and slots < len(train_work):
         timing["sites_at_once"] = slots
     return timing
+
+
+class RoundRecorder:
+    """A phase's rounds as the run records them, one `after_round` a round (Flower's evaluate_fn, or
+    the SecAgg+ loop's call): the round's history entry (its time, the sites' metrics, whose updates
+    were aggregated, who was left out and why), its validation or the previous round's that this
+    round's training carried, the best model so far (finetune.select: best_val), a checkpoint and
+    the progress line. `latest`: the global model after the last recorded round (the phase's
+    result when central DP stops it early). The strategy lives for one phase, so its round log
+    holds this phase's rounds only."""
+
+    def __init__(self, run: FederatedRun, phase: Phase, strategy: Guarded, arrays: dict, done: int, later: int,
+                 evaluate_rounds: bool):
+        self.run, self.phase, self.strategy = run, phase, strategy
+        self.done, self.later = done, later      # the phase's rounds before this start; the later phases' rounds
+        self.total = run.cfg.phase(phase).rounds
+        self.remaining = self.total - done
+        self.evaluate_rounds = evaluate_rounds
+        self.select = phase == "finetune" and run.cfg.finetune.select == "best_val" and evaluate_rounds
+        self.latest = arrays
+        self.seconds: list[float] = []           # each recorded round's wall time
+        self.seen = 0                            # the strategy's rejections already recorded
+        self.round_start = time.perf_counter()
+
+    @property
+    def rounds_recorded(self) -> int:
+        return len(self.seconds)
+
+    def validated(self, entry: dict, metrics: dict, arrays: dict) -> None:
+        entry["evaluate"] = metrics
+        if self.select:
+            entry["selected"] = self.run.best.offer(entry["round"], mean_auc(metrics), arrays)
+
+    def trained_securely(self, server_round: int, sites: dict[str, dict], dropouts: list[dict],
+                         aggregated: bool) -> None:
+        """A SecAgg+ round's training in the strategy's round log, as the guard writes a plain
+        round's: the sites' metrics, each dropout as a rejection, and whose updates made the new
+        global model (when the round aggregated nothing, the global model is kept)."""
+        rlog = self.strategy.round_log
+        rlog.train = sites
+        for dropout in dropouts:
+            rlog.rejected.append({"round": self.done + server_round, "stage": "train", **dropout})
+        if aggregated:
+            rlog.aggregated = sorted(sites)
+        else:
+            log.warning("round %d: the secure aggregation round aggregated nothing: the global model is kept",
+                        self.done + server_round)
+
+    def after_round(self, server_round: int, round_arrays: ArrayRecord) -> None:
+        """Flower's evaluate_fn: the round's record once its new global model (`round_arrays`) is
+        made; round 0 (before the first round) records nothing."""
+        if server_round == 0:
+            return None
+        run, phase, rlog = self.run, self.phase, self.strategy.round_log
+        absolute = self.done + server_round
+        seconds = time.perf_counter() - self.round_start
+        self.round_start = time.perf_counter()
+        self.seconds.append(seconds)
+        new_rejections = [{"phase": phase, **r} for r in rlog.rejected[self.seen:]]
+        self.seen = len(rlog.rejected)
+        run.rejected.extend(new_rejections)
+        # carried validation: this round's training replies validated the previous round's model
+        # (its entry, in this run's history or a resumed one's, gets its numbers now); this
+        # round's own validation comes with the next round, or now if this round is the last
+        earlier = run._entry(phase, absolute - 1) if rlog.carried is not None else None
+        if earlier is not None:
+            self.validated(earlier, rlog.carried, self.latest)          # the model the sites validated
+        own = self.evaluate_rounds and not (self.strategy.carry_validation and server_round < self.remaining)
+        evaluated = rlog.evaluate if own else {}
+        aggregated, rlog.aggregated = rlog.aggregated, []
+        entry = {"phase": phase, "round": absolute, "seconds": round(seconds, 2),
+                 "train": rlog.train, "aggregated": aggregated, "evaluate": {}, "rejected": new_rejections,
+                 **round_timing(seconds, rlog.train, evaluated, run.site_slots)}
+        if run.central.active:
+            entry["central_dp"] = run.central.spent()
+        run.history.append(entry)
+        self.latest = run._received(round_arrays, phase)
+        if own:
+            self.validated(entry, evaluated, self.latest)
+        run._checkpoint(phase, absolute, self.latest, strategy_state(self.strategy))
+        progress(phase, absolute, self.total, self.later, entry, self.seconds, run._connected(), earlier)
+        return None
 
 
 class SitesMissing(RuntimeError):
@@ -197,102 +281,58 @@ class FederatedRun:
             f"{self._privacy_label()}, {self._connected()} sites connected ==")
         if plan:
             say(plan)
-        round_start = [time.perf_counter()]
-        phase_seconds: list[float] = []
-        latest = [arrays]           # the global model after the last round (kept if central DP stops the phase)
-        seen = [0]                  # rejections already reported
-        select = phase == "finetune" and self.cfg.finetune.select == "best_val" and evaluate_rounds
-
-        def validated(entry: dict, metrics: dict, arrays_: dict) -> None:
-            entry["evaluate"] = metrics
-            if select:
-                entry["selected"] = self.best.offer(entry["round"], mean_auc(metrics), arrays_)
-
-        def after_round(server_round: int, round_arrays: ArrayRecord):
-            if server_round == 0:
-                return None
-            absolute = done + server_round
-            seconds = time.perf_counter() - round_start[0]
-            round_start[0] = time.perf_counter()
-            phase_seconds.append(seconds)
-            rlog = strategy.round_log
-            # this round's: the strategy lives for one phase (round numbers repeat across phases)
-            new_rejections = [{"phase": phase, **r} for r in rlog.rejected[seen[0]:]]
-            seen[0] = len(rlog.rejected)
-            self.rejected.extend(new_rejections)
-            # carried validation: this round's training replies validated the previous round's model
-            # (its entry, in this run's history or a resumed one's, gets its numbers now); this
-            # round's own validation comes with the next round, or now if this round is the last
-            earlier = self._entry(phase, absolute - 1) if rlog.carried is not None else None
-            if earlier is not None:
-                validated(earlier, rlog.carried, latest[0])           # the model the sites validated
-            own = evaluate_rounds and not (strategy.carry_validation and server_round < remaining)
-            evaluated = rlog.evaluate if own else {}
-            aggregated, rlog.aggregated = rlog.aggregated, []
-            entry = {"phase": phase, "round": absolute, "seconds": round(seconds, 2),
-                     "train": rlog.train, "aggregated": aggregated, "evaluate": {}, "rejected": new_rejections,
-                     **round_timing(seconds, rlog.train, evaluated, self.site_slots)}
-            if self.central.active:
-                entry["central_dp"] = self.central.spent()
-            self.history.append(entry)
-            latest[0] = self._received(round_arrays, phase)
-            if own:
-                validated(entry, evaluated, latest[0])
-            self._checkpoint(phase, absolute, latest[0], strategy_state(strategy))
-            progress(phase, absolute, pc.rounds, later, entry, phase_seconds, self._connected(), earlier)
-            return None
-
+        recorder = RoundRecorder(self, phase, strategy, arrays, done, later, evaluate_rounds)
         if self.cfg.secure_aggregation.enabled:
-            return self._secure_rounds(strategy, arrays, remaining, phase, done, after_round)
+            return self._secure_rounds(recorder, arrays)
         try:
             result = strategy.start(grid=self.grid, initial_arrays=self._send(arrays, phase), num_rounds=remaining,
                                     timeout=self.cfg.strategy.round_timeout, train_config=self._config(phase, done),
-                                    evaluate_config=self._config(phase, done, "val"), evaluate_fn=after_round)
+                                    evaluate_config=self._config(phase, done, "val"),
+                                    evaluate_fn=recorder.after_round)
         except CentralBudgetSpent as exc:
             say(f"    ! {self.central.budget_spent()}; no further training, the model of the last round is final")
             log.info("central DP: %s", exc)
-            last = self._entry(phase, done + len(phase_seconds))
-            if strategy.carry_validation and last is not None and not last["evaluate"]:
-                # its validation was to come with the next round's training, which will not be sent
-                say(f"    validating round {last['round']} on its own (its validation was to travel with the next round)")
-                scored = self._ask_sites(latest[0], "val", {}, self.rejected, "validate")
-                validated(last, {site: m for site, m in scored.items() if m.get(NUM_EXAMPLES, 0) > 0}, latest[0])
-            return latest[0]
+            self._validate_last_round(recorder)
+            return recorder.latest
         # Flower's Result.arrays stays an empty record when no round aggregated (every round
         # had too few valid updates): then the phase's starting model is still the global one
         final = self._received(result.arrays, phase) if result.arrays is not None else {}
         return final if final else arrays
 
+    def _validate_last_round(self, recorder: RoundRecorder) -> None:
+        """Central DP stopped the phase: the last round's model, whose validation was to travel with
+        the next round's training (carried validation), is validated on its own."""
+        last = self._entry(recorder.phase, recorder.done + recorder.rounds_recorded)
+        if recorder.strategy.carry_validation and last is not None and not last["evaluate"]:
+            say(f"    validating round {last['round']} on its own (its validation was to travel with the next round)")
+            scored = self._ask_sites(recorder.latest, "val", {}, self.rejected, "validate")
+            recorder.validated(last, {site: m for site, m in scored.items() if m.get(NUM_EXAMPLES, 0) > 0},
+                               recorder.latest)
+
     def _entry(self, phase: Phase, round_: int) -> dict | None:
         """The history entry of a phase's round (this run's, or the resumed run's)."""
         return next((e for e in reversed(self.history) if e["phase"] == phase and e["round"] == round_), None)
 
-    def _secure_rounds(self, strategy, arrays: dict, rounds: int, phase: Phase, done: int, after_round) -> dict:
+    def _secure_rounds(self, recorder: RoundRecorder, arrays: dict) -> dict:
         """The phase's rounds with training through SecAgg+ (cmvim.server.secagg); validation, progress
         and checkpoints as in Flower's Strategy.start, which this loop mirrors."""
         from .secagg import SecureAggregator
         if self.context is None:
             raise RuntimeError("secure aggregation needs the ServerApp's context: FederatedRun(..., context=context)")
+        phase, done, strategy = recorder.phase, recorder.done, recorder.strategy
         timeout = self.cfg.strategy.round_timeout
         aggregator = SecureAggregator(self.grid, self.context, self.cfg.secure_aggregation, self.cfg.strategy.min_nodes,
                                       timeout)
         record = self._send(arrays, phase)
         try:
-            for server_round in range(1, rounds + 1):
+            for server_round in range(1, recorder.remaining + 1):
                 new, sites, dropouts = aggregator.round(server_round, record, self._config(phase, done))
-                strategy.round_log.train = sites
-                for dropout in dropouts:
-                    strategy.round_log.rejected.append({"round": done + server_round, "stage": "train", **dropout})
-                if new is None:
-                    log.warning("round %d: the secure aggregation round aggregated nothing: the global model is kept",
-                                done + server_round)
-                else:
-                    record = new
-                    strategy.round_log.aggregated = sorted(sites)
+                recorder.trained_securely(server_round, sites, dropouts, aggregated=new is not None)
+                record = record if new is None else new
                 messages = strategy.configure_evaluate(server_round, record, self._config(phase, done, "val"), self.grid)
                 if messages:
                     strategy.aggregate_evaluate(server_round, self.grid.send_and_receive(messages, timeout=timeout))
-                after_round(server_round, record)
+                recorder.after_round(server_round, record)
         finally:
             aggregator.close()
         return self._received(record, phase)
