@@ -137,7 +137,7 @@ def serve(address: str, secret: bytes, policy_file: str | None, stop: threading.
 
     from .local_guard import check_runtime_owner
     log.info(warm_up())
-    from cmvim.flower_process import Backoff, shorten_object_backoff
+    from cmvim.flower_polls import Backoff, shorten_object_backoff
     shorten_object_backoff(0.02, 0.2)              # the message's objects, from this machine's SuperNode: 20 ms, not 1 s
     stop = stop or threading.Event()
     idle = Backoff(POLL_FAST, POLL_SLOW)           # the next message of a round comes soon after a reply

@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from cmvim.config import load_yaml
-from cmvim.flower_process import quicken_server_polls, shorten_object_backoff
 from .flower_app import APP_CONFIG, COORDINATOR_KEY_ENV
 from cmvim.run_config import RunConfig, run_config
 
@@ -29,19 +28,19 @@ app = ServerApp()
 SERVER_POLL_ENV = "CMVIM_SERVER_POLL"
 
 
-def _collect_replies_sooner() -> None:
-    """The ServerApp asks the SuperLink for the sites' replies 0.05 s after sending a round's
-    messages, the wait growing with the time since up to CMVIM_SERVER_POLL s instead of Flower's
-    hard-coded 3 s (cmvim.flower_process.quicken_server_polls), and retries an object a site is
-    still uploading after 0.05 s. Default 0.2 s: each ask is a request on the coordinator's
-    loopback to a SuperLink with its state in memory, a few ms of its time; at 0.5 s a round's
-    last reply waited 0.25 s on average to be collected."""
-    from flwr.superlink.grid import http_grid
-    quicken_server_polls(http_grid, float(os.environ.get(SERVER_POLL_ENV, "0.2")))
+@app.lifespan()
+def collect_replies_sooner(context: Context) -> Iterator[None]:
+    """For the app's run, in its process: the ServerApp asks the SuperLink for the sites' replies
+    0.05 s after sending a round's messages, the wait growing with the time since up to
+    CMVIM_SERVER_POLL s instead of Flower's hard-coded 3 s (cmvim.flower_polls.quicken_server_polls),
+    and retries an object a site is still uploading after 0.05 s. Default 0.2 s: each ask is a
+    request on the coordinator's loopback to a SuperLink with its state in memory, a few ms of its
+    time; at 0.5 s a round's last reply waited 0.25 s on average to be collected. (The simulation's
+    ServerApp, cmvim.simulations.app, has the same lifespan.)"""
+    from cmvim.flower_polls import quicken_server_polls, shorten_object_backoff
+    quicken_server_polls(float(os.environ.get(SERVER_POLL_ENV, "0.2")))
     shorten_object_backoff()
-
-
-_collect_replies_sooner()
+    yield
 
 
 def config_from_context(run_cfg: dict, find: Callable[[str], Path] = Path) -> RunConfig:

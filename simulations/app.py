@@ -6,12 +6,13 @@ from __future__ import annotations
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from cmvim.server.app import config_from_context, run
+from cmvim.server.app import collect_replies_sooner, config_from_context, run
 
 from .cli import config_path
 from .cohort import prepare_cohort
 
 app = ServerApp()
+app.lifespan()(collect_replies_sooner)        # its Grid asks the local SuperLink for replies too
 
 
 @app.main()
