@@ -286,70 +286,102 @@ def supernode_command(args: argparse.Namespace, runtime_port: int, state: Path, 
     return cmd
 
 
-def join(args: argparse.Namespace) -> int:
-    try:
+class SiteNode:
+    """A hospital's node in a federation, as `cmvim-client join` runs it. Built only once the
+    preflight passed and the state folder is the site user's alone (else JoinError); `run` then
+    checks the site's data and keeps a Flower SuperNode and the warm site worker going until the
+    node is stopped (SIGTERM, SIGINT) or cannot join."""
+
+    def __init__(self, args: argparse.Namespace):
         preflight(args)
-        state = private_folder(args.state_dir or Path.home() / ".cmvim" / f"supernode-{args.site}")
-    except JoinError as err:
-        print(f"cmvim-client: {err}", file=sys.stderr)
-        return 2
-    print(f"cmvim-client: checking site {args.site} before joining")
-    if manifest_ready(args.data) != 0:
-        print(f"cmvim-client: site {args.site} has fatal data problems (above): not joining", file=sys.stderr)
-        return 2
-    policy = load_policy(args.policy)
-    print(f"cmvim-client: site policy: {policy}")
-    if getattr(args, "device", None) is not None:
-        print(f"cmvim-client: computing on {args.device_name} (--device {args.device})")
-    if args.insecure:
-        print("cmvim-client: WARNING --insecure: no TLS, no node authentication; for tests on one machine only")
+        self.args = args
+        self.state = private_folder(args.state_dir or Path.home() / ".cmvim" / f"supernode-{args.site}")
+        self.supernode: Child | None = None
+        self.worker: WorkerSupervisor | None = None
+        self.stopping: list[int | None] = []          # the signals that asked the node to stop
+        self.fatal: list[tuple[str, int]] = []        # (meaning, exit status) of a FATAL line the SuperNode wrote
 
-    env = flower_env(state)
-    # Flower's SuperExec starts `flwr-clientapp` by name: ours comes first and checks every app
-    # bundle against the site policy before Flower installs or imports any of it
-    env["PATH"] = os.pathsep.join([str(install_guard(state / "bin")), env["PATH"]])
-    env[POLICY_ENV] = str(args.policy.resolve()) if args.policy is not None else ""
-    env[POLL_ENV] = str(args.poll_interval)
-    runtime_port = args.runtime_port or free_port()
-    fatal: list[tuple[str, int]] = []
+    def site_ready(self) -> bool:
+        """The site check on the data folder, then what the node will run under, said once."""
+        args = self.args
+        print(f"cmvim-client: checking site {args.site} before joining")
+        if manifest_ready(args.data) != 0:
+            print(f"cmvim-client: site {args.site} has fatal data problems (above): not joining", file=sys.stderr)
+            return False
+        print(f"cmvim-client: site policy: {load_policy(args.policy)}")
+        if getattr(args, "device", None) is not None:
+            print(f"cmvim-client: computing on {args.device_name} (--device {args.device})")
+        if args.insecure:
+            print("cmvim-client: WARNING --insecure: no TLS, no node authentication; for tests on one machine only")
+        return True
 
-    def watch(line: str) -> None:
+    def environment(self) -> dict:
+        """The environment of the SuperNode and the worker. Flower's SuperExec starts
+        `flwr-clientapp` by name: ours comes first and checks every app bundle against the site
+        policy before Flower installs or imports any of it."""
+        env = flower_env(self.state)
+        env["PATH"] = os.pathsep.join([str(install_guard(self.state / "bin")), env["PATH"]])
+        env[POLICY_ENV] = str(self.args.policy.resolve()) if self.args.policy is not None else ""
+        env[POLL_ENV] = str(self.args.poll_interval)
+        return env
+
+    def watch(self, line: str) -> None:
+        """A line of the SuperNode's output: the first FATAL one is kept for `_supervise`."""
         for needle, meaning, code in FATAL:
-            if needle in line and not fatal:
-                fatal.append((meaning, code))
+            if needle in line and not self.fatal:
+                self.fatal.append((meaning, code))
 
-    child: Child | None = None
-    stopping = []
-    worker: WorkerSupervisor | None = None
-    secret = None if args.cold else worker_secret(state)
+    def stop(self, signum=None, frame=None) -> None:
+        """Stop the SuperNode and the worker (a signal handler); `run` then returns 0."""
+        self.stopping.append(signum)
+        if self.supernode is not None:
+            self.supernode.stop()
+        if self.worker is not None:
+            self.worker.stop()
 
-    def stop(signum, frame):
-        stopping.append(signum)
-        if child is not None:
-            child.stop()
-        if worker is not None:
-            worker.stop()
+    def run(self) -> int:
+        """0 when stopped; 2 when the site check found fatal problems; a FATAL status when the
+        site cannot join; 1 when the SuperNode exited more than --max-restarts times."""
+        if not self.site_ready():
+            return 2
+        env = self.environment()
+        runtime_port = self.args.runtime_port or free_port()
+        secret = None if self.args.cold else worker_secret(self.state)
+        signal.signal(signal.SIGTERM, self.stop)
+        signal.signal(signal.SIGINT, self.stop)
+        try:
+            return self._supervise(env, runtime_port, secret)
+        finally:
+            if self.worker is not None:
+                self.worker.stop()
 
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    restarts, backoff, auth_failures = 0, 2.0, 0
-    try:
+    def _connect(self, env: dict, runtime_port: int, secret: Path | None) -> tuple[int, float]:
+        """One SuperNode, started (the warm worker too, the first time) and waited for: its exit
+        status and the seconds it ran."""
+        args = self.args
+        print(f"cmvim-client: site {args.site} connecting to {args.server} (log: {self.state / 'supernode.log'})",
+              flush=True)
+        self.supernode = Child(supernode_command(args, runtime_port, self.state, secret), env=env,
+                               prefix=f"[{args.site}] ", log_path=self.state / "supernode.log", on_line=self.watch)
+        if secret is not None and self.worker is None:
+            self.worker = WorkerSupervisor(worker_command(runtime_port, secret, args, self.state), env, args.site,
+                                           self.state / "worker.log")
+        started = time.monotonic()
+        code = self.supernode.wait()
+        self.supernode.stop()                    # the SuperExec and ClientApp processes it started
+        return code, time.monotonic() - started
+
+    def _supervise(self, env: dict, runtime_port: int, secret: Path | None) -> int:
+        """The SuperNode started again whenever it exits, with backoff, until stopped or fatal."""
+        args = self.args
+        restarts, backoff, auth_failures = 0, 2.0, 0
         while True:
-            print(f"cmvim-client: site {args.site} connecting to {args.server} (log: {state / 'supernode.log'})",
-                  flush=True)
-            child = Child(supernode_command(args, runtime_port, state, secret), env=env, prefix=f"[{args.site}] ",
-                          log_path=state / "supernode.log", on_line=watch)
-            if secret is not None and worker is None:
-                worker = WorkerSupervisor(worker_command(runtime_port, secret, args, state), env, args.site,
-                                          state / "worker.log")
-            started = time.monotonic()
-            code = child.wait()
-            child.stop()                         # the SuperExec and ClientApp processes it started
-            if stopping:
+            code, ran = self._connect(env, runtime_port, secret)
+            if self.stopping:
                 print(f"cmvim-client: site {args.site} stopped")
                 return 0
-            if fatal:
-                meaning, status = fatal.pop()
+            if self.fatal:
+                meaning, status = self.fatal.pop()
                 if status != UNREGISTERED or auth_failures >= args.auth_retries:
                     print(f"cmvim-client: site {args.site} cannot join: {meaning}", file=sys.stderr)
                     return status
@@ -357,7 +389,7 @@ def join(args: argparse.Namespace) -> int:
                 print(f"cmvim-client: {meaning} (attempt {auth_failures}/{args.auth_retries + 1}); "
                       f"trying again in {AUTH_RETRY_SECONDS:.0f} s", flush=True)
                 time.sleep(AUTH_RETRY_SECONDS)
-                if stopping:
+                if self.stopping:
                     return 0
                 continue
             restarts += 1
@@ -365,13 +397,20 @@ def join(args: argparse.Namespace) -> int:
                 print(f"cmvim-client: the SuperNode exited {restarts} times (last status {code}); giving up",
                       file=sys.stderr)
                 return 1
-            if time.monotonic() - started > 300:
+            if ran > 300:
                 backoff = 2.0                    # it ran a while: start the backoff afresh
             print(f"cmvim-client: the SuperNode exited (status {code}); reconnecting in {backoff:.0f} s", flush=True)
             time.sleep(backoff)
             backoff = min(backoff * 2, 60.0)
-            if stopping:
+            if self.stopping:
                 return 0
-    finally:
-        if worker is not None:
-            worker.stop()
+
+
+def join(args: argparse.Namespace) -> int:
+    """`cmvim-client join`: a SiteNode built from the command's arguments, run; 2 when it cannot be built."""
+    try:
+        node = SiteNode(args)
+    except JoinError as err:
+        print(f"cmvim-client: {err}", file=sys.stderr)
+        return 2
+    return node.run()
