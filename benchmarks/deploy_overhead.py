@@ -45,12 +45,13 @@ import signal
 import statistics
 import subprocess
 import tempfile
-import threading
 import time
 import uuid
 from pathlib import Path
 
 import yaml
+
+from cmvim.flower_process import Child
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -78,42 +79,15 @@ def base_env(tag: str, **extra: str) -> dict:
     return env
 
 
-class Proc:
-    """A command in its own session; every output line kept with its arrival time (and logged)."""
+def start(cmd: list[str], log: Path, env: dict) -> Child:
+    """A command in its own session (cmvim's supervisor of Flower's processes); every output line
+    kept with its arrival time, and logged with it."""
+    return Child(cmd, env=env, log_path=log, echo=False, cwd=REPO, stamped=True)
 
-    def __init__(self, name: str, cmd: list[str], log: Path, env: dict):
-        self.name, self.lines = name, []
-        self._log = log.open("w")
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-                                     env=env, cwd=REPO, start_new_session=True)
-        self._reader = threading.Thread(target=self._pump, daemon=True)
-        self._reader.start()
 
-    def _pump(self) -> None:
-        for line in self.proc.stdout:
-            t = time.time()
-            line = ANSI.sub("", line.rstrip("\n"))
-            self.lines.append((t, line))
-            self._log.write(f"{t:.3f} {line}\n")
-            self._log.flush()
-
-    def seen(self, text: str) -> float | None:
-        return next((t for t, line in list(self.lines) if text in line), None)
-
-    def stop(self) -> None:
-        """SIGTERM to its PID (cmvim-client and cmvim-server stop their own children), then its group."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(40)
-            except subprocess.TimeoutExpired:
-                try:
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                self.proc.wait()
-        self._reader.join(timeout=5)
-        self._log.close()
+def stop(child: Child) -> None:
+    """SIGTERM to its PID (cmvim-client and cmvim-server stop their own children), then its group."""
+    child.stop(grace=40, leader_first=True)
 
 
 def tagged(tag: str) -> list[tuple[int, str]]:
@@ -297,32 +271,32 @@ def deploy(cohort: Path, cfg_path: Path, work: Path, tag: str, timeout: float, s
                     "--sites", "A", "B", "C"], cwd=REPO, check=True, capture_output=True, env=base_env(tag))
     from cmvim.cli_util import free_port
     port = free_port()
-    procs: dict[str, Proc] = {}
+    procs: dict[str, Child] = {}
     say(f"deployment: cmvim-server + 3 x cmvim-client on 127.0.0.1:{port} (logs in {work}) ...")
     debug = {"FLWR_LOG_LEVEL": "DEBUG"}      # Flower's timestamps, and its per-request lines (SuperLink, SuperNode)
     link_log = out / ".superlink" / "superlink.log"
     t0 = time.time()
     try:
-        procs["server"] = Proc("server", [str(BIN / "cmvim-server"), "--config", str(cfg_path), "--out", str(out),
-                                          "--certs", str(certs), "--site-keys", str(certs / "sites"),
-                                          "--address", f"127.0.0.1:{port}", "--wait-sites", "3"],
-                               work / "server.log", base_env(tag, **(debug if server_debug else {})))
+        procs["server"] = start([str(BIN / "cmvim-server"), "--config", str(cfg_path), "--out", str(out),
+                                 "--certs", str(certs), "--site-keys", str(certs / "sites"),
+                                 "--address", f"127.0.0.1:{port}", "--wait-sites", "3"],
+                                work / "server.log", base_env(tag, **(debug if server_debug else {})))
         server = procs["server"]
         deadline = time.time() + 180
         while server.seen("sites online: 0/3") is None:       # keys registered: sites get in at once
-            if server.proc.poll() is not None or time.time() > deadline:
-                raise SystemExit("cmvim-server did not come up:\n" + "\n".join(x for _, x in server.lines[-30:]))
+            if server.poll() is not None or time.time() > deadline:
+                raise SystemExit("cmvim-server did not come up:\n" + "\n".join(server.lines[-30:]))
             time.sleep(0.5)
         for site in "ABC":
-            procs[site] = Proc(site, [str(BIN / "cmvim-client"), "--site", site, "--data", str(cohort / site),
-                                      "--server", f"127.0.0.1:{port}", "--root-cert", str(certs / "ca.crt"),
-                                      "--auth-key", str(certs / "sites" / f"{site}.key"),
-                                      "--coordinator-key", str(certs / "coordinator.pub"),
-                                      "--state-dir", str(work / f"node-{site}"), *(["--cold"] if cold else [])],
-                               work / f"{site}.log", base_env(tag, **debug))
+            procs[site] = start([str(BIN / "cmvim-client"), "--site", site, "--data", str(cohort / site),
+                                 "--server", f"127.0.0.1:{port}", "--root-cert", str(certs / "ca.crt"),
+                                 "--auth-key", str(certs / "sites" / f"{site}.key"),
+                                 "--coordinator-key", str(certs / "coordinator.pub"),
+                                 "--state-dir", str(work / f"node-{site}"), *(["--cold"] if cold else [])],
+                                work / f"{site}.log", base_env(tag, **debug))
         deadline = time.time() + 240
         while server.seen("sites online: 3/3") is None:
-            if server.proc.poll() is not None:
+            if server.poll() is not None:
                 break
             if time.time() > deadline:
                 proxy = out / ".superlink" / "proxy.log"
@@ -332,7 +306,7 @@ def deploy(cohort: Path, cfg_path: Path, work: Path, tag: str, timeout: float, s
                                 (f"; Caddy: {errors[-1][-200:]}" if errors else "") + f"; logs in {work}")
             time.sleep(1)
         try:
-            code = server.proc.wait(max(1.0, timeout - (time.time() - t0)))
+            code = server.wait(max(1.0, timeout - (time.time() - t0)))
         except subprocess.TimeoutExpired:
             raise RunFailed(f"the run did not finish within {timeout:.0f} s (--timeout); logs in {work}") from None
         if code != 0:
@@ -342,10 +316,10 @@ def deploy(cohort: Path, cfg_path: Path, work: Path, tag: str, timeout: float, s
             why = (f"; the SuperLink's SQLite database was locked {len(locked)} time(s) "
                    f"({', '.join(sorted(set(locked)))}: HTTP 500)" if locked else "")
             raise RunFailed(f"cmvim-server exited {code}{why}; logs in {work}:\n" +
-                            "\n".join(x for _, x in server.lines[-6:]))
+                            "\n".join(server.lines[-6:]))
     finally:
-        for proc in procs.values():
-            proc.stop()
+        for child in procs.values():
+            stop(child)
     total = time.time() - t0
     metrics = json.loads((out / "metrics.json").read_text())
     events = {"server start": t0, "SuperLink and Caddy up, site keys registered": server.seen("sites online: 0/3"),
@@ -354,7 +328,7 @@ def deploy(cohort: Path, cfg_path: Path, work: Path, tag: str, timeout: float, s
     ckpts = {p.name: p.stat().st_mtime for p in (out / "checkpoints").glob("*.pt")}
     link = link_log.read_text(errors="replace").splitlines() if link_log.exists() else []
     return {"metrics": metrics, "events": events, "ckpts": ckpts, "link": superlink_events(link),
-            "sites": {s: procs[s].lines for s in "ABC"}}, total
+            "sites": {s: [(t, ANSI.sub("", line)) for t, line in procs[s].history] for s in "ABC"}}, total
 
 
 def flower_time(line: str) -> float | None:

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 
@@ -34,20 +35,24 @@ class Child:
     """A child process in its own process group, its output streamed line by line.
 
     `on_line(line)` sees every line (for matching known errors) and `echo` prints them with a
-    prefix. `stop()` ends the whole group (the SuperNode's SuperExec and ClientApp processes,
-    the SuperLink's ServerApp) by the child's PID: never by name.
+    prefix; `lines` keeps the last `keep` lines. `stamped` keeps every line with its arrival time
+    (`history`, `seen`; the log's lines start with it too), for measuring a run from its output.
+    `stop()` ends the whole group (the SuperNode's SuperExec and ClientApp processes, the
+    SuperLink's ServerApp) by the child's PID: never by name.
     """
 
     def __init__(self, cmd: list[str], env: dict | None = None, prefix: str = "", log_path=None,
-                 on_line=None, echo: bool = True, die_with_parent: bool = True):
-        self.cmd, self.prefix, self.on_line, self.echo = cmd, prefix, on_line, echo
+                 on_line=None, echo: bool = True, die_with_parent: bool = True, cwd=None,
+                 keep: int = 400, stamped: bool = False):
+        self.cmd, self.prefix, self.on_line, self.echo, self.keep = cmd, prefix, on_line, echo, keep
         self.lines: list[str] = []
+        self.history: list[tuple[float, str]] | None = [] if stamped else None
         # logs can hold tracebacks with paths: readable by the owner only
         self._log = (os.fdopen(os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "a", encoding="utf-8")
                      if log_path else None)
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
                                      env=env if env is not None else dict(os.environ), start_new_session=True,
-                                     preexec_fn=_die_with_parent if die_with_parent else None)
+                                     preexec_fn=_die_with_parent if die_with_parent else None, cwd=cwd)
         self._reader = threading.Thread(target=self._pump, daemon=True)
         self._reader.start()
 
@@ -55,14 +60,23 @@ class Child:
         for line in self.proc.stdout:
             line = line.rstrip("\n")
             self.lines.append(line)
-            del self.lines[:-400]
+            del self.lines[:-self.keep]
+            if self.history is not None:
+                arrived = time.time()
+                self.history.append((arrived, line))
             if self._log:
-                self._log.write(line + "\n")
+                self._log.write(f"{arrived:.3f} {line}\n" if self.history is not None else line + "\n")
                 self._log.flush()
             if self.echo:
                 print(f"{self.prefix}{line}", flush=True)
             if self.on_line:
                 self.on_line(line)
+
+    def seen(self, text: str) -> float | None:
+        """When the first line holding `text` arrived (a `stamped` child), None before it has."""
+        if self.history is None:
+            raise ValueError("Child.seen needs a stamped child (Child(..., stamped=True))")
+        return next((arrived for arrived, line in list(self.history) if text in line), None)
 
     @property
     def pid(self) -> int:
@@ -76,11 +90,16 @@ class Child:
         self._reader.join(timeout=5)
         return code
 
-    def stop(self, grace: float = 10.0) -> None:
+    def stop(self, grace: float = 10.0, leader_first: bool = False) -> None:
+        """SIGTERM, then after `grace` s SIGKILL, to the whole group. `leader_first`: the SIGTERM goes
+        to the child alone, for a command that stops its own children (cmvim-server, cmvim-client)."""
         if self.proc.poll() is None:
             for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
                 try:
-                    os.killpg(self.proc.pid, sig)
+                    if leader_first and sig == signal.SIGTERM:
+                        self.proc.send_signal(sig)
+                    else:
+                        os.killpg(self.proc.pid, sig)
                 except ProcessLookupError:
                     break
                 try:
