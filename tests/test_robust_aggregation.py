@@ -32,13 +32,12 @@ def honest(seed: int) -> dict:
 
 def started(strategy):
     """What configure_train records of the round's global model (without a Flower grid)."""
-    strategy.expected_shapes = {k: tuple(v.shape) for k, v in GLOBAL.items()}
-    strategy.global_arrays = {k: v.numpy() for k, v in GLOBAL.items()}
+    strategy.start_round(ArrayRecord(GLOBAL))
     return strategy
 
 
-def guarded(**cfg):
-    return started(make_strategy(StrategyConfig(min_nodes=2, **cfg)))
+def guarded(min_nodes: int = 2, **cfg):
+    return started(make_strategy(StrategyConfig(min_nodes=min_nodes, **cfg)))
 
 
 def aggregate(strategy, replies):
@@ -192,8 +191,7 @@ def test_a_phase_waits_for_sites_with_a_deadline_and_names_who_is_missing(tmp_pa
 
 
 def test_a_round_below_the_quorum_keeps_the_global_model():
-    strategy = guarded()
-    strategy.min_replies = 3
+    strategy = guarded(min_nodes=3)
     assert aggregate(strategy, [reply("A", 1, honest(0)), reply("B", 2, honest(1))]) is None
     assert aggregate(strategy, [reply("A", 1, honest(0)), reply("B", 2, honest(1)), reply("C", 3, honest(2))]) is not None
 
