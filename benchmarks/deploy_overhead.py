@@ -166,7 +166,7 @@ t = time.perf_counter(); build_model(cfg, "finetune"); t_model_ft = time.perf_co
 heavy = sorted({m.split(".")[0] for m in set(sys.modules) - before})
 modules = sorted({m.split(".")[0] for m in sys.modules})
 from flwr.app import ArrayRecord
-from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+from cmvim.flower_internals import get_all_nested_objects
 from cmvim.weights import initial_state
 pre = initial_state(cfg, "pretrain"); fine = initial_state(cfg, "finetune", pre)
 def count(state):        # identical tensors (fresh zeros, ones) share an object; trained ones rarely do

@@ -71,10 +71,9 @@ def _guarded_install(install):
 
 def main() -> None:
     """`flwr-clientapp` with the bundle checked before Flower installs or imports any of it."""
-    from flwr.supernode.cli.flwr_clientapp import flwr_clientapp
-    from flwr.supernode.runtime import run_clientapp as runtime
+    from cmvim.flower_internals import flwr_clientapp, guard
 
-    runtime.install_from_fab = _guarded_install(runtime.install_from_fab)
+    guard("fab install", _guarded_install)
     flwr_clientapp()
 
 

@@ -19,11 +19,10 @@ import logging
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
-from flwr.client.mod import secaggplus_mod
 from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE
-from flwr.compat.common import recorddict_compat as compat
 
+from cmvim.flower_internals import RECORD_KEY_CONFIGS, RECORD_KEY_STATE, secaggplus_mod
+from cmvim.flower_internals import recorddict_compat as compat
 from cmvim.protocol import ARRAYS, CONFIG, METRICS, NUM_EXAMPLES, SECAGG_MASKED, SECAGG_NAMES, SECAGG_SITE, SITE, SITE_ERROR, SITE_NAME
 
 

@@ -14,8 +14,7 @@ POLL_ENV = "CMVIM_SUPERNODE_POLL"
 
 
 def main() -> None:
-    from flwr.supernode.cli.flower_supernode import flower_supernode
-
+    from cmvim.flower_internals import flower_supernode
     from cmvim.flower_polls import quicken_supernode, shorten_object_backoff
     quicken_supernode(float(os.environ.get(POLL_ENV, "1.0")))
     shorten_object_backoff()

@@ -46,8 +46,7 @@ READY = "cmvim site worker: ready"
 
 
 def _runtime_client(address: str, interceptors: list):
-    from flwr.supercore.retry import make_simple_http_retry_invoker
-    from flwr.supercore.runtime import RuntimeHttpClient
+    from cmvim.flower_internals import RuntimeHttpClient, make_simple_http_retry_invoker
     return RuntimeHttpClient.from_server_address(server_address=address, insecure=True, root_certificates=None,
                                                  interceptors=interceptors,
                                                  retry_invoker=make_simple_http_retry_invoker())
@@ -57,12 +56,11 @@ def run_task(address: str, token: str, policy_file: str | None, own: dict | None
     """One task, as Flower's `flwr-clientapp` runs it, in this process: pull the message and context,
     check the bundle, run the installed ClientApp under this worker's own node config (`own`: its
     start-up settings, cmvim.client.local_guard), push the reply and the context. Returns the status."""
-    from flwr.app import Message
-    from flwr.app.error import Error
-    from flwr.common.constant import ErrorCode, SubStatus
-    from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
-    from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
-    from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
+    from flwr.app import Error, Message
+
+    from cmvim.flower_internals import (ErrorCode, HeartbeatSender, RuntimeTokenHttpInterceptor,
+                                        RuntimeVersionHttpInterceptor, SubStatus, make_task_heartbeat_fn_http,
+                                        pull_task_input, push_message, push_task_output)
 
     from .app import app as client_app
     from .approved_app import check_bundle
@@ -129,15 +127,14 @@ def serve(address: str, secret: bytes, policy_file: str | None, stop: threading.
     """Take the SuperNode's tasks one at a time until `stop` is set (or the process is stopped).
     Before each request for a task and before reading one, the Runtime API's listening socket
     must be this site's user's (ForeignRuntime otherwise: cmvim.client.local_guard)."""
-    from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=E0611
-    from flwr.supercore.constant import TaskType
-    from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor, SuperExecAuthHttpInterceptor
-
     import cmvim.client.app  # noqa: F401 - torch, flwr and cmvim imported once, before the first task
+
+    from cmvim.flower_internals import (AcquireTaskRequest, RuntimeVersionHttpInterceptor,
+                                        SuperExecAuthHttpInterceptor, TaskType)
+    from cmvim.flower_polls import Backoff, shorten_object_backoff
 
     from .local_guard import check_runtime_owner
     log.info(warm_up())
-    from cmvim.flower_polls import Backoff, shorten_object_backoff
     shorten_object_backoff(0.02, 0.2)              # the message's objects, from this machine's SuperNode: 20 ms, not 1 s
     stop = stop or threading.Event()
     idle = Backoff(POLL_FAST, POLL_SLOW)           # the next message of a round comes soon after a reply

@@ -1,7 +1,7 @@
 """Flower's processes as cmvim's commands start them (the SuperLink for cmvim-server, the
 SuperNode for cmvim-client): their executables, their environment, and a supervisor that
 streams their output and stops them by PID. (The shorter waits inside Flower's processes are
-cmvim.flower_polls'.)"""
+cmvim.flower_polls'; the other Flower internals cmvim uses are cmvim.flower_internals'.)"""
 from __future__ import annotations
 
 import os

@@ -35,8 +35,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-from flwr.app import ConfigRecord, Message, RecordDict
-from flwr.app.error import Error
+from flwr.app import ConfigRecord, Error, Message, RecordDict
 
 from .sealed import SealError, json_value, label_of, raw_public, unseal
 

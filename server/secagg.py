@@ -19,13 +19,11 @@ import time
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context
 from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
-from flwr.compat.common import recorddict_compat as compat
-from flwr.server import LegacyContext, ServerConfig
-from flwr.server.compat.app_utils import start_update_client_manager_thread
-from flwr.server.strategy import FedAvg as LegacyFedAvg
-from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.serverapp import Grid
 
+from cmvim.flower_internals import (LegacyContext, LegacyFedAvg, SecAggPlusWorkflow, ServerConfig,
+                                    start_update_client_manager_thread)
+from cmvim.flower_internals import recorddict_compat as compat
 from cmvim.run_config import SecureAggregationConfig
 from cmvim.protocol import NUM_EXAMPLES, SECAGG_NAMES, SECAGG_SITE, SERVER_ROUND
 

@@ -40,7 +40,7 @@ NOT_YOURS = "cmvim: a site may push only its own replies (the message's sender i
 def only_replies(push):
     """Flower's Fleet push handler, refusing any pushed message that is not a reply (403, with
     the reason in the answer's `extra`: Flower's own detail for the code is generic)."""
-    from flwr.supercore.error import ApiErrorCode, FlowerError
+    from cmvim.flower_internals import ApiErrorCode, FlowerError
 
     def push_messages(request, state):
         if any(not m.metadata.reply_to_message_id for m in request.messages_list):
@@ -51,7 +51,6 @@ def only_replies(push):
             raise FlowerError(ApiErrorCode.FLEET_RUN_STATUS_NOT_ALLOWED, NOT_YOURS, public_details=NOT_YOURS)
         return push(request, state)
 
-    push_messages.cmvim_only_replies = True
     return push_messages
 
 
@@ -70,7 +69,7 @@ class FleetGate:
     def __init__(self, rate: float = DEFAULT_RATE, burst: int = DEFAULT_BURST, window: float | None = None,
                  clock=time.monotonic):
         if window is None:
-            from flwr.common.constant import SYSTEM_TIME_TOLERANCE, TIMESTAMP_TOLERANCE
+            from cmvim.flower_internals import SYSTEM_TIME_TOLERANCE, TIMESTAMP_TOLERANCE
             window = TIMESTAMP_TOLERANCE + 2 * SYSTEM_TIME_TOLERANCE
         if rate <= 0 or burst < 1:
             raise ValueError(f"a Fleet rate limit needs rate > 0 and burst >= 1 (got {rate}, {burst})")
@@ -118,8 +117,8 @@ def gated(authenticate, gate: FleetGate):
     from base64 import b64decode
 
     from fastapi import HTTPException
-    from flwr.common.constant import TIMESTAMP_HEADER
-    from flwr.supercore.constant import FLEET_HTTP_PUBLIC_KEY_HEADER, FLEET_HTTP_SIGNATURE_HEADER
+
+    from cmvim.flower_internals import FLEET_HTTP_PUBLIC_KEY_HEADER, FLEET_HTTP_SIGNATURE_HEADER, TIMESTAMP_HEADER
 
     def authenticate_node(request) -> None:
         authenticate(request)                       # signature, timestamp window, node id (Flower)
@@ -139,7 +138,6 @@ def gated(authenticate, gate: FleetGate):
             raise HTTPException(status_code=503, detail="cmvim: too many requests from this site; retry later",
                                 headers={"Retry-After": "1"})
 
-    authenticate_node.cmvim_gate = gate
     return authenticate_node
 
 
@@ -157,13 +155,11 @@ def gate_from_env(environ=os.environ) -> FleetGate:
 
 def install(gate: FleetGate | None = None) -> None:
     """Put the checks in front of Flower's (its gRPC and HTTP servicers look the push handler up
-    on its module at each request; its HTTP middleware looks up authenticate_node the same way)."""
-    from flwr.superlink.routers.fleet import node_auth
-    from flwr.superlink.servicer.fleet import fleet_handlers
-    if not getattr(fleet_handlers.push_messages, "cmvim_only_replies", False):
-        fleet_handlers.push_messages = only_replies(fleet_handlers.push_messages)
-    if not hasattr(node_auth.authenticate_node, "cmvim_gate"):
-        node_auth.authenticate_node = gated(node_auth.authenticate_node, gate or gate_from_env())
+    on its module at each request; its HTTP middleware looks up authenticate_node the same way),
+    once per process."""
+    from cmvim.flower_internals import guard
+    guard("fleet push", only_replies)
+    guard("fleet authentication", lambda authenticate: gated(authenticate, gate or gate_from_env()))
 
 
 def main() -> None:
@@ -172,7 +168,7 @@ def main() -> None:
     log.addHandler(handler)
     log.setLevel(logging.INFO)
     install()
-    from flwr.superlink.cli import flower_superlink
+    from cmvim.flower_internals import flower_superlink
     sys.argv[0] = "flower-superlink"
     flower_superlink()
 

@@ -1,9 +1,11 @@
 """The import rules of docs/architecture.md, checked on the source: cmvim imports none of the
 apps, the client and the server never import each other, the server never imports the
 simulator, no module imports an app by a bare top-level name (installed, they are cmvim.server,
-cmvim.client, cmvim.simulations, cmvim.deploy), and reading a run config loads neither torch nor
-Opacus nor Flower (the coordinator's CLI and a site's policy check read configs)."""
+cmvim.client, cmvim.simulations, cmvim.deploy), only the Flower room imports Flower's internals,
+and reading a run config loads neither torch nor Opacus nor Flower (the coordinator's CLI and a
+site's policy check read configs)."""
 import ast
+import importlib.util
 import subprocess
 import sys
 import tomllib
@@ -186,6 +188,75 @@ def test_floors_import_only_downwards(floor):
 def test_every_floor_names_modules_that_exist():
     imports = module_imports()
     assert [prefix for _, prefixes in FLOORS for prefix in prefixes if not any(on(m, (prefix,)) for m in imports)] == []
+
+
+# Flower's public API: what its public packages export (their __all__). Any other name (one from a
+# module below them, flwr.common.constant, flwr.app.error) or package (flwr.server, flwr.client,
+# flwr.compat, flwr.supernode, flwr.superlink, flwr.supercore, flwr.proto) is an internal, which
+# moves between releases without notice: only the room (cmvim.flower_internals, cmvim.flower_polls,
+# cmvim.flower_process) reaches those, so an upgrade reads three modules. The tests may use them
+# directly: they play a hostile party (forged Fleet requests, a stranger asking for a site's task)
+# and pin what the room assumes.
+FLOWER_PUBLIC = ("flwr", "flwr.app", "flwr.serverapp", "flwr.serverapp.strategy", "flwr.clientapp", "flwr.clientapp.mod",
+                 "flwr.common", "flwr.simulation")
+FLOWER_ROOM = ("cmvim/flower_internals.py", "cmvim/flower_polls.py", "cmvim/flower_process.py")
+# files another change of issue #33 is moving onto the room: these internals of theirs until then, no others
+PENDING = {"client/app.py": {"flwr.supercore.differential_privacy.KEY_CLIPPING_NORM"},
+           "server/strategy.py": {"flwr.serverapp.exception.PrivacyBudgetExhausted",
+                                  "flwr.serverapp.strategy.dp_fixed_clipping.DifferentialPrivacyFixedClippingBase"}}
+
+
+def flower_exports(package: str) -> set[str]:
+    """The names a Flower package exports: its __init__'s __all__, read without importing it."""
+    origin = Path(importlib.util.find_spec(package).origin)
+    for node in ast.parse(origin.read_text()).body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "__all__" for t in node.targets):
+            return set(ast.literal_eval(node.value))
+    return set()
+
+
+def flower_internals_used(folder: str) -> dict[str, set[str]]:
+    """{file: the Flower internals it imports} under `folder`, lazy imports and import_module("flwr...")
+    included: `module.name` for a name its public package does not export, `module` for a module
+    outside the public packages."""
+    found: dict[str, set[str]] = {}
+    for path in sorted((ROOT / folder).rglob("*.py")):
+        used = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                used |= {alias.name for alias in node.names
+                         if alias.name.split(".")[0] == "flwr" and alias.name not in FLOWER_PUBLIC}
+            elif isinstance(node, ast.ImportFrom) and not node.level and node.module.split(".")[0] == "flwr":
+                public = flower_exports(node.module) if node.module in FLOWER_PUBLIC else set()
+                used |= {f"{node.module}.{alias.name}" for alias in node.names if alias.name not in public}
+            elif (isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", None))
+                  in ("import_module", "__import__") and node.args and isinstance(node.args[0], ast.Constant)
+                  and str(node.args[0].value).split(".")[0] == "flwr" and node.args[0].value not in FLOWER_PUBLIC):
+                used.add(node.args[0].value)
+        if used:
+            found[str(path.relative_to(ROOT))] = used
+    return found
+
+
+def test_only_the_flower_room_imports_flowers_internals():
+    found = {}
+    for folder in ("cmvim",) + APPS + ("benchmarks",):
+        found.update(flower_internals_used(folder))
+    outside = {path: sorted(names - PENDING.get(path, set())) for path, names in found.items() if path not in FLOWER_ROOM}
+    assert {path: names for path, names in outside.items() if names} == {}
+
+
+def test_the_flower_rule_checker_sees_internals(tmp_path, monkeypatch):
+    (tmp_path / "client").mkdir()
+    (tmp_path / "client" / "m.py").write_text(
+        "import flwr\nimport flwr.supernode.cli\nfrom flwr.app import Message\nfrom flwr.app.error import Error\n"
+        "from flwr.serverapp import Grid, LegacyThing\nfrom flwr.clientapp.mod import fixedclipping_mod\n"
+        "def f():\n    from flwr.common.constant import TIMESTAMP_HEADER\n"
+        "    return importlib.import_module('flwr.superlink.grid.http_grid')\n")
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
+    assert flower_internals_used("client") == {"client/m.py": {
+        "flwr.supernode.cli", "flwr.app.error.Error", "flwr.serverapp.LegacyThing", "flwr.common.constant.TIMESTAMP_HEADER",
+        "flwr.superlink.grid.http_grid"}}
 
 
 def test_reading_a_run_config_loads_neither_torch_nor_opacus_nor_flower():
