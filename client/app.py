@@ -26,8 +26,8 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
-from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
+from cmvim.flower_internals import KEY_CLIPPING_NORM
 from cmvim.config import ConfigError, to_dict
 from cmvim.data import DataError, SiteData
 from cmvim.device import DeviceError

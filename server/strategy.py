@@ -26,12 +26,11 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, Metadata, MetricRecord, RecordDict
 from flwr.serverapp import NeighboringRelation, PrivacyConfig, SamplingMethod
-from flwr.serverapp.exception import PrivacyBudgetExhausted
 from flwr.serverapp.strategy import (Bulyan, DifferentialPrivacyClientSideFixedClipping,
                                      DifferentialPrivacyServerSideFixedClipping, FedAdam, FedAvg, FedMedian, FedProx,
                                      FedTrimmedAvg, Krum, MultiKrum, Strategy)
-from flwr.serverapp.strategy.dp_fixed_clipping import DifferentialPrivacyFixedClippingBase
 
+from cmvim.flower_internals import DifferentialPrivacyFixedClippingBase, PrivacyBudgetExhausted
 from cmvim.run_config import CentralDPConfig, StrategyConfig
 from cmvim.protocol import (ARRAYS, METRICS, NUM_EXAMPLES, SITE, SITE_ERROR, SITE_NAME, VAL_ERROR, VAL_METRICS, VALIDATE,
                             WEIGHT)

@@ -14,9 +14,6 @@ from cmvim.flower_internals import GUARDED, INTERNALS, guard
 
 ROOT = Path(__file__).resolve().parent.parent
 ROOM = ("cmvim/flower_internals.py", "cmvim/flower_polls.py", "cmvim/flower_process.py")
-# names the room holds for files that still import them from Flower (tests/test_layers.py's PENDING)
-AWAITED = {"KEY_CLIPPING_NORM": "client/app.py", "DifferentialPrivacyFixedClippingBase": "server/strategy.py",
-           "PrivacyBudgetExhausted": "server/strategy.py"}
 
 
 def test_every_internal_is_where_this_flower_keeps_it():
@@ -47,10 +44,8 @@ def test_every_internal_listed_is_used_through_the_room():
                 for name in INTERNALS:
                     if re.search(rf"\b{name}\b", text):
                         users.setdefault(name, []).append(str(path.relative_to(ROOT)))
-    unused = sorted(set(INTERNALS) - set(users) - set(AWAITED))
+    unused = sorted(set(INTERNALS) - set(users))
     assert unused == []
-    for name, path in AWAITED.items():
-        assert name in users or name in (ROOT / path).read_text(), f"{name}: neither used nor awaited by {path}"
 
 
 def test_a_name_outside_the_list_is_an_error_that_says_where_the_list_is():

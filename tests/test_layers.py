@@ -200,10 +200,6 @@ def test_every_floor_names_modules_that_exist():
 FLOWER_PUBLIC = ("flwr", "flwr.app", "flwr.serverapp", "flwr.serverapp.strategy", "flwr.clientapp", "flwr.clientapp.mod",
                  "flwr.common", "flwr.simulation")
 FLOWER_ROOM = ("cmvim/flower_internals.py", "cmvim/flower_polls.py", "cmvim/flower_process.py")
-# files another change of issue #33 is moving onto the room: these internals of theirs until then, no others
-PENDING = {"client/app.py": {"flwr.supercore.differential_privacy.KEY_CLIPPING_NORM"},
-           "server/strategy.py": {"flwr.serverapp.exception.PrivacyBudgetExhausted",
-                                  "flwr.serverapp.strategy.dp_fixed_clipping.DifferentialPrivacyFixedClippingBase"}}
 
 
 def flower_exports(package: str) -> set[str]:
@@ -242,7 +238,7 @@ def test_only_the_flower_room_imports_flowers_internals():
     found = {}
     for folder in ("cmvim",) + APPS + ("benchmarks",):
         found.update(flower_internals_used(folder))
-    outside = {path: sorted(names - PENDING.get(path, set())) for path, names in found.items() if path not in FLOWER_ROOM}
+    outside = {path: sorted(names) for path, names in found.items() if path not in FLOWER_ROOM}
     assert {path: names for path, names in outside.items() if names} == {}
 
 
