@@ -153,7 +153,7 @@ from cmvim.weights import build_model
 cfg = run_config(sys.argv[1])
 def load(site):
     t = time.perf_counter()
-    SiteData.load(site, cfg.preprocess, seed=cfg.seed, use_reports=cfg.use_reports, split_fractions=cfg.split_fractions, bids=cfg.bids)
+    SiteData.for_run(site, cfg)
     return time.perf_counter() - t
 import torch; torch.set_num_threads(max(1, cfg.threads_per_site))
 first = {s: load(s) for s in sys.argv[3:]}            # warms every site's cache for the deployment

@@ -72,8 +72,7 @@ def say(text: str) -> None:
 
 def load_sites(cfg: RunConfig, cohort: CohortConfig) -> dict[str, SiteData]:
     folders = CohortSpec(path=str(cached_cohort(cohort))).site_folders()
-    return {n: SiteData.load(folder, cfg.preprocess, seed=cfg.seed, use_reports=cfg.use_reports,
-                             split_fractions=cfg.split_fractions, bids=cfg.bids) for n, folder in folders.items()}
+    return {n: SiteData.for_run(folder, cfg) for n, folder in folders.items()}
 
 
 def with_label_fraction(site: SiteData, fraction: float, seed: int) -> SiteData:

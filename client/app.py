@@ -28,8 +28,8 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
 
 from cmvim.flower_internals import KEY_CLIPPING_NORM
-from cmvim.config import ConfigError, to_dict
-from cmvim.data import DataError, SiteData
+from cmvim.config import ConfigError
+from cmvim.data import DataError, SiteData, run_load_key
 from cmvim.device import DeviceError
 from cmvim.durable import write_atomic
 from cmvim.run_config import RunConfig
@@ -158,16 +158,13 @@ def site_data(cfg: RunConfig, site_dir: Path, splits: tuple[int, tuple] | None =
     or any file it read did (a scan replaced or damaged mid-run is read, and reported, again).
     `splits`: the site's own (seed, fractions) for subjects its manifest gives no split (a deployed
     site's policy); None: the run config's (simulation)."""
-    seed, fractions = splits if splits is not None else (cfg.seed, tuple(cfg.split_fractions))
-    key = (str(site_dir.resolve()), cfg.preprocess.fingerprint(), seed, cfg.use_reports,
-           tuple(fractions), json.dumps(to_dict(cfg.bids), sort_keys=True))
+    key = run_load_key(site_dir, cfg, splits)
     if key in _SITES:
         site, signature = _SITES[key]
         if _files_signature(site_dir, site) == signature:
             _SITES.move_to_end(key)
             return site
-    site = SiteData.load(site_dir, cfg.preprocess, seed=seed, use_reports=cfg.use_reports,
-                         split_fractions=fractions, bids=cfg.bids)
+    site = SiteData.for_run(site_dir, cfg, splits)
     _SITES[key] = (site, _files_signature(site_dir, site))
     while len(_SITES) > KEPT_SITES:
         _SITES.popitem(last=False)

@@ -1,6 +1,6 @@
 """`cmvim-client check --data DIR`: is this site folder ready to join a federated run?
 
-Loads the site exactly as training does (`SiteData.load`: the manifest.csv or the BIDS dataset
+Loads the site exactly as training does (`SiteData.for_run`: the manifest.csv or the BIDS dataset
 the folder is, every scan decoded
 and preprocessed with the run's settings, into the same cache training then reads: outside the
 site folder, which check only reads; --cache-dir), and
@@ -84,9 +84,8 @@ def check_site(site_dir: Path, strict: bool = False, out=print, cfg: RunConfig |
     out(preprocessing_line(cfg))
     try:
         with _quiet_data_log():
-            site = SiteData.load(site_dir, cfg.preprocess, cache_dir=cache_dir, seed=cfg.seed, use_reports=cfg.use_reports,
-                                 split_fractions=cfg.split_fractions, bids=cfg.bids, show_progress=True,
-                                 workers=os.cpu_count() or 1)
+            site = SiteData.for_run(site_dir, cfg, cache_dir=cache_dir, show_progress=True,
+                                    workers=os.cpu_count() or 1)
     except DataError as err:
         out(f"\nFATAL: {err}")
         return 1

@@ -71,9 +71,8 @@ def predict_from_args(args: argparse.Namespace, out=print) -> int:
     out(preprocessing_line(cfg) + " (the model's own, from its config.json)")
     try:
         with _quiet_data_log():           # the problems table below says it all
-            site = SiteData.load(args.data, cfg.preprocess, cache_dir=args.cache_dir, seed=cfg.seed,
-                                 use_reports=cfg.use_reports, split_fractions=cfg.split_fractions,
-                                 bids=cfg.bids, show_progress=True, workers=os.cpu_count() or 1)
+            site = SiteData.for_run(args.data, cfg, cache_dir=args.cache_dir, show_progress=True,
+                                    workers=os.cpu_count() or 1)
     except DataError as err:
         out(f"FATAL: {err}")
         return 1

@@ -58,9 +58,7 @@ def prepare_sites(cfg: RunConfig) -> dict[str, SiteData]:
     for name, folder in folders.items():
         start = time.perf_counter()
         try:
-            site = SiteData.load(folder, cfg.preprocess, seed=cfg.seed, use_reports=cfg.use_reports,
-                                 split_fractions=cfg.split_fractions, bids=cfg.bids, show_progress=True,
-                                 workers=os.cpu_count() or 1)
+            site = SiteData.for_run(folder, cfg, show_progress=True, workers=os.cpu_count() or 1)
         except DataError as err:
             _say(f"  site {name}: not readable: {err}")
             unusable[name] = str(err).splitlines()[0]

@@ -13,7 +13,7 @@ from cmvim.data import (DataError, PretrainAugment, SiteData, Volume, assign_spl
                         make_loader, read_manifest, read_report)
 from cmvim.data import site as site_module
 from cmvim.data.cache import default_cache_dir
-from cmvim.run_config import AugmentConfig, PreprocessConfig, run_config
+from cmvim.run_config import AugmentConfig, PreprocessConfig, RunConfig, run_config
 from cmvim.data.preprocess import CheckOverlap, CropPad, Reorient, resample, world_bounds
 
 NIBABEL_DATA = Path(nib.__file__).parent / "tests" / "data"
@@ -462,6 +462,57 @@ def test_check_shows_the_splits_the_run_will_use(tmp_path, capsys):
     bad.write_text("split_fractons: [0.5, 0.25, 0.25]\n")
     assert main(["check", "--data", str(site), "--config", str(bad)]) == 1
     assert "split_fractions" in capsys.readouterr().out          # the typo named, the right key suggested
+
+
+def test_a_run_loads_a_site_through_one_call_and_check_sees_the_rows_training_does(tmp_path, monkeypatch):
+    """`SiteData.for_run` passes the run's preprocessing, seed, split_fractions, use_reports and
+    bids to `load`: the same records and splits as that load written out. `cmvim-client check`
+    and the ClientApp's training load both go through it, so with a seed and split fractions of
+    the run's own, check's usable rows, splits and skipped rows are training's."""
+    import re
+
+    from cmvim.client import app as client_app
+    from cmvim.client.check import check_site
+    from cmvim.data import run_load_key
+    site = write_site(tmp_path / "site", n=12, extra_rows=["BAD-1,scans/none.nii.gz,,,CN",
+                                                           "BAD-2,scans/sub0_t1.nii.gz,,scans/none.txt,AD"])
+    run = run_config({"seed": 5, "split_fractions": [0.5, 0.25, 0.25], "use_reports": False,
+                      "preprocess": {"spatial": "none", "shape": 32, "voxel_size": 4.0}})
+
+    def seen(data):
+        return ([(r.entry.row, r.entry.subject_id, r.split, r.key, r.report) for r in data.records],
+                sorted((p.row, p.column, p.kind) for p in data.summary.skipped))
+
+    for_run = SiteData.for_run(site, run, cache_dir=tmp_path / "cache")
+    written_out = SiteData.load(site, run.preprocess, cache_dir=tmp_path / "cache", seed=5, use_reports=False,
+                                split_fractions=(0.5, 0.25, 0.25), bids=run.bids)
+    assert seen(for_run) == seen(written_out)
+    default = SiteData.load(site, run.preprocess, cache_dir=tmp_path / "cache")
+    assert [r.split for r in for_run.records] != [r.split for r in default.records]   # the run's splits, not 0's
+    assert [r.entry.row for r in for_run.records] == list(range(2, 14))
+    assert seen(for_run)[1] == [(14, "mri", "missing file"), (15, "report", "missing file")]
+    assert all(r.report is None for r in for_run.records) and all(r.report for r in default.records)  # use_reports
+
+    loads = []
+    original = SiteData.load.__func__
+    monkeypatch.setattr(SiteData, "load", classmethod(lambda cls, *a, **kw: loads.append(original(cls, *a, **kw))
+                                                      or loads[-1]))
+    lines = []
+    assert check_site(site, out=lines.append, cfg=run) == 0, "\n".join(lines)
+    training = client_app.site_data(run, site)                       # the ClientApp's load (a simulated site)
+    checked = loads[0]
+    assert loads[1] is training and seen(checked) == seen(training) == seen(for_run)
+    out = "\n".join(lines)
+    shown = {m.group(1): int(m.group(2)) for m in re.finditer(r"\| split (\w+) +\| +(\d+)", out)}
+    assert shown == training.counts()["splits"] == {"train": 6, "val": 3, "test": 3}
+    skipped = sorted((int(m.group(1)), m.group(2)) for m in re.finditer(r"^\| +(\d+) \| (\S+) ", out, re.MULTILINE))
+    assert skipped == sorted((p.row, p.subject) for p in training.summary.skipped) == [(14, "BAD-1"), (15, "BAD-2")]
+    assert "14 rows, 12 usable, 2 with problems" in out
+    # a process that keeps loaded sites reuses one only under the same run arguments
+    assert run_load_key(site, run) == run_load_key(site, RunConfig.from_json(run.to_json()))
+    assert len({run_load_key(site, run), run_load_key(site, run, (5, (0.6, 0.2, 0.2))),
+                run_load_key(site, run_config({"seed": 5, "split_fractions": [0.5, 0.25, 0.25],
+                                               "preprocess": {"spatial": "none", "shape": 32, "voxel_size": 4.0}}))}) == 3
 
 
 def test_a_pooled_dataset_sets_its_augmentation_counters_in_every_part(tmp_path):

@@ -6,13 +6,15 @@ every subject once, up front, into the cache. A subject whose files are bad is
 skipped and its error kept in `summary.skipped`, so training never meets a bad
 file mid-run and no subject disappears without a line saying why: every bad file
 is one bad row, whatever goes wrong with it (a subject whose visits disagree on
-the split is left out whole, one line per row). `cmvim-client check` runs this
-same load, so it reports what training will skip. Subject ids stay in here:
+the split is left out whole, one line per row). Training, `cmvim-client check`, prediction
+and the benchmarks load a run's site through `SiteData.for_run`, the one place that turns a run
+config into `load`'s arguments, so check reports what training will skip. Subject ids stay in here:
 datasets hand out opaque integer indices.
 """
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import multiprocessing
 import time
@@ -31,10 +33,11 @@ from .errors import DataError, VisitProblems, each_problem
 from .folder import read_site_folder
 from .manifest import ManifestEntry, _inside
 from .pet import PetPolicy
+from ..config import to_dict
 from ..model_config import MODALITIES
 from ..names import LABELS, SPLITS
 from ..progress import progress_bar
-from ..run_config import SPLIT_FRACTIONS, BidsConfig, PreprocessConfig
+from ..run_config import SPLIT_FRACTIONS, BidsConfig, PreprocessConfig, RunConfig
 from .preprocess import Volume, build_pipeline
 from .registration import transform_fingerprint
 from .reports import read_report, tokenize_reports
@@ -152,10 +155,44 @@ def assign_splits(entries: list[ManifestEntry], seed: int, fractions=SPLIT_FRACT
     return splits
 
 
+def run_load_arguments(run_cfg: RunConfig, splits: tuple[int, tuple] | None = None) -> dict:
+    """What of a run config decides how a site loads: `SiteData.load`'s run-dependent arguments.
+    `splits`: the site's own (seed, fractions) for subjects its manifest gives no split (a
+    deployed site's policy); None: the run config's."""
+    seed, fractions = splits if splits is not None else (run_cfg.seed, run_cfg.split_fractions)
+    return {"cfg": run_cfg.preprocess, "seed": seed, "use_reports": run_cfg.use_reports,
+            "split_fractions": tuple(fractions), "bids": run_cfg.bids}
+
+
+def run_load_key(site_dir: str | Path, run_cfg: RunConfig, splits: tuple[int, tuple] | None = None) -> tuple:
+    """A hashable key for the site as `SiteData.for_run` loads it: equal exactly when the folder
+    and every argument `run_load_arguments` passes are (a process that keeps loaded sites reuses
+    one only under the same key)."""
+    how = run_load_arguments(run_cfg, splits)
+    return (str(Path(site_dir).resolve()),) + tuple((name, _key_part(value)) for name, value in sorted(how.items()))
+
+
+def _key_part(value):
+    if isinstance(value, PreprocessConfig):
+        return value.fingerprint()
+    if isinstance(value, BidsConfig):
+        return json.dumps(to_dict(value), sort_keys=True)
+    return value
+
+
 class SiteData:
     def __init__(self, site_dir: Path, cfg: PreprocessConfig, records: list[Record], summary: SiteSummary,
                  cache: VolumeCache):
         self.site_dir, self.cfg, self.records, self.summary, self.cache = site_dir, cfg, records, summary, cache
+
+    @classmethod
+    def for_run(cls, site_dir: str | Path, run_cfg: RunConfig, splits: tuple[int, tuple] | None = None,
+                **how) -> "SiteData":
+        """The site as the run `run_cfg` reads it: its preprocessing, split seed and fractions
+        (`splits`: the site's own, see run_load_arguments), reports and BIDS settings. Training,
+        `cmvim-client check` and prediction all load through here, so they see the same rows.
+        `how`: `load`'s per-call options (cache_dir, show_progress, workers, progress, pet)."""
+        return cls.load(site_dir, **run_load_arguments(run_cfg, splits), **how)
 
     @classmethod
     def load(cls, site_dir: str | Path, cfg: PreprocessConfig | None = None, cache_dir: str | Path | None = None,
