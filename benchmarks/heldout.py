@@ -30,7 +30,7 @@ sys.path[:] = [p for p in sys.path if not p.rstrip("/").endswith("benchmarks")] 
 sys.path.insert(0, str(ROOT))
 
 from cmvim.metrics import auc_or_nan, stratified_auc_ci as stratified_ci  # noqa: E402
-from cmvim.tables import format_table  # noqa: E402
+from cmvim.tables import ci_text, format_table, mean_sd  # noqa: E402
 
 def _registration():
     """benchmarks/registration.py (its cohort, config and in-process default run), by path:
@@ -54,10 +54,6 @@ def score_rows(cohort_seed: int, seed: int, model: str, scores: dict) -> list[di
             for site, (labels, values) in scores.items() for i, (label, value) in enumerate(zip(labels, values))]
 
 
-def read_scores(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-
-
 def _group(rows: list[dict]) -> dict:
     """{(cohort seed, seed): {model: {site: (labels, scores)}}}, subjects in stored order."""
     runs: dict = {}
@@ -68,10 +64,6 @@ def _group(rows: list[dict]) -> dict:
         site[1].append(row["score"])
     return {key: {m: {s: (np.array(v[0]), np.array(v[1])) for s, v in by.items()} for m, by in models.items()}
             for key, models in runs.items()}
-
-
-def _ci(pair: list[float]) -> str:
-    return f"[{pair[0]:.2f}, {pair[1]:.2f}]" if all(np.isfinite(pair)) else "n/a"
 
 
 def tables(rows: list[dict]) -> tuple[str, str, str]:
@@ -87,7 +79,7 @@ def tables(rows: list[dict]) -> tuple[str, str, str]:
             cells = []
             for model in MODELS:
                 scores = found[model][site][1]
-                cells += [f"{auc_or_nan(labels, scores):.3f}", _ci(stratified_ci(labels, scores))]
+                cells += [f"{auc_or_nan(labels, scores):.3f}", ci_text(stratified_ci(labels, scores))]
             site_rows.append([key[0], site, int(labels.sum()), int((labels == 0).sum()), *cells])
         pooled = {m: (np.concatenate([found[m][s][0] for s in sorted(found[m])]),
                       np.concatenate([found[m][s][1] for s in sorted(found[m])])) for m in MODELS}
@@ -96,28 +88,24 @@ def tables(rows: list[dict]) -> tuple[str, str, str]:
         aucs = {m: auc_or_nan(labels, pooled[m][1]) for m in MODELS}
         diff = aucs["cmvim"] - aucs["linear"]
         cohort_rows.append([key[0], key[1], len(labels), f"{means['cmvim']:.3f}", f"{means['linear']:.3f}",
-                            f"{aucs['cmvim']:.3f} {_ci(stratified_ci(labels, pooled['cmvim'][1]))}",
-                            f"{aucs['linear']:.3f} {_ci(stratified_ci(labels, pooled['linear'][1]))}",
-                            f"{diff:+.3f} {_ci(stratified_ci(labels, pooled['cmvim'][1], pooled['linear'][1]))}"])
+                            f"{aucs['cmvim']:.3f} {ci_text(stratified_ci(labels, pooled['cmvim'][1]))}",
+                            f"{aucs['linear']:.3f} {ci_text(stratified_ci(labels, pooled['linear'][1]))}",
+                            f"{diff:+.3f} {ci_text(stratified_ci(labels, pooled['cmvim'][1], pooled['linear'][1]))}"])
         summary["cmvim"].append(means["cmvim"])
         summary["linear"].append(means["linear"])
         summary["diff"].append(diff)
 
-    def sd(xs: list[float], sign: str = "") -> str:
-        if not xs:
-            return ""
-        return (f"{np.mean(xs):{sign}.3f} ± {np.std(xs, ddof=1):.3f} (SD)" if len(xs) > 1 else f"{xs[0]:{sign}.3f}")
-
     if len(cohort_rows) > 1:
-        cohort_rows.append(["mean ± SD over cohort seeds", "", "", sd(summary["cmvim"]), sd(summary["linear"]), "", "",
-                            sd(summary["diff"], "+")])
+        cohort_rows.append(["mean ± SD over cohort seeds", "", "", mean_sd(summary["cmvim"]),
+                            mean_sd(summary["linear"]), "", "", mean_sd(summary["diff"], "+")])
     per_site = format_table(["cohort seed", "site", "AD", "CN", "CMViM AUC", "95% CI", "linear AUC", "95% CI"],
                             site_rows)
     per_cohort = format_table(["cohort seed", "run seed", "test subjects", "CMViM mean per-site AUC",
                                "linear mean per-site AUC", "CMViM pooled AUC (95% CI)", "linear pooled AUC (95% CI)",
                                "pooled CMViM - linear (95% CI)"], cohort_rows)
     last = (f"held-out (cohort seeds {', '.join(str(k[0]) for k in sorted(runs))}): CMViM mean per-site AUC "
-            f"{sd(summary['cmvim'])} vs linear {sd(summary['linear'])}; pooled difference {sd(summary['diff'], '+')}")
+            f"{mean_sd(summary['cmvim'])} vs linear {mean_sd(summary['linear'])}; "
+            f"pooled difference {mean_sd(summary['diff'], '+')}")
     return per_site, per_cohort, last
 
 
@@ -129,10 +117,10 @@ def main() -> None:
     parser.add_argument("--scores", type=Path, default=SCORES)
     parser.add_argument("--table-only", action="store_true", help="recompute the tables from --scores, run nothing")
     args = parser.parse_args()
-    rows = read_scores(args.scores)
+    bench = _registration()
+    rows = bench.read_scores(args.scores)
     if not args.table_only:
         done = {(r["cohort_seed"], r["seed"]) for r in rows}
-        bench = _registration()
         for cohort_seed in args.cohort_seeds:
             if (cohort_seed, args.seed) in done:
                 print(f"cohort seed {cohort_seed}, run seed {args.seed}: stored, not run again", flush=True)

@@ -25,6 +25,7 @@ index among the site's test subjects and its visit, so --table-only recomputes e
 from __future__ import annotations
 
 import argparse
+import functools
 import contextlib
 import io
 import json
@@ -40,7 +41,7 @@ sys.path[:] = [p for p in sys.path if not p.rstrip("/").endswith("benchmarks")] 
 sys.path.insert(0, str(ROOT))
 
 from cmvim.metrics import auc_or_nan, stratified_auc_ci  # noqa: E402
-from cmvim.tables import format_table  # noqa: E402
+from cmvim.tables import ci_text, format_table, mean_sd  # noqa: E402
 
 RESERVED_COHORT_SEEDS = (71, 72, 73)
 SCORES = ROOT / "docs" / "benchmarks" / "regime_scores.jsonl"
@@ -57,6 +58,7 @@ MODELS = ("linear", "cnn3d", "cmvim fresh", "cmvim pretrained")
 REGIME_SUBJECTS = {"progression": 60}
 
 
+@functools.cache
 def _bench(name: str):
     """A sibling benchmark script by path: benchmarks/ is no package, and its ssl.py must not shadow ssl."""
     import importlib.util
@@ -148,21 +150,6 @@ def per_subject(rows: list[dict], site: str | None = None) -> tuple[np.ndarray, 
             np.array([float(np.mean(subjects[k][1])) for k in keys]))
 
 
-def read_scores(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-
-
-def _sd(xs: list[float], sign: str = "") -> str:
-    xs = [x for x in xs if np.isfinite(x)]
-    if not xs:
-        return "n/a"
-    return f"{np.mean(xs):{sign}.3f} ± {np.std(xs, ddof=1):.3f} (SD)" if len(xs) > 1 else f"{xs[0]:{sign}.3f}"
-
-
-def _ci(pair: list[float]) -> str:
-    return f"[{pair[0]:+.2f}, {pair[1]:+.2f}]" if all(np.isfinite(pair)) else "n/a"
-
-
 def tables(rows: list[dict]) -> tuple[str, str]:
     """(per regime and model: mean over cohort seeds; per regime, cohort seed and model: pooled AUC and
     the paired difference to the linear baseline with its CI)."""
@@ -192,12 +179,12 @@ def tables(rows: list[dict]) -> tuple[str, str]:
             cell["pooled"].append(pooled)
             cell["diff"].append(diff)
             detail.append([key[0], key[1], model, len(labels), int(labels.sum()), f"{mean_site:.3f}",
-                           f"{pooled:.3f}", "" if model == "linear" else f"{diff:+.3f} {_ci(ci)}"])
+                           f"{pooled:.3f}", "" if model == "linear" else f"{diff:+.3f} {ci_text(ci, '+')}"])
     summary_rows = []
     for (regime, model), cell in sorted(summary.items(), key=lambda kv: (order.get(kv[0][0], 99),
                                                                          MODELS.index(kv[0][1]))):
-        summary_rows.append([regime, model, len(cell["site"]), _sd(cell["site"]), _sd(cell["pooled"]),
-                             "" if model == "linear" else _sd(cell["diff"], "+")])
+        summary_rows.append([regime, model, len(cell["site"]), mean_sd(cell["site"]), mean_sd(cell["pooled"]),
+                             "" if model == "linear" else mean_sd(cell["diff"], "+")])
     return (format_table(["regime", "model", "cohort seeds", "mean per-site AUC", "pooled AUC",
                           "pooled - linear"], summary_rows),
             format_table(["regime", "cohort seed", "model", "test subjects", "AD", "mean per-site AUC",
@@ -240,7 +227,7 @@ def main() -> None:
     parser.add_argument("--scores", type=Path, default=SCORES)
     parser.add_argument("--table-only", action="store_true", help="recompute the tables from --scores, run nothing")
     args = parser.parse_args()
-    rows = read_scores(args.scores)
+    rows = _bench("registration").read_scores(args.scores)
     if not args.table_only:
         for regime in args.regimes:                  # a regime over its cohort seeds before the next regime
             for cohort_seed in args.cohort_seeds:

@@ -41,7 +41,7 @@ sys.path[:] = [p for p in sys.path if not p.rstrip("/").endswith("benchmarks")] 
 sys.path.insert(0, str(ROOT))
 
 from cmvim.metrics import auc_or_nan, stratified_auc_ci  # noqa: E402
-from cmvim.tables import format_table  # noqa: E402
+from cmvim.tables import ci_text, format_table, mean_sd  # noqa: E402
 
 RESERVED_COHORT_SEEDS = (61, 62, 63)
 SCORES = ROOT / "docs" / "benchmarks" / "unseen_site_scores.jsonl"
@@ -82,19 +82,16 @@ def block_means(cfg, site, records: list) -> tuple[np.ndarray, np.ndarray]:
     return (y == cfg.model.num_classes - 1).astype(int), x
 
 
-def leave_one_out(cfg, held_out: str, fractions, draws: int, say=print) -> list[dict]:
+def leave_one_out(cfg, sites: dict, held_out: str, fractions, draws: int, say=print) -> list[dict]:
     """Every condition's test scores at the site `held_out`, as rows (without the cohort seed)."""
     import torch
 
     from cmvim.linear import fit_logistic, positive_scores
     from cmvim.simulations.baselines import train_rounds
-    from cmvim.simulations.cli import prepare_sites
     from cmvim.site_task import SiteTask
     from cmvim.weights import initial_state
 
     torch.set_num_threads(1)
-    with contextlib.redirect_stdout(io.StringIO()):
-        sites = prepare_sites(cfg)
     federated = {name: site for name, site in sites.items() if name != held_out}
     tasks = [SiteTask(cfg, [site], name) for name, site in federated.items()]
     say(f"  {held_out} left out: federating on {', '.join(federated)} ...")
@@ -155,10 +152,6 @@ def _mean_auc(rows: list[dict], condition: str, fraction: float) -> float:
     return float(np.mean([auc_or_nan(np.array(y), np.array(s)) for y, s in draws.values()]))
 
 
-def read_scores(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-
-
 def _runs(rows: list[dict]) -> dict:
     """{(cohort seed, seed, held out): {(condition, fraction, draw): (labels, scores, n_local)}}."""
     out: dict = {}
@@ -168,13 +161,6 @@ def _runs(rows: list[dict]) -> dict:
         cell[0].append(r["label"])
         cell[1].append(r["score"])
     return out
-
-
-def _sd(xs: list[float]) -> str:
-    xs = [x for x in xs if np.isfinite(x)]
-    if not xs:
-        return "n/a"
-    return f"{np.mean(xs):.3f} ± {np.std(xs, ddof=1):.3f} (SD)" if len(xs) > 1 else f"{xs[0]:.3f}"
 
 
 def tables(rows: list[dict]) -> tuple[str, str, str]:
@@ -187,10 +173,10 @@ def tables(rows: list[dict]) -> tuple[str, str, str]:
         labels = np.array(labels)
         cmvim, linear = np.array(cm), np.array(cells[("linear zero-shot", 0.0, 0)][1])
         per_site.append([key[0], key[2], int(labels.sum()), int((labels == 0).sum()),
-                         f"{auc_or_nan(labels, cmvim):.3f} {_ci(stratified_auc_ci(labels, cmvim))}",
-                         f"{auc_or_nan(labels, linear):.3f} {_ci(stratified_auc_ci(labels, linear))}",
+                         f"{auc_or_nan(labels, cmvim):.3f} {ci_text(stratified_auc_ci(labels, cmvim))}",
+                         f"{auc_or_nan(labels, linear):.3f} {ci_text(stratified_auc_ci(labels, linear))}",
                          f"{auc_or_nan(labels, cmvim) - auc_or_nan(labels, linear):+.3f} "
-                         f"{_ci(stratified_auc_ci(labels, cmvim, linear))}"])
+                         f"{ci_text(stratified_auc_ci(labels, cmvim, linear))}"])
     summary = []
     fractions = sorted({k[1] for cells in runs.values() for k in cells if k[1] > 0})
     for fraction in [0.0, *fractions]:
@@ -205,7 +191,7 @@ def tables(rows: list[dict]) -> tuple[str, str, str]:
                 continue
             aucs = [auc_or_nan(np.array(c[0]), np.array(c[1])) for cells in runs.values()
                     for k, c in cells.items() if k[0] == condition and k[1] == fraction]
-            row.append(_sd(aucs))
+            row.append(mean_sd(aucs))
         summary.append(row)
     per_site_table = format_table(["cohort seed", "site left out", "AD", "CN", "CMViM zero-shot AUC (95% CI)",
                                    "linear zero-shot AUC (95% CI)", "CMViM - linear (95% CI)"], per_site)
@@ -214,13 +200,9 @@ def tables(rows: list[dict]) -> tuple[str, str, str]:
                                   "linear other sites + local"], summary)
     zero = {c: [auc_or_nan(np.array(cells[(c, 0.0, 0)][0]), np.array(cells[(c, 0.0, 0)][1]))
                 for cells in runs.values() if (c, 0.0, 0) in cells] for c in ZERO_SHOT}
-    last = (f"unseen site ({len(runs)} sites left out): CMViM zero-shot {_sd(zero['cmvim zero-shot'])} vs "
-            f"linear {_sd(zero['linear zero-shot'])}")
+    last = (f"unseen site ({len(runs)} sites left out): CMViM zero-shot {mean_sd(zero['cmvim zero-shot'])} vs "
+            f"linear {mean_sd(zero['linear zero-shot'])}")
     return per_site_table, summary_table, last
-
-
-def _ci(pair: list[float]) -> str:
-    return f"[{pair[0]:.2f}, {pair[1]:.2f}]" if all(np.isfinite(pair)) else "n/a"
 
 
 def main() -> None:
@@ -233,10 +215,11 @@ def main() -> None:
     parser.add_argument("--scores", type=Path, default=SCORES)
     parser.add_argument("--table-only", action="store_true", help="recompute the tables from --scores, run nothing")
     args = parser.parse_args()
-    rows = read_scores(args.scores)
+    bench = _bench("registration")
+    rows = bench.read_scores(args.scores)
     if not args.table_only:
+        from cmvim.simulations.cli import prepare_sites
         done = {(r["cohort_seed"], r["seed"], r["held_out"]) for r in rows}
-        bench = _bench("registration")
         for cohort_seed in args.cohort_seeds:
             todo = [s for s in args.sites if (cohort_seed, args.seed, s) not in done]
             if not todo:
@@ -244,9 +227,11 @@ def main() -> None:
                 continue
             print(f"cohort seed {cohort_seed}: building and registering the cohort ...", flush=True)
             cfg = bench.run_config_for(bench.cohort(cohort_seed, args.subjects, "template"), "template", args.seed)
+            with contextlib.redirect_stdout(io.StringIO()):
+                sites = prepare_sites(cfg)          # once a cohort seed: each site left out reads the same
             for held_out in todo:
                 new = [{"cohort_seed": cohort_seed, "seed": args.seed, **r}
-                       for r in leave_one_out(cfg, held_out, FRACTIONS, args.draws,
+                       for r in leave_one_out(cfg, sites, held_out, FRACTIONS, args.draws,
                                               say=lambda m: print(m, flush=True))]
                 with args.scores.open("a") as handle:
                     handle.writelines(json.dumps(r) + "\n" for r in new)

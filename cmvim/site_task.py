@@ -21,7 +21,8 @@ from . import engine
 from .calibration import Calibration
 from .data import SiteData, SiteDataset
 from .data.views import SiteViews
-from .device import Precision, describe, resolve_device, to_cpu
+from .device import Precision, describe, resolve_device, to_cpu, to_device
+from .linear import collect
 from .names import PHASES, Phase
 from .privacy import PrivacyLedger, PrivacyRefused, SiteLimits, Spend, dp_train, planned_noise, privacy_plan
 from .protocol import NUM_EXAMPLES, SUPPRESSED
@@ -251,16 +252,13 @@ class SiteTask:
         of this task's site. In process, for benchmarks."""
         model = self._model("finetune", shared, local or {})
         model.eval()
+
+        @torch.no_grad()
+        def read(batch):
+            return model.features(to_device(batch, self.device)).float().cpu().numpy()
         dataset = SiteDataset(self.sites[0], list(records), self.num_classes)
-        xs, ys = [], []
-        with torch.no_grad():
-            for batch in self.views.loader(dataset, self.cfg.finetune.batch_size, False, 0):
-                xs.append(model.features({k: v.to(self.device) if torch.is_tensor(v) else v
-                                          for k, v in batch.items()}).float().cpu().numpy())
-                ys.append(batch["label"].numpy())
-        if not xs:
-            return np.zeros(0, dtype=int), np.zeros((0, 0))
-        return (np.concatenate(ys) == self.num_classes - 1).astype(int), np.concatenate(xs).astype(np.float64)
+        x, labels = collect(self.views.loader(dataset, self.cfg.finetune.batch_size, False, 0), read)
+        return (labels == self.num_classes - 1).astype(int), x
 
     def _predict(self, model: torch.nn.Module, dataset) -> tuple[np.ndarray, np.ndarray]:
         return engine.predict(model, self.views.loader(dataset, self.cfg.finetune.batch_size, False, 0), self.precision)

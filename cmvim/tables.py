@@ -1,6 +1,7 @@
 """Plain-text tables a person can read in a terminal (and paste into markdown)."""
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 MARKDOWN_MIN_WIDTH = 3       # GitHub renders a table only if each separator cell has a dash: `---`, `--:`
@@ -39,3 +40,21 @@ def _cell(value, markdown: bool = False) -> str:
         return f"{value:.4g}" if abs(value) < 1e4 else f"{value:.0f}"
     text = "" if value is None else str(value)
     return text.replace("|", "\\|") if markdown else text
+
+
+def mean_sd(values: Sequence[float], sign: str = "") -> str:
+    """'mean ± SD (SD)' of the finite values (sample SD), the value alone for one, 'n/a' for none:
+    how a benchmark table states a spread, labelled. `sign`: "+" writes the sign of the mean."""
+    xs = [float(x) for x in values if math.isfinite(x)]
+    if not xs:
+        return "n/a"
+    mean = sum(xs) / len(xs)
+    if len(xs) == 1:
+        return f"{mean:{sign}.3f}"
+    sd = math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1))
+    return f"{mean:{sign}.3f} ± {sd:.3f} (SD)"
+
+
+def ci_text(pair: Sequence[float], sign: str = "") -> str:
+    """'[low, high]' of a confidence interval to 2 decimals, 'n/a' where it is undefined."""
+    return f"[{pair[0]:{sign}.2f}, {pair[1]:{sign}.2f}]" if all(math.isfinite(v) for v in pair) else "n/a"

@@ -138,6 +138,18 @@ def test_the_stratified_bootstrap_keeps_class_sizes_and_pairs_the_two_models():
     assert np.isnan(stratified_auc_ci(np.zeros(5, dtype=int), np.arange(5.0))).all()
 
 
+def test_benchmark_tables_label_their_spread_and_skip_what_is_undefined():
+    """cmvim.tables.mean_sd / ci_text: the sample SD, labelled; NaN values left out; n/a when nothing is left."""
+    import statistics
+    from cmvim.tables import ci_text, mean_sd
+    values = [0.91, 0.97, 0.88]
+    assert mean_sd(values) == f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f} (SD)"
+    assert mean_sd([0.02, float("nan"), -0.01], "+") == f"+0.005 ± {statistics.stdev([0.02, -0.01]):.3f} (SD)"
+    assert mean_sd([0.5]) == "0.500" and mean_sd([float("nan")]) == "n/a" and mean_sd([]) == "n/a"
+    assert ci_text([0.012, 0.2]) == "[0.01, 0.20]" and ci_text([-0.04, 0.1], "+") == "[-0.04, +0.10]"
+    assert ci_text([float("nan"), 1.0]) == "n/a"
+
+
 def test_a_fit_that_would_reverse_the_ranking_is_refused():
     labels, probabilities = _validation(2_000, slope=-1.0, intercept=0.0)     # the model is anti-correlated
     calibration = fit_calibration(*logit_histograms(labels, probabilities))
