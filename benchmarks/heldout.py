@@ -110,14 +110,10 @@ def tables(rows: list[dict]) -> tuple[str, str, str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cohort-seeds", type=int, nargs="+", default=list(RESERVED_COHORT_SEEDS))
-    parser.add_argument("--seed", type=int, default=0, help="the run seed (splits, initialisation)")
-    parser.add_argument("--subjects", type=int, default=120, help="per site (the default run's cohort: 120)")
-    parser.add_argument("--scores", type=Path, default=SCORES)
-    parser.add_argument("--table-only", action="store_true", help="recompute the tables from --scores, run nothing")
-    args = parser.parse_args()
     bench = _registration()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    bench.reserved_seed_arguments(parser, RESERVED_COHORT_SEEDS, SCORES)
+    args = parser.parse_args()
     rows = bench.read_scores(args.scores)
     if not args.table_only:
         done = {(r["cohort_seed"], r["seed"]) for r in rows}

@@ -218,16 +218,13 @@ def effect_table(path: Path = EFFECTS) -> str:
 
 
 def main() -> None:
+    bench = _bench("registration")
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--regimes", nargs="+", default=list(REGIMES), choices=list(REGIMES))
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
-    parser.add_argument("--cohort-seeds", type=int, nargs="+", default=list(RESERVED_COHORT_SEEDS))
-    parser.add_argument("--seed", type=int, default=0, help="the run seed (splits, initialisation)")
-    parser.add_argument("--subjects", type=int, default=120, help="per site (the default run's cohort: 120)")
-    parser.add_argument("--scores", type=Path, default=SCORES)
-    parser.add_argument("--table-only", action="store_true", help="recompute the tables from --scores, run nothing")
+    bench.reserved_seed_arguments(parser, RESERVED_COHORT_SEEDS, SCORES)
     args = parser.parse_args()
-    rows = _bench("registration").read_scores(args.scores)
+    rows = bench.read_scores(args.scores)
     if not args.table_only:
         for regime in args.regimes:                  # a regime over its cohort seeds before the next regime
             for cohort_seed in args.cohort_seeds:

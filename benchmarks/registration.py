@@ -216,6 +216,17 @@ def score_rows(cohort_seed: int, seed: int, space: str, spatial: str, model: str
             for site, (labels, values) in scores.items() for label, value in zip(labels, values)]
 
 
+def reserved_seed_arguments(parser, cohort_seeds, scores: Path, seed_help: str = "splits, initialisation") -> None:
+    """The options every benchmark on reserved cohort seeds shares (heldout.py, unseen_site.py,
+    regimes.py): which cohort seeds, the run seed, the cohort's size, where the per-subject scores
+    live, and --table-only to recompute the tables from them."""
+    parser.add_argument("--cohort-seeds", type=int, nargs="+", default=list(cohort_seeds))
+    parser.add_argument("--seed", type=int, default=0, help=f"the run seed ({seed_help})")
+    parser.add_argument("--subjects", type=int, default=120, help="per site (the default run's cohort: 120)")
+    parser.add_argument("--scores", type=Path, default=scores)
+    parser.add_argument("--table-only", action="store_true", help="recompute the tables from --scores, run nothing")
+
+
 def read_scores(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 

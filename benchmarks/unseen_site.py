@@ -206,16 +206,13 @@ def tables(rows: list[dict]) -> tuple[str, str, str]:
 
 
 def main() -> None:
+    bench = _bench("registration")
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cohort-seeds", type=int, nargs="+", default=list(RESERVED_COHORT_SEEDS))
-    parser.add_argument("--seed", type=int, default=0, help="the run seed (splits, initialisation, draws)")
-    parser.add_argument("--subjects", type=int, default=120, help="per site (the default run's cohort: 120)")
     parser.add_argument("--sites", nargs="+", default=["A", "B", "C"], help="the sites to leave out, one at a time")
     parser.add_argument("--draws", type=int, default=5, help="draws of local labels per fraction")
-    parser.add_argument("--scores", type=Path, default=SCORES)
-    parser.add_argument("--table-only", action="store_true", help="recompute the tables from --scores, run nothing")
+    bench.reserved_seed_arguments(parser, RESERVED_COHORT_SEEDS, SCORES,
+                                  seed_help="splits, initialisation, draws")
     args = parser.parse_args()
-    bench = _bench("registration")
     rows = bench.read_scores(args.scores)
     if not args.table_only:
         from cmvim.simulations.cli import prepare_sites
