@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 from cmvim.config import load_yaml
 from cmvim.run_config import overridden
 from cmvim.tables import format_table
-from cmvim.simulations.cli import config_path
+from cmvim.simulations.assembly import config_path
 
 
 def run(data: dict, out: Path) -> dict:
@@ -66,7 +66,7 @@ def run_inprocess(data: dict) -> dict:
     from cmvim.weights import initial_state
     from cmvim.simulations.cohort import prepare_cohort
     from cmvim.simulations.baselines import run_baselines, train_rounds
-    from cmvim.simulations.cli import prepare_sites
+    from cmvim.simulations.assembly import prepare_sites
 
     start = time.perf_counter()
     torch.set_num_threads(1)

@@ -39,7 +39,7 @@ from cmvim.config import load_yaml
 from cmvim.run_config import overridden, run_config
 from cmvim.site_task import SiteTask
 from cmvim.weights import initial_state
-from cmvim.simulations.cli import config_path, prepare_sites
+from cmvim.simulations.assembly import config_path, prepare_sites
 from cmvim.simulations.cohort import prepare_cohort
 
 

@@ -47,7 +47,7 @@ from cmvim.config import load_yaml
 from cmvim.metrics import auc_or_nan
 from cmvim.run_config import overridden
 from cmvim.tables import format_table
-from cmvim.simulations.cli import config_path
+from cmvim.simulations.assembly import config_path
 
 FINETUNE_ONLY = ("finetune", "finetune_init", "baselines", "modality_dropout")   # what pretraining never reads
 WINDOW = 6              # the rounds over which the round-to-round change is read (the default's fine-tuning rounds)
@@ -148,7 +148,7 @@ def run_seed(data: dict, seed: int, readout: str, cache: Path) -> dict:
     from cmvim.site_task import SiteTask
     from cmvim.weights import initial_state
     from cmvim.simulations.baselines import run_baselines, train_rounds
-    from cmvim.simulations.cli import prepare_sites
+    from cmvim.simulations.assembly import prepare_sites
     from cmvim.simulations.cohort import prepare_cohort
 
     torch.set_num_threads(1)

@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from cmvim.config import load_yaml          # noqa: E402
 from cmvim.tables import format_table       # noqa: E402
-from cmvim.simulations.cli import config_path          # noqa: E402
+from cmvim.simulations.assembly import config_path          # noqa: E402
 
 VARIANTS = {
     "default (lr 3e-4, layer decay 0.75, dropout 0.3)": {},
@@ -80,7 +80,7 @@ def seed_rows(data: dict, seed: int, cache: Path) -> list[list]:
 
     from cmvim.run_config import overridden, run_config
     from cmvim.simulations.baselines import fedavg, train_rounds, validation_auc
-    from cmvim.simulations.cli import prepare_sites
+    from cmvim.simulations.assembly import prepare_sites
     from cmvim.simulations.cohort import prepare_cohort
     from cmvim.site_task import SiteTask
     from cmvim.weights import initial_state

@@ -39,7 +39,7 @@ from cmvim.data import make_loader
 from cmvim.linear import fit_logistic, positive_scores, regional_means
 from cmvim.model import CMViMClassifier
 from cmvim.run_config import run_config
-from cmvim.simulations.cli import config_path, prepare_sites
+from cmvim.simulations.assembly import config_path, prepare_sites
 from cmvim.simulations.cohort import prepare_cohort
 from cmvim.tables import format_table
 from cmvim.weights import load_weights

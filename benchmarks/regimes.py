@@ -110,7 +110,7 @@ def run(regime: str, cohort_seed: int, seed: int, subjects: int, models: list[st
         done: set) -> list[dict]:
     import torch
 
-    from cmvim.simulations.cli import prepare_sites
+    from cmvim.simulations.assembly import prepare_sites
     bench = _bench("registration")
     torch.set_num_threads(1)
     cohort = regime_cohort(regime, cohort_seed, subjects)

@@ -58,7 +58,7 @@ def cohort(seed: int, subjects: int, space: str) -> Path:
 
 def run_config_for(cohort_path: Path, spatial: str, seed: int):
     from cmvim.run_config import run_config
-    from cmvim.simulations.cli import DEFAULT_CONFIG
+    from cmvim.simulations.assembly import DEFAULT_CONFIG
     data = load_yaml(DEFAULT_CONFIG)
     data["seed"] = seed
     data["cohort"] = {**data["cohort"], "path": str(cohort_path)}
@@ -191,7 +191,7 @@ def default_run_scores(cfg) -> tuple[dict, dict, dict]:
     from cmvim.site_task import SiteTask
     from cmvim.weights import initial_state
     from cmvim.simulations.baselines import linear_test_scores, train_rounds
-    from cmvim.simulations.cli import prepare_sites
+    from cmvim.simulations.assembly import prepare_sites
 
     torch.set_num_threads(1)
     with contextlib.redirect_stdout(io.StringIO()):
@@ -278,7 +278,7 @@ def extraction_table(cohort_seed: int, subjects: int, margins: list[str]) -> str
     import io
 
     from cmvim.simulations.baselines import linear_test_scores
-    from cmvim.simulations.cli import prepare_sites
+    from cmvim.simulations.assembly import prepare_sites
 
     def load(path: Path, spatial: str, margin):
         cfg = run_config_for(path, spatial, 0)
@@ -343,7 +343,7 @@ def main() -> None:
         first, cached = timing(scanner, cfg, args.timing_visits)
         first_times.append(first)
         cached_times.append(cached)
-        from cmvim.simulations.cli import prepare_sites
+        from cmvim.simulations.assembly import prepare_sites
         import contextlib
         import io
         with contextlib.redirect_stdout(io.StringIO()):

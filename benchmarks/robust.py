@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 from cmvim.results import mean_auc, site_entry
 from cmvim.run_config import StrategyConfig, run_config
 from cmvim.simulations.baselines import server_aggregation, train_rounds
-from cmvim.simulations.cli import prepare_sites
+from cmvim.simulations.assembly import prepare_sites
 from cmvim.simulations.cohort import prepare_cohort
 from cmvim.site_task import SiteTask
 from cmvim.tables import format_table

@@ -215,7 +215,7 @@ def main() -> None:
     args = parser.parse_args()
     rows = bench.read_scores(args.scores)
     if not args.table_only:
-        from cmvim.simulations.cli import prepare_sites
+        from cmvim.simulations.assembly import prepare_sites
         done = {(r["cohort_seed"], r["seed"], r["held_out"]) for r in rows}
         for cohort_seed in args.cohort_seeds:
             todo = [s for s in args.sites if (cohort_seed, args.seed, s) not in done]

@@ -135,16 +135,18 @@ def split_override(pair: str) -> tuple[str, Any]:
 _EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
-def apply_overrides(data: Mapping[str, Any], pairs: Sequence[str],
+def apply_overrides(data: Mapping[str, Any], pairs: Sequence[str | tuple[str, Any]],
                     short_forms: Mapping[str, Callable[[Any], dict]] | None = None) -> dict:
-    """A copy of the config mapping `data` with each `KEY=VALUE` of `pairs` set in it, in order,
-    before the mapping is parsed: the values are then checked exactly like the YAML's (an unknown
-    key is the same error, naming it). A dotted key reaches into a section (`finetune.rounds=3`),
-    making it when it is absent. `short_forms` opens up a top-level section written in a short
-    form (the model's preset name) into its mapping before a dotted key reaches into it."""
+    """A copy of the config mapping `data` with each of `pairs` set in it, in order, before the
+    mapping is parsed: a `KEY=VALUE` string (a command line's --set, its VALUE read as YAML) or a
+    (KEY, value) pair already typed (`flwr run --run-config` keys). The values are then checked
+    exactly like the YAML's (an unknown key is the same error, naming it). A dotted key reaches
+    into a section (`finetune.rounds=3`), making it when it is absent. `short_forms` opens up a
+    top-level section written in a short form (the model's preset name) into its mapping before a
+    dotted key reaches into it."""
     out = _copy(data)
     for pair in pairs:
-        key, value = split_override(pair)
+        key, value = split_override(pair) if isinstance(pair, str) else pair
         *sections, last = key.split(".")
         node, where = out, []
         for part in sections:

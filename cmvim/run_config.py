@@ -528,8 +528,9 @@ def run_config(spec: str | Path | Mapping | None = None, **overrides) -> RunConf
     return from_dict(RunConfig, data, "run")
 
 
-def overridden(data: Mapping, pairs: Sequence[str]) -> dict:
-    """The run config mapping `data` (read from YAML) with the command line's `--set KEY=VALUE`
-    pairs applied (cmvim.config.apply_overrides), before `run_config` parses and checks it; a
-    model section written as a preset name (`model: small`) opens up for `model.depth=2`."""
+def overridden(data: Mapping, pairs: Sequence) -> dict:
+    """The run config mapping `data` (read from YAML) with overrides applied: a command line's
+    `--set KEY=VALUE` strings or typed (KEY, value) pairs (cmvim.config.apply_overrides, the one
+    override implementation), before `run_config` parses and checks it; a model section written
+    as a preset name (`model: small`) opens up for `model.depth=2`."""
     return apply_overrides(data, pairs, short_forms={"model": model_mapping})

@@ -1,8 +1,8 @@
-"""Flower ServerApp of a deployment: reads the run config and drives `FederatedRun`; the sites
-bring their own data. (`flwr run .` in a checkout runs the simulation's ServerApp,
-cmvim.simulations.app, which also builds the synthetic cohort.)
+"""Flower ServerApp of a deployment: the run its run config asks for, assembled as every cmvim
+run is (server/assembly.py), the sites bringing their own data. (`flwr run .` in a checkout
+runs the simulation's ServerApp, cmvim.simulations.app: the same assembly for a simulation.)
 
-Flower passes the app's run config (protocol.APP_CONFIG, overridable with --run-config):
+Flower passes the app's run config (flower_app.APP_CONFIG, overridable with --run-config):
   config-file   a RunConfig YAML path (cmvim-server passes an absolute one)
   out-dir       where results and checkpoints go
   resume        "true" to continue from out-dir's last checkpoint
@@ -12,17 +12,12 @@ the YAML; a dotted key that is declared there (e.g. "pretrain.rounds") overrides
 from __future__ import annotations
 
 import os
-from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from cmvim.config import load_yaml
-from .flower_app import APP_CONFIG, COORDINATOR_KEY_ENV
-from cmvim.run_config import RunConfig, run_config
-
-from .runner import FederatedRun
+from .assembly import DEPLOYMENT, serve_from_context
 
 app = ServerApp()
 SERVER_POLL_ENV = "CMVIM_SERVER_POLL"
@@ -43,36 +38,6 @@ def collect_replies_sooner(context: Context) -> Iterator[None]:
     yield
 
 
-def config_from_context(run_cfg: dict, find: Callable[[str], Path] = Path) -> RunConfig:
-    """The RunConfig named by the app's `config-file` (resolved by `find`), with the dotted
-    run-config keys applied over it."""
-    name = str(run_cfg.get("config-file", ""))
-    data = load_yaml(find(name)) if name else {}
-    for key, value in run_cfg.items():
-        if key in APP_CONFIG:
-            continue
-        node = data
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = value
-    return run_config(data)
-
-
-def run(grid: Grid, context: Context, cfg: RunConfig) -> None:
-    """The federated run the app's run config asks for: results in out-dir, resumed if asked."""
-    run_cfg = dict(context.run_config)
-    out_dir = Path(str(run_cfg.get("out-dir", APP_CONFIG["out-dir"]))).expanduser().resolve()
-    print(f"cmvim: results of this run go to {out_dir}", flush=True)
-    resume = str(run_cfg.get("resume", "false")).lower() in ("1", "true", "yes")
-    FederatedRun(cfg, out_dir, grid, resume=resume, context=context).run()
-
-
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    key = os.environ.get(COORDINATOR_KEY_ENV)
-    if key:                      # cmvim-server with TLS: every instruction signed (cmvim.instructions)
-        from cmvim.instructions import load_private_key, signing_grid
-        grid = signing_grid(grid, load_private_key(Path(key)))
-        print("cmvim: every instruction to the sites is signed with the coordinator's key", flush=True)
-    run(grid, context, config_from_context(dict(context.run_config)))
+    serve_from_context(grid, context, DEPLOYMENT)

@@ -43,10 +43,10 @@ import yaml
 
 import cmvim
 from cmvim.cli_util import add_set_option, free_port
-from cmvim.config import ConfigError, load_yaml
+from cmvim.config import ConfigError
 from cmvim.flower_process import Child, flower_env, flower_executable
-from cmvim.run_config import overridden, run_config
 
+from .assembly import DEPLOYMENT, RunRequest
 from .flower_app import COORDINATOR_KEY_ENV, write_project
 from .superlink import BURST_ENV, DEFAULT_BURST, DEFAULT_RATE, RATE_ENV
 
@@ -329,12 +329,11 @@ def say(text: str) -> None:
 
 
 def serve(args: argparse.Namespace) -> int:
+    request = RunRequest(args.config, tuple(args.set), args.out, resume=args.resume)
     try:
-        data = overridden(load_yaml(args.config), args.set)
-        cfg = run_config(data)
+        cfg = DEPLOYMENT.check(request.config())        # the ServerApp assembles the same request again
     except (ConfigError, ValueError, OSError) as err:
-        where = " with --set " + " ".join(args.set) if args.set else ""
-        print(f"cmvim-server: --config {args.config}{where}: {err}", file=sys.stderr)
+        print(f"cmvim-server: --config {request.describe()}: {err}", file=sys.stderr)
         return 2
     coordinator = None
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -342,7 +341,7 @@ def serve(args: argparse.Namespace) -> int:
         coordinator = Coordinator(args)
         if args.set:        # the ServerApp reads its config from a file: the overridden one
             args.config = coordinator.state / "run-config.yaml"
-            args.config.write_text(yaml.safe_dump(data, sort_keys=False))
+            args.config.write_text(yaml.safe_dump(request.mapping(), sort_keys=False))
             say(f"run config with --set {' '.join(args.set)}: {args.config}")
         coordinator.write_connection()
         if not args.superlink:

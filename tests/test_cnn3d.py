@@ -42,7 +42,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def easy_sites(easy_cohort):
-    from cmvim.simulations.cli import prepare_sites
+    from cmvim.simulations.assembly import prepare_sites
     return prepare_sites(run_config(cnn_config(easy_cohort)))
 
 
@@ -107,7 +107,7 @@ def test_best_validation_selection_scores_each_site_of_the_pooled_model(easy_coh
     """finetune.select best_val: the round is the one with the best mean per-site validation AUC,
     the pooled CNN scored site by site (train_rounds' validation_auc builds one CnnTask a site)."""
     from cmvim.simulations.baselines import train_rounds, validation_auc
-    from cmvim.simulations.cli import prepare_sites
+    from cmvim.simulations.assembly import prepare_sites
     cfg = run_config(cnn_config(easy_cohort, rounds=2, local_epochs=1, select="best_val"),
                      split_fractions=[0.5, 0.2, 0.3], evaluation={"bootstrap": 50, "every_round": True})
     sites = prepare_sites(cfg)

@@ -147,7 +147,7 @@ def test_cmvim_client_refuses_a_device_it_does_not_have(tmp_path):
 
 
 def test_simulation_gpu_shares_are_checked_against_the_machine():
-    from cmvim.simulations.cli import gpu_problem, simulated_device
+    from cmvim.simulations.assembly import gpu_problem, simulated_device
     assert gpu_problem(run_config({})) is None
     # without GPU shares every simulated site computes on the CPU, whatever Ray shows it
     assert simulated_device(run_config({})).device == "cpu"

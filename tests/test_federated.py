@@ -149,10 +149,10 @@ def test_a_failing_site_is_named_and_the_run_goes_on(easy_cohort, tmp_path, min_
                       cohort={"path": str(cohort), "site_names": ["A", "B", "C"]}, strategy={"min_nodes": min_nodes})
     config = tmp_path / "faulty.yaml"
     config.write_text(yaml.safe_dump(cfg))
-    code = ("import sys, yaml; from pathlib import Path; from cmvim.run_config import run_config; "
+    code = ("from pathlib import Path; from cmvim.server.assembly import PreparedRun, RunRequest; "
             "from cmvim.simulations.cli import run_federated; "
-            f"cfg = run_config(yaml.safe_load(open({str(config)!r}))); "
-            f"run_federated(cfg, Path({str(out)!r}), 3, resume=False, verbose=False)")
+            f"request = RunRequest(Path({str(config)!r}), out_dir=Path({str(out)!r})); "
+            "run_federated(request, PreparedRun(request.config()), 3, verbose=False)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
                           env=dict(os.environ, PYTHONUNBUFFERED="1"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

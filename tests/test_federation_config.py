@@ -6,8 +6,8 @@ from cmvim.config import ConfigError
 from cmvim.run_config import RunConfig, run_config
 from cmvim.sharing import shared_parameter_names
 from cmvim.model import CMViM, CMViMClassifier, model_config
-from cmvim.server.app import config_from_context
-from cmvim.simulations.cli import config_path
+from cmvim.server.assembly import RunRequest
+from cmvim.simulations.assembly import config_path
 
 
 def test_quick_config_loads_and_typos_are_named():
@@ -28,8 +28,8 @@ def test_the_default_run_config_is_a_valid_one():
 
 
 def test_flwr_run_config_keys_override_the_file():
-    cfg = config_from_context({"config-file": "quick.yaml", "out-dir": "x", "pretrain.rounds": 2,
-                               "strategy.name": "fedprox"}, find=config_path)
+    cfg = RunRequest.from_context({"config-file": "quick.yaml", "out-dir": "x", "pretrain.rounds": 2,
+                                   "strategy.name": "fedprox"}, find=config_path).config()
     from_file = run_config(config_path("quick.yaml"))
     assert cfg.pretrain.rounds == 2 and cfg.strategy.name == "fedprox"
     assert cfg.finetune == from_file.finetune and from_file.pretrain.rounds != 2

@@ -310,13 +310,13 @@ def test_a_bad_set_gives_the_yamls_error_or_a_usage_error(tmp_path):
 def test_cmvim_sim_runs_the_overridden_config(tmp_path, monkeypatch, capsys):
     pytest.importorskip("ray")
     pytest.importorskip("nilearn")
-    from cmvim.simulations import cli
+    from cmvim.simulations import assembly, cli
     seen = {}
 
-    def run_federated(cfg, out_dir, n_sites, resume, verbose, sites=None):
-        seen["cfg"] = cfg          # what FederatedRun would run (and record in config.yaml)
+    def run_federated(request, prepared, n_sites, verbose):
+        seen["cfg"] = prepared.cfg          # what FederatedRun would run (and record in config.yaml)
 
-    monkeypatch.setattr(cli, "prepare_sites", lambda cfg: {"A": None, "B": None})
+    monkeypatch.setattr(assembly, "prepare_sites", lambda cfg, say: {"A": None, "B": None})
     monkeypatch.setattr(cli, "run_federated", run_federated)
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump({"cohort": {"path": str(tmp_path)}, "model": "tiny",
