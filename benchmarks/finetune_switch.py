@@ -20,6 +20,7 @@ from __future__ import annotations
 import sys
 sys.path[:] = [p for p in sys.path if not p.rstrip("/").endswith("benchmarks")]   # benchmarks/ssl.py must not shadow the ssl module
 import argparse
+import dataclasses
 import contextlib
 import copy
 import io
@@ -79,7 +80,7 @@ def seed_rows(data: dict, seed: int, cache: Path) -> list[list]:
     import torch
 
     from cmvim.run_config import overridden, run_config
-    from cmvim.simulations.baselines import fedavg, train_rounds, validation_auc
+    from cmvim.simulations.baselines import server_aggregation, train_rounds, validation_auc
     from cmvim.simulations.assembly import prepare_sites
     from cmvim.simulations.cohort import prepare_cohort
     from cmvim.site_task import SiteTask
@@ -117,7 +118,8 @@ def seed_rows(data: dict, seed: int, cache: Path) -> list[list]:
         drifts = [drift(r.shared, probed) for r in results]
         own = [train_loss(t, r.shared, t.views.dataset(["train"], True, augment=False))
                for t, r in zip(vtasks, results)]
-        averaged = fedavg(results)
+        averaged = server_aggregation(dataclasses.replace(vcfg.strategy, min_nodes=1))(
+            "finetune", cfg.finetune.probe_rounds + 1, {t.name: r for t, r in zip(vtasks, results)}, probed)
         after = np.mean([train_loss(t, averaged, t.views.dataset(["train"], True, augment=False)) for t in vtasks])
         val = validation_auc(vtasks, averaged, {t.name: {} for t in vtasks})
         rows.append([seed, name] + [f"{np.mean([d[g] for d in drifts]):.4f}" for g in ("embedding", "blocks", "head")]

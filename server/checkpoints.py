@@ -112,14 +112,35 @@ class Checkpoint:
         return None
 
 
-class BestModel:
-    """Early stopping on the validation split (finetune.select: best_val): the fine-tuning round
-    with the best mean per-site validation AUC so far, the latest of equals, kept on disk beside
-    the checkpoints (written like them), so a resumed run still knows it."""
+class BestRound:
+    """The selection rule of finetune.select: best_val: the round with the best mean per-site
+    validation AUC so far, the latest of equals; NaN (no site could score) never wins. The
+    federated run keeps its choice on disk (BestModel); the baselines and benchmarks that train
+    rounds in one process keep it in memory with the same rule (simulations.baselines.train_rounds)."""
+
+    def __init__(self):
+        self.round, self.score, self.value = 0, float("-inf"), None
+
+    def offer(self, round_: int, score: float, value) -> bool:
+        """Keep `value` (the round's model) if `score` is at least the best so far."""
+        if not score >= self.score:            # NaN (no site could score) never wins
+            return False
+        self.keep(round_, score, value)
+        self.round, self.score = round_, score
+        return True
+
+    def keep(self, round_: int, score: float, value) -> None:
+        self.value = value
+
+
+class BestModel(BestRound):
+    """Early stopping on the validation split (BestRound's rule) for the federated run: the chosen
+    round's arrays kept on disk beside the checkpoints (written like them), so a resumed run
+    still knows it."""
 
     def __init__(self, folder: Path):
+        super().__init__()
         self.path = folder / "finetune_best_val.pt"
-        self.round, self.score = 0, float("-inf")
         if self.path.exists():
             try:
                 data = torch.load(self.path, map_location="cpu", weights_only=True)
@@ -131,15 +152,10 @@ class BestModel:
         self.path.unlink(missing_ok=True)
         self.round, self.score = 0, float("-inf")
 
-    def offer(self, round_: int, score: float, arrays: dict[str, torch.Tensor]) -> bool:
-        """Keep `arrays` if `score` (a mean validation AUC) is at least the best so far."""
-        if not score >= self.score:            # NaN (no site could score) never wins
-            return False
+    def keep(self, round_: int, score: float, arrays: dict[str, torch.Tensor]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         payload = {"round": round_, "score": score, "arrays": to_cpu(arrays)}
         write_atomic(self.path, lambda handle: torch.save(payload, handle))
-        self.round, self.score = round_, score
-        return True
 
     def arrays(self) -> dict[str, torch.Tensor] | None:
         if not self.round:

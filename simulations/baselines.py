@@ -5,7 +5,7 @@
   linear       no deep model: a logistic regression on each subject's regional means, fit on every
                site's labelled training and validation subjects pooled (cmvim.linear)
   cnn3d        the supervised reference: a small 3D ResNet (cmvim.cnn3d) trained from scratch on MRI +
-               PET, FedAvg over the sites in this process, on the fine-tuning schedule (rounds, local
+               PET, aggregated over the sites in this process by the server's own path (strategy), on the fine-tuning schedule (rounds, local
                epochs, lr, batch size) and selection rule (finetune.select) of the run
   cnn3d_centralized  the same network and schedule on all sites' training data pooled
 
@@ -13,6 +13,8 @@ All evaluate on every site's own test split, exactly like the federated model.
 """
 from __future__ import annotations
 
+import dataclasses
+import logging
 import time
 
 import numpy as np
@@ -22,44 +24,38 @@ from cmvim.data import SiteData, make_loader
 from cmvim.run_config import RunConfig
 from cmvim.linear import collect, fit_logistic, positive_scores, regional_means
 from cmvim.names import Phase
-from cmvim.protocol import NUM_EXAMPLES
 from cmvim.results import mean_auc, pooled_entry, site_entry
+from cmvim.server.checkpoints import BestRound
 from cmvim.site_task import SiteTask, evaluation_metrics
 from cmvim.weights import initial_state
-
-
-def fedavg(results) -> dict:
-    """Flower's FedAvg of the sites' shared parameters, weighted by their num-examples."""
-    counts = [r.metrics[NUM_EXAMPLES] for r in results]
-    total = sum(counts)
-    return {k: (sum(r.shared[k].double() * n for r, n in zip(results, counts)) / total).to(results[0].shared[k].dtype)
-            for k in results[0].shared}
 
 
 def train_rounds(cfg: RunConfig, tasks: list[SiteTask], phase: Phase, shared: dict,
                  aggregate=None, after_round=None) -> tuple[dict, dict[str, dict]]:
     """A phase's rounds in this process: one task trains alone (local, centralized), several are
-    averaged by FedAvg each round (the federated run without Flower's transport, as benchmarks
-    use it), or by `aggregate(phase, round, {site: RoundResult}, shared) -> shared` (e.g.
-    `server_aggregation`). `after_round(round, shared, local)` sees every round's global model
-    (benchmarks score them). Returns the shared parameters and each task's own (personalised) ones."""
+    combined each round by the server's own aggregation (`server_aggregation` of the run's
+    strategy: the guard, then Flower's FedAvg or whichever the config names; the federated run
+    without Flower's transport, as benchmarks use it), or by `aggregate(phase, round, {site:
+    RoundResult}, shared) -> shared`. `after_round(round, shared, local)` sees every round's
+    global model (benchmarks score them). Under finetune.select: best_val the round is chosen
+    by the federated run's rule (server.checkpoints.BestRound). Returns the shared parameters
+    and each task's own (personalised) ones."""
+    if aggregate is None and len(tasks) > 1:
+        aggregate = server_aggregation(dataclasses.replace(cfg.strategy, min_nodes=1))
     local = {task.name: {} for task in tasks}
-    select = phase == "finetune" and cfg.finetune.select == "best_val"
-    best = (float("-inf"), shared, local)
+    best = BestRound() if phase == "finetune" and cfg.finetune.select == "best_val" else None
     for round_ in range(1, cfg.phase(phase).rounds + 1):
         results = [task.train(phase, round_, shared, local[task.name]) for task in tasks]
         local = {task.name: result.local for task, result in zip(tasks, results)}
         if aggregate is not None:
             shared = aggregate(phase, round_, {task.name: r for task, r in zip(tasks, results)}, shared)
         else:
-            shared = results[0].shared if len(results) == 1 else fedavg(results)
+            shared = results[0].shared
         if after_round is not None:
             after_round(round_, shared, local)
-        if select:                            # as the federated run selects (server.checkpoints.BestModel)
-            score = validation_auc(tasks, shared, local)
-            if score >= best[0]:
-                best = (score, shared, local)
-    return (best[1], best[2]) if select and best[0] > float("-inf") else (shared, local)
+        if best is not None:
+            best.offer(round_, validation_auc(tasks, shared, local), (shared, local))
+    return best.value if best is not None and best.round else (shared, local)
 
 
 def validation_auc(tasks: list[SiteTask], shared: dict, local: dict[str, dict]) -> float:
@@ -82,13 +78,19 @@ def server_aggregation(strategy_cfg, tamper=None):
     from cmvim.server.strategy import make_strategy, training_reply
     from flwr.app import ArrayRecord
     strategies: dict = {}
+    flower_log = logging.getLogger("flwr")
 
     def aggregate(phase: str, round_: int, results: dict, shared: dict) -> dict:
-        strategy = strategies.setdefault(phase, make_strategy(strategy_cfg, evaluate=False))
-        strategy.start_round(ArrayRecord(shared))
-        replies = [training_reply(name, node, tamper(name, shared, r.shared) if tamper else r.shared, r.metrics)
-                   for node, (name, r) in enumerate(results.items(), start=1)]
-        arrays, _ = strategy.aggregate_train(round_, replies)
+        level = flower_log.level
+        flower_log.setLevel(max(level, logging.WARNING))      # not Flower's "Received 3 results" every round
+        try:
+            strategy = strategies.setdefault(phase, make_strategy(strategy_cfg))
+            strategy.start_round(ArrayRecord(shared))
+            replies = [training_reply(name, node, tamper(name, shared, r.shared) if tamper else r.shared, r.metrics)
+                       for node, (name, r) in enumerate(results.items(), start=1)]
+            arrays, _ = strategy.aggregate_train(round_, replies)
+        finally:
+            flower_log.setLevel(level)
         return arrays.to_torch_state_dict() if arrays is not None else shared
 
     aggregate.rejected = lambda: [r for s in strategies.values() for r in s.round_log.rejected]
@@ -116,7 +118,7 @@ def _evaluate(cfg: RunConfig, sites: dict[str, SiteData], shared: dict, local: d
 
 def _cnn3d(cfg: RunConfig, sites: dict[str, SiteData], pooled: bool, say) -> dict:
     """The 3D CNN baseline: every site trains the same seeded initialisation for the run's fine-tuning
-    rounds, FedAvg'd each round by examples (pooled: one task holding every site's training data),
+    rounds, aggregated each round by the server's own path (pooled: one task holding every site's training data),
     the round chosen as the run chooses its own (train_rounds); then every site's test split."""
     tasks = ([CnnTask(cfg, list(sites.values()), "pooled")] if pooled
              else [CnnTask(cfg, [site], name) for name, site in sites.items()])

@@ -167,3 +167,26 @@ def test_in_process_rounds_select_the_best_validation_round(easy_cohort, monkeyp
             return RoundResult({"w": torch.full((1,), float(round_))}, {}, {"num-examples": 1})
     shared, _ = baselines.train_rounds(cfg, [Task()], "finetune", {"w": torch.zeros(1)})
     assert shared["w"][0] == 2.0
+
+
+def test_in_process_rounds_aggregate_through_the_servers_own_path():
+    """Several tasks are combined by the run's strategy behind the server's guard, not by a
+    FedAvg of their own: a site whose update is far beyond the round's median is rejected as
+    the server rejects it (norm_bound), the others averaged by their examples."""
+    from cmvim.simulations import baselines
+    from cmvim.site_task import RoundResult
+
+    class Task:
+        def __init__(self, name, value, examples):
+            self.name, self.value, self.examples = name, value, examples
+
+        def train(self, phase, round_, shared, local):
+            return RoundResult({"w": shared["w"] + self.value}, {}, {"num-examples": self.examples})
+
+    tasks = [Task("A", 1.0, 1), Task("B", 4.0, 3), Task("C", 1000.0, 2)]
+    cfg = run_config({"finetune": {"rounds": 1}})
+    shared, _ = baselines.train_rounds(cfg, tasks, "finetune", {"w": torch.zeros(2)})
+    torch.testing.assert_close(shared["w"], torch.full((2,), (1.0 * 1 + 4.0 * 3) / 4))    # C rejected
+    unbounded = run_config({"finetune": {"rounds": 1}, "strategy": {"norm_bound": None}})
+    shared, _ = baselines.train_rounds(unbounded, tasks, "finetune", {"w": torch.zeros(2)})
+    torch.testing.assert_close(shared["w"], torch.full((2,), (1.0 + 12.0 + 2000.0) / 6))
