@@ -2,7 +2,8 @@
 apps, the client and the server never import each other, the server never imports the
 simulator, no module imports an app by a bare top-level name (installed, they are cmvim.server,
 cmvim.client, cmvim.simulations, cmvim.deploy), only the Flower room imports Flower's internals,
-and reading a run config loads neither torch nor Opacus nor Flower (the coordinator's CLI and a
+every run is assembled one way (server/assembly.py builds the one FederatedRun; every ServerApp
+main serves through it), and reading a run config loads neither torch nor Opacus nor Flower (the coordinator's CLI and a
 site's policy check read configs)."""
 import ast
 import importlib.util
@@ -288,3 +289,38 @@ def test_the_sites_message_path_imports_only_what_a_training_message_needs():
             "print(' '.join(m for m in ('opacus', 'sklearn', 'matplotlib', 'ray') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "", f"imported on the message path: {out}"
+
+
+def run_assembly_breaches(folders=APPS + ("benchmarks",)) -> dict[str, list[str]]:
+    """{file: what it does past the one run assembly}: a FederatedRun built anywhere but
+    server/assembly.py's serve, or a ServerApp main whose body does not go through serve /
+    serve_from_context (cmvim-sim, `flwr run .` and cmvim-server assemble one way)."""
+    found: dict[str, list[str]] = {}
+    for folder in folders:
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            where = str(path.relative_to(ROOT))
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                if (isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", None))
+                        == "FederatedRun" and where != "server/assembly.py"):
+                    found.setdefault(where, []).append(f"FederatedRun built at line {node.lineno}")
+                if isinstance(node, ast.FunctionDef) and any(
+                        isinstance(d, ast.Call) and getattr(d.func, "attr", None) == "main" for d in node.decorator_list):
+                    calls = {getattr(c.func, "id", getattr(c.func, "attr", None))
+                             for c in ast.walk(node) if isinstance(c, ast.Call)}
+                    if not calls & {"serve", "serve_from_context"}:
+                        found.setdefault(where, []).append(f"ServerApp main {node.name} does not serve the assembly")
+    return found
+
+
+def test_every_run_is_assembled_one_way():
+    assert run_assembly_breaches() == {}
+
+
+def test_the_assembly_checker_sees_a_breach(tmp_path, monkeypatch):
+    (tmp_path / "simulations").mkdir()
+    (tmp_path / "simulations" / "m.py").write_text(
+        "@app.main()\ndef main(grid, context):\n    FederatedRun(cfg, out, grid).run()\n"
+        "@other.main()\ndef fine(grid, context):\n    serve(grid, context, request, prepared)\n")
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
+    assert run_assembly_breaches(("simulations",)) == {"simulations/m.py": [
+        "ServerApp main main does not serve the assembly", "FederatedRun built at line 3"]}
