@@ -52,7 +52,7 @@ def features(cfg, sites, model: CMViMClassifier | None):
         out[name] = {}
         for split in ("train", "val", "test"):
             xs, ys = [], []
-            for batch in make_loader(site.dataset(split, labeled=True, num_classes=cfg.model.num_classes), 16, False,
+            for batch in make_loader(site.dataset(split, labeled=True, classes=cfg.model.classes), 16, False,
                                      reports=False):
                 with torch.no_grad():
                     xs.append(regional_means(batch, cfg.linear.grid) if model is None

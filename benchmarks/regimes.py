@@ -74,10 +74,10 @@ def regime_cohort(regime: str, cohort_seed: int, subjects: int) -> Path:
                                       seed=cohort_seed, **REGIMES[regime]))
 
 
-def test_keys(site, num_classes: int) -> list[tuple[int, int]]:
+def test_keys(site, classes) -> list[tuple[int, int]]:
     """(subject index within the site's test split, visit number) of each labelled test visit, in
     the order a task scores them; no subject id leaves this function."""
-    records = site.subset("test", True, num_classes)
+    records = site.subset("test", True, classes)
     subjects: dict[str, int] = {}
     return [(subjects.setdefault(r.entry.subject_id, len(subjects)), int(r.entry.visit or 1)) for r in records]
 
@@ -118,7 +118,7 @@ def run(regime: str, cohort_seed: int, seed: int, subjects: int, models: list[st
     cfg = bench.run_config_for(cohort, "template", seed)
     with contextlib.redirect_stdout(io.StringIO()):
         sites = prepare_sites(cfg)
-    keys = {name: test_keys(site, cfg.model.num_classes) for name, site in sites.items()}
+    keys = {name: test_keys(site, cfg.model.classes) for name, site in sites.items()}
     rows = []
     for model in models:
         if (regime, cohort_seed, seed, model) in done:

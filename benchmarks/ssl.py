@@ -120,7 +120,7 @@ def test_scores(cfg: RunConfig, sites: dict[str, SiteData], score_batch) -> dict
     num_classes = cfg.model.num_classes
     out = {}
     for name, site in sites.items():
-        loader = make_loader(site.dataset("test", labeled=True, num_classes=num_classes), 16, False)
+        loader = make_loader(site.dataset("test", labeled=True, classes=cfg.model.classes), 16, False)
         s, y = collect(loader, score_batch)
         out[name] = ((y == num_classes - 1).astype(int), s.reshape(-1))
     return out
@@ -173,7 +173,7 @@ def probe_scores(cfg: RunConfig, sites: dict[str, SiteData], pretrained: dict | 
 def linear_scores(cfg: RunConfig, sites: dict[str, SiteData], features, seed: int) -> dict:
     num_classes = cfg.model.num_classes
     batches = (b for site in sites.values() for split in ("train", "val")
-               for b in make_loader(site.dataset(split, labeled=True, num_classes=num_classes), 16, False))
+               for b in make_loader(site.dataset(split, labeled=True, classes=cfg.model.classes), 16, False))
     x, y = collect(batches, features)
     model = fit_logistic(x, (y == num_classes - 1).astype(int), cfg.linear, seed=seed)
     return test_scores(cfg, sites, lambda batch: positive_scores(model, features(batch)))

@@ -77,7 +77,7 @@ def block_means(cfg, site, records: list) -> tuple[np.ndarray, np.ndarray]:
     """(is AD 0/1, the linear baseline's features) of records."""
     from cmvim.data import SiteDataset, make_loader
     from cmvim.linear import collect, regional_means
-    dataset = SiteDataset(site, list(records), cfg.model.num_classes)
+    dataset = SiteDataset(site, list(records), cfg.model.classes)
     x, y = collect(make_loader(dataset, 16, False), lambda batch: regional_means(batch, cfg.linear.grid))
     return (y == cfg.model.num_classes - 1).astype(int), x
 
@@ -100,9 +100,9 @@ def leave_one_out(cfg, sites: dict, held_out: str, fractions, draws: int, say=pr
 
     site = sites[held_out]
     target = SiteTask(cfg, [site], held_out)
-    num_classes = cfg.model.num_classes
-    test = site.subset("test", True, num_classes)
-    pool = site.subset("train", True, num_classes) + site.subset("val", True, num_classes)
+    classes = cfg.model.classes
+    test = site.subset("test", True, classes)
+    pool = site.subset("train", True, classes) + site.subset("val", True, classes)
     rows = []
 
     def keep(condition: str, fraction: float, draw: int, labels, scores, n_local: int):
@@ -113,7 +113,7 @@ def leave_one_out(cfg, sites: dict, held_out: str, fractions, draws: int, say=pr
     labels, scores = target.predict(final, {}, "test")
     keep("cmvim zero-shot", 0.0, 0, labels, scores, 0)
     # the linear baseline fitted on the federated sites, features of every subject computed once
-    parts = [block_means(cfg, s, s.subset("train", True, num_classes) + s.subset("val", True, num_classes))
+    parts = [block_means(cfg, s, s.subset("train", True, classes) + s.subset("val", True, classes))
              for s in federated.values()]
     y_sites, x_sites = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
     y_test, x_test = block_means(cfg, site, test)

@@ -12,7 +12,7 @@ weights file and tensors, its run fingerprint), the threshold and calibration, t
 and the time. `inputs` names what a row was scored from (`mri+pet`, or `mri` where the visit has
 no PET or the model reads none).
 
-`score` is the calibrated P(AD) the run reported its metrics on (config.json's decision: Platt
+`score` is the calibrated P(AD) (P(MCI) for a CN vs MCI model) the run reported its metrics on (config.json's decision: Platt
 scaling fitted on validation, or the model's own probability when the run could not fit it),
 `predicted` the label at the stored threshold, `model_probability` the classifier's softmax P(AD)
 before calibration. `split` is the split the training run gave the subject (the manifest's, or
@@ -90,19 +90,20 @@ def predict_from_args(args: argparse.Namespace, out=print) -> int:
         f"{'calibrated' if decision.calibrated else 'uncalibrated'} scores) -> {args.out} "
         f"(what produced them: {provenance_path(args.out)})")
     if summary:
-        out("\nOn the folder's labelled visits (AD vs CN), at the model's threshold")
+        out(f"\nOn the folder's labelled visits ({portable.cfg.model.task}), at the model's threshold")
         out(format_table(["split", "n", "AUC", "acc", "sens", "spec"], summary))
     return 0
 
 
 def score_site(portable, site: SiteData, device, precision: Precision, batch_size: int = 8
                ) -> tuple[list[dict], list[list]]:
-    """(one CSV row per record, a per-split table of metrics on the labelled AD/CN visits)."""
+    """(one CSV row per record, a per-split table of metrics on the labelled visits of the task's
+    positive class and CN)."""
     from cmvim import engine
     from cmvim.data.views import SiteViews
     cfg = portable.cfg
     model = portable.model.to(device)
-    dataset = SiteDataset(site, list(site.records), cfg.model.num_classes)
+    dataset = SiteDataset(site, list(site.records), cfg.model.classes)
     loader = SiteViews(cfg, [site], pin_memory=device.type == "cuda").loader(dataset, batch_size, False, 0)
     _, probabilities = engine.predict(model, loader, precision)
     positive = probabilities[:, -1]
@@ -116,11 +117,11 @@ def score_site(portable, site: SiteData, device, precision: Precision, batch_siz
              "inputs": "mri+pet" if r.has_pet and reads_pet else "mri",
              "score": f"{s:.6f}", "predicted": p, "model_probability": f"{q:.6f}"}
             for r, s, p, q in zip(dataset.records, scores, predicted, positive)]
-    summary = []
+    summary, negative, positive = [], cfg.model.classes[0], cfg.model.classes[-1]
     for split in ("train", "val", "test", None):
         chosen = [i for i, r in enumerate(dataset.records)
-                  if (split is None or r.split == split) and r.entry.label in ("CN", "AD")]
-        labels = np.array([dataset.records[i].entry.label == "AD" for i in chosen], dtype=int)
+                  if (split is None or r.split == split) and r.entry.label in (negative, positive)]
+        labels = np.array([dataset.records[i].entry.label == positive for i in chosen], dtype=int)
         if len(chosen) == 0 or labels.min() == labels.max():
             continue
         m = binary_metrics(labels, scores[chosen], threshold=portable.calibration.threshold, bootstrap=0)

@@ -81,7 +81,7 @@ def model_card(config: dict, cfg: RunConfig) -> str:
         "## Decision",
         "",
         f"- threshold {_number(decision.get('threshold'))} on the "
-        f"{'Platt-calibrated' if decision.get('calibrated') else 'uncalibrated'} P(AD) "
+        f"{'Platt-calibrated' if decision.get('calibrated') else 'uncalibrated'} P({config.get('positive_label', 'AD')}) "
         + (f"(rule `{decision.get('rule')}`, fitted on {decision['n_val']} validation subjects)" if decision.get("n_val")
            else f"(rule `{decision.get('rule')}`; no validation fit)"),
         f"- {decision.get('note', '')}",

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Literal, Mapping
 
 from .config import ConfigError, from_dict, load_yaml
+from .names import LABELS
 
 MODALITIES = ("mri", "pet")
 
@@ -49,7 +50,10 @@ class ModelConfig:
     mask_ratio: float = 0.75
     proj_dim: int = 64                 # contrastive projection width
     momentum: float = 0.999            # EMA of the momentum encoder
-    num_classes: int = 2               # 2: CN vs AD; 3: CN / MCI / AD
+    num_classes: int = 2               # 2: CN vs `positive`; 3: CN / MCI / AD
+    # the binary task's positive class against CN: AD (the default task) or MCI (CN vs MCI, the
+    # harder, earlier question); subjects of the third label have no class in the task
+    positive: Literal["AD", "MCI"] = "AD"
     # what the classifier's linear head reads: "mean" (the paper: the mean of every token's
     # features), "tokens" (every token's features in place, a weight per position: disease shows
     # in regions, and a whole-brain mean dilutes them; docs/science.md) or "factorized" (every
@@ -73,12 +77,24 @@ class ModelConfig:
             raise ValueError(f"head_rank must be at least 1, got {self.head_rank}")
         if self.num_classes not in (2, 3):
             raise ValueError(f"num_classes must be 2 (CN/AD) or 3 (CN/MCI/AD), got {self.num_classes}")
+        if self.num_classes == 3 and self.positive != "AD":
+            raise ValueError(f"positive: {self.positive} names a binary task; num_classes 3 is CN / MCI / AD")
         self.modalities = tuple(self.modalities)
 
     def summary(self) -> str:
         """One line for a report: what a reader needs to tell two models apart."""
         return (f"{self.img_size}³ input, patch {self.patch_size}, width {self.embed_dim}, depth {self.depth}, "
                 f"readout {self.readout}" + (f" (rank {self.head_rank})" if self.readout == "factorized" else ""))
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        """The task's labels in class order; the score a run reports is P(last class)."""
+        return LABELS if self.num_classes == 3 else ("CN", self.positive)
+
+    @property
+    def task(self) -> str:
+        """The task as results and the model card name it: "AD vs CN", "MCI vs CN", "CN / MCI / AD"."""
+        return " / ".join(LABELS) if self.num_classes == 3 else f"{self.positive} vs CN"
 
     @property
     def grid(self) -> int:

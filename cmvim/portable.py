@@ -41,7 +41,7 @@ CONFIG_FILE = "config.json"
 CARD_FILE = "README.md"
 SUMS_FILE = "SHA256SUMS"
 PROGRAM_TOLERANCE = 1e-5           # max |logit difference| between model.pt2 and cmvim's own model
-INTENDED_USE = ("research: AD vs CN classification from T1 MRI (and FDG PET where present) in federated studies; "
+INTENDED_USE = ("research: {task} classification from T1 MRI (and FDG PET where present) in federated studies; "
                 "not for clinical diagnosis or any decision about a patient")
 # the run config sections a model's scores depend on: what predict rebuilds
 SCORING_KEYS = ("model", "preprocess", "use_reports", "seed", "split_fractions", "bids")
@@ -49,10 +49,6 @@ SCORING_KEYS = ("model", "preprocess", "use_reports", "seed", "split_fractions",
 
 class ModelFileError(ConfigError):
     """An exported model folder that cannot be used; the message names the file and what is wrong."""
-
-
-def label_names(num_classes: int) -> list[str]:
-    return ["CN", "MCI", "AD"] if num_classes == 3 else ["CN", "AD"]
 
 
 def file_sha256(path: Path) -> str:
@@ -65,15 +61,15 @@ def file_sha256(path: Path) -> str:
 
 def input_spec(cfg: RunConfig) -> dict:
     """What the classifier takes and gives, for a person or a program that calls it without cmvim."""
-    size = cfg.model.img_size
+    size, positive = cfg.model.img_size, cfg.model.classes[-1]
     batch = {}
     for modality in cfg.model.modalities:
         batch[modality] = f"float32 (B, 1, {size}, {size}, {size}): the preprocessed {modality.upper()} volume"
         batch[f"{modality}_present"] = f"bool (B,): False where the visit has no {modality.upper()} (its volume is ignored)"
     return {"batch": batch,
-            "output": f"float32 (B, {cfg.model.num_classes}) logits; P(AD) = softmax(logits)[:, -1]",
-            "score": "calibrated P(AD) = sigmoid(a * logit(P(AD)) + b) with decision.a, decision.b when "
-                     "decision.calibrated; AD at score >= decision.threshold",
+            "output": f"float32 (B, {cfg.model.num_classes}) logits; P({positive}) = softmax(logits)[:, -1]",
+            "score": f"calibrated P({positive}) = sigmoid(a * logit(P({positive})) + b) with decision.a, decision.b "
+                     f"when decision.calibrated; {positive} at score >= decision.threshold",
             "preprocessing": f"cmvim.data with run.preprocess (spatial {cfg.preprocess.spatial!r}, {size}^3 voxels "
                              f"of {cfg.preprocess.voxel_size} mm, normalisation {cfg.preprocess.normalize}): "
                              "cmvim-client predict applies it"}
@@ -153,10 +149,10 @@ def export_model(out_dir: Path, cfg: RunConfig, state: Mapping[str, torch.Tensor
     config = {
         "schema_version": SCHEMA_VERSION,
         "cmvim_version": __version__,
-        "task": "AD vs CN" if cfg.model.num_classes == 2 else "CN / MCI / AD",
-        "intended_use": INTENDED_USE,
-        "labels": label_names(cfg.model.num_classes),          # class index -> name; the score is P(last class)
-        "positive_label": "AD",
+        "task": cfg.model.task,
+        "intended_use": INTENDED_USE.format(task=cfg.model.task),
+        "labels": list(cfg.model.classes),          # class index -> name; the score is P(last class)
+        "positive_label": cfg.model.classes[-1],
         "inputs": input_spec(cfg),
         "decision": calibration.to_dict(),
         "run": {key: settings[key] for key in SCORING_KEYS if key in settings},
@@ -240,4 +236,4 @@ def load_model(model_dir: str | Path) -> PortableModel:
         first = str(exc).splitlines()[0]
         raise ModelFileError(f"{weights_path}: the weights do not fit the model in {CONFIG_FILE}: {first}") from None
     model.eval()
-    return PortableModel(model, cfg, calibration, list(meta.get("labels", label_names(cfg.model.num_classes))), meta)
+    return PortableModel(model, cfg, calibration, list(meta.get("labels", cfg.model.classes)), meta)

@@ -87,7 +87,8 @@ def pyplot(what: str, say: Callable[[str], None] = print):
     return plt
 
 
-def plot_rocs(out_dir: Path, histograms: dict[str, tuple[list, list]], sites: dict) -> list[Path]:
+def plot_rocs(out_dir: Path, histograms: dict[str, tuple[list, list]], sites: dict,
+              task: str = "AD vs CN") -> list[Path]:
     """roc_<site>.png per site and pooled; none, saying so, where matplotlib is not installed."""
     plt = pyplot("ROC plots (the AUCs are in metrics.json and summary.md)", lambda text: print(text, flush=True))
     if plt is None:
@@ -113,7 +114,7 @@ def plot_rocs(out_dir: Path, histograms: dict[str, tuple[list, list]], sites: di
         ax.plot(fpr, tpr, lw=2, color="#c0392b", marker="o", ms=3, label=label)
         n = int(np.sum(pos) + np.sum(neg))
         ax.set(xlabel="1 - specificity", ylabel="sensitivity", xlim=(0, 1), ylim=(0, 1.01),
-               title=f"{'pooled' if name == 'pooled' else 'site ' + name}: AD vs CN (n={n})")
+               title=f"{'pooled' if name == 'pooled' else 'site ' + name}: {task} (n={n})")
         ax.legend(loc="lower right", fontsize=8)
         ax.grid(alpha=0.3)
         fig.tight_layout()
@@ -153,7 +154,7 @@ def calibration_table(sites: dict, pooled: dict) -> str:
     return format_table(["site", "Brier", "ECE", "n test"], rows) if rows else ""
 
 
-def plot_reliability(out_dir: Path, curves: dict[str, list]) -> Path | None:
+def plot_reliability(out_dir: Path, curves: dict[str, list], positive: str = "AD") -> Path | None:
     """reliability.png: observed AD frequency against the mean reported score, per site and pooled
     (10 bins of the score; a point's size is its subjects)."""
     plt = pyplot("the reliability diagram (Brier and ECE are in metrics.json)", lambda text: print(text, flush=True))
@@ -169,7 +170,7 @@ def plot_reliability(out_dir: Path, curves: dict[str, list]) -> Path | None:
         ax.plot(x, y, lw=2.2 if pooled else 1, color="#c0392b" if pooled else None, alpha=1 if pooled else 0.7,
                 marker="o", label=name if pooled else f"site {name}")
         ax.scatter(x, y, s=12 + 60 * n / n.max(), color="#c0392b" if pooled else None, alpha=0.5)
-    ax.set(xlabel="mean reported P(AD) in the bin", ylabel="observed share of AD", xlim=(0, 1), ylim=(0, 1),
+    ax.set(xlabel=f"mean reported P({positive}) in the bin", ylabel=f"observed share of {positive}", xlim=(0, 1), ylim=(0, 1),
            title="calibration on the test splits")
     ax.legend(loc="upper left", fontsize=8)
     ax.grid(alpha=0.3)
@@ -231,9 +232,9 @@ def figures_section(out_dir: Path) -> list[str]:
     return ["## Figures", "", *lines, ""] if lines else []
 
 
-def write_summary(out_dir: Path, title: str, table: str, lines: list[str]) -> Path:
+def write_summary(out_dir: Path, title: str, table: str, lines: list[str], task: str = "AD vs CN") -> Path:
     path = out_dir / "summary.md"
-    body = [f"# {title}", "", *lines, "", "## Per-site test metrics (AD vs CN)", "", table, "",
+    body = [f"# {title}", "", *lines, "", f"## Per-site test metrics ({task})", "", table, "",
             *figures_section(out_dir)]
     path.write_text("\n".join(body))
     return path

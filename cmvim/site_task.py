@@ -240,7 +240,7 @@ class SiteTask:
         to a few of its own labels. In process, for benchmarks."""
         pc = self.cfg.finetune
         model = self._model("finetune", shared, local or {})
-        dataset = SiteDataset(self.sites[0], list(records), self.num_classes)
+        dataset = SiteDataset(self.sites[0], list(records), self.cfg.model.classes)
         weights = engine.class_weights(self._checked_labels(dataset), self.num_classes)
         seed = stable_seed(self.cfg.seed, self.name, "refit_head", len(records))
         engine.probe(model, self.views.loader(dataset, pc.batch_size, False, seed), pc.probe_epochs, pc.probe_lr,
@@ -256,7 +256,7 @@ class SiteTask:
         @torch.no_grad()
         def read(batch):
             return model.features(to_device(batch, self.device)).float().cpu().numpy()
-        dataset = SiteDataset(self.sites[0], list(records), self.num_classes)
+        dataset = SiteDataset(self.sites[0], list(records), self.cfg.model.classes)
         x, labels = collect(self.views.loader(dataset, self.cfg.finetune.batch_size, False, 0), read)
         return (labels == self.num_classes - 1).astype(int), x
 

@@ -138,8 +138,8 @@ def final_report(cfg: RunConfig, out_dir: Path, sites: dict, histograms: dict, h
     path = write_metrics(out_dir, sites, pooled, history, to_dict(cfg), baselines=baselines, failures=failures,
                          summary=lines, extra=extra)
     # pictures for a person: one that cannot be drawn is a line, never a run without its summary
-    _drawn("ROC plots", lambda: plot_rocs(out_dir, histograms, sites))
-    _drawn("reliability diagram", lambda: plot_reliability(out_dir, reliability))
+    _drawn("ROC plots", lambda: plot_rocs(out_dir, histograms, sites, cfg.model.task))
+    _drawn("reliability diagram", lambda: plot_reliability(out_dir, reliability, cfg.model.classes[-1]))
     _drawn("curves", lambda: plot_curves(out_dir, history, cfg.finetune.probe_rounds, say=say))
     tensorboard = _drawn("TensorBoard logs", lambda: write_tensorboard(out_dir, history, sites, pooled, baselines,
                                                                           say=say))
@@ -148,11 +148,11 @@ def final_report(cfg: RunConfig, out_dir: Path, sites: dict, histograms: dict, h
     say(f"\n{heading}:\n{table}")
     calibrated = calibration_table(sites, pooled)
     if calibrated:
-        say(f"\ncalibration of the reported scores (test splits; Brier: mean squared error of P(AD), ECE: 10 bins):\n"
+        say(f"\ncalibration of the reported scores (test splits; Brier: mean squared error of P({cfg.model.classes[-1]}), ECE: 10 bins):\n"
             f"{calibrated}")
     write_summary(out_dir, "cmvim federated run" + (" with baselines" if baselines else ""),
                   table + (f"\n\n## Calibration of the reported scores (test splits)\n\n{calibrated}" if calibrated else ""),
-                  lines)
+                  lines, cfg.model.task)
     say(f"\nresults: {path}, {out_dir / 'summary.md'} (it lists the figures)"
         + (f"; TensorBoard: tensorboard --logdir {tensorboard}" if tensorboard else ""))
     return {"sites": sites, "pooled": pooled, "rounds": history, "failures": failures, "baselines": baselines}

@@ -139,7 +139,7 @@ def linear_test_scores(cfg: RunConfig, sites: dict[str, SiteData]) -> tuple[dict
 
     def features(site: SiteData, splits: list[str]):
         batches = (batch for split in splits
-                   for batch in make_loader(site.dataset(split, labeled=True, num_classes=num_classes), 16, False))
+                   for batch in make_loader(site.dataset(split, labeled=True, classes=cfg.model.classes), 16, False))
         return collect(batches, lambda batch: regional_means(batch, cfg.linear.grid))
 
     parts = [features(site, ["train", "val"]) for site in sites.values()]

@@ -318,7 +318,7 @@ def test_datasets_splits_subsets_and_missing_modality(tmp_path):
     assert len(all_items) == 9
     labeled = data.subset(labeled=True)
     assert {r.entry.label for r in labeled} == {"CN", "AD"}                         # MCI has no binary class
-    assert len(data.subset(labeled=True, num_classes=3)) == 9
+    assert len(data.subset(labeled=True, classes=("CN", "MCI", "AD"))) == 9
     item = all_items[1]
     assert item["pet_present"] is False and torch.count_nonzero(item["pet"]) == 0
     assert item["mri"].shape == (1, 24, 24, 24)
@@ -327,6 +327,29 @@ def test_datasets_splits_subsets_and_missing_modality(tmp_path):
     batch = next(iter(make_loader(data.dataset(split="train"), batch_size=4, shuffle=True)))
     assert batch["mri"].shape[1:] == (1, 24, 24, 24) and batch["report_ids"].dtype == torch.long
     assert sum(len(data.subset(split=s)) for s in ("train", "val", "test")) == 9
+
+
+def test_cn_vs_mci_is_a_task_of_its_own(tmp_path):
+    """model.positive: MCI asks CN vs MCI: MCI is class 1 (the score is P(MCI)), AD has no class,
+    and everything that reads labels (the views a round trains on, the results' wording, the
+    exported model's card) follows the config, not a hard-coded AD."""
+    from cmvim.config import ConfigError
+    from cmvim.data.views import SiteViews
+    site = write_site(tmp_path / "site", n=9)
+    cfg = run_config({"model": {"preset": "tiny", "positive": "MCI"}, "preprocess": {"spatial": "none", "shape": 32},
+                      "split_fractions": [1.0, 0.0, 0.0]})
+    assert cfg.model.classes == ("CN", "MCI") and cfg.model.task == "MCI vs CN"
+    assert run_config({}).model.classes == ("CN", "AD") and run_config({}).model.task == "AD vs CN"
+    data = SiteData.load(site, CFG, seed=1, split_fractions=(1.0, 0.0, 0.0))
+    views = SiteViews(cfg, [data])
+    train = views.finetuning()
+    assert sorted(r.entry.label for r in train.records) == ["CN"] * 3 + ["MCI"] * 3       # no AD
+    assert sorted(zip((r.entry.label for r in train.records), views.labels(train))) == [("CN", 0)] * 3 + [("MCI", 1)] * 3
+    assert {train[i]["label"] for i in range(len(train)) if train.records[i].entry.label == "MCI"} == {1}
+    with pytest.raises(ConfigError, match="positive: MCI names a binary task"):
+        run_config({"model": {"num_classes": 3, "positive": "MCI"}})
+    with pytest.raises(ConfigError, match="'CN'"):
+        run_config({"model": {"positive": "CN"}})
 
 
 def test_augmentation_moves_mri_and_pet_together(tmp_path):

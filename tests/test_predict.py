@@ -217,6 +217,20 @@ def test_exported_model_loads_without_the_run(tmp_path):
     assert subprocess.run(["sha256sum", "-c", "SHA256SUMS"], cwd=folder, capture_output=True).returncode != 0
 
 
+def test_a_cn_vs_mci_model_says_so(tmp_path):
+    cfg = run_config({"model": {"preset": "tiny", "positive": "MCI"}, "preprocess": {"spatial": "none", "shape": 32}})
+    folder = export_model(tmp_path / "model", cfg, build_model(cfg, "finetune").state_dict(),
+                          Calibration(a=1.0, b=0.0, threshold=0.5, rule="youden", calibrated=True, n_val=30), "run-1",
+                          training=TRAINED, evaluation={"sites": {}, "pooled": {}}, program=False)
+    meta = json.loads((folder / "config.json").read_text())
+    assert (meta["task"], meta["labels"], meta["positive_label"]) == ("MCI vs CN", ["CN", "MCI"], "MCI")
+    assert meta["intended_use"].startswith("research: MCI vs CN classification")
+    assert "P(MCI) = softmax(logits)[:, -1]" in meta["inputs"]["output"]
+    assert "Platt-calibrated P(MCI)" in (folder / "README.md").read_text()
+    loaded = load_model(folder)
+    assert loaded.labels == ["CN", "MCI"] and loaded.cfg.model.task == "MCI vs CN"
+
+
 def test_an_untrained_model_is_never_used(tmp_path, capsys):
     """A model whose config.json does not say fine-tuning aggregated an update is refused by
     load_model and predict, with why; predict writes nothing."""

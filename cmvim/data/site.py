@@ -22,7 +22,7 @@ from collections import Counter
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -35,7 +35,7 @@ from .manifest import ManifestEntry, _inside
 from .pet import PetPolicy
 from ..config import to_dict
 from ..model_config import MODALITIES
-from ..names import LABELS, SPLITS
+from ..names import SPLITS
 from ..progress import progress_bar
 from ..run_config import SPLIT_FRACTIONS, BidsConfig, PreprocessConfig, RunConfig
 from .preprocess import Volume, build_pipeline
@@ -47,13 +47,13 @@ log = logging.getLogger("cmvim.data")
 
 
 
-def label_index(label: str | None, num_classes: int = 2) -> int | None:
-    """CN/AD -> 0/1 for the binary task (MCI has no class); CN/MCI/AD -> 0/1/2 for three classes."""
-    if label is None:
-        return None
-    if num_classes == 3:
-        return LABELS.index(label)
-    return {"CN": 0, "AD": 1}.get(label)
+CN_AD = ("CN", "AD")       # the default task's classes (cmvim.model_config.ModelConfig.classes)
+
+
+def label_index(label: str | None, classes: Sequence[str] = CN_AD) -> int | None:
+    """A label's class in the task whose labels are `classes` (CN/AD -> 0/1, CN/MCI -> 0/1,
+    CN/MCI/AD -> 0/1/2); None for a label outside the task or none."""
+    return classes.index(label) if label in classes else None
 
 
 @dataclass
@@ -340,7 +340,8 @@ class SiteData:
         return Record(index=index, entry=entry, key=key, has_pet="pet" in cached, report=report, split=split, qc=qc)
 
     # -- views -------------------------------------------------------------------------------
-    def subset(self, split: str | None = None, labeled: bool | None = None, num_classes: int = 2) -> list[Record]:
+    def subset(self, split: str | None = None, labeled: bool | None = None,
+               classes: Sequence[str] = CN_AD) -> list[Record]:
         """Records of a split; labeled=True keeps those with a class for the task, False the rest."""
         if split is not None and split not in SPLITS:
             raise ValueError(f"unknown split {split!r}")
@@ -348,15 +349,15 @@ class SiteData:
         for r in self.records:
             if split is not None and r.split != split:
                 continue
-            has_class = label_index(r.entry.label, num_classes) is not None
+            has_class = label_index(r.entry.label, classes) is not None
             if labeled is not None and has_class != labeled:
                 continue
             out.append(r)
         return out
 
-    def dataset(self, split: str | None = None, labeled: bool | None = None, num_classes: int = 2,
+    def dataset(self, split: str | None = None, labeled: bool | None = None, classes: Sequence[str] = CN_AD,
                 transform: Callable[[dict, torch.Generator], dict] | None = None) -> "SiteDataset":
-        return SiteDataset(self, self.subset(split, labeled, num_classes), num_classes, transform)
+        return SiteDataset(self, self.subset(split, labeled, classes), classes, transform)
 
     def counts(self) -> dict:
         return self.summary.counts(self.records)
@@ -414,9 +415,9 @@ def _preprocess_one(entry: ManifestEntry, cfg: PreprocessConfig, cache_root: Pat
 class SiteDataset(Dataset):
     """Items: {"mri", "pet": (1, S, S, S) float32, "mri_present", "pet_present", "report", "label", "index"}."""
 
-    def __init__(self, site: SiteData, records: list[Record], num_classes: int = 2,
+    def __init__(self, site: SiteData, records: list[Record], classes: Sequence[str] = CN_AD,
                  transform: Callable[[dict, torch.Generator], dict] | None = None):
-        self.site, self.records, self.num_classes, self.transform = site, records, num_classes, transform
+        self.site, self.records, self.classes, self.transform = site, records, tuple(classes), transform
         self.epoch = 0          # set by the training loop so augmentations differ per epoch, reproducibly
         self.seed = 0           # set per round by the caller, so rounds differ too
 
@@ -433,7 +434,7 @@ class SiteDataset(Dataset):
                               transform_fingerprint(cfg.registration) if cfg.spatial == "template" else None)
             arrays = self.site.cache.load(record.key)
         shape = (1,) + (self.site.cfg.shape,) * 3
-        label = label_index(record.entry.label, self.num_classes)
+        label = label_index(record.entry.label, self.classes)
         item = {
             "mri": torch.from_numpy(arrays["mri"]).reshape(shape),
             "pet": torch.from_numpy(arrays["pet"]).reshape(shape) if "pet" in arrays else torch.zeros(shape),

@@ -58,7 +58,7 @@ class SiteViews:
 
     def __init__(self, cfg: RunConfig, sites: list[SiteData], pin_memory: bool = False):
         self.cfg, self.sites = cfg, sites
-        self.num_classes = cfg.model.num_classes
+        self.classes = cfg.model.classes
         self.pin_memory = pin_memory                 # batches bound for a GPU
 
     def dataset(self, splits: list[str], labeled: bool | None, augment: bool,
@@ -72,8 +72,8 @@ class SiteViews:
             transform = dropout if transform is None else _then(transform, dropout)
         parts = []
         for site in self.sites:
-            records = [r for s in splits for r in site.subset(s, labeled, self.num_classes)]
-            parts.append(SiteDataset(site, records, self.num_classes, transform))
+            records = [r for s in splits for r in site.subset(s, labeled, self.classes)]
+            parts.append(SiteDataset(site, records, self.classes, transform))
         return parts[0] if len(parts) == 1 else Pooled(parts)
 
     def pretraining(self) -> SiteDataset | Pooled:
@@ -91,4 +91,4 @@ class SiteViews:
                            drop_last=drop_last, reports=self.cfg.use_reports, pin_memory=self.pin_memory)
 
     def labels(self, dataset) -> list[int]:
-        return [label_index(r.entry.label, self.num_classes) for r in dataset.records]
+        return [label_index(r.entry.label, self.classes) for r in dataset.records]
