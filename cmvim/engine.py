@@ -160,17 +160,22 @@ def finetune(model: nn.Module, loader, optimizer: torch.optim.Optimizer, epochs:
 
 
 def probe(model: nn.Module, loader, epochs: int, lr: float, weight_decay: float = 0.0,
-          weights: torch.Tensor | None = None, seed: int = 0, precision: Precision = FP32) -> dict[str, float]:
-    """Linear probing: the encoder frozen, every subject's features computed once, then the head
+          weights: torch.Tensor | None = None, seed: int = 0, precision: Precision = FP32,
+          draws: int = 1) -> dict[str, float]:
+    """Linear probing: the encoder frozen, every subject's features computed once (`draws` times,
+    each pass its own draw of the loader's item transform, e.g. modality dropout), then the head
     alone trained on them for `epochs` (the LP of LP-FT: a head fitted to the pretrained features
-    before fine-tuning moves them). Returns the last epoch's mean loss, accuracy and sample count."""
+    before fine-tuning moves them). Returns the last epoch's mean loss, accuracy and sample count
+    (the subjects, not the draws)."""
     features, labels = [], []
     model.eval()
     device = model_device(model)
     with torch.no_grad(), precision.autocast():
-        for batch in loader:
-            features.append(model.features(to_device(batch, device)).float())
-            labels.append(batch["label"].to(device))
+        for draw in range(draws):
+            loader.dataset.epoch = draw
+            for batch in loader:
+                features.append(model.features(to_device(batch, device)).float())
+                labels.append(batch["label"].to(device))
     if not features:
         return {"loss": float("nan"), "acc": float("nan"), NUM_EXAMPLES: 0}
     x, y = torch.cat(features), torch.cat(labels)
@@ -183,6 +188,8 @@ def probe(model: nn.Module, loader, epochs: int, lr: float, weight_decay: float 
         batches = ({"features": x[idx], "label": y[idx]}
                    for idx in torch.randperm(len(y), generator=generator).to(device).split(batch_size))
         metrics = train(model.head, batches, optimizer, loss_fn, grad_clip=None, precision=precision)
+    if NUM_EXAMPLES in metrics:
+        metrics[NUM_EXAMPLES] = len(y) // draws             # a site weighs by its subjects, not their draws
     return metrics
 
 

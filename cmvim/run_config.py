@@ -254,10 +254,16 @@ class FinetuneConfig(PhaseConfig):
     `select`: which round's model is final: "last", or "best_val" (early stopping on the
     validation split: the round with the best mean per-site validation AUC, the latest of equals;
     needs evaluation.every_round).
+
+    `probe_inputs`: what the probe's features are computed from: each training subject's real
+    scans ("real"), or the inputs fine-tuning then trains on ("finetuning": PROBE_DRAWS draws a
+    subject with the run's modality_dropout, so the head has seen PET missing as often as
+    fine-tuning will show it; docs/science.md, "the switch").
     """
     probe_rounds: int = 0
     probe_epochs: int = 100
     probe_lr: float = 1e-3
+    probe_inputs: Literal["real", "finetuning"] = "real"
     layer_decay: float = 1.0
     select: Literal["last", "best_val"] = "last"
 

@@ -32,6 +32,9 @@ from .sharing import SharingError, load_shared, shared_parameter_names, split_sh
 from .weights import build_model
 
 log = logging.getLogger("cmvim.site")
+# finetune.probe_inputs: finetuning: how many modality-dropout draws of each training subject the
+# probe's features hold (at dropout 0.3, a subject with PET is seen without it ~1.2 times of 4)
+PROBE_DRAWS = 4
 
 State = Mapping[str, torch.Tensor]
 
@@ -106,12 +109,16 @@ class SiteTask:
             metrics = engine.pretrain(model, loader, optimizer, pc.local_epochs, pc.max_steps, prox,
                                       precision=self.precision)
         elif pc.probing(round_):
-            # LP: the head alone, on the frozen encoder's features of the site's real inputs
-            dataset = views.dataset(["train"], True, augment=False)
+            # LP: the head alone, on the frozen encoder's features of the site's real inputs, or of
+            # those fine-tuning will train on (PET hidden at the modality-dropout rate, several draws)
+            like_finetuning = pc.probe_inputs == "finetuning" and self.cfg.modality_dropout > 0
+            dataset = views.dataset(["train"], True, augment=False,
+                                    modality_dropout=self.cfg.modality_dropout if like_finetuning else 0.0)
+            dataset.seed = round_
             weights = engine.class_weights(self._checked_labels(dataset), self.num_classes)
             loader = views.loader(dataset, pc.batch_size, False, seed)
             metrics = engine.probe(model, loader, pc.probe_epochs, pc.probe_lr, weights=weights, seed=seed,
-                                   precision=self.precision)
+                                   precision=self.precision, draws=PROBE_DRAWS if like_finetuning else 1)
         else:
             dataset = views.finetuning()
             dataset.seed = round_

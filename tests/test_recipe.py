@@ -171,6 +171,32 @@ def test_site_task_probe_round_moves_only_the_head_then_fine_tuning_moves_everyt
     assert moved, "a fine-tuning round after the probe must move the encoder"
 
 
+@pytest.mark.parametrize("inputs", ["real", "finetuning"])
+def test_the_probe_can_see_the_inputs_fine_tuning_trains_on(easy_cohort, easy_sites, monkeypatch, inputs):
+    """finetune.probe_inputs: finetuning: the probe's features hold PROBE_DRAWS modality-dropout
+    draws of every training subject (some PET hidden, not all), and the site still reports its
+    subjects, not the draws, as its examples; "real" reads each subject once as it is."""
+    from cmvim import site_task
+    seen = []
+    real_probe = engine.probe
+
+    def spy(model, loader, *args, **kwargs):
+        features = model.features
+        model.features = lambda batch: (seen.append(batch["pet_present"].clone()), features(batch))[1]
+        return real_probe(model, loader, *args, **kwargs)
+    monkeypatch.setattr(engine, "probe", spy)
+    cfg = easy_run_config(easy_cohort, modality_dropout=0.5)
+    cfg.finetune.probe_inputs = inputs
+    result = SiteTask(cfg, [easy_sites["A"]], "A").train("finetune", 1, initial_state(cfg, "finetune"))
+    train = easy_sites["A"].subset("train", True)
+    n, with_pet = len(train), sum(r.has_pet for r in train)
+    present = torch.cat(seen)
+    draws = site_task.PROBE_DRAWS if inputs == "finetuning" else 1
+    assert len(present) == draws * n and result.metrics["num-examples"] == n and with_pet > 0
+    hidden = int(present.sum()) - draws * with_pet          # PET present in the scans, hidden in the features
+    assert hidden == 0 if inputs == "real" else 0 < -hidden < draws * with_pet
+
+
 def test_an_unseen_site_refits_the_head_on_its_own_labels_and_reads_the_frozen_features(easy_cohort, easy_sites):
     """benchmarks/unseen_site.py's adaptations: refit_head moves the head alone (the LP rounds'
     recipe) on exactly the records given, and features are what the head reads, in split order."""
