@@ -12,6 +12,8 @@ to be harder than the default one:
   progression  two visits a year apart per subject, the disease progressing between them (60
                subjects a site: the same 120 visits as the others); every visit is scored and a
                subject's score is the mean of its visits' (the table is per subject)
+  CN vs MCI    the default cohort, the task CN vs MCI (model.positive: MCI; AD subjects have no
+               class): MCI subjects carry ~0.45 of an AD subject's effects (docs/cohort.md)
 
     PYTHONPATH=. python benchmarks/regimes.py [--regimes subtypes ...] [--cohort-seeds 71 72]
     PYTHONPATH=. python benchmarks/regimes.py --table-only
@@ -51,7 +53,10 @@ REGIMES = {
     "effect 0.5": {"effect_scale": 0.5},
     "subtypes": {"subtypes": True},
     "progression": {"visits": 2},
+    "CN vs MCI": {},
 }
+# the task where a regime's differs from the recipe's AD vs CN (ModelConfig.positive)
+REGIME_POSITIVE = {"CN vs MCI": "MCI"}
 MODELS = ("linear", "cnn3d", "cmvim fresh", "cmvim pretrained")
 # subjects per site where a regime's differs from --subjects: progression's two visits a subject
 # make 60 subjects the same 120 visits a site as the other regimes (and the same training cost)
@@ -83,7 +88,8 @@ def test_keys(site, classes) -> list[tuple[int, int]]:
 
 
 def model_scores(cfg, sites: dict, model: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """{site: (is AD 0/1, P(AD)) of its labelled test visits} of one model trained on every site."""
+    """{site: (is the task's positive 0/1, P(positive)) of its labelled test visits} of one model
+    trained on every site."""
     from cmvim.cnn3d import CnnTask, cnn_initial_state
     from cmvim.simulations.baselines import linear_test_scores, train_rounds
     from cmvim.site_task import SiteTask
@@ -116,6 +122,8 @@ def run(regime: str, cohort_seed: int, seed: int, subjects: int, models: list[st
     cohort = regime_cohort(regime, cohort_seed, subjects)
     record_effects(regime, cohort_seed, cohort)
     cfg = bench.run_config_for(cohort, "template", seed)
+    if regime in REGIME_POSITIVE:
+        cfg = replace(cfg, model=replace(cfg.model, positive=REGIME_POSITIVE[regime]))
     with contextlib.redirect_stdout(io.StringIO()):
         sites = prepare_sites(cfg)
     keys = {name: test_keys(site, cfg.model.classes) for name, site in sites.items()}
@@ -187,7 +195,7 @@ def tables(rows: list[dict]) -> tuple[str, str]:
                              "" if model == "linear" else mean_sd(cell["diff"], "+")])
     return (format_table(["regime", "model", "cohort seeds", "mean per-site AUC", "pooled AUC",
                           "pooled - linear"], summary_rows),
-            format_table(["regime", "cohort seed", "model", "test subjects", "AD", "mean per-site AUC",
+            format_table(["regime", "cohort seed", "model", "test subjects", "positive", "mean per-site AUC",
                           "pooled AUC", "pooled - linear (95% CI)"], detail))
 
 
@@ -212,9 +220,11 @@ def effect_table(path: Path = EFFECTS) -> str:
             row.append(f"{entry.get('AD_vs_CN_d', float('nan')):.2f}")
             subtypes = sorted(k for k in entry if k.startswith("AD_") and k.endswith("_vs_CN_d") and k != "AD_vs_CN_d")
             row.append(", ".join(f"{k[3:-8]} {entry[k]:.2f}" for k in subtypes))
+        row += [f"{effects[key][feature].get('MCI_vs_CN_d', float('nan')):.2f}"
+                for feature in ("hippocampal_tissue_ml", "pcc_suvr")]
         rows.append(row)
     return format_table(["regime", "cohort seed", "hippocampus AD vs CN d", "by subtype", "PCC SUVR AD vs CN d",
-                         "by subtype"], rows)
+                         "by subtype", "hippocampus MCI vs CN d", "PCC SUVR MCI vs CN d"], rows)
 
 
 def main() -> None:
