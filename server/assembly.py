@@ -117,5 +117,5 @@ def serve_from_context(grid, context, kind: RunKind, find: Callable[[str], Path]
     """The main of an app Flower starts (`flwr run .`, cmvim-server's run): the request in its run
     config, assembled for `kind`, served."""
     request = RunRequest.from_context(dict(context.run_config), find)
-    print(f"cmvim: config {request.describe()}; results of this run go to {request.out_dir}", flush=True)
+    print(f"cmvim: a {kind.name}, config {request.describe()}; results of this run go to {request.out_dir}", flush=True)
     return serve(grid, context, request, assemble(request, kind, say=lambda text: print(text, flush=True)))
