@@ -15,8 +15,9 @@ the federated client and the baselines use; cmvim.linear for the probe and the b
   cmvim: + the report term), pretraining centralized (all sites' non-test subjects pooled) and
   federated (FedAvg over the sites' rounds in this process: each site trains from the global
   weights, the average is weighted by subjects, as Flower's FedAvg does; no Flower transport);
-- per label fraction (of each site's labelled training subjects, stratified, drawn per seed;
-  the other training subjects keep their scans for pretraining and lose their label), the run
+- per seed, the cohort split the seed's way (the test subjects differ between seeds);
+- per label fraction (of each site's labelled train and validation subjects, stratified, drawn
+  per seed; the others keep their scans for pretraining and lose their label), the run
   config's fine-tuning (LP-FT) in the same mode as the pretraining, the linear probe of the
   pretrained encoder, and the linear baseline, each scored on every site's test split.
 
@@ -75,15 +76,21 @@ def load_sites(cfg: RunConfig, cohort: CohortConfig) -> dict[str, SiteData]:
     return {n: SiteData.for_run(folder, cfg) for n, folder in folders.items()}
 
 
+LABELLED_SPLITS = ("train", "val")      # where the label fraction applies: every label a model may use
+
+
 def with_label_fraction(site: SiteData, fraction: float, seed: int) -> SiteData:
-    """The site with only `fraction` of its labelled training subjects keeping their label
-    (stratified by label, drawn by seed); the others stay for pretraining, unlabelled."""
+    """The site with only `fraction` of its labelled train and validation subjects keeping their
+    label (stratified by split and label, drawn by seed); the others stay for pretraining,
+    unlabelled. Fine-tuning (train to fit, validation to choose its round), the probe and the
+    linear baseline (both fitted on train + validation) then spend the same labels."""
     rng = np.random.default_rng(seed)
     hidden = set()
-    for label in ("CN", "MCI", "AD"):
-        subjects = sorted({r.entry.subject_id for r in site.records if r.split == "train" and r.entry.label == label})
-        keep = max(1, int(round(fraction * len(subjects)))) if subjects else 0
-        hidden |= set(rng.permutation(subjects)[keep:].tolist())
+    for split in LABELLED_SPLITS:
+        for label in ("CN", "MCI", "AD"):
+            subjects = sorted({r.entry.subject_id for r in site.records if r.split == split and r.entry.label == label})
+            keep = max(1, int(round(fraction * len(subjects)))) if subjects else 0
+            hidden |= set(rng.permutation(subjects)[keep:].tolist())
     records = [dataclasses.replace(r, entry=dataclasses.replace(r.entry, label=None))
                if r.entry.subject_id in hidden else r for r in site.records]
     return SiteData(site.site_dir, site.cfg, records, site.summary, site.cache)
@@ -190,6 +197,12 @@ NOT_RECIPE = {("evaluation", "carry_validation")}
 PER_VARIANT = {**{("model", "loss", n): getattr(PAPER, n) for n in CONTRASTIVE}, ("use_reports",): True}
 
 
+# how rows are measured beyond the config (issue #32): each seed splits the cohort its own way (the
+# rows before shared one test split across seeds), and the label fraction applies to train and
+# validation alike (before, the probe and the baseline also fitted every validation label)
+PROTOCOL = {"splits": "per seed", "label fraction": "train + val"}
+
+
 def recipe_key(cfg: RunConfig, cohort: CohortConfig) -> str:
     """What a row was measured under: the run config (its seed aside: each row names its own) and the
     benchmark cohort. Rows of another recipe are never mixed into a table or taken as done."""
@@ -202,7 +215,7 @@ def recipe_key(cfg: RunConfig, cohort: CohortConfig) -> str:
         for name in parents:
             node = node.setdefault(name, {})
         node[key] = value
-    text = json.dumps({"config": config, "cohort": repr(cohort)}, sort_keys=True)
+    text = json.dumps({"config": config, "cohort": repr(cohort), "protocol": PROTOCOL}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
@@ -221,10 +234,6 @@ def read_rows(out: Path, recipe: str) -> list[dict]:
 def run(cfg: RunConfig, cohort: CohortConfig, seeds: list[int], fractions: list[float], variants: list[str],
         modes: list[str], out: Path) -> list[dict]:
     recipe = recipe_key(cfg, cohort)
-    sites = load_sites(cfg, cohort)
-    counts = {n: len(s.subset("train", True)) for n, s in sites.items()}
-    tests = {n: len(s.subset("test", True)) for n, s in sites.items()}
-    say(f"benchmark cohort: {cohort}; labelled train {counts}, test {tests}")
     rows_path = out / "benchmarks" / "ssl_rows.jsonl"
     rows_path.parent.mkdir(parents=True, exist_ok=True)
     done = {(row["seed"], row["variant"], row["mode"], row["fraction"]): row
@@ -232,6 +241,10 @@ def run(cfg: RunConfig, cohort: CohortConfig, seeds: list[int], fractions: list[
     rows = list(done.values())
     for seed in seeds:
         base = run_config({**json.loads(cfg.to_json()), "seed": seed})
+        sites = load_sites(base, cohort)          # the seed's own split (preprocessing comes from the cache)
+        counts = {n: sum(len(s.subset(split, True)) for split in LABELLED_SPLITS) for n, s in sites.items()}
+        tests = {n: len(s.subset("test", True)) for n, s in sites.items()}
+        say(f"seed {seed}: benchmark cohort {cohort}; labelled train + val {counts}, test {tests}")
         for mode in modes:
             for variant in variants:
                 if all((seed, variant, mode, f) in done for f in fractions):
@@ -256,7 +269,8 @@ def run(cfg: RunConfig, cohort: CohortConfig, seeds: list[int], fractions: list[
                     row = {"seed": seed, "variant": variant, "mode": mode, "fraction": fraction, "recipe": recipe,
                            "finetuned": mean_site_auc(tuned), "probe": mean_site_auc(probed),
                            "scores": {"finetuned": _plain(tuned), "probe": _plain(probed)},
-                           "labelled": sum(len(s.subset("train", True)) for s in labelled.values()),
+                           "labelled": sum(len(s.subset(split, True)) for s in labelled.values()
+                                           for split in LABELLED_SPLITS),
                            "seconds": {"pretrain": round(pre_s, 1), "finetune": round(time.perf_counter() - start, 1)}}
                     if variant == variants[0] and mode == modes[0]:
                         grid = base.linear.grid

@@ -41,3 +41,26 @@ def test_the_recipe_key_ignores_what_every_row_sets_itself_and_nothing_else(load
     for variant in other:
         assert ssl.recipe_key(run_config(variant), cohort) != key
     assert ssl.recipe_key(run_config(data), CohortConfig(sites=3, subjects=20, shape=64, seed=2)) != key
+
+
+def test_the_label_fraction_leaves_every_model_the_same_labels(load_benchmark, easy_sites):
+    """Issue #32: at a fraction, fine-tuning (train, and validation to choose its round) and the
+    probe and baseline (fitted on train + validation) spend the same labels: the fraction applies
+    to both splits, by class; the test split keeps every label."""
+    import dataclasses
+
+    from cmvim.data import SiteData
+    ssl = load_benchmark("ssl")
+    site = easy_sites["A"]
+    records = [dataclasses.replace(r, split="val") if r.split == "train" and i % 3 == 0 else r
+               for i, r in enumerate(site.records)]
+    site = SiteData(site.site_dir, site.cfg, records, site.summary, site.cache)
+    kept = ssl.with_label_fraction(site, 0.5, seed=3)
+    for split in ("train", "val"):
+        for label in ("CN", "AD"):
+            before = [r for r in site.subset(split, True) if r.entry.label == label]
+            after = [r for r in kept.subset(split, True) if r.entry.label == label]
+            assert len(before) > 1 and len(after) == max(1, round(0.5 * len(before))), (split, label)
+    assert len(kept.subset("test", True)) == len(site.subset("test", True))
+    assert len(kept.records) == len(site.records)                     # the others stay, unlabelled
+    assert ssl.with_label_fraction(site, 0.5, seed=4).subset("train", True) != kept.subset("train", True)
