@@ -24,7 +24,10 @@ The rules compared (all but the last could run at the server, from what sites re
                           score histograms; computed here from the scores), the latest of equals
   pooled val log-loss     the lowest cross-entropy over all validation subjects
   last round / last probe round
-  oracle                  the round with the best test AUC: not a rule, the ceiling of selection
+  best probe round by val AUC    the default rule, among the probe rounds alone (what the run
+                          would give had it stopped after probing)
+  oracle                  the round with the best test AUC: not a rule, the ceiling of selection;
+                          among the probe rounds alone: the best probing could have done
 """
 from __future__ import annotations
 
@@ -52,7 +55,8 @@ from cmvim.simulations.assembly import config_path
 FINETUNE_ONLY = ("finetune", "finetune_init", "baselines", "modality_dropout")   # what pretraining never reads
 WINDOW = 6              # the rounds over which the round-to-round change is read (the default's fine-tuning rounds)
 RULES = ("mean per-site val AUC (default)", "pooled val AUC", "pooled val log-loss", "last round",
-         "last probe round", "oracle (best test round)")
+         "last probe round", "best probe round by val AUC", "oracle (best test round)",
+         "oracle among probe rounds (best test)")
 
 
 def key(data: dict, *drop: str) -> str:
@@ -103,13 +107,16 @@ def _latest_best(scores: list[float]) -> int:
 def selections(rounds: list[dict], probe_rounds: int) -> dict[str, int]:
     """{rule: index of the round it makes final}; `rounds`: [{"val": split, "test": split}, ...]."""
     losses = [pooled_log_loss(r["val"]) for r in rounds]
+    probed = rounds[:probe_rounds] or rounds
     return {
         RULES[0]: _latest_best([site_mean_auc(r["val"]) for r in rounds]),
         RULES[1]: _latest_best([pooled_auc(r["val"]) for r in rounds]),
         RULES[2]: int(np.argmin(losses)),
         RULES[3]: len(rounds) - 1,
         RULES[4]: min(probe_rounds, len(rounds)) - 1 if probe_rounds else len(rounds) - 1,
-        RULES[5]: _latest_best([site_mean_auc(r["test"]) for r in rounds]),
+        RULES[5]: _latest_best([site_mean_auc(r["val"]) for r in probed]),
+        RULES[6]: _latest_best([site_mean_auc(r["test"]) for r in rounds]),
+        RULES[7]: _latest_best([site_mean_auc(r["test"]) for r in probed]),
     }
 
 

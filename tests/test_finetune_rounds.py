@@ -52,7 +52,11 @@ def test_each_rule_picks_the_round_its_score_says(load_benchmark):
     picked = bench.selections(rounds, probe_rounds=2)
     assert picked[bench.RULES[0]] == 3          # three rounds tie at 0.875: the latest
     assert picked[bench.RULES[3]] == 3 and picked[bench.RULES[4]] == 1
-    assert picked[bench.RULES[5]] == 1          # the best test round
+    assert picked[bench.RULES[6]] == 1          # the best test round
+    among_probes = bench.selections(rounds, probe_rounds=3)
+    assert among_probes[bench.RULES[5]] == 2    # probe rounds 2 and 3 tie on val: the latest
+    assert among_probes[bench.RULES[7]] == 1    # the probe round with the best test AUC
+    assert among_probes[bench.RULES[4]] == 2    # the last probe round
     losses = [bench.pooled_log_loss(r["val"]) for r in rounds]
     assert picked[bench.RULES[2]] == int(np.argmin(losses))
     assert bench.pooled_auc(rounds[3]["val"]) == pytest.approx(15 / 16)
@@ -62,7 +66,7 @@ def test_each_rule_picks_the_round_its_score_says(load_benchmark):
     default_row = next(line for line in table.splitlines() if line.startswith(f"| {bench.RULES[0]}"))
     cells = [c.strip() for c in default_row.strip("|").split("|")]
     assert cells[1:] == ["0.000", "-0.900 ± 0.000", "0", "0.000", "4"]      # round 4's test: both sites reversed
-    oracle_row = next(line for line in table.splitlines() if line.startswith(f"| {bench.RULES[5]}"))
+    oracle_row = next(line for line in table.splitlines() if line.startswith(f"| {bench.RULES[6]}"))
     assert [c.strip() for c in oracle_row.strip("|").split("|")][1:] == ["1.000", "+0.100 ± 0.000", "1", "1.000", "2"]
     assert "mean change 0.417, largest 0.875" in table      # test AUC 0.75, 1, 0.875, 0
 
