@@ -172,7 +172,8 @@ def probe(model: nn.Module, loader, epochs: int, lr: float, weight_decay: float 
     device = model_device(model)
     with torch.no_grad(), precision.autocast():
         for draw in range(draws):
-            loader.dataset.epoch = draw
+            if draws > 1:
+                loader.dataset.epoch = draw            # each pass its own draw of the item transform
             for batch in loader:
                 features.append(model.features(to_device(batch, device)).float())
                 labels.append(batch["label"].to(device))
