@@ -84,7 +84,9 @@ def server_aggregation(strategy_cfg, tamper=None):
         level = flower_log.level
         flower_log.setLevel(max(level, logging.WARNING))      # not Flower's "Received 3 results" every round
         try:
-            strategy = strategies.setdefault(phase, make_strategy(strategy_cfg))
+            if phase not in strategies:                        # one strategy a phase, made once
+                strategies[phase] = make_strategy(strategy_cfg)
+            strategy = strategies[phase]
             strategy.start_round(ArrayRecord(shared))
             replies = [training_reply(name, node, tamper(name, shared, r.shared) if tamper else r.shared, r.metrics)
                        for node, (name, r) in enumerate(results.items(), start=1)]
