@@ -57,7 +57,10 @@ REGIMES = {
 }
 # the task where a regime's differs from the recipe's AD vs CN (ModelConfig.positive)
 REGIME_POSITIVE = {"CN vs MCI": "MCI"}
-MODELS = ("linear", "cnn3d", "cmvim fresh", "cmvim pretrained")
+MODELS = ("linear", "cnn3d", "cnn3d own schedule", "cmvim fresh", "cmvim pretrained")
+# which schedule each CNN row trains on: the recipe's fine-tuning schedule (the rows measured before
+# the CNN had its own: `cnn3d: null`), or the run config's `cnn3d` section (benchmarks/cnn_schedule.py)
+CNN_SCHEDULES = {"cnn3d": "fine-tuning", "cnn3d own schedule": "own"}
 # subjects per site where a regime's differs from --subjects: progression's two visits a subject
 # make 60 subjects the same 120 visits a site as the other regimes (and the same training cost)
 REGIME_SUBJECTS = {"progression": 60}
@@ -90,16 +93,17 @@ def test_keys(site, classes) -> list[tuple[int, int]]:
 def model_scores(cfg, sites: dict, model: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """{site: (is the task's positive 0/1, P(positive)) of its labelled test visits} of one model
     trained on every site."""
-    from cmvim.cnn3d import CnnTask, cnn_initial_state
-    from cmvim.simulations.baselines import linear_test_scores, train_rounds
+    from cmvim.cnn3d import CnnTask
+    from cmvim.simulations.baselines import linear_test_scores, train_cnn3d, train_rounds
     from cmvim.site_task import SiteTask
     from cmvim.weights import initial_state
 
     if model == "linear":
         return linear_test_scores(cfg, sites)[0]
-    if model == "cnn3d":
-        tasks = [CnnTask(cfg, [site], name) for name, site in sites.items()]
-        shared, _ = train_rounds(cfg, tasks, "finetune", cnn_initial_state(cfg))
+    if model in CNN_SCHEDULES:
+        cnn_cfg = replace(cfg, cnn3d=None) if CNN_SCHEDULES[model] == "fine-tuning" else cfg
+        tasks = [CnnTask(cnn_cfg, [site], name) for name, site in sites.items()]
+        shared = train_cnn3d(cnn_cfg, tasks)
         return {task.name: task.predict(shared, {}, "test") for task in tasks}
     tasks = [SiteTask(cfg, [site], name) for name, site in sites.items()]
     if model == "cmvim fresh":

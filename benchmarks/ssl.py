@@ -191,6 +191,8 @@ def linear_scores(cfg: RunConfig, sites: dict[str, SiteData], features, seed: in
 # settings that change how a federated run's messages travel, not what this benchmark computes (it
 # runs its rounds in process): left out of the recipe key, so adding one keeps the rows measured
 NOT_RECIPE = {("evaluation", "carry_validation")}
+# sections this benchmark never reads (the CNN baseline's schedule): left out too
+NOT_READ = ("seed", "cnn3d")
 # what a pretraining variant sets itself (variant_config: its contrastive weights and reports) and
 # fine-tuning never reads, so the run config's own value does not change what a row measures;
 # hashed at the paper's values
@@ -204,9 +206,9 @@ PROTOCOL = {"splits": "per seed", "label fraction": "train + val"}
 
 
 def recipe_key(cfg: RunConfig, cohort: CohortConfig) -> str:
-    """What a row was measured under: the run config (its seed aside: each row names its own) and the
-    benchmark cohort. Rows of another recipe are never mixed into a table or taken as done."""
-    config = {k: v for k, v in json.loads(cfg.to_json()).items() if k != "seed"}
+    """What a row was measured under: the run config (its seed aside: each row names its own; and the
+    CNN baseline's schedule, never read here) and the benchmark cohort. Rows of another recipe are never mixed into a table or taken as done."""
+    config = {k: v for k, v in json.loads(cfg.to_json()).items() if k not in NOT_READ}
     for section, key in NOT_RECIPE:
         config.get(section, {}).pop(key, None)
     for path, value in PER_VARIANT.items():

@@ -17,13 +17,14 @@ et al., ICLR 2021, is about exactly this), and with the batches of 4-8 volumes a
 statistics are noisy anyway; GroupNorm has no running state, so FedAvg averages weights only and
 training and evaluation compute the same function.
 
-`CnnTask` trains and evaluates it at one site (or several pooled) with the run's fine-tuning
-settings, through the same loop (cmvim.engine), data views and metrics (`evaluation_metrics`) as
+`CnnTask` trains and evaluates it at one site (or several pooled) on the CNN's own schedule (the
+run config's `cnn3d` section, chosen for it: docs/science.md), through the same loop (cmvim.engine), data views and metrics (`evaluation_metrics`) as
 CMViM's SiteTask, and with SiteTask's `train`/`evaluate` signature, so that
 simulations.baselines.train_rounds runs its rounds, FedAvg and best-validation selection.
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Mapping
 
 import numpy as np
@@ -123,24 +124,40 @@ def cnn_initial_state(cfg: RunConfig) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in ResNet3d(cfg.model.num_classes, generator=generator).state_dict().items()}
 
 
+def cnn_run_config(cfg: RunConfig) -> RunConfig:
+    """The run config the CNN trains under: the run's, with the fine-tuning schedule replaced by the
+    CNN's own (`cnn3d`: rounds, epochs, lr, batch, weight decay, step cap; no probe rounds, which
+    a network from scratch has nothing to probe with), the selection rule kept. `cnn3d: null`
+    leaves the run's fine-tuning schedule. Applying it twice changes nothing."""
+    own = cfg.cnn3d
+    if own is None:
+        return cfg
+    return replace(cfg, finetune=replace(cfg.finetune, rounds=own.rounds, local_epochs=own.local_epochs,
+                                         max_steps=own.max_steps, lr=own.lr, weight_decay=own.weight_decay,
+                                         batch_size=own.batch_size, probe_rounds=0))
+
+
 def describe(cfg: RunConfig) -> str:
     """What the baseline is, for the run's record."""
     count = sum(p.numel() for p in ResNet3d(cfg.model.num_classes).parameters())
+    schedule = cnn_run_config(cfg).finetune
     return (f"3D ResNet from scratch ({len(WIDTHS)} stages of 1 basic block, widths {'-'.join(map(str, WIDTHS))}, "
-            f"GroupNorm, {count / 1e6:.2f} M parameters), MRI + PET as 2 channels; fine-tuning schedule: "
-            f"{cfg.finetune.rounds} rounds x {cfg.finetune.local_epochs} epochs, lr {cfg.finetune.lr:g}, "
-            f"batch {cfg.finetune.batch_size}, select {cfg.finetune.select}")
+            f"GroupNorm, {count / 1e6:.2f} M parameters), MRI + PET as 2 channels; "
+            f"{'its own schedule' if cfg.cnn3d is not None else 'the fine-tuning schedule'}: "
+            f"{schedule.rounds} rounds x {schedule.local_epochs} epochs, lr {schedule.lr:g}, "
+            f"batch {schedule.batch_size}, select {schedule.select}")
 
 
 class CnnTask:
     """One site's (or several pooled sites') training and evaluation of the 3D CNN, with SiteTask's
-    signature (`phase` is always "finetune": the CNN has no pretraining, and every fine-tuning round,
-    probe rounds included, trains the whole network). Trains without DP-SGD whatever the run's
+    signature (`phase` is always "finetune": the CNN has no pretraining, and every round trains the
+    whole network), on the CNN's own schedule (`cnn_run_config`: self.cfg is the run's config with
+    it in place of fine-tuning's). Trains without DP-SGD whatever the run's
     privacy section says: it is an accuracy reference, run in simulation only."""
 
     def __init__(self, cfg: RunConfig, sites: list[SiteData], name: str, limits: SiteLimits | None = None,
                  device: str | None = None):
-        self.cfg, self.sites, self.name = cfg, sites, name
+        self.cfg, self.sites, self.name = cnn_run_config(cfg), sites, name
         self.num_classes = cfg.model.num_classes
         self.limits = limits or SiteLimits()
         self.device = resolve_device(device or cfg.device)

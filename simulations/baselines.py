@@ -19,7 +19,7 @@ import time
 
 import numpy as np
 
-from cmvim.cnn3d import CnnTask, cnn_initial_state, describe
+from cmvim.cnn3d import CnnTask, cnn_initial_state, cnn_run_config, describe
 from cmvim.data import SiteData, make_loader
 from cmvim.run_config import RunConfig
 from cmvim.linear import collect, fit_logistic, positive_scores, regional_means
@@ -118,15 +118,22 @@ def _evaluate(cfg: RunConfig, sites: dict[str, SiteData], shared: dict, local: d
     return {"sites": entries, "pooled": pooled, "mean_auc": mean_auc(entries), "model": name_of_model}
 
 
+def train_cnn3d(cfg: RunConfig, tasks: list[CnnTask], after_round=None) -> dict:
+    """The 3D CNN's rounds: every task trains the same seeded initialisation on the CNN's own schedule
+    (cmvim.cnn3d.cnn_run_config), aggregated each round by the server's own path, the round chosen
+    as the run chooses its own (train_rounds); returns the chosen round's weights."""
+    return train_rounds(cnn_run_config(cfg), tasks, "finetune", cnn_initial_state(cfg), after_round=after_round)[0]
+
+
 def _cnn3d(cfg: RunConfig, sites: dict[str, SiteData], pooled: bool, say) -> dict:
-    """The 3D CNN baseline: every site trains the same seeded initialisation for the run's fine-tuning
-    rounds, aggregated each round by the server's own path (pooled: one task holding every site's training data),
-    the round chosen as the run chooses its own (train_rounds); then every site's test split."""
+    """The 3D CNN baseline (train_cnn3d): FedAvg over the sites, or one task holding every site's
+    training data (pooled); then every site's test split."""
     tasks = ([CnnTask(cfg, list(sites.values()), "pooled")] if pooled
              else [CnnTask(cfg, [site], name) for name, site in sites.items()])
-    shared, _ = train_rounds(cfg, tasks, "finetune", cnn_initial_state(cfg))
+    shared = train_cnn3d(cfg, tasks)
+    schedule = cnn_run_config(cfg).finetune
     say(f"    {'pooled' if pooled else 'FedAvg over ' + str(len(tasks)) + ' sites'}: trained "
-        f"({cfg.finetune.rounds} rounds x {cfg.finetune.local_epochs} epochs)")
+        f"({schedule.rounds} rounds x {schedule.local_epochs} epochs)")
     out = _evaluate(cfg, sites, shared, {}, describe(cfg), task_type=CnnTask)
     out["n_train"] = sum(len(task.views.finetuning()) for task in tasks)
     return out
