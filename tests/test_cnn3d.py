@@ -20,13 +20,15 @@ def batch(n: int = 4, size: int = 32, pet_present=(True, False, True, False), se
             "mri_present": torch.ones(n, dtype=torch.bool), "pet_present": torch.tensor(pet_present)}
 
 
-def cnn_config(cohort: Path, **finetune) -> dict:
-    """tests/test_federated.py's tiny run, with 10 fine-tuning rounds of 3 epochs: from scratch,
-    FedAvg over three sites of ~20 labelled training subjects needs them (5 rounds: 0.60)."""
+def cnn_config(cohort: Path, select: str = "last", **schedule) -> dict:
+    """tests/test_federated.py's tiny run, the CNN on a schedule of its own of 10 rounds of 3 epochs:
+    from scratch, FedAvg over three sites of ~20 labelled training subjects needs them (5 rounds:
+    0.60). CMViM's fine-tuning schedule is left as the tiny run's, which the CNN must not follow."""
     return {"seed": 0, "cohort": {"path": str(cohort)}, "model": {"preset": "tiny"},
             "preprocess": {"spatial": "none", "shape": 32, "voxel_size": 6.25},
             "split_fractions": [0.6, 0.0, 0.4], "modality_dropout": 0.0,
-            "finetune": {"rounds": 10, "local_epochs": 3, "batch_size": 4, "lr": 0.002, **finetune},
+            "finetune": {"rounds": 2, "local_epochs": 1, "batch_size": 8, "lr": 3e-4, "select": select},
+            "cnn3d": {"rounds": 10, "local_epochs": 3, "batch_size": 4, "lr": 0.002, **schedule},
             "evaluation": {"bootstrap": 200, "every_round": False}}
 
 
@@ -106,18 +108,46 @@ def test_federated_and_pooled_cnn_learn_the_easy_cohort(easy_cohort, easy_sites,
 def test_best_validation_selection_scores_each_site_of_the_pooled_model(easy_cohort, one_thread):
     """finetune.select best_val: the round is the one with the best mean per-site validation AUC,
     the pooled CNN scored site by site (train_rounds' validation_auc builds one CnnTask a site)."""
-    from cmvim.simulations.baselines import train_rounds, validation_auc
+    from cmvim.simulations.baselines import train_cnn3d, validation_auc
     from cmvim.simulations.assembly import prepare_sites
-    cfg = run_config(cnn_config(easy_cohort, rounds=2, local_epochs=1, select="best_val"),
+    cfg = run_config(cnn_config(easy_cohort, select="best_val", rounds=2, local_epochs=1),
                      split_fractions=[0.5, 0.2, 0.3], evaluation={"bootstrap": 50, "every_round": True})
     sites = prepare_sites(cfg)
     pooled = [CnnTask(cfg, list(sites.values()), "pooled")]
     scores = []
-    final, _ = train_rounds(cfg, pooled, "finetune", cnn_initial_state(cfg),
-                            after_round=lambda r, shared, local: scores.append((validation_auc(pooled, shared, local),
-                                                                                shared)))
+    final = train_cnn3d(cfg, pooled, after_round=lambda r, shared, local: scores.append(
+        (validation_auc(pooled, shared, local), shared)))
     best = max(range(len(scores)), key=lambda i: (scores[i][0], i))
     assert all(torch.equal(v, scores[best][1][k]) for k, v in final.items())
+
+
+def test_the_cnn_trains_on_its_own_schedule_not_fine_tunings(easy_cohort, easy_sites, one_thread, monkeypatch):
+    """`cnn3d` replaces fine-tuning's schedule for the CNN alone (rounds, epochs, lr, batch, weight
+    decay), keeps the selection rule, and null gives fine-tuning's back; the rounds the CNN trains
+    are its own, each over its own epochs at its own lr."""
+    from cmvim import engine
+    from cmvim.cnn3d import cnn_run_config, describe
+    from cmvim.simulations.baselines import train_cnn3d
+    cfg = run_config(cnn_config(easy_cohort, rounds=3, local_epochs=2, weight_decay=0.01))
+    own = cnn_run_config(cfg)
+    assert (own.finetune.rounds, own.finetune.local_epochs, own.finetune.lr, own.finetune.batch_size,
+            own.finetune.weight_decay, own.finetune.probe_rounds) == (3, 2, 0.002, 4, 0.01, 0)
+    assert own.finetune.select == cfg.finetune.select and cnn_run_config(own) == own
+    assert cfg.finetune.rounds == 2                       # CMViM's own schedule is untouched
+    assert "its own schedule: 3 rounds x 2 epochs, lr 0.002" in describe(cfg)
+    unset = run_config(cnn_config(easy_cohort), cnn3d=None)
+    assert cnn_run_config(unset) == unset and "the fine-tuning schedule: 2 rounds x 1 epochs" in describe(unset)
+
+    calls, rounds, real = [], [], engine.finetune
+
+    def recording(model, loader, optimizer, epochs, max_steps, **kwargs):
+        calls.append((epochs, optimizer.param_groups[0]["lr"], max(g["weight_decay"] for g in optimizer.param_groups),
+                      loader.batch_size))
+        return real(model, loader, optimizer, epochs, max_steps, **kwargs)
+
+    monkeypatch.setattr(engine, "finetune", recording)
+    train_cnn3d(cfg, [CnnTask(cfg, [easy_sites["A"]], "A")], after_round=lambda r, shared, local: rounds.append(r))
+    assert rounds == [1, 2, 3] and calls == [(2, 0.002, 0.01, 4)] * 3
 
 
 def test_the_run_config_names_the_cnn_baselines():

@@ -34,7 +34,8 @@ def test_the_recipe_key_ignores_what_every_row_sets_itself_and_nothing_else(load
     key = ssl.recipe_key(run_config(data), cohort)
     loss = {**data["model"].get("loss", {}), "inter": 0.0, "report": 0.0}
     same = [{**data, "model": {**data["model"], "loss": loss}, "use_reports": False},
-            _with(data, "evaluation", carry_validation=False), {**data, "seed": 7}]
+            _with(data, "evaluation", carry_validation=False), {**data, "seed": 7},
+            {**data, "cnn3d": {"rounds": 40, "lr": 3e-3}}, {**data, "cnn3d": None}]   # the CNN's: never read
     for variant in same:
         assert ssl.recipe_key(run_config(variant), cohort) == key
     other = [_with(data, "finetune", lr=5e-4), _with(data, "pretrain", rounds=3)]
