@@ -15,6 +15,12 @@ Per cohort seed: each site's test AUC with a 95% stratified bootstrap CI (AD and
 redrawn apart, 2000 redraws), the mean per-site AUC, the pooled AUC over all sites' test
 subjects with its CI, and the paired pooled difference CMViM - linear with its CI (the same
 subjects redrawn for both). Across cohort seeds: mean ± SD (SD over the cohort seeds).
+
+    PYTHONPATH=. python benchmarks/heldout.py --cnn            # + the 3D CNN where it is not stored
+
+--cnn adds the supervised 3D CNN (`baselines: cnn3d`: FedAvg, its own schedule, the run config's
+`cnn3d` section, chosen on the tuning cohort by benchmarks/cnn_schedule.py) on the same splits;
+the tables show it once every stored cohort seed has it.
 """
 from __future__ import annotations
 
@@ -45,6 +51,30 @@ def _registration():
 RESERVED_COHORT_SEEDS = (51, 52, 53)
 SCORES = ROOT / "docs" / "benchmarks" / "heldout_scores.jsonl"
 MODELS = ("cmvim", "linear")
+CNN = "cnn3d"             # the 3D CNN on its own schedule: a column once every cohort seed has it (--cnn)
+
+
+def _regimes():
+    """benchmarks/regimes.py by path (its model_scores trains the CNN as its rows do)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("cmvim_bench_regimes", ROOT / "benchmarks" / "regimes.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def cnn_scores(cfg) -> dict:
+    """{site: (labels, scores)} of the 3D CNN on its own schedule, trained on the run's splits."""
+    import contextlib
+    import io
+
+    import torch
+
+    from cmvim.simulations.assembly import prepare_sites
+    torch.set_num_threads(1)
+    with contextlib.redirect_stdout(io.StringIO()):
+        sites = prepare_sites(cfg)
+    return _regimes().model_scores(cfg, sites, "cnn3d own schedule")
 
 
 def score_rows(cohort_seed: int, seed: int, model: str, scores: dict) -> list[dict]:
@@ -68,44 +98,53 @@ def _group(rows: list[dict]) -> dict:
 
 def tables(rows: list[dict]) -> tuple[str, str, str]:
     """(per-site table, per-cohort table, last line), recomputed from the stored scores."""
-    runs = _group(rows)
-    site_rows, cohort_rows, summary = [], [], {m: [] for m in (*MODELS, "diff")}
+    runs = {key: found for key, found in _group(rows).items() if all(m in found for m in MODELS)}
+    models = (*MODELS, CNN) if runs and all(CNN in found for found in runs.values()) else MODELS
+    site_rows, cohort_rows, summary = [], [], {m: [] for m in (*models, "diff", "cnn diff")}
     for key in sorted(runs):
         found = runs[key]
-        if not all(m in found for m in MODELS):
-            continue
+        for model in models:                   # every model scored the same subjects in the same order
+            assert all(np.array_equal(found[model][s][0], found["cmvim"][s][0]) for s in found["cmvim"]), (key, model)
         for site in sorted(found["cmvim"]):
             labels = found["cmvim"][site][0]
             cells = []
-            for model in MODELS:
+            for model in models:
                 scores = found[model][site][1]
                 cells += [f"{auc_or_nan(labels, scores):.3f}", ci_text(stratified_ci(labels, scores))]
             site_rows.append([key[0], site, int(labels.sum()), int((labels == 0).sum()), *cells])
         pooled = {m: (np.concatenate([found[m][s][0] for s in sorted(found[m])]),
-                      np.concatenate([found[m][s][1] for s in sorted(found[m])])) for m in MODELS}
+                      np.concatenate([found[m][s][1] for s in sorted(found[m])])) for m in models}
         labels = pooled["cmvim"][0]
-        means = {m: float(np.nanmean([auc_or_nan(*found[m][s]) for s in found[m]])) for m in MODELS}
-        aucs = {m: auc_or_nan(labels, pooled[m][1]) for m in MODELS}
-        diff = aucs["cmvim"] - aucs["linear"]
-        cohort_rows.append([key[0], key[1], len(labels), f"{means['cmvim']:.3f}", f"{means['linear']:.3f}",
-                            f"{aucs['cmvim']:.3f} {ci_text(stratified_ci(labels, pooled['cmvim'][1]))}",
-                            f"{aucs['linear']:.3f} {ci_text(stratified_ci(labels, pooled['linear'][1]))}",
-                            f"{diff:+.3f} {ci_text(stratified_ci(labels, pooled['cmvim'][1], pooled['linear'][1]))}"])
-        summary["cmvim"].append(means["cmvim"])
-        summary["linear"].append(means["linear"])
-        summary["diff"].append(diff)
+        means = {m: float(np.nanmean([auc_or_nan(*found[m][s]) for s in found[m]])) for m in models}
+        aucs = {m: auc_or_nan(labels, pooled[m][1]) for m in models}
+        diffs = {m: aucs[m] - aucs["linear"] for m in models if m != "linear"}
+        cohort_rows.append([key[0], key[1], len(labels), *(f"{means[m]:.3f}" for m in models),
+                            *(f"{aucs[m]:.3f} {ci_text(stratified_ci(labels, pooled[m][1]))}" for m in models),
+                            *(f"{diffs[m]:+.3f} {ci_text(stratified_ci(labels, pooled[m][1], pooled['linear'][1]))}"
+                              for m in diffs)])
+        for model in models:
+            summary[model].append(means[model])
+        summary["diff"].append(diffs["cmvim"])
+        if CNN in diffs:
+            summary["cnn diff"].append(diffs[CNN])
 
+    names = {"cmvim": "CMViM", "linear": "linear", CNN: "3D CNN"}
+    others = [m for m in models if m != "linear"]
     if len(cohort_rows) > 1:
-        cohort_rows.append(["mean ± SD over cohort seeds", "", "", mean_sd(summary["cmvim"]),
-                            mean_sd(summary["linear"]), "", "", mean_sd(summary["diff"], "+")])
-    per_site = format_table(["cohort seed", "site", "AD", "CN", "CMViM AUC", "95% CI", "linear AUC", "95% CI"],
+        cohort_rows.append(["mean ± SD over cohort seeds", "", "", *(mean_sd(summary[m]) for m in models),
+                            *([""] * len(models)), mean_sd(summary["diff"], "+"),
+                            *([mean_sd(summary["cnn diff"], "+")] if CNN in models else [])])
+    per_site = format_table(["cohort seed", "site", "AD", "CN", *(h for m in models for h in (f"{names[m]} AUC", "95% CI"))],
                             site_rows)
-    per_cohort = format_table(["cohort seed", "run seed", "test subjects", "CMViM mean per-site AUC",
-                               "linear mean per-site AUC", "CMViM pooled AUC (95% CI)", "linear pooled AUC (95% CI)",
-                               "pooled CMViM - linear (95% CI)"], cohort_rows)
+    per_cohort = format_table(["cohort seed", "run seed", "test subjects",
+                               *(f"{names[m]} mean per-site AUC" for m in models),
+                               *(f"{names[m]} pooled AUC (95% CI)" for m in models),
+                               *(f"pooled {names[m]} - linear (95% CI)" for m in others)], cohort_rows)
     last = (f"held-out (cohort seeds {', '.join(str(k[0]) for k in sorted(runs))}): CMViM mean per-site AUC "
             f"{mean_sd(summary['cmvim'])} vs linear {mean_sd(summary['linear'])}; "
-            f"pooled difference {mean_sd(summary['diff'], '+')}")
+            f"pooled difference {mean_sd(summary['diff'], '+')}"
+            + (f"; 3D CNN {mean_sd(summary[CNN])} (pooled - linear {mean_sd(summary['cnn diff'], '+')})"
+               if CNN in models else ""))
     return per_site, per_cohort, last
 
 
@@ -113,6 +152,7 @@ def main() -> None:
     bench = _registration()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     bench.reserved_seed_arguments(parser, RESERVED_COHORT_SEEDS, SCORES)
+    parser.add_argument("--cnn", action="store_true", help="also the 3D CNN on its own schedule where not stored")
     args = parser.parse_args()
     rows = bench.read_scores(args.scores)
     if not args.table_only:
@@ -126,6 +166,15 @@ def main() -> None:
             model, linear, _ = bench.default_run_scores(cfg)
             new = score_rows(cohort_seed, args.seed, "cmvim", model) + score_rows(cohort_seed, args.seed, "linear",
                                                                                    linear)
+            with args.scores.open("a") as handle:
+                handle.writelines(json.dumps(r) + "\n" for r in new)
+            rows += new
+        for cohort_seed in args.cohort_seeds if args.cnn else ():
+            if any((r["cohort_seed"], r["seed"], r["model"]) == (cohort_seed, args.seed, CNN) for r in rows):
+                continue
+            print(f"cohort seed {cohort_seed}: the 3D CNN on its own schedule ...", flush=True)
+            cfg = bench.run_config_for(bench.cohort(cohort_seed, args.subjects, "template"), "template", args.seed)
+            new = score_rows(cohort_seed, args.seed, CNN, cnn_scores(cfg))
             with args.scores.open("a") as handle:
                 handle.writelines(json.dumps(r) + "\n" for r in new)
             rows += new

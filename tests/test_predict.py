@@ -138,6 +138,22 @@ def test_the_stratified_bootstrap_keeps_class_sizes_and_pairs_the_two_models():
     assert np.isnan(stratified_auc_ci(np.zeros(5, dtype=int), np.arange(5.0))).all()
 
 
+def test_the_fast_stratified_bootstrap_gives_the_references_interval():
+    """stratified_auc_ci reads each redraw's AUC from a pairwise table; the reference calls
+    roc_auc_score on every redraw: the same redraws, so the same interval, ties and pairs included."""
+    from cmvim.metrics import stratified_auc_ci, stratified_auc_ci_reference
+    rng = np.random.default_rng(3)
+    for n, rounding in ((12, 1), (60, 2), (150, 8)):
+        labels = (rng.random(n) < 0.3).astype(int)
+        labels[:2] = (1, 0)
+        a = np.round(labels + rng.normal(0, 1, n), rounding)          # coarse rounding: many ties
+        b = np.round(rng.normal(0, 1, n), rounding)
+        for scores in ((a,), (a, b)):
+            fast = stratified_auc_ci(labels, *scores, resamples=300, seed=n)
+            slow = stratified_auc_ci_reference(labels, *scores, resamples=300, seed=n)
+            assert np.allclose(fast, slow, atol=1e-12), (n, len(scores), fast, slow)
+
+
 def test_benchmark_tables_label_their_spread_and_skip_what_is_undefined():
     """cmvim.tables.mean_sd / ci_text: the sample SD, labelled; NaN values left out; n/a when nothing is left."""
     import statistics
