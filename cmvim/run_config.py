@@ -467,10 +467,12 @@ class RunConfig:
     finetune: FinetuneConfig = field(default_factory=lambda: FinetuneConfig(rounds=3, lr=5e-4))
     # the 3D CNN baseline's own schedule (baselines: cnn3d, cnn3d_centralized; cmvim/cnn3d.py): its
     # rounds, local_epochs, lr, batch_size, weight_decay, max_steps, every round training the whole
-    # network, the round chosen by finetune.select as the run's; chosen for it on the tuning cohort's
-    # validation splits (benchmarks/cnn_schedule.py, docs/science.md). null: the run's fine-tuning
-    # schedule, which a network from scratch does not learn on (docs/science.md)
-    cnn3d: PhaseConfig | None = field(default_factory=lambda: PhaseConfig(rounds=17, lr=3e-4))
+    # network, the round chosen by finetune.select as the run's. The default was chosen for it on the
+    # tuning cohort's validation splits (30 rounds x 3 epochs at lr 3e-3, batch 8: benchmarks/
+    # cnn_schedule.py, docs/science.md). null: the run's fine-tuning schedule, which a network from
+    # scratch does not learn on (docs/science.md)
+    cnn3d: PhaseConfig | None = field(default_factory=lambda: PhaseConfig(rounds=30, local_epochs=3, lr=3e-3,
+                                                                         weight_decay=0.05, batch_size=8))
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     checkpoints: CheckpointConfig = field(default_factory=CheckpointConfig)
