@@ -1,8 +1,9 @@
 """Regimes where block means should fail (issue #32): the frozen recipe (simulations/configs/quick.yaml
 as committed, its rounds in this process as benchmarks/heldout.py runs them), a fresh encoder on the
 same fine-tuning schedule, the supervised 3D CNN (`baselines: cnn3d`: FedAvg, the recipe's
-fine-tuning schedule and selection rule) and the linear baseline (block means), on cohorts built
-to be harder than the default one:
+selection rule; model `cnn3d` on the recipe's fine-tuning schedule, `cnn3d own schedule` on the
+run config's `cnn3d` section, chosen by benchmarks/cnn_schedule.py) and the linear baseline
+(block means), on cohorts built to be harder than the default one:
 
   default      the default cohort (3 sites x 120 subjects, effect scale 1): the reference row
   effect 0.5   every disease effect at half its literature size
