@@ -38,11 +38,13 @@ sys.path.insert(0, str(ROOT))
 from cmvim.metrics import auc_or_nan, stratified_auc_ci as stratified_ci  # noqa: E402
 from cmvim.tables import ci_text, format_table, mean_sd  # noqa: E402
 
-def _registration():
-    """benchmarks/registration.py (its cohort, config and in-process default run), by path:
-    benchmarks/ is no package, and its ssl.py must not shadow the ssl module."""
+
+def _bench(name: str):
+    """A sibling benchmark script by path (registration.py: its cohort, config and in-process
+    default run; regimes.py: its model_scores): benchmarks/ is no package, and its ssl.py must not
+    shadow the ssl module."""
     import importlib.util
-    spec = importlib.util.spec_from_file_location("cmvim_bench_registration", ROOT / "benchmarks" / "registration.py")
+    spec = importlib.util.spec_from_file_location(f"cmvim_bench_{name}", ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -52,15 +54,6 @@ RESERVED_COHORT_SEEDS = (51, 52, 53)
 SCORES = ROOT / "docs" / "benchmarks" / "heldout_scores.jsonl"
 MODELS = ("cmvim", "linear")
 CNN = "cnn3d"             # the 3D CNN on its own schedule: a column once every cohort seed has it (--cnn)
-
-
-def _regimes():
-    """benchmarks/regimes.py by path (its model_scores trains the CNN as its rows do)."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("cmvim_bench_regimes", ROOT / "benchmarks" / "regimes.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def cnn_scores(cfg) -> dict:
@@ -74,7 +67,7 @@ def cnn_scores(cfg) -> dict:
     torch.set_num_threads(1)
     with contextlib.redirect_stdout(io.StringIO()):
         sites = prepare_sites(cfg)
-    return _regimes().model_scores(cfg, sites, "cnn3d own schedule")
+    return _bench("regimes").model_scores(cfg, sites, "cnn3d own schedule")
 
 
 def score_rows(cohort_seed: int, seed: int, model: str, scores: dict) -> list[dict]:
@@ -149,7 +142,7 @@ def tables(rows: list[dict]) -> tuple[str, str, str]:
 
 
 def main() -> None:
-    bench = _registration()
+    bench = _bench("registration")
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     bench.reserved_seed_arguments(parser, RESERVED_COHORT_SEEDS, SCORES)
     parser.add_argument("--cnn", action="store_true", help="also the 3D CNN on its own schedule where not stored")

@@ -207,7 +207,8 @@ PROTOCOL = {"splits": "per seed", "label fraction": "train + val"}
 
 def recipe_key(cfg: RunConfig, cohort: CohortConfig) -> str:
     """What a row was measured under: the run config (its seed aside: each row names its own; and the
-    CNN baseline's schedule, never read here) and the benchmark cohort. Rows of another recipe are never mixed into a table or taken as done."""
+    CNN baseline's schedule, never read here) and the benchmark cohort. Rows of another recipe are
+    never mixed into a table or taken as done."""
     config = {k: v for k, v in json.loads(cfg.to_json()).items() if k not in NOT_READ}
     for section, key in NOT_RECIPE:
         config.get(section, {}).pop(key, None)

@@ -18,9 +18,10 @@ statistics are noisy anyway; GroupNorm has no running state, so FedAvg averages 
 training and evaluation compute the same function.
 
 `CnnTask` trains and evaluates it at one site (or several pooled) on the CNN's own schedule (the
-run config's `cnn3d` section, chosen for it: docs/science.md), through the same loop (cmvim.engine), data views and metrics (`evaluation_metrics`) as
-CMViM's SiteTask, and with SiteTask's `train`/`evaluate` signature, so that
-simulations.baselines.train_rounds runs its rounds, FedAvg and best-validation selection.
+run config's `cnn3d` section, chosen for it: docs/science.md), through the same loop
+(cmvim.engine), data views and metrics (`evaluation_metrics`) as CMViM's SiteTask, and with
+SiteTask's `train`/`evaluate` signature, so that simulations.baselines.train_cnn3d runs its
+rounds, FedAvg and best-validation selection.
 """
 from __future__ import annotations
 
@@ -152,8 +153,8 @@ class CnnTask:
     """One site's (or several pooled sites') training and evaluation of the 3D CNN, with SiteTask's
     signature (`phase` is always "finetune": the CNN has no pretraining, and every round trains the
     whole network), on the CNN's own schedule (`cnn_run_config`: self.cfg is the run's config with
-    it in place of fine-tuning's). Trains without DP-SGD whatever the run's
-    privacy section says: it is an accuracy reference, run in simulation only."""
+    it in place of fine-tuning's). Trains without DP-SGD whatever the run's privacy section says:
+    it is an accuracy reference, run in simulation only."""
 
     def __init__(self, cfg: RunConfig, sites: list[SiteData], name: str, limits: SiteLimits | None = None,
                  device: str | None = None):
