@@ -31,6 +31,7 @@ import sys
 sys.path[:] = [p for p in sys.path if not p.rstrip("/").endswith("benchmarks")]   # benchmarks/ssl.py: not the ssl module
 import argparse
 import contextlib
+import functools
 import io
 import json
 import time
@@ -59,20 +60,28 @@ def candidate_config(cfg, lr: float, epochs: int, rounds: int):
                    finetune=replace(cfg.finetune, select="last"))
 
 
+@functools.cache
+def seed_sites(seed: int):
+    """(the default run config at this run seed, its sites split the seed's way): loaded once a seed,
+    every candidate trains on them."""
+    from cmvim.run_config import run_config
+    from cmvim.simulations.assembly import DEFAULT_CONFIG, prepare_sites
+    from cmvim.simulations.cohort import prepare_cohort
+
+    with contextlib.redirect_stdout(io.StringIO()):            # the cohort's and the sites' load lines
+        base = prepare_cohort(run_config(DEFAULT_CONFIG, seed=seed, baselines=[]))
+        return base, prepare_sites(base)
+
+
 def run(seed: int, lr: float, epochs: int, max_rounds: int, rows_path: Path) -> list[dict]:
     """One candidate on one run seed: every round's validation scores, appended to rows_path."""
     import torch
 
     from cmvim.cnn3d import CnnTask
-    from cmvim.run_config import run_config
-    from cmvim.simulations.assembly import DEFAULT_CONFIG, prepare_sites
     from cmvim.simulations.baselines import train_cnn3d
-    from cmvim.simulations.cohort import prepare_cohort
 
     torch.set_num_threads(1)
-    with contextlib.redirect_stdout(io.StringIO()):            # the cohort's and the sites' load lines
-        base = prepare_cohort(run_config(DEFAULT_CONFIG, seed=seed, baselines=[]))
-        sites = prepare_sites(base)
+    base, sites = seed_sites(seed)
     cfg = candidate_config(base, lr, epochs, max_rounds)
     tasks = [CnnTask(cfg, [site], name) for name, site in sites.items()]
     rows, start = [], time.perf_counter()

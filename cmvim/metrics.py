@@ -67,6 +67,25 @@ def bootstrap_auc_ci(labels: np.ndarray, scores: np.ndarray, resamples: int = 10
     return [float(np.quantile(aucs, alpha)), float(np.quantile(aucs, 1 - alpha))]
 
 
+def _stratified_ci(labels: np.ndarray, scores: tuple, resamples: int, seed: int, level: float,
+                   auc_of) -> list[float]:
+    """The stratified bootstrap both CI functions share: positives and negatives redrawn apart
+    (`resamples` times, from `seed`), `auc_of(score index, positives, negatives)` the AUC of one
+    score array on one redraw; the interval of AUC(scores[0]), or of the paired difference."""
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    pos, neg = np.flatnonzero(labels == 1), np.flatnonzero(labels == 0)
+    if len(pos) == 0 or len(neg) == 0 or len(scores) not in (1, 2):
+        return [float("nan"), float("nan")]
+    values = np.empty(resamples)
+    for r in range(resamples):
+        p, q = rng.choice(pos, len(pos)), rng.choice(neg, len(neg))
+        aucs = [auc_of(i, p, q) for i in range(len(scores))]
+        values[r] = aucs[0] - aucs[1] if len(aucs) == 2 else aucs[0]
+    alpha = (1 - level) / 2
+    return [float(np.quantile(values, alpha)), float(np.quantile(values, 1 - alpha))]
+
+
 def stratified_auc_ci(labels: np.ndarray, *scores: np.ndarray, resamples: int = 2000, seed: int = 0,
                       level: float = 0.95) -> list[float]:
     """CI of AUC(scores[0]) or, given two score arrays, of AUC(scores[0]) - AUC(scores[1]) over the
@@ -76,41 +95,24 @@ def stratified_auc_ci(labels: np.ndarray, *scores: np.ndarray, resamples: int = 
     Each redraw's AUC is the Mann-Whitney count over its (positive, negative) pairs, ties half,
     read from the subjects' pairwise comparison table built once: what roc_auc_score computes,
     without its per-call cost (the same redraws as `stratified_auc_ci_reference`, which calls it;
-    tests/test_metrics.py holds them equal)."""
-    labels = np.asarray(labels)
-    rng = np.random.default_rng(seed)
-    pos, neg = np.flatnonzero(labels == 1), np.flatnonzero(labels == 0)
-    if len(pos) == 0 or len(neg) == 0 or len(scores) not in (1, 2):
-        return [float("nan"), float("nan")]
+    tests/test_predict.py holds them equal)."""
     wins = []
     for s in scores:
         s = np.asarray(s, dtype=float)
         wins.append((s[:, None] > s[None, :]) + 0.5 * (s[:, None] == s[None, :]))   # [i, j]: i ranks above j
-    values = np.empty(resamples)
-    for r in range(resamples):
-        p, q = rng.choice(pos, len(pos)), rng.choice(neg, len(neg))
-        aucs = [w[np.ix_(p, q)].mean() for w in wins]
-        values[r] = aucs[0] - aucs[1] if len(aucs) == 2 else aucs[0]
-    alpha = (1 - level) / 2
-    return [float(np.quantile(values, alpha)), float(np.quantile(values, 1 - alpha))]
+    return _stratified_ci(labels, scores, resamples, seed, level, lambda i, p, q: wins[i][np.ix_(p, q)].mean())
 
 
 def stratified_auc_ci_reference(labels: np.ndarray, *scores: np.ndarray, resamples: int = 2000, seed: int = 0,
                                 level: float = 0.95) -> list[float]:
-    """stratified_auc_ci as first written, scikit-learn's roc_auc_score on every redraw: the
-    reference the fast path is held to."""
+    """stratified_auc_ci as first written, scikit-learn's roc_auc_score on every redraw (the same
+    redraws): the reference the fast path is held to."""
     labels = np.asarray(labels)
-    rng = np.random.default_rng(seed)
-    pos, neg = np.flatnonzero(labels == 1), np.flatnonzero(labels == 0)
-    if len(pos) == 0 or len(neg) == 0 or len(scores) not in (1, 2):
-        return [float("nan"), float("nan")]
-    values = []
-    for _ in range(resamples):
-        idx = np.r_[rng.choice(pos, len(pos)), rng.choice(neg, len(neg))]
-        aucs = [roc_auc_score(labels[idx], np.asarray(s)[idx]) for s in scores]
-        values.append(aucs[0] - aucs[1] if len(aucs) == 2 else aucs[0])
-    alpha = (1 - level) / 2
-    return [float(np.quantile(values, alpha)), float(np.quantile(values, 1 - alpha))]
+
+    def auc_of(i, p, q):
+        idx = np.r_[p, q]
+        return roc_auc_score(labels[idx], np.asarray(scores[i])[idx])
+    return _stratified_ci(labels, scores, resamples, seed, level, auc_of)
 
 
 def score_histograms(labels, scores, bins: int = 50) -> tuple[list[int], list[int]]:
